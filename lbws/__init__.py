@@ -1,0 +1,5 @@
+"""
+lbws: a WebSocket load balancer on Twisted and Autobahn.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,397 @@
+"""
+Reading the operator's INI file into immutable, typed settings.
+
+Every mistake an operator can make in the file is reported as a
+L{ConfigError} naming the file, the section, the key, the bad value and what
+is allowed, so that C{twistd lbws --check} and a refused reload can print one
+clear line instead of a traceback.
+"""
+
+import configparser
+import re
+from urllib.parse import urlsplit
+
+import attrs
+
+SECTION_MAIN = "lbws"
+SECTION_HEALTH = "health"
+BACKEND_PREFIX = "backend:"
+BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(Exception):
+    """
+    The configuration file cannot be used; the message says where and why.
+    """
+
+    def __init__(self, path, section, key, problem):
+        self.path = path
+        self.section = section
+        self.key = key
+        self.problem = problem
+        where = str(path)
+        if section is not None:
+            where += f": [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {problem}")
+
+
+@attrs.frozen
+class HashKey:
+    """
+    What C{balance = hash} hashes: C{ip}, C{path}, or a named header,
+    cookie or query parameter.
+    """
+
+    source: str
+    name: str = ""
+
+    def __str__(self):
+        return f"{self.source}:{self.name}" if self.name else self.source
+
+
+@attrs.frozen
+class BackendSettings:
+    name: str
+    url: str
+    secure: bool
+    host: str
+    port: int
+    path: str
+    weight: int = 1
+    ca: str = ""
+    verify: bool = True
+
+
+@attrs.frozen
+class HealthSettings:
+    interval: float = 2.0
+    timeout: float = 1.0
+    fall: int = 2
+    rise: int = 2
+    probe: str = "websocket"
+    path: str = "/"
+    subprotocol: str = ""
+
+
+@attrs.frozen
+class Settings:
+    """
+    The whole configuration: the [lbws] keys, the [health] keys and the
+    backends in file order.
+    """
+
+    path: str
+    backends: tuple
+    health: HealthSettings = HealthSettings()
+    listen: str = "tcp:8020"
+    dashboard: str = "tcp:8021:interface=127.0.0.1"
+    balance: str = "least_conn"
+    hash_key: HashKey = HashKey("ip")
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    retries: int = 2
+    idle_timeout: float = 0.0
+    ping_interval: float = 30.0
+    max_message_size: int = 16 * 1024 * 1024
+    max_connections: int = 10000
+    drain_timeout: float = 30.0
+    admin_token: str = ""
+    slow_start: float = 0.0
+    rebalance: str = "off"
+    rebalance_rate: float = 5.0
+    workers: int = 1
+
+    def backend(self, name):
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)
+
+
+class _Reader:
+    """
+    Typed access to one section, remembering which keys were used so that
+    the rest can be reported as unknown.
+    """
+
+    def __init__(self, path, parser, section):
+        self.path = path
+        self.section = section
+        self._values = dict(parser.items(section)) if section in parser else {}
+        self._used = set()
+
+    def error(self, key, problem):
+        return ConfigError(self.path, self.section, key, problem)
+
+    def raw(self, key, default):
+        self._used.add(key)
+        return self._values.get(key, default)
+
+    def string(self, key, default=""):
+        return self.raw(key, default).strip()
+
+    def choice(self, key, default, allowed):
+        value = self.string(key, default)
+        if value not in allowed:
+            raise self.error(
+                key, f"{value!r} is not one of {', '.join(allowed)}"
+            )
+        return value
+
+    def number(self, key, default, kind, minimum, exclusive=False):
+        text = self.string(key, str(default))
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise self.error(key, f"{text!r} is not {noun}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise self.error(key, f"{text!r} is not a finite number")
+        if value < minimum or (exclusive and value == minimum):
+            bound = "greater than" if exclusive else "at least"
+            raise self.error(key, f"{text!r} must be {bound} {minimum}")
+        return value
+
+    def boolean(self, key, default):
+        text = self.string(key, "true" if default else "false").lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise self.error(key, f"{text!r} is not true or false")
+
+    def unsupported(self, key, default, offValue):
+        """
+        Refuse a contract key whose behaviour lbws does not have yet, unless
+        it is left at the value that means "off".
+        """
+        value = self.string(key, default)
+        if value != offValue:
+            raise self.error(
+                key, f"{value!r}: not supported yet (only {offValue!r})"
+            )
+
+    def checkUnknown(self):
+        for key in self._values:
+            if key not in self._used:
+                raise self.error(key, "unknown key")
+
+
+def _parseEndpoint(reader, key, default, allowEmpty):
+    from twisted.internet.endpoints import serverFromString
+
+    description = reader.string(key, default)
+    if not description:
+        if allowEmpty:
+            return ""
+        raise reader.error(key, "an endpoint is required, e.g. tcp:8020")
+    try:
+        # Parsing needs no reactor; the endpoint is built again at start-up.
+        serverFromString(None, description)
+    except Exception as e:
+        raise reader.error(
+            key, f"{description!r} is not a server endpoint string: {e}"
+        ) from None
+    return description
+
+
+def _parseHashKey(reader):
+    text = reader.string("hash_key", "ip")
+    source, _, name = text.partition(":")
+    if source in ("ip", "path") and not name:
+        return HashKey(source)
+    if source in ("header", "cookie", "query") and name:
+        return HashKey(source, name)
+    raise reader.error(
+        "hash_key",
+        f"{text!r} is not one of ip, path, header:NAME, cookie:NAME, query:NAME",
+    )
+
+
+def _parseBackend(path, parser, section):
+    reader = _Reader(path, parser, section)
+    name = section[len(BACKEND_PREFIX):].strip()
+    if not BACKEND_NAME.match(name):
+        raise ConfigError(
+            path,
+            section,
+            None,
+            f"backend name {name!r} must be letters, digits, '.', '_' or '-'",
+        )
+    reader.unsupported("srv", "", "")
+    reader.unsupported("resolve", "0", "0")
+    url = reader.string("url")
+    if not url:
+        raise reader.error("url", "missing: give the backend's ws:// or wss:// URL")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise reader.error("url", f"{url!r} is not a URL: {e}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise reader.error("url", f"{url!r} must start with ws:// or wss://")
+    if not parts.hostname:
+        raise reader.error("url", f"{url!r} has no host")
+    if parts.query or parts.fragment:
+        raise reader.error("url", f"{url!r} must not have a query or fragment")
+    secure = parts.scheme == "wss"
+    ca = reader.string("ca")
+    if ca:
+        try:
+            with open(ca, "rb"):
+                pass
+        except OSError as e:
+            raise reader.error("ca", f"cannot read {ca!r}: {e.strerror}") from None
+    backend = BackendSettings(
+        name=name,
+        url=url,
+        secure=secure,
+        host=parts.hostname,
+        port=port or (443 if secure else 80),
+        path=parts.path.rstrip("/"),
+        weight=reader.number("weight", 1, int, 0),
+        ca=ca,
+        verify=reader.boolean("verify", True),
+    )
+    if not secure and (ca or not backend.verify):
+        key = "ca" if ca else "verify"
+        raise reader.error(key, "only applies to wss:// backends")
+    reader.checkUnknown()
+    return backend
+
+
+def _parseHealth(path, parser):
+    reader = _Reader(path, parser, SECTION_HEALTH)
+    health = HealthSettings(
+        interval=reader.number("interval", 2, float, 0, exclusive=True),
+        timeout=reader.number("timeout", 1, float, 0, exclusive=True),
+        fall=reader.number("fall", 2, int, 1),
+        rise=reader.number("rise", 2, int, 1),
+        probe=reader.choice("probe", "websocket", ("tcp", "websocket", "http")),
+        path=reader.string("path", "/"),
+        subprotocol=reader.string("subprotocol"),
+    )
+    if not health.path.startswith("/"):
+        raise reader.error("path", f"{health.path!r} must start with /")
+    reader.checkUnknown()
+    return health
+
+
+def _parseMain(path, parser, backends, health):
+    reader = _Reader(path, parser, SECTION_MAIN)
+    balance = reader.choice(
+        "balance", "least_conn", ("round_robin", "least_conn", "hash")
+    )
+    settings = Settings(
+        path=str(path),
+        backends=backends,
+        health=health,
+        listen=_parseEndpoint(reader, "listen", "tcp:8020", False),
+        dashboard=_parseEndpoint(
+            reader, "dashboard", "tcp:8021:interface=127.0.0.1", True
+        ),
+        balance=balance,
+        hash_key=_parseHashKey(reader),
+        handshake_timeout=reader.number(
+            "handshake_timeout", 10, float, 0, exclusive=True
+        ),
+        connect_timeout=reader.number("connect_timeout", 5, float, 0, exclusive=True),
+        retries=reader.number("retries", 2, int, 0),
+        idle_timeout=reader.number("idle_timeout", 0, float, 0),
+        ping_interval=reader.number("ping_interval", 30, float, 0),
+        max_message_size=reader.number("max_message_size", 16777216, int, 1),
+        max_connections=reader.number("max_connections", 10000, int, 1),
+        drain_timeout=reader.number("drain_timeout", 30, float, 0),
+        admin_token=reader.string("admin_token"),
+        rebalance_rate=reader.number("rebalance_rate", 5, float, 0, exclusive=True),
+    )
+    reader.unsupported("slow_start", "0", "0")
+    reader.unsupported("rebalance", "off", "off")
+    reader.unsupported("workers", "1", "1")
+    reader.checkUnknown()
+    return settings
+
+
+def parseConfig(text, path="<config>"):
+    """
+    Parse the text of an lbws INI file.
+
+    @raise ConfigError: naming the section and key of the first problem.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        strict=True,
+        default_section="\0no defaults",
+    )
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, None, "section appears twice") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, "key appears twice") from None
+    except configparser.Error as e:
+        problem = e.message.splitlines()[0] if hasattr(e, "message") else str(e)
+        raise ConfigError(path, None, None, f"not an INI file: {problem}") from None
+
+    backends = []
+    for section in parser.sections():
+        if section.startswith(BACKEND_PREFIX):
+            backends.append(_parseBackend(path, parser, section))
+        elif section not in (SECTION_MAIN, SECTION_HEALTH):
+            raise ConfigError(
+                path,
+                section,
+                None,
+                "unknown section (allowed: [lbws], [health], [backend:NAME])",
+            )
+    names = [b.name for b in backends]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(
+                path, BACKEND_PREFIX + name, None, "backend name appears twice"
+            )
+    if not backends:
+        raise ConfigError(
+            path, None, None, "no backend: add a [backend:NAME] section with a url"
+        )
+    health = _parseHealth(path, parser)
+    return _parseMain(path, parser, tuple(backends), health)
+
+
+def loadConfig(path):
+    """
+    Read and parse the file at C{path}.
+
+    @raise ConfigError: if it cannot be read or is not a valid configuration.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, None, f"not UTF-8 text: {e.reason}") from None
+    return parseConfig(text, path)
+
+
+def summary(settings):
+    """
+    A few lines a person can read: what C{--check} prints.
+    """
+    lines = [
+        f"config {settings.path}: OK",
+        f"listen {settings.listen}; dashboard {settings.dashboard or 'off'}",
+        f"balance {settings.balance}"
+        + (f" by {settings.hash_key}" if settings.balance == "hash" else "")
+        + f"; retries {settings.retries}; max_connections {settings.max_connections}",
+        f"health: {settings.health.probe} probe every {settings.health.interval:g}s,"
+        f" timeout {settings.health.timeout:g}s,"
+        f" fall {settings.health.fall}, rise {settings.health.rise}",
+        f"{len(settings.backends)} backend(s):",
+    ]
+    for backend in settings.backends:
+        lines.append(f"  {backend.name}: {backend.url} weight {backend.weight}")
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""
+Opening the backend WebSocket for a client: choose a member, connect with
+C{connect_timeout}, handshake with C{handshake_timeout}, and try other
+members (C{retries}) when one fails.
+"""
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
+from twisted.internet.ssl import Certificate, platformTrust
+from twisted.logger import Logger
+
+from lbws.balance import hashKeyOf
+from lbws.headers import forwardedHeaders
+
+_log = Logger()
+
+
+class BackendHandshakeError(Exception):
+    """
+    The backend did not open a WebSocket.
+
+    @ivar status: the HTTP status the backend answered with, if any.
+    """
+
+    def __init__(self, reason, status=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class BackendProtocol(WebSocketClientProtocol):
+    """
+    lbws's WebSocket to a backend. Autobahn does the opening handshake;
+    after that the relay takes the bytes over (see L{lbws.relay}).
+    """
+
+    leg = None
+    httpStatus = None
+
+    def processHandshake(self):
+        # Remember the status so that a 4xx can be passed on to the client.
+        end = self.data.find(b"\r\n\r\n")
+        if end >= 0 and self.httpStatus is None:
+            parts = self.data[: self.data.find(b"\r\n")].split(None, 2)
+            if len(parts) >= 2 and parts[1].isdigit():
+                self.httpStatus = int(parts[1])
+                self.httpReason = parts[2].decode("latin-1") if len(parts) > 2 else ""
+        return super().processHandshake()
+
+    def onOpen(self):
+        # Bytes that came right behind the handshake belong to the relay.
+        self.early, self.data = self.data, b""
+        self.factory.handshakeDone(self)
+
+    def dataReceived(self, data):
+        if self.leg is not None:
+            self.leg.received(data)
+        else:
+            super().dataReceived(data)
+
+    def connectionLost(self, reason):
+        if self.leg is not None:
+            self.leg.connectionLost(reason)
+        else:
+            self.factory.lostBeforeRelay(self, reason)
+        super().connectionLost(reason)
+
+
+class BackendFactory(WebSocketClientFactory):
+    """
+    One backend connection attempt: fires L{opened} with the protocol once
+    the backend accepted the WebSocket, or fails it with
+    L{BackendHandshakeError}.
+    """
+
+    protocol = BackendProtocol
+    noisy = False
+
+    def __init__(self, opened, **kwargs):
+        super().__init__(**kwargs)
+        self.opened = opened
+        self.protocolInstance = None
+        self.setProtocolOptions(
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=0,
+            autoPingInterval=0,
+            failByDrop=False,
+            utf8validateIncoming=False,
+            maxFramePayloadSize=0,
+            maxMessagePayloadSize=0,
+            perMessageCompressionOffers=[],
+            tcpNoDelay=True,
+        )
+
+    def buildProtocol(self, addr):
+        self.protocolInstance = super().buildProtocol(addr)
+        return self.protocolInstance
+
+    def handshakeDone(self, protocol):
+        if not self.opened.called:
+            self.opened.callback(protocol)
+
+    def lostBeforeRelay(self, protocol, reason):
+        if self.opened.called:
+            return
+        status = protocol.httpStatus
+        if status is not None and status != 101:
+            why = f"backend answered HTTP {status} {protocol.httpReason}".strip()
+        elif protocol.wasNotCleanReason:
+            why = f"backend handshake failed: {protocol.wasNotCleanReason}"
+        else:
+            why = f"backend closed during handshake: {reason.getErrorMessage()}"
+        self.opened.errback(BackendHandshakeError(why, status))
+
+
+def _tlsOptions(backend):
+    if not backend.verify:
+        _log.warn(
+            "backend {backend}: TLS certificate NOT verified (verify = false)",
+            backend=backend.name,
+        )
+        from twisted.internet.ssl import CertificateOptions
+
+        return CertificateOptions(verify=False)
+    if backend.ca:
+        with open(backend.ca, "rb") as f:
+            trust = trustRootFromCertificates([Certificate.loadPEM(f.read())])
+    else:
+        trust = platformTrust()
+    return optionsForClientTLS(backend.host, trustRoot=trust)
+
+
+def backendEndpoint(reactor, backend, timeout):
+    """
+    The client endpoint for a backend: TCP, or TLS with its name verified.
+    """
+    endpoint = HostnameEndpoint(reactor, backend.host, backend.port, timeout=timeout)
+    if backend.secure:
+        endpoint = wrapClientTLS(_tlsOptions(backend), endpoint)
+    return endpoint
+
+
+class Dialer:
+    """
+    Opens backend WebSockets for clients, with retries across members.
+    """
+
+    def __init__(self, reactor, pool, settings, counters):
+        self._reactor = reactor
+        self._pool = pool
+        self.settings = settings
+        self._counters = counters
+
+    def dial(self, request, target, peerHost, secure):
+        """
+        Open a WebSocket to a healthy member on behalf of a client.
+
+        @param request: the client's Autobahn C{ConnectionRequest}.
+        @param target: the client's request target (path and query) exactly
+            as it sent it.
+        @return: a Deferred firing with C{(member, BackendProtocol)}, or
+            failing with C{ConnectionDeny} carrying the HTTP status the
+            client should get. Cancelling it closes any backend attempt.
+        """
+        settings = self.settings
+        key = hashKeyOf(settings.hash_key, peerHost, request)
+        tried = []
+        current = [None]
+
+        def cancel(_):
+            if current[0] is not None:
+                current[0].cancel()
+
+        result = Deferred(cancel)
+
+        def attempt():
+            member = self._pool.choose(key, exclude=tried)
+            if member is None:
+                if tried:
+                    self._counters.handshakes["backend_failed"] += 1
+                    fail(502, "Bad Gateway: no backend could be reached")
+                else:
+                    self._counters.handshakes["no_backend"] += 1
+                    fail(503, "Service Unavailable: no healthy backend")
+                return
+            tried.append(member)
+            member.active += 1
+            d = current[0] = self._open(member, request, target, peerHost, secure)
+            d.addCallbacks(
+                lambda protocol: opened(member, protocol),
+                lambda f: failed(member, f),
+            )
+
+        def opened(member, protocol):
+            current[0] = None
+            member.total += 1
+            result.callback((member, protocol))
+
+        def failed(member, failure):
+            current[0] = None
+            member.active -= 1
+            if failure.check(CancelledError):
+                return
+            why = failure.getErrorMessage()
+            status = getattr(failure.value, "status", None)
+            if status is not None and 400 <= status < 500:
+                # The application said no (auth, path): pass that on.
+                self._counters.handshakes["backend_refused"] += 1
+                fail(status, getattr(failure.value, "reason", why))
+                return
+            member.failed += 1
+            health = settings.health
+            member.recordCheck(
+                False, self._reactor.seconds(), health.rise, health.fall, why
+            )
+            _log.warn(
+                "backend {backend} failed for {peer}: {why}",
+                backend=member.name,
+                peer=peerHost,
+                why=why,
+            )
+            if len(tried) <= settings.retries:
+                attempt()
+            else:
+                self._counters.handshakes["backend_failed"] += 1
+                fail(502, f"Bad Gateway: {why}")
+
+        def fail(status, reason):
+            if not result.called:
+                result.errback(ConnectionDeny(status, reason))
+
+        attempt()
+        return result
+
+    def _open(self, member, request, target, peerHost, secure):
+        settings = self.settings
+        backend = member.settings
+        reactor = self._reactor
+        state = {"connecting": None, "timer": None, "cancelled": False}
+
+        def cancel(_):
+            state["cancelled"] = True
+            if state["connecting"] is not None:
+                state["connecting"].cancel()
+            protocol = factory.protocolInstance
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+        opened = Deferred(cancel)
+        headers, useragent, origin = forwardedHeaders(request, peerHost, secure)
+        factory = BackendFactory(
+            opened,
+            url=f"{'wss' if backend.secure else 'ws'}://{backend.host}:{backend.port}/",
+            protocols=request.protocols,
+            headers=headers,
+            useragent=useragent,
+            origin=origin,
+            reactor=reactor,
+        )
+        factory.resource = backend.path + target if backend.path else target
+
+        def connected(protocol):
+            state["connecting"] = None
+            state["timer"] = reactor.callLater(
+                settings.handshake_timeout, timedOut, protocol
+            )
+            return protocol
+
+        def timedOut(protocol):
+            state["timer"] = None
+            if not opened.called:
+                opened.errback(
+                    BackendHandshakeError(
+                        f"backend handshake timed out after {settings.handshake_timeout:g}s"
+                    )
+                )
+            protocol.transport.abortConnection()
+
+        def connectFailed(failure):
+            state["connecting"] = None
+            if not state["cancelled"]:
+                opened.errback(failure)
+
+        def settled(result):
+            if state["timer"] is not None and state["timer"].active():
+                state["timer"].cancel()
+            return result
+
+        connecting = state["connecting"] = backendEndpoint(
+            reactor, backend, settings.connect_timeout
+        ).connect(factory)
+        connecting.addCallbacks(connected, connectFailed)
+        opened.addBoth(settled)
+        return opened

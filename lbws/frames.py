@@ -1,0 +1,269 @@
+"""
+An incremental scanner of WebSocket frame headers (RFC 6455 section 5).
+
+After both opening handshakes the relay forwards frames verbatim: a client's
+frames are already masked as a backend expects, a backend's unmasked as a
+client expects. The scanner reads only frame headers as bytes stream through,
+so that lbws still knows message boundaries and sizes, enforces
+C{max_message_size}, rejects frames that break the framing rules, and sees
+control frames (close, ping, pong) whole. Payloads of data frames are never
+copied or unmasked.
+"""
+
+import os
+import struct
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+_DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
+_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_NO_STATUS = 1005
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_BAD_GATEWAY = 1014
+
+
+class ProtocolViolation(Exception):
+    """
+    A frame breaks RFC 6455's framing rules or lbws's size limit.
+
+    @ivar code: the close code the sender deserves (1002 or 1009).
+    @ivar reason: a short text for the close frame and the log.
+    """
+
+    def __init__(self, code, reason):
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class FrameScanner:
+    """
+    Reads one direction of a WebSocket stream, frame header by frame header.
+
+    Bytes of data frames are handed on as they arrive through
+    C{handler.forward(data)}; control frames are collected whole and given to
+    C{handler.control(opcode, payload, raw)}, where C{payload} is unmasked and
+    C{raw} is the frame exactly as received, for the handler to forward or
+    not. C{handler.messageEnd(opcode, size)} is called when a data message
+    completes. A frame that breaks the rules raises L{ProtocolViolation} from
+    L{feed}, after everything before it has been forwarded. Setting
+    C{stopped} (the handler does, after a close frame) drops whatever the
+    stream carries from then on. While C{boundaryWanted} is set,
+    C{handler.boundary()} is called at each frame boundary the stream
+    reaches, so that the handler can put in frames of its own.
+
+    @ivar atBoundary: True between frames: the only place where another
+        frame may be put into the stream this scanner feeds.
+    """
+
+    def __init__(self, handler, masked, maxMessageSize):
+        """
+        @param masked: whether frames in this direction must be masked
+            (client to server) or must not be (server to client).
+        """
+        self._handler = handler
+        self._maskBit = 0x80 if masked else 0
+        self._maxMessageSize = maxMessageSize
+        self._pending = b""  # an incomplete header or control frame
+        self._remaining = 0  # payload bytes of the current data frame
+        self._fin = False
+        self._messageOpcode = None  # opcode of the message being received
+        self._messageSize = 0
+        self.atBoundary = True
+        self.boundaryWanted = False
+        self.stopped = False
+
+    @property
+    def inMessage(self):
+        return self._messageOpcode is not None
+
+    def feed(self, data):
+        if self.stopped:
+            return
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        handler = self._handler
+        end = len(data)
+        pos = 0
+        start = 0  # first byte not yet forwarded
+        while pos < end:
+            if self._remaining:
+                step = min(self._remaining, end - pos)
+                pos += step
+                self._remaining -= step
+                if not self._remaining:
+                    self._frameEnd()
+                    if self.boundaryWanted:
+                        handler.forward(data[start:pos])
+                        start = pos
+                        handler.boundary()
+                continue
+            try:
+                header = self._header(data, pos, end)
+            except ProtocolViolation:
+                self.stopped = True
+                if start < pos:
+                    handler.forward(data[start:pos])
+                raise
+            if header is None:
+                self._pending = data[pos:]
+                break
+            headerLength, opcode, length = header
+            if opcode in _CONTROL_OPCODES:
+                frameEnd = pos + headerLength + length
+                if frameEnd > end:
+                    self._pending = data[pos:]
+                    break
+                if start < pos:
+                    handler.forward(data[start:pos])
+                raw = data[pos:frameEnd]
+                payload = data[pos + headerLength : frameEnd]
+                if self._maskBit:
+                    payload = unmask(payload, data[pos + headerLength - 4 : pos + headerLength])
+                pos = start = frameEnd
+                handler.control(opcode, payload, raw)
+                if self.stopped:
+                    return
+                if self.boundaryWanted:
+                    handler.boundary()
+                continue
+            pos += headerLength
+            self.atBoundary = False
+            self._remaining = length
+            if not length:
+                self._frameEnd()
+        if start < pos:
+            handler.forward(data if start == 0 and pos == end else data[start:pos])
+
+    def _header(self, data, pos, end):
+        """
+        Parse and check the frame header at C{pos}.
+
+        @return: C{(headerLength, opcode, payloadLength)}, or None if the
+            header is not complete yet.
+        """
+        if end - pos < 2:
+            return None
+        first = data[pos]
+        second = data[pos + 1]
+        opcode = first & 0x0F
+        length = second & 0x7F
+        headerLength = 2
+        if length == 126:
+            headerLength = 4
+            if end - pos < 4:
+                return None
+            (length,) = struct.unpack_from("!H", data, pos + 2)
+        elif length == 127:
+            headerLength = 10
+            if end - pos < 10:
+                return None
+            (length,) = struct.unpack_from("!Q", data, pos + 2)
+            if length >> 63:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "invalid frame length")
+        if second & 0x80:
+            headerLength += 4
+        if end - pos < headerLength:
+            return None
+        if first & 0x70:
+            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set")
+        if (second & 0x80) != self._maskBit:
+            raise ProtocolViolation(
+                CLOSE_PROTOCOL_ERROR,
+                "unmasked client frame" if self._maskBit else "masked server frame",
+            )
+        fin = bool(first & 0x80)
+        if opcode in _CONTROL_OPCODES:
+            if not fin:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
+            if length > 125:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frame too long")
+            return headerLength, opcode, length
+        if opcode not in _DATA_OPCODES:
+            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode}")
+        if opcode == OP_CONTINUATION:
+            if self._messageOpcode is None:
+                raise ProtocolViolation(
+                    CLOSE_PROTOCOL_ERROR, "continuation frame outside a message"
+                )
+        elif self._messageOpcode is not None:
+            raise ProtocolViolation(
+                CLOSE_PROTOCOL_ERROR, "new message inside a fragmented message"
+            )
+        else:
+            self._messageOpcode = opcode
+            self._messageSize = 0
+        self._messageSize += length
+        if self._messageSize > self._maxMessageSize:
+            raise ProtocolViolation(
+                CLOSE_MESSAGE_TOO_BIG,
+                f"message longer than {self._maxMessageSize} bytes",
+            )
+        self._fin = fin
+        return headerLength, opcode, length
+
+    def _frameEnd(self):
+        self.atBoundary = True
+        if self._fin:
+            opcode = self._messageOpcode
+            self._messageOpcode = None
+            self._handler.messageEnd(opcode, self._messageSize)
+
+
+def unmask(payload, key):
+    """
+    Apply (or remove) a 4-byte WebSocket mask; used for control frames only.
+    """
+    if not payload:
+        return b""
+    repeated = (key * (len(payload) // 4 + 1))[: len(payload)]
+    return (
+        int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")
+    ).to_bytes(len(payload), "big")
+
+
+def buildFrame(opcode, payload=b"", masked=False):
+    """
+    One complete, final frame: what lbws itself sends (pings and closes).
+    """
+    length = len(payload)
+    first = 0x80 | opcode
+    maskBit = 0x80 if masked else 0
+    if length < 126:
+        header = struct.pack("!BB", first, maskBit | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", first, maskBit | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, maskBit | 127, length)
+    if masked:
+        key = os.urandom(4)
+        return header + key + unmask(payload, key)
+    return header + payload
+
+
+def closePayload(code, reason=""):
+    payload = struct.pack("!H", code) + reason.encode("utf-8")
+    return payload[:125]
+
+
+def parseClosePayload(payload):
+    """
+    The code and reason of a close frame's payload, as far as they can be
+    read: C{(1005, "")} for an empty payload. Validation is the endpoints'
+    business; lbws only reports what passed.
+    """
+    if len(payload) < 2:
+        return CLOSE_NO_STATUS, ""
+    (code,) = struct.unpack_from("!H", payload)
+    return code, payload[2:].decode("utf-8", "replace")

@@ -1,0 +1,69 @@
+"""
+Which of the client's handshake headers go on to the backend, and the
+X-Forwarded-* headers lbws adds.
+"""
+
+# Headers of the handshake itself or of this hop: lbws's own handshake with
+# the backend sets its own, and Autobahn writes Host, Upgrade, Connection,
+# Pragma, Cache-Control, Sec-WebSocket-* and, from their own arguments,
+# User-Agent and Origin.
+_NOT_FORWARDED = frozenset(
+    [
+        "host",
+        "upgrade",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "content-length",
+        "pragma",
+        "cache-control",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "sec-websocket-origin",
+        "user-agent",
+        "origin",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    ]
+)
+
+
+def forwardedHeaders(request, peerHost, secure):
+    """
+    The headers for the backend handshake.
+
+    @param request: the client's Autobahn C{ConnectionRequest}; its header
+        names are lower case and repeated headers are joined with ", ".
+    @param peerHost: the client's address, as lbws sees it (or as the PROXY
+        protocol header told it).
+    @param secure: whether the client came over TLS.
+    @return: C{(headers, userAgent, origin)} for Autobahn's client factory.
+    """
+    clientHeaders = request.headers
+    headers = {}
+    connectionTokens = {
+        token.strip().lower()
+        for token in clientHeaders.get("connection", "").split(",")
+    }
+    for name, value in clientHeaders.items():
+        if name in _NOT_FORWARDED or name in connectionTokens:
+            continue
+        if name == "cookie":
+            # Cookie is the one header whose repeats join with "; ".
+            value = "; ".join(part.strip() for part in value.split(", "))
+        headers[name] = value
+    earlier = clientHeaders.get("x-forwarded-for")
+    headers["X-Forwarded-For"] = f"{earlier}, {peerHost}" if earlier else peerHost
+    headers["X-Forwarded-Proto"] = "https" if secure else "http"
+    if "host" in clientHeaders:
+        headers["X-Forwarded-Host"] = clientHeaders["host"]
+    headers["X-Real-IP"] = peerHost
+    return headers, clientHeaders.get("user-agent"), clientHeaders.get("origin")

@@ -1,0 +1,52 @@
+"""
+One running lbws: the pieces of a configuration put together as a Twisted
+service, started and stopped in the right order.
+"""
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from lbws.dial import Dialer
+from lbws.metrics import Counters
+from lbws.pool import Pool
+from lbws.relay import Relay
+
+_log = Logger()
+
+
+class LbwsService(MultiService):
+    """
+    The relay listening on C{listen}. On stop it first stops accepting,
+    then closes every client with 1001 and waits up to C{drain_timeout}.
+    """
+
+    def __init__(self, reactor, settings):
+        super().__init__()
+        self.reactor = reactor
+        self.settings = settings
+        self.counters = Counters()
+        self.pool = Pool(settings)
+        self.dialer = Dialer(reactor, self.pool, settings, self.counters)
+        self.relay = Relay(reactor, settings, self.pool, self.dialer, self.counters)
+        self.started = reactor.seconds()
+        self.listener = StreamServerEndpointService(
+            serverFromString(reactor, settings.listen), self.relay.factory()
+        )
+        self.listener._raiseSynchronously = True
+        self.listener.setServiceParent(self)
+
+    def startService(self):
+        super().startService()
+        _log.info(
+            "lbws listening on {listen} with {count} backend(s)",
+            listen=self.settings.listen,
+            count=len(self.settings.backends),
+        )
+
+    def stopService(self):
+        d = self.listener.stopService()
+        d.addCallback(lambda _: self.relay.stop(self.settings.drain_timeout))
+        d.addCallback(lambda _: MultiService.stopService(self))
+        return d

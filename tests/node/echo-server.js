@@ -1,0 +1,47 @@
+// A node `ws` echo server like the seed's backend, for tests and benchmarks.
+//
+// Usage: node echo-server.js [--port N] [--host H] [--prefix TEXT]
+// Port 0 (the default) asks the OS for a free port; the chosen port is
+// printed on stdout as "listening PORT" once the server accepts connections.
+// Every message is echoed back unchanged (text stays text, binary stays
+// binary) unless --prefix is given, in which case text messages are echoed
+// as PREFIX + message, like the seed's "Server received from client: ".
+// Each connection's upgrade request is available by sending the text message
+// "__request__": the reply is a JSON object with url, headers and protocol.
+'use strict';
+const { WebSocketServer } = require('ws');
+
+const args = process.argv.slice(2);
+function option(name, fallback) {
+  const i = args.indexOf('--' + name);
+  return i >= 0 ? args[i + 1] : fallback;
+}
+
+const server = new WebSocketServer({
+  host: option('host', '127.0.0.1'),
+  port: Number(option('port', '0')),
+  maxPayload: 256 * 1024 * 1024,
+  perMessageDeflate: false,
+  handleProtocols: (protocols) => protocols.values().next().value || false,
+});
+const prefix = option('prefix', null);
+
+server.on('connection', (ws, request) => {
+  ws.on('message', (data, isBinary) => {
+    if (!isBinary && data.toString() === '__request__') {
+      ws.send(JSON.stringify({
+        url: request.url, headers: request.headers, protocol: ws.protocol,
+      }));
+    } else if (!isBinary && prefix !== null) {
+      ws.send(prefix + data.toString());
+    } else {
+      ws.send(data, { binary: isBinary });
+    }
+  });
+});
+server.on('listening', () => {
+  process.stdout.write('listening ' + server.address().port + '\n');
+});
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => server.close(() => process.exit(0)));
+}
