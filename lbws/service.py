@@ -39,11 +39,20 @@ class LbwsService(MultiService):
 
     def startService(self):
         super().startService()
+        # The listening port, once bound: tests and the log want the real
+        # address when the config asked for port 0.
+        self.listening = self.listener._waitingForPort
+        self.listening.addCallback(self._listening)
+
+    def _listening(self, port):
+        address = port.getHost()
         _log.info(
-            "lbws listening on {listen} with {count} backend(s)",
+            "lbws listening on {address} with {count} backend(s)",
+            address=f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}",
             listen=self.settings.listen,
             count=len(self.settings.backends),
         )
+        return port
 
     def stopService(self):
         d = self.listener.stopService()

@@ -408,8 +408,11 @@ def fmt_verdict(r):
 
 
 def total_duration(results, prefix=None):
-    return sum(r.get("duration", 0) or 0 for c, r in results.items()
-               if prefix is None or c.startswith(prefix)) / 1000.0
+    # A case whose connection failed can carry a bogus duration (a timestamp):
+    # count only durations up to a day.
+    return sum(r.get("duration") for c, r in results.items()
+               if (prefix is None or c.startswith(prefix))
+               and isinstance(r.get("duration"), (int, float)) and 0 <= r["duration"] <= 86400000) / 1000.0
 
 
 def summary_markdown(legs, timings, worse, tolerated, changed, cases, exclude, base_name, other_name):
@@ -424,6 +427,11 @@ def summary_markdown(legs, timings, worse, tolerated, changed, cases, exclude, b
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     cnt = {(n, f): counts(legs[n], f) for n in names for f in ("behavior", "behaviorClose")}
+    if other_name in legs:
+        missing = len(set(legs[base_name]) - set(legs[other_name]))
+        if missing:
+            for f in ("behavior", "behaviorClose"):
+                cnt[(other_name, f)][MISSING] = missing
     seen = set()
     for c in cnt.values():
         seen.update(c)
@@ -442,8 +450,10 @@ def summary_markdown(legs, timings, worse, tolerated, changed, cases, exclude, b
     lines.append("")
     for n in names:
         t = timings.get(n)
+        if isinstance(t, (int, float)):
+            t = "%.1f s" % t
         lines.append("- %s: wall %s, sum of case durations %.1f s (9.x: %.1f s)"
-                     % (n, "%.1f s" % t if t is not None else "n/a (not run now)",
+                     % (n, t or "n/a (not run now)",
                         total_duration(legs[n]), total_duration(legs[n], "9.")))
     lines.append("")
     if other_name not in legs:
@@ -578,6 +588,7 @@ def main(argv=None):
             except LegFailed as e:
                 log("ERROR: " + str(e))
                 legs[other_name] = {}  # every case missing -> worse
+                timings[other_name] = "did not complete"
             if not second.alive():
                 log("ERROR: %s exited during the run (code %s).\n--- last lines of %s ---\n%s"
                     % (what, second.popen.returncode, second.logfile, second.tail()))

@@ -1,0 +1,51 @@
+# The README's two commands: `make run` and `make test`.
+# Both set up what they need on a fresh machine (a virtualenv in .venv,
+# node `ws` for the demo and test backends) and are safe to run again.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup conformance bench bench-smoke check clean
+
+setup: $(STAMP) tests/node/node_modules/.installed
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	touch $@
+
+tests/node/node_modules/.installed: tests/node/package.json
+	cd tests/node && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+# lbws on 127.0.0.1:8020 (dashboard on :8021) in front of two node `ws`
+# echo backends on :8010 and :8011, as in etc/lbws.ini. Ctrl-C stops all.
+run: setup
+	@trap 'kill $$(jobs -p) 2>/dev/null' EXIT INT TERM; \
+	node tests/node/echo-server.js --port 8010 --prefix "echo1: " & \
+	node tests/node/echo-server.js --port 8011 --prefix "echo2: " & \
+	$(BIN)/twistd -n --pidfile= lbws --config etc/lbws.ini
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+check: setup
+	$(BIN)/twistd -n lbws --config etc/lbws.ini --check
+
+conformance: setup
+	bash tests/conformance/setup.sh
+	$(BIN)/python tests/conformance/run.py
+
+bench: setup
+	bash bench/setup.sh
+	$(BIN)/python bench/run.py
+
+bench-smoke: setup
+	bash bench/setup.sh
+	$(BIN)/python bench/run.py --smoke
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules reports build *.egg-info

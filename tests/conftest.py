@@ -1,0 +1,15 @@
+import pytest
+
+from tests import support
+
+
+@pytest.fixture
+def nodeBackend():
+    """
+    A node `ws` echo backend like the seed's, stopped after the test.
+    """
+    if not support.nodeAvailable():
+        pytest.fail("node and tests/node/node_modules are needed: run `make test`")
+    backend = support.NodeBackend()
+    yield backend
+    backend.stop()

@@ -1,0 +1,323 @@
+"""
+Real parts for end-to-end tests: backends (Autobahn in-process, node `ws` as
+a process), an lbws service in-process or as a `twistd` process, and
+clients that record what they get. Everything listens on 127.0.0.1 port 0.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+
+from lbws.config import parseConfig
+from lbws.service import LbwsService
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "tests" / "node"
+TWISTD = Path(sys.executable).with_name("twistd")
+
+
+def deferLater(seconds, result=None):
+    return defer.Deferred.fromCoroutine(_later(seconds, result))
+
+
+async def _later(seconds, result):
+    from twisted.internet.task import deferLater as later
+
+    await later(reactor, seconds)
+    return result
+
+
+async def eventually(predicate, timeout=10.0, step=0.02):
+    """
+    Wait, with a deadline, until C{predicate()} is true: for state that a
+    test cannot be told about by a Deferred (a counter in another process).
+    """
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await deferLater(step)
+        waited += step
+
+
+# Backends
+
+
+class EchoServerProtocol(WebSocketServerProtocol):
+    """
+    Echoes every message; C{__request__} answers with what the handshake
+    carried, C{__close CODE REASON__} makes the backend close, and
+    C{__drop__} drops the TCP connection without a close.
+    """
+
+    def onConnect(self, request):
+        self.request = request
+        self.factory.connections.append(self)
+        if self.factory.refuseWith:
+            from autobahn.websocket.types import ConnectionDeny
+
+            raise ConnectionDeny(*self.factory.refuseWith)
+        if request.protocols:
+            chosen = self.factory.chooseProtocol(request.protocols)
+            return (chosen, self.factory.responseHeaders)
+        return (None, self.factory.responseHeaders)
+
+    def onMessage(self, payload, isBinary):
+        import json
+
+        if not isBinary and payload == b"__request__":
+            request = self.request
+            self.sendMessage(
+                json.dumps(
+                    {
+                        "path": request.path,
+                        "params": request.params,
+                        "headers": request.headers,
+                        "protocols": request.protocols,
+                        "peer": request.peer,
+                        "raw": self.http_request_data.decode("latin-1"),
+                    }
+                ).encode()
+            )
+        elif not isBinary and payload.startswith(b"__close "):
+            _, code, reason = payload.decode().split(" ", 2)
+            self.sendClose(int(code), reason)
+        elif not isBinary and payload == b"__drop__":
+            self.transport.abortConnection()
+        else:
+            self.sendMessage(payload, isBinary)
+
+    def onClose(self, wasClean, code, reason):
+        self.factory.closes.append((wasClean, code, reason))
+
+
+class EchoFactory(WebSocketServerFactory):
+    protocol = EchoServerProtocol
+
+    def __init__(self, name="echo", refuseWith=None, responseHeaders=None):
+        super().__init__(reactor=reactor)
+        self.name = name
+        self.refuseWith = refuseWith
+        self.responseHeaders = responseHeaders or {}
+        self.connections = []
+        self.closes = []
+        self.setProtocolOptions(failByDrop=False, maxMessagePayloadSize=0, maxFramePayloadSize=0)
+
+    def chooseProtocol(self, offered):
+        return offered[-1]
+
+
+async def startEchoBackend(name="echo", **kwargs):
+    """
+    An Autobahn echo backend on 127.0.0.1, port 0.
+
+    @return: C{(factory, port)}; stop it with C{await port.stopListening()}.
+    """
+    factory = EchoFactory(name, **kwargs)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    factory.url = f"ws://127.0.0.1:{port.getHost().port}"
+    return factory, port
+
+
+def nodeAvailable():
+    return shutil.which("node") is not None and (NODE_DIR / "node_modules" / "ws").exists()
+
+
+class NodeBackend:
+    """
+    The seed's backend: a node `ws` echo server, as a process.
+    """
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen(
+            ["node", str(NODE_DIR / "echo-server.js"), "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.process.stdout.readline()
+        match = re.match(r"listening (\d+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"node backend did not start: {line!r}")
+        self.port = int(match.group(1))
+        self.url = f"ws://127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.process.stdout.close()
+
+
+# lbws
+
+
+def configText(backends, lbws="", health="", listen="tcp:0:interface=127.0.0.1"):
+    """
+    An INI text for lbws in front of C{backends}: a list of C{(name, url)}
+    or C{(name, url, extra lines)}.
+    """
+    text = f"[lbws]\nlisten = {listen}\ndashboard =\n{textwrap.dedent(lbws)}\n"
+    text += f"[health]\nprobe = tcp\n{textwrap.dedent(health)}\n"
+    for name, url, *extra in backends:
+        text += f"[backend:{name}]\nurl = {url}\n"
+        for line in extra:
+            text += textwrap.dedent(line) + "\n"
+    return text
+
+
+async def startLbws(backends, **kwargs):
+    """
+    An lbws service in this process.
+
+    @return: the started L{LbwsService}, with C{.url} its ws:// URL; stop
+        it with C{await service.stopService()}.
+    """
+    settings = parseConfig(configText(backends, **kwargs), "test.ini")
+    service = LbwsService(reactor, settings)
+    service.startService()
+    port = await service.listening
+    service.url = f"ws://127.0.0.1:{port.getHost().port}"
+    return service
+
+
+class LbwsProcess:
+    """
+    A real `twistd -n lbws` process; its listening port is read from its log.
+    """
+
+    def __init__(self, configPath, *args):
+        self.process = subprocess.Popen(
+            [str(TWISTD), "-n", "--pidfile=", "lbws", "--config", str(configPath), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines = []
+        self.port = None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            match = re.search(r"lbws listening on \S+:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        if self.port is None:
+            self.stop()
+            raise RuntimeError("lbws did not start:\n" + "".join(self.lines))
+        self.url = f"ws://127.0.0.1:{self.port}"
+
+    def stop(self, timeout=30):
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.lines.extend(self.process.stdout.readlines())
+        self.process.stdout.close()
+        return self.process.returncode
+
+
+# Clients
+
+
+class RecordingClient(WebSocketClientProtocol):
+    """
+    A client that records messages into a queue and its close into a
+    Deferred.
+    """
+
+    def onConnect(self, response):
+        self.response = response
+
+    def onOpen(self):
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        self.messages.put((payload, isBinary))
+
+    def onClose(self, wasClean, code, reason):
+        if not self.factory.opened.called:
+            self.factory.opened.errback(
+                HandshakeFailed(getattr(self, "http_status_line", None), reason)
+            )
+        self.closed.callback((code, reason))
+
+    def connectionMade(self):
+        self.messages = defer.DeferredQueue()
+        self.closed = defer.Deferred()
+        super().connectionMade()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if not self.closed.called:
+            self.closed.callback((None, None))
+
+
+class HandshakeFailed(Exception):
+    def __init__(self, statusLine, reason):
+        super().__init__(statusLine, reason)
+        self.statusLine = statusLine
+        self.status = int(statusLine.split()[1]) if statusLine else None
+
+
+async def connect(url, protocols=None, headers=None, path="/", **options):
+    """
+    Open a WebSocket to C{url + path}; fails with L{HandshakeFailed}.
+
+    @return: the open L{RecordingClient}.
+    """
+    factory = WebSocketClientFactory(
+        url.rstrip("/") + path, protocols=protocols, headers=headers, reactor=reactor
+    )
+    factory.protocol = RecordingClient
+    factory.opened = defer.Deferred()
+    factory.setProtocolOptions(failByDrop=False, maxMessagePayloadSize=0, maxFramePayloadSize=0, **options)
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
+    return await factory.opened
+
+
+class RawClient(protocol.Protocol):
+    """
+    A TCP client for bytes no WebSocket library would send.
+    """
+
+    def connectionMade(self):
+        self.received = b""
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.received)
+
+
+async def rawConnect(url):
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    factory = protocol.Factory.forProtocol(RawClient)
+    return await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
+
+
+def handshakeRequest(path="/", host="127.0.0.1", extra=""):
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
