@@ -6,7 +6,7 @@ members (C{retries}) when one fails.
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.ssl import Certificate, platformTrust
@@ -148,11 +148,16 @@ class Dialer:
     Opens backend WebSockets for clients, with retries across members.
     """
 
-    def __init__(self, reactor, pool, settings, counters):
+    def __init__(self, reactor, pool, settings, counters, endpointFor=None):
+        """
+        @param endpointFor: makes the client endpoint of a backend; tests
+            give one that never connects. Defaults to L{backendEndpoint}.
+        """
         self._reactor = reactor
         self._pool = pool
         self.settings = settings
         self._counters = counters
+        self._endpointFor = endpointFor or backendEndpoint
 
     def dial(self, request, target, peerHost, secure):
         """
@@ -281,17 +286,22 @@ class Dialer:
 
         def connectFailed(failure):
             state["connecting"] = None
-            if not state["cancelled"]:
-                opened.errback(failure)
+            if state["cancelled"]:
+                return
+            if failure.check(TimeoutError):
+                failure = BackendHandshakeError(
+                    f"connect timed out after {settings.connect_timeout:g}s"
+                )
+            opened.errback(failure)
 
         def settled(result):
             if state["timer"] is not None and state["timer"].active():
                 state["timer"].cancel()
             return result
 
-        connecting = state["connecting"] = backendEndpoint(
-            reactor, backend, settings.connect_timeout
-        ).connect(factory)
+        endpoint = self._endpointFor(reactor, backend, settings.connect_timeout)
+        connecting = state["connecting"] = endpoint.connect(factory)
+        connecting.addTimeout(settings.connect_timeout, reactor)
         connecting.addCallbacks(connected, connectFailed)
         opened.addBoth(settled)
         return opened

@@ -27,6 +27,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_NO_STATUS = 1005
+CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_BAD_GATEWAY = 1014
@@ -255,6 +256,25 @@ def buildFrame(opcode, payload=b"", masked=False):
 def closePayload(code, reason=""):
     payload = struct.pack("!H", code) + reason.encode("utf-8")
     return payload[:125]
+
+
+def closeViolation(payload):
+    """
+    What is wrong with a close frame's payload (RFC 6455 section 7.4), as
+    the L{ProtocolViolation} its sender deserves, or None if nothing is.
+    """
+    if len(payload) == 1:
+        return ProtocolViolation(CLOSE_PROTOCOL_ERROR, "close payload of one byte")
+    if not payload:
+        return None
+    (code,) = struct.unpack_from("!H", payload)
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        return ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return ProtocolViolation(CLOSE_INVALID_PAYLOAD, "close reason is not UTF-8")
+    return None
 
 
 def parseClosePayload(payload):

@@ -24,6 +24,8 @@ from lbws.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
+    CLOSE_NO_STATUS,
+    CLOSE_NORMAL,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
@@ -31,6 +33,7 @@ from lbws.frames import (
     ProtocolViolation,
     buildFrame,
     closePayload,
+    closeViolation,
     parseClosePayload,
 )
 
@@ -243,6 +246,11 @@ class Tunnel:
         leg.scanner.stopped = True
         if self.closedFirstBy is None:
             self.closedFirstBy = leg.name
+        if leg.isClient and not leg.closedByLbws:
+            violation = closeViolation(payload)
+            if violation is not None:
+                self.violationFrom(leg, violation)
+                return
         if leg.closedByLbws:
             # The answer to lbws's own close is not passed on.
             leg.finish()
@@ -255,7 +263,7 @@ class Tunnel:
         elif leg.closeSent is None:
             # Nobody left to pass it to: lbws answers it, echoing the code.
             code, reason = leg.closeReceived
-            leg.close(code if code != 1005 else 1000, reason)
+            leg.close(code if code != CLOSE_NO_STATUS else CLOSE_NORMAL, reason)
         for side in (leg, other):
             if side.closeSent is not None and side.closeReceived is not None:
                 side.finish()
@@ -303,7 +311,12 @@ class Tunnel:
         elif self.failure is not None:
             self._closeOwed()
         elif other.closeSent is None:
-            if leg.messages or leg.closeReceived is not None:
+            if other.closeReceived is not None:
+                # The client's close went to a backend that left without
+                # answering: lbws answers it, as the backend should have.
+                code, reason = other.closeReceived
+                other.close(code if code != CLOSE_NO_STATUS else CLOSE_NORMAL, reason)
+            elif leg.messages or leg.closeReceived is not None:
                 other.close(CLOSE_INTERNAL_ERROR, "backend connection lost")
             else:
                 other.close(CLOSE_BAD_GATEWAY, "backend never answered")
@@ -576,9 +589,12 @@ class Relay:
 
 def _firstClose(tunnel):
     """
-    The close code and reason the client saw, for the access log.
+    The close code and reason that ended the connection, for the access
+    log: the client's own if it closed first, else the one it was sent.
     """
     client = tunnel.client
+    if tunnel.closedFirstBy == "client" and client.closeReceived is not None:
+        return client.closeReceived
     if client.closeSent is not None:
         return client.closeSent
     if client.closeReceived is not None:

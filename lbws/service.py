@@ -34,11 +34,12 @@ class LbwsService(MultiService):
         self.listener = StreamServerEndpointService(
             serverFromString(reactor, settings.listen), self.relay.factory()
         )
+        # Not a child: it must stop before the relay drains, and only once.
         self.listener._raiseSynchronously = True
-        self.listener.setServiceParent(self)
 
     def startService(self):
         super().startService()
+        self.listener.startService()
         # The listening port, once bound: tests and the log want the real
         # address when the config asked for port 0.
         self.listening = self.listener._waitingForPort

@@ -205,7 +205,7 @@ class LbwsProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.lines = []
         self.port = None
@@ -276,14 +276,18 @@ class HandshakeFailed(Exception):
         self.status = int(statusLine.split()[1]) if statusLine else None
 
 
-async def connect(url, protocols=None, headers=None, path="/", **options):
+async def connect(url, protocols=None, headers=None, path="/", useragent="lbws-tests", **options):
     """
     Open a WebSocket to C{url + path}; fails with L{HandshakeFailed}.
 
     @return: the open L{RecordingClient}.
     """
     factory = WebSocketClientFactory(
-        url.rstrip("/") + path, protocols=protocols, headers=headers, reactor=reactor
+        url.rstrip("/") + path,
+        protocols=protocols,
+        headers=headers,
+        useragent=useragent,
+        reactor=reactor,
     )
     factory.protocol = RecordingClient
     factory.opened = defer.Deferred()

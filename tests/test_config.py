@@ -1,0 +1,183 @@
+"""
+The INI file: defaults, every kind of mistake and the message it gets.
+"""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lbws.config import ConfigError, loadConfig, parseConfig, summary
+
+MINIMAL = "[backend:a]\nurl = ws://127.0.0.1:8010\n"
+
+
+def error(text):
+    with pytest.raises(ConfigError) as raised:
+        parseConfig(text, "lbws.ini")
+    return raised.value
+
+
+def test_defaults():
+    settings = parseConfig(MINIMAL)
+    assert settings.listen == "tcp:8020"
+    assert settings.dashboard == "tcp:8021:interface=127.0.0.1"
+    assert settings.balance == "least_conn"
+    assert settings.handshake_timeout == 10
+    assert settings.connect_timeout == 5
+    assert settings.retries == 2
+    assert settings.idle_timeout == 0
+    assert settings.ping_interval == 30
+    assert settings.max_message_size == 16777216
+    assert settings.max_connections == 10000
+    assert settings.drain_timeout == 30
+    assert settings.admin_token == ""
+    assert settings.health.interval == 2
+    assert settings.health.probe == "websocket"
+    (backend,) = settings.backends
+    assert (backend.name, backend.host, backend.port, backend.weight) == (
+        "a",
+        "127.0.0.1",
+        8010,
+        1,
+    )
+
+
+def test_example_config_is_valid():
+    settings = loadConfig("etc/lbws.ini")
+    assert [b.name for b in settings.backends] == ["echo1", "echo2"]
+
+
+def test_everything_given():
+    settings = parseConfig(
+        """
+[lbws]
+listen = tcp:9000 ; inline comment
+dashboard =
+balance = hash
+hash_key = header:X-User-Id
+handshake_timeout = 2.5
+connect_timeout = 1
+retries = 0
+idle_timeout = 60
+ping_interval = 0
+max_message_size = 1024
+max_connections = 5
+drain_timeout = 3
+admin_token = s3cret
+slow_start = 0
+rebalance = off
+rebalance_rate = 5
+workers = 1
+
+[health]
+interval = 0.5
+timeout = 0.25
+fall = 3
+rise = 1
+probe = http
+path = /health
+subprotocol = chat
+
+[backend:one]
+url = ws://h1:81/app/
+weight = 3
+
+[backend:two]
+url = wss://h2/app
+verify = false
+"""
+    )
+    assert settings.dashboard == ""
+    assert str(settings.hash_key) == "header:X-User-Id"
+    assert settings.health.probe == "http"
+    one, two = settings.backends
+    assert (one.path, one.weight, one.secure) == ("/app", 3, False)
+    assert (two.port, two.secure, two.verify) == (443, True, False)
+
+
+@pytest.mark.parametrize(
+    "text, section, key, words",
+    [
+        ("[lbws]\nbalanse = x\n" + MINIMAL, "lbws", "balanse", "unknown key"),
+        ("[lbws]\nbalance = random\n" + MINIMAL, "lbws", "balance", "round_robin"),
+        ("[lbws]\nretries = two\n" + MINIMAL, "lbws", "retries", "whole number"),
+        ("[lbws]\nretries = -1\n" + MINIMAL, "lbws", "retries", "at least 0"),
+        ("[lbws]\nhandshake_timeout = 0\n" + MINIMAL, "lbws", "handshake_timeout", "greater than 0"),
+        ("[lbws]\nconnect_timeout = nan\n" + MINIMAL, "lbws", "connect_timeout", "finite"),
+        ("[lbws]\nmax_message_size = 0\n" + MINIMAL, "lbws", "max_message_size", "at least 1"),
+        ("[lbws]\nlisten = bogus:1\n" + MINIMAL, "lbws", "listen", "endpoint"),
+        ("[lbws]\nlisten =\n" + MINIMAL, "lbws", "listen", "required"),
+        ("[lbws]\nhash_key = body\n" + MINIMAL, "lbws", "hash_key", "header:NAME"),
+        ("[lbws]\nworkers = 4\n" + MINIMAL, "lbws", "workers", "not supported yet"),
+        ("[lbws]\nrebalance = gradual\n" + MINIMAL, "lbws", "rebalance", "not supported yet"),
+        ("[lbws]\nslow_start = 30\n" + MINIMAL, "lbws", "slow_start", "not supported yet"),
+        ("[health]\nprobe = icmp\n" + MINIMAL, "health", "probe", "tcp, websocket, http"),
+        ("[health]\nfall = 0\n" + MINIMAL, "health", "fall", "at least 1"),
+        ("[health]\npath = health\n" + MINIMAL, "health", "path", "start with /"),
+        ("[health]\nintervall = 1\n" + MINIMAL, "health", "intervall", "unknown key"),
+        ("[backend:a]\nurl = http://h:1\n", "backend:a", "url", "ws:// or wss://"),
+        ("[backend:a]\nurl = ws://:1\n", "backend:a", "url", "no host"),
+        ("[backend:a]\nurl = ws://h:99999\n", "backend:a", "url", "not a URL"),
+        ("[backend:a]\nurl = ws://h/?x=1\n", "backend:a", "url", "query"),
+        ("[backend:a]\n", "backend:a", "url", "missing"),
+        ("[backend:a]\nurl = ws://h\nweight = -1\n", "backend:a", "weight", "at least 0"),
+        ("[backend:a]\nurl = ws://h\nverify = maybe\n", "backend:a", "verify", "true or false"),
+        ("[backend:a]\nurl = ws://h\nverify = false\n", "backend:a", "verify", "wss://"),
+        ("[backend:a]\nurl = wss://h\nca = /nonexistent.pem\n", "backend:a", "ca", "cannot read"),
+        ("[backend:a]\nurl = ws://h\nsrv = _ws._tcp.x\n", "backend:a", "srv", "not supported yet"),
+        ("[backend:a]\nurl = ws://h\nresolve = 5\n", "backend:a", "resolve", "not supported yet"),
+        ("[backend:a]\nurl = ws://h\nurl = ws://g\n", "backend:a", "url", "twice"),
+        ("[backend:a b]\nurl = ws://h\n", "backend:a b", None, "backend name"),
+        ("[backends:a]\nurl = ws://h\n", "backends:a", None, "unknown section"),
+        (MINIMAL + MINIMAL, "backend:a", None, "twice"),
+        ("[lbws]\n", None, None, "no backend"),
+    ],
+)
+def test_mistakes_name_file_section_and_key(text, section, key, words):
+    e = error(text)
+    assert (e.path, e.section, e.key) == ("lbws.ini", section, key)
+    assert words in str(e)
+    assert str(e).startswith("lbws.ini")
+
+
+def test_not_an_ini_file():
+    assert "not an INI file" in str(error("url = ws://h\n"))
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        loadConfig(tmp_path / "missing.ini")
+    assert "cannot read" in str(raised.value)
+
+
+def test_summary_lists_backends():
+    text = summary(parseConfig(MINIMAL + "[backend:b]\nurl = ws://h:2\nweight = 2\n", "x.ini"))
+    assert "x.ini: OK" in text
+    assert "a: ws://127.0.0.1:8010 weight 1" in text
+    assert "b: ws://h:2 weight 2" in text
+
+
+@given(st.text(max_size=30))
+def test_any_retries_value_parses_or_fails_clearly(value):
+    """
+    Whatever an operator writes, the result is a setting or a ConfigError
+    that names the key, never another exception.
+    """
+    text = f"[lbws]\nretries = {value}\n" + MINIMAL
+    try:
+        settings = parseConfig(text, "f.ini")
+    except ConfigError as e:
+        assert e.section in ("lbws", None)
+    else:
+        assert isinstance(settings.retries, int) and settings.retries >= 0
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
+def test_any_url_parses_or_fails_clearly(value):
+    text = f"[backend:a]\nurl = {value}\n"
+    try:
+        settings = parseConfig(text, "f.ini")
+    except ConfigError:
+        pass
+    else:
+        assert settings.backends[0].url.startswith(("ws://", "wss://"))

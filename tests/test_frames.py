@@ -1,0 +1,200 @@
+"""
+The frame scanner, fed valid and invalid streams cut at random places.
+"""
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbws.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameScanner,
+    ProtocolViolation,
+    buildFrame,
+    closePayload,
+    parseClosePayload,
+    unmask,
+)
+
+
+class Recorder:
+    def __init__(self):
+        self.stream = []  # what would reach the other side, in order
+        self.messages = []
+        self.controls = []
+        self.boundaries = 0
+
+    def forward(self, data):
+        self.stream.append(bytes(data))
+
+    def control(self, opcode, payload, raw):
+        self.controls.append((opcode, payload))
+        self.stream.append(raw)
+
+    def messageEnd(self, opcode, size):
+        self.messages.append((opcode, size))
+
+    def boundary(self):
+        self.boundaries += 1
+
+
+def frame(opcode, payload, fin=True, masked=True, rsv=0):
+    length = len(payload)
+    first = (0x80 if fin else 0) | rsv | opcode
+    maskBit = 0x80 if masked else 0
+    if length < 126:
+        header = struct.pack("!BB", first, maskBit | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", first, maskBit | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, maskBit | 127, length)
+    if masked:
+        key = os.urandom(4)
+        return header + key + unmask(payload, key)
+    return header + payload
+
+
+def feedInPieces(scanner, data, cuts):
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    start = 0
+    for point in points + [len(data)]:
+        scanner.feed(data[start:point])
+        start = point
+
+
+# A message: its opcode and the payload of each of its fragments.
+messages = st.lists(
+    st.tuples(
+        st.sampled_from([OP_TEXT, OP_BINARY]),
+        st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+        st.booleans(),  # a ping between its fragments
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages, st.lists(st.integers(min_value=0), max_size=20), st.booleans())
+def test_valid_stream_passes_unchanged(msgs, cuts, masked):
+    stream = b""
+    expected = []
+    for opcode, fragments, ping in msgs:
+        for i, payload in enumerate(fragments):
+            last = i == len(fragments) - 1
+            stream += frame(opcode if i == 0 else OP_CONTINUATION, payload, last, masked)
+            if ping and not last:
+                stream += frame(OP_PING, b"p", masked=masked)
+        expected.append((opcode, sum(map(len, fragments))))
+    stream += frame(OP_CLOSE, closePayload(1000, "bye"), masked=masked)
+    recorder = Recorder()
+    scanner = FrameScanner(recorder, masked, 10**9)
+    feedInPieces(scanner, stream, cuts)
+    assert b"".join(recorder.stream) == stream
+    assert recorder.messages == expected
+    assert recorder.controls[-1] == (OP_CLOSE, closePayload(1000, "bye"))
+    assert scanner.atBoundary
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=125), st.lists(st.integers(min_value=0), max_size=5))
+def test_control_payload_is_unmasked(payload, cuts):
+    recorder = Recorder()
+    scanner = FrameScanner(recorder, True, 100)
+    feedInPieces(scanner, frame(OP_PONG, payload), cuts)
+    assert recorder.controls == [(OP_PONG, payload)]
+
+
+@pytest.mark.parametrize(
+    "bad, code, words",
+    [
+        (frame(OP_TEXT, b"x", rsv=0x40), 1002, "reserved bits"),
+        (frame(3, b"x"), 1002, "reserved opcode"),
+        (frame(0xB, b"x"), 1002, "reserved opcode"),
+        (frame(OP_PING, b"x", fin=False), 1002, "fragmented control"),
+        (frame(OP_PING, b"x" * 126), 1002, "control frame too long"),
+        (frame(OP_CONTINUATION, b"x"), 1002, "continuation"),
+        (frame(OP_TEXT, b"x", masked=False), 1002, "unmasked"),
+        (frame(OP_BINARY, b"x" * 2000), 1009, "longer than 1000"),
+        (b"\x82\xff" + struct.pack("!Q", 1 << 30) + b"abcd", 1009, "longer than"),
+        (b"\x82\xff" + struct.pack("!Q", 1 << 63) + b"abcd", 1002, "length"),
+    ],
+)
+def test_violations(bad, code, words):
+    recorder = Recorder()
+    scanner = FrameScanner(recorder, True, 1000)
+    good = frame(OP_TEXT, b"fine")
+    with pytest.raises(ProtocolViolation) as raised:
+        scanner.feed(good + bad + good)
+    assert raised.value.code == code
+    assert words in raised.value.reason
+    # What came before the bad frame went through; nothing after it did.
+    assert b"".join(recorder.stream) == good
+    assert scanner.stopped
+    scanner.feed(good)
+    assert b"".join(recorder.stream) == good
+
+
+def test_message_size_counts_all_fragments():
+    recorder = Recorder()
+    scanner = FrameScanner(recorder, True, 10)
+    scanner.feed(frame(OP_TEXT, b"x" * 6, fin=False))
+    with pytest.raises(ProtocolViolation) as raised:
+        scanner.feed(frame(OP_CONTINUATION, b"x" * 6))
+    assert raised.value.code == 1009
+
+
+def test_new_message_inside_fragmented_message():
+    scanner = FrameScanner(Recorder(), True, 100)
+    scanner.feed(frame(OP_TEXT, b"x", fin=False))
+    with pytest.raises(ProtocolViolation):
+        scanner.feed(frame(OP_BINARY, b"x"))
+
+
+def test_masked_server_frame():
+    scanner = FrameScanner(Recorder(), False, 100)
+    with pytest.raises(ProtocolViolation) as raised:
+        scanner.feed(frame(OP_TEXT, b"x", masked=True))
+    assert "masked server frame" in raised.value.reason
+
+
+def test_boundary_is_reported_when_wanted():
+    recorder = Recorder()
+    scanner = FrameScanner(recorder, False, 10**6)
+    data = frame(OP_BINARY, b"a" * 1000, masked=False)
+    scanner.feed(data[:500])
+    assert not scanner.atBoundary
+    scanner.boundaryWanted = True
+    scanner.feed(data[500:] + frame(OP_TEXT, b"b", masked=False))
+    assert recorder.boundaries >= 1
+    assert b"".join(recorder.stream) == data + frame(OP_TEXT, b"b", masked=False)
+
+
+def test_stop_drops_the_rest():
+    class Stopper(Recorder):
+        def control(self, opcode, payload, raw):
+            super().control(opcode, payload, raw)
+            scanner.stopped = True
+
+    recorder = Stopper()
+    scanner = FrameScanner(recorder, True, 100)
+    close = frame(OP_CLOSE, closePayload(1000))
+    scanner.feed(close + frame(OP_TEXT, b"after"))
+    assert b"".join(recorder.stream) == close
+
+
+def test_build_and_parse_close():
+    built = buildFrame(OP_CLOSE, closePayload(1001, "going"), masked=True)
+    recorder = Recorder()
+    FrameScanner(recorder, True, 100).feed(built)
+    ((opcode, payload),) = recorder.controls
+    assert parseClosePayload(payload) == (1001, "going")
+    assert parseClosePayload(b"") == (1005, "")
+    assert len(buildFrame(OP_BINARY, b"x" * 70000)) == 70010

@@ -1,0 +1,581 @@
+"""
+Every "On the wire" rule of CONTRACT.md, end to end: real backends
+(Autobahn in-process, node `ws` as a process), a real lbws service on
+loopback, real clients.
+"""
+
+import json
+import struct
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+
+from lbws.frames import unmask
+from tests.support import (
+    HandshakeFailed,
+    connect,
+    deferLater,
+    eventually,
+    handshakeRequest,
+    rawConnect,
+    startEchoBackend,
+    startLbws,
+)
+
+
+class Harness:
+    """
+    Backends and an lbws, all stopped at the end of the test.
+    """
+
+    def __init__(self):
+        self.ports = []
+        self.services = []
+        self.clients = []
+
+    async def backend(self, name="echo", **kwargs):
+        factory, port = await startEchoBackend(name, **kwargs)
+        self.ports.append(port)
+        return factory
+
+    async def lbws(self, backends, **kwargs):
+        service = await startLbws(backends, **kwargs)
+        self.services.append(service)
+        return service
+
+    async def client(self, url, **kwargs):
+        client = await connect(url, **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def close(self):
+        for client in self.clients:
+            if client.transport.connected:
+                client.transport.abortConnection()
+        for service in self.services:
+            if service.running:
+                await service.stopService()
+        for port in self.ports:
+            await port.stopListening()
+
+
+@pytest_twisted.async_yield_fixture
+async def harness():
+    h = Harness()
+    yield h
+    await h.close()
+
+
+async def roundTrip(client, payload, isBinary=False):
+    client.sendMessage(payload, isBinary)
+    return await client.messages.get()
+
+
+async def closeOf(client):
+    return await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_waits_for_backend_and_relays_messages(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(lbws.url)
+    # The client is open only once the backend's WebSocket is.
+    assert len(backend.connections) == 1
+    assert backend.connections[0].state == backend.connections[0].STATE_OPEN
+    assert await roundTrip(client, b"hello") == (b"hello", False)
+    assert await roundTrip(client, b"\x00\xff\x10", True) == (b"\x00\xff\x10", True)
+    assert await roundTrip(client, "h\u00e9llo \u2603".encode()) == (
+        "h\u00e9llo \u2603".encode(),
+        False,
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_order_kept_nothing_lost_or_duplicated(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(lbws.url)
+    sent = []
+    for i in range(2000):
+        isBinary = i % 3 == 0
+        payload = (b"%d:" % i) * (i % 50 + 1)
+        sent.append((payload, isBinary))
+        client.sendMessage(payload, isBinary)
+    received = [await client.messages.get() for _ in sent]
+    assert received == sent
+    # Large messages, and one fragmented by the client, arrive whole.
+    big = bytes(range(256)) * 4096
+    assert await roundTrip(client, big, True) == (big, True)
+    client.beginMessage(isBinary=True)
+    for part in (b"ab", b"cd", b"ef"):
+        client.sendMessageFrame(part)
+    client.endMessage()
+    assert await client.messages.get() == (b"abcdef", True)
+    assert lbws.pool["a"].messagesIn == 2002
+    assert lbws.pool["a"].messagesOut == 2002
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_ws_backend_like_the_seed(harness, nodeBackend):
+    lbws = await harness.lbws([("node", nodeBackend.url)])
+    client = await harness.client(lbws.url)
+    for i in range(100):
+        assert await roundTrip(client, b"m%d" % i, bool(i % 2)) == (b"m%d" % i, bool(i % 2))
+    client.sendClose(1000, "done")
+    assert await closeOf(client) == (1000, "done")
+
+
+@pytest_twisted.ensureDeferred
+async def test_path_and_query_forwarded_under_backend_prefix(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url + "/app")])
+    client = await harness.client(lbws.url, path="/chat?room=1&x=%20y")
+    payload, _ = await roundTrip(client, b"__request__")
+    request = json.loads(payload)
+    assert request["raw"].startswith("GET /app/chat?room=1&x=%20y HTTP/1.1\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_chooses_the_subprotocol(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(lbws.url, protocols=["v1.chat", "v2.chat"])
+    assert client.websocket_protocol_in_use == "v2.chat"
+    payload, _ = await roundTrip(client, b"__request__")
+    assert json.loads(payload)["protocols"] == ["v1.chat", "v2.chat"]
+    plain = await harness.client(lbws.url)
+    assert plain.websocket_protocol_in_use is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_to_end_headers_pass_and_forwarded_headers_added(harness):
+    backend = await harness.backend(responseHeaders={"Set-Cookie": "session=abc; Path=/"})
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(
+        lbws.url,
+        headers={
+            "Cookie": "a=1; b=2",
+            "Authorization": "Bearer t0ken",
+            "Origin": "https://app.example",
+            "X-Custom": "yes",
+            "X-Forwarded-For": "203.0.113.7",
+        },
+        useragent="test-agent/1.0",
+    )
+    payload, _ = await roundTrip(client, b"__request__")
+    headers = json.loads(payload)["headers"]
+    assert headers["cookie"] == "a=1; b=2"
+    assert headers["authorization"] == "Bearer t0ken"
+    assert headers["origin"] == "https://app.example"
+    assert headers["user-agent"] == "test-agent/1.0"
+    assert headers["x-custom"] == "yes"
+    assert headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert headers["x-real-ip"] == "127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-host"] == lbws.url.split("//")[1]
+    # The backend's cookie reaches the client.
+    assert client.response.headers["set-cookie"] == "session=abc; Path=/"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_close_code_and_reason_reach_backend(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(lbws.url)
+    await roundTrip(client, b"x")
+    client.sendClose(4001, "client says bye")
+    # The backend's answer (Autobahn answers 1000 without a reason) comes
+    # back as it was sent.
+    assert await closeOf(client) == (1000, None)
+    await eventually(lambda: backend.closes)
+    assert backend.closes[0][1:] == (4001, "client says bye")
+    await eventually(lambda: not lbws.relay.tunnels)
+    assert lbws.counters.closes[("client", 4001)] == 1
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1008, 1011, 3000, 4999])
+@pytest_twisted.ensureDeferred
+async def test_backend_close_code_and_reason_reach_client(harness, code):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(lbws.url)
+    # Autobahn's sendClose allows 1000 and 3000-4999; the others are sent
+    # by the backend at frame level.
+    if code == 1000 or code >= 3000:
+        client.sendMessage(b"__close %d server reason" % code)
+    else:
+        await roundTrip(client, b"x")
+        backend.connections[0].sendCloseFrame(code, b"server reason")
+    assert await closeOf(client) == (code, "server reason")
+    await eventually(lambda: not lbws.relay.tunnels)
+    assert lbws.counters.closes[("backend", code)] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_lost_gives_1011(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(lbws.url)
+    other = await harness.client(lbws.url)
+    await roundTrip(client, b"x")
+    client.sendMessage(b"__drop__")
+    code, reason = await closeOf(client)
+    assert code == 1011
+    assert "lost" in reason
+    # The other client is not affected.
+    assert await roundTrip(other, b"still here") == (b"still here", False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_that_never_answered_gives_1014(harness):
+    # Read with a raw client: Autobahn's own client refuses code 1014
+    # (IANA's "Bad Gateway"), which browsers accept.
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    raw = await rawWebSocket(lbws.url)
+    backend.connections[0].transport.abortConnection()
+    await eventually(lambda: closeCodeIn(raw.received) is not None)
+    assert closeCodeIn(raw.received) == 1014
+    assert b"never answered" in raw.received
+    raw.transport.write(maskedFrame(0x88, struct.pack("!H", 1014)))
+    await raw.done
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_lbws_gives_clients_1001(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    clients = [await harness.client(lbws.url) for _ in range(3)]
+    await roundTrip(clients[0], b"x")
+    await lbws.stopService()
+    for client in clients:
+        code, _ = await closeOf(client)
+        assert code == 1001
+    await eventually(lambda: len(backend.closes) == 3)
+    assert {close[1] for close in backend.closes} == {1001}
+
+
+async def refusal(url, **kwargs):
+    with pytest.raises(HandshakeFailed) as raised:
+        await connect(url, **kwargs)
+    return raised.value
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_backend_up_gives_503(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    lbws.pool["a"].healthy = False
+    failed = await refusal(lbws.url)
+    assert failed.status == 503
+    assert lbws.counters.handshakes["no_backend"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_try_failed_gives_502_and_marks_backends_down(harness):
+    dead = []
+    for name in "ab":
+        factory, port = await startEchoBackend(name)
+        await port.stopListening()
+        dead.append((name, factory.url))
+    lbws = await harness.lbws(dead, health="fall = 1")
+    start = reactor.seconds()
+    failed = await refusal(lbws.url)
+    assert failed.status == 502
+    assert reactor.seconds() - start < 5
+    assert {m.state for m in lbws.pool} == {"down"}
+    # Nothing is up now: the next client is told so at once.
+    assert (await refusal(lbws.url)).status == 503
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_reaches_a_live_backend(harness):
+    live = await harness.backend("live")
+    deadFactory, deadPort = await startEchoBackend("dead")
+    await deadPort.stopListening()
+    lbws = await harness.lbws(
+        [("dead", deadFactory.url), ("live", live.url)], lbws="balance = round_robin"
+    )
+    for _ in range(4):
+        client = await harness.client(lbws.url)
+        assert await roundTrip(client, b"ok") == (b"ok", False)
+    assert lbws.pool["live"].total == 4
+    assert lbws.pool["dead"].failed >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_4xx_is_passed_to_client_without_retry(harness):
+    refusing = await harness.backend("refusing", refuseWith=(403, "Forbidden: no token"))
+    lbws = await harness.lbws([("a", refusing.url)])
+    failed = await refusal(lbws.url)
+    assert failed.status == 403
+    assert lbws.pool["a"].state == "up"
+    assert lbws.counters.handshakes["backend_refused"] == 1
+
+
+class Silent(protocol.Protocol):
+    """
+    A backend that accepts TCP and never answers.
+    """
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_handshake_timeout_then_retry(harness):
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(Silent)
+    )
+    harness.ports.append(port)
+    live = await harness.backend("live")
+    lbws = await harness.lbws(
+        [("silent", f"ws://127.0.0.1:{port.getHost().port}"), ("live", live.url)],
+        lbws="balance = round_robin\nhandshake_timeout = 0.5",
+    )
+    start = reactor.seconds()
+    first = await harness.client(lbws.url)
+    second = await harness.client(lbws.url)
+    assert await roundTrip(first, b"a") == (b"a", False)
+    assert await roundTrip(second, b"b") == (b"b", False)
+    assert reactor.seconds() - start < 3
+    assert "timed out" in lbws.pool["silent"].lastError
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_gives_503(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], lbws="max_connections = 2")
+    first = await harness.client(lbws.url)
+    await harness.client(lbws.url)
+    assert (await refusal(lbws.url)).status == 503
+    first.sendClose(1000)
+    await closeOf(first)
+    await eventually(lambda: lbws.relay.clients == 1)
+    await harness.client(lbws.url)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversize_message_from_client_gives_1009_and_others_go_on(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], lbws="max_message_size = 1000")
+    client = await harness.client(lbws.url)
+    other = await harness.client(lbws.url)
+    assert await roundTrip(client, b"x" * 1000) == (b"x" * 1000, False)
+    client.sendMessage(b"y" * 1001)
+    code, _ = await closeOf(client)
+    assert code == 1009
+    assert await roundTrip(other, b"fine") == (b"fine", False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversize_message_from_backend_closes_backend_with_1009(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], lbws="max_message_size = 1000")
+    client = await harness.client(lbws.url)
+    await roundTrip(client, b"x")
+    backend.connections[0].sendMessage(b"z" * 5000, True)
+    code, _ = await closeOf(client)
+    assert code == 1011
+    await eventually(lambda: backend.closes)
+    assert backend.closes[0][1] == 1009
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_utf8_gets_1007_from_backend(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(lbws.url)
+    client.sendMessage(b"\xff\xfe bad", isBinary=False)
+    code, _ = await closeOf(client)
+    assert code == 1007
+
+
+def maskedFrame(first, payload, key=b"\x01\x02\x03\x04"):
+    assert len(payload) < 126
+    return bytes([first, 0x80 | len(payload)]) + key + unmask(payload, key)
+
+
+async def rawWebSocket(url):
+    raw = await rawConnect(url)
+    raw.transport.write(handshakeRequest())
+    await eventually(lambda: b"\r\n\r\n" in raw.received)
+    assert raw.received.startswith(b"HTTP/1.1 101")
+    raw.received = raw.received.split(b"\r\n\r\n", 1)[1]
+    return raw
+
+
+def closeCodeIn(data):
+    """
+    The close code of the first close frame the server sent.
+    """
+    while data:
+        opcode, length = data[0] & 0x0F, data[1] & 0x7F
+        header = 2 + (2 if length == 126 else 8 if length == 127 else 0)
+        if length == 126:
+            (length,) = struct.unpack_from("!H", data, 2)
+        elif length == 127:
+            (length,) = struct.unpack_from("!Q", data, 2)
+        if opcode == 8:
+            return struct.unpack_from("!H", data, header)[0]
+        data = data[header + length :]
+    return None
+
+
+@pytest.mark.parametrize(
+    "bad, code",
+    [
+        (maskedFrame(0xC1, b"rsv"), 1002),  # reserved bit
+        (maskedFrame(0x83, b"op"), 1002),  # reserved opcode
+        (maskedFrame(0x09, b"frag"), 1002),  # fragmented ping
+        (bytes([0x81, 0x03]) + b"abc", 1002),  # unmasked client frame
+        (b"\x82\xff" + struct.pack("!Q", 1 << 30) + b"\x00" * 4, 1009),  # 1 GiB
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_frames_get_their_close_code_after_earlier_replies(harness, bad, code):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], lbws="max_message_size = 1048576")
+    other = await harness.client(lbws.url)
+    raw = await rawWebSocket(lbws.url)
+    raw.transport.write(maskedFrame(0x81, b"before") + bad + maskedFrame(0x81, b"after"))
+    received = await raw.done
+    # The echo of what came before the bad frame arrives, then the close.
+    assert received.startswith(b"\x81\x06before")
+    assert b"after" not in received
+    assert closeCodeIn(received) == code
+    assert await roundTrip(other, b"unaffected") == (b"unaffected", False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_a_websocket_handshake_is_refused(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    raw = await rawConnect(lbws.url)
+    raw.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = await raw.done
+    assert received.startswith(b"HTTP/1.1 4")
+    junk = await rawConnect(lbws.url)
+    junk.transport.write(b"\x00\x01garbage\r\n\r\n")
+    assert (await junk.done).startswith(b"HTTP/1.1 4")
+    assert backend.connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_client_handshake_times_out_with_408(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], lbws="handshake_timeout = 0.3")
+    raw = await rawConnect(lbws.url)
+    raw.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    received = await raw.done
+    assert received.startswith(b"HTTP/1.1 408")
+
+
+@pytest_twisted.ensureDeferred
+async def test_pings_reach_clients_and_silent_clients_are_dropped(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], lbws="ping_interval = 0.2")
+    client = await harness.client(lbws.url)
+    pings = []
+    client.onPing = lambda payload: (pings.append(payload), client.sendPong(payload))
+    await eventually(lambda: len(pings) >= 2)
+    assert await roundTrip(client, b"alive") == (b"alive", False)
+    # Pongs to lbws's own pings are not passed to the backend.
+    assert all(p.startswith(b"lbws-") for p in pings)
+    raw = await rawWebSocket(lbws.url)
+    await raw.done  # it never answers the ping, so lbws drops it
+    assert raw.received.startswith(b"\x89")
+    await eventually(lambda: len(backend.closes) == 1)
+    assert backend.closes[0][1] == 1001
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_timeout_closes_both_sides_with_1001(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], lbws="idle_timeout = 0.3")
+    client = await harness.client(lbws.url)
+    for _ in range(3):
+        await deferLater(0.1)
+        await roundTrip(client, b"keep me")
+    code, reason = await closeOf(client)
+    assert (code, reason) == (1001, "idle timeout")
+    await eventually(lambda: backend.closes)
+    assert backend.closes[0][1] == 1001
+
+
+@pytest_twisted.ensureDeferred
+async def test_balancing_spreads_by_weight(harness):
+    a = await harness.backend("a")
+    b = await harness.backend("b")
+    lbws = await harness.lbws(
+        [("a", a.url, "weight = 3"), ("b", b.url)], lbws="balance = round_robin"
+    )
+    for _ in range(8):
+        await harness.client(lbws.url)
+    assert (len(a.connections), len(b.connections)) == (6, 2)
+    least = await harness.lbws([("a", a.url), ("b", b.url)], lbws="balance = least_conn")
+    clients = [await harness.client(least.url) for _ in range(4)]
+    assert (least.pool["a"].active, least.pool["b"].active) == (2, 2)
+    for client in clients[:2]:
+        client.sendClose(1000)
+        await closeOf(client)
+    await eventually(lambda: least.pool["a"].active + least.pool["b"].active == 2)
+    await harness.client(least.url)
+    await harness.client(least.url)
+    assert (least.pool["a"].active, least.pool["b"].active) == (2, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hash_balancing_keeps_a_key_on_one_backend(harness):
+    a = await harness.backend("a")
+    b = await harness.backend("b")
+    lbws = await harness.lbws(
+        [("a", a.url), ("b", b.url)], lbws="balance = hash\nhash_key = header:X-User-Id"
+    )
+    for user in ("alice", "bob", "carol", "dave"):
+        names = set()
+        for _ in range(3):
+            client = await harness.client(lbws.url, headers={"X-User-Id": user})
+            payload, _ = await roundTrip(client, b"__request__")
+            names.add(client.transport.getPeer().port)
+        assert len(names) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaving_mid_connect_cancels_backend_attempt(harness):
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(Silent)
+    )
+    harness.ports.append(port)
+    lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
+    raw = await rawConnect(lbws.url)
+    raw.transport.write(handshakeRequest())
+    await eventually(lambda: lbws.pool["silent"].active == 1)
+    raw.transport.loseConnection()
+    await raw.done
+    await eventually(lambda: lbws.pool["silent"].active == 0 and lbws.relay.clients == 0)
+    assert lbws.pool["silent"].state == "up"
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_frames_behind_handshake_are_relayed(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    raw = await rawConnect(lbws.url)
+    raw.transport.write(handshakeRequest() + maskedFrame(0x81, b"early"))
+    await eventually(lambda: b"early" in raw.received)
+    raw.transport.loseConnection()
+    await raw.done
+    await eventually(lambda: backend.closes)
+    assert backend.closes[0][1] == 1001
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping_from_client_is_answered_by_backend(harness):
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await harness.client(lbws.url)
+    pong = defer.Deferred()
+    client.onPong = pong.callback
+    client.sendPing(b"are you there")
+    assert await pong == b"are you there"
