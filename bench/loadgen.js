@@ -40,6 +40,7 @@ const port = Number(option('port'));
 const scenario = option('scenario');
 const durationMs = Number(option('duration', '10')) * 1000;
 const url = `ws://127.0.0.1:${port}/`;
+const clientOptions = { perMessageDeflate: false, handshakeTimeout: HANDSHAKE_TIMEOUT_MS };
 
 function emit(obj) {
   process.stdout.write(JSON.stringify(obj) + '\n');
@@ -51,10 +52,7 @@ function sleep(ms) {
 
 function connect() {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, {
-      perMessageDeflate: false,
-      handshakeTimeout: HANDSHAKE_TIMEOUT_MS,
-    });
+    const ws = new WebSocket(url, clientOptions);
     ws.once('open', () => {
       ws.removeAllListeners('error');
       ws.on('error', () => {});
@@ -133,7 +131,7 @@ async function pingPong(connections, payload) {
 // One connect + round trip + close, rejected if any step takes too long.
 function cycle(payload) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, { perMessageDeflate: false, handshakeTimeout: HANDSHAKE_TIMEOUT_MS });
+    const ws = new WebSocket(url, clientOptions);
     const timer = setTimeout(() => { ws.terminate(); reject(new Error('cycle timeout')); },
       CYCLE_TIMEOUT_MS);
     let echoed = false;

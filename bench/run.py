@@ -10,6 +10,7 @@ Run with the repo venv: .venv/bin/python bench/run.py [--smoke] [--targets ...]
 See bench/README.md for what the numbers mean.
 """
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -114,17 +115,16 @@ class Processes:
         self._running.append(proc)
         return proc
 
-    def stop(self, proc):
+    def stop(self, proc, grace=0.0):
+        """Give `proc` `grace` seconds to exit by itself, then SIGTERM, then SIGKILL."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
         if proc.poll() is None:
             proc.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait()
         if proc.stdin:
             proc.stdin.close()
@@ -201,9 +201,10 @@ def cpu_snapshot(measured, backend):
 
     The machine's total shows whether something besides the benchmark took
     CPU during a scenario (another job on a shared box), which skews it.
+    Interrupt time is left out: it is the kernel's work for our own sockets.
     """
     machine = psutil.cpu_times()
-    busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+    busy = machine.user + machine.nice + machine.system
     return time.monotonic(), cpu_seconds(measured), cpu_seconds(backend), busy
 
 
@@ -285,6 +286,7 @@ def run_scenario(procs, scenario, port, measured, backend, args):
         argv += ["--connections", args.idle_connections]
     rss_before = rss_bytes(measured)
     loadgen = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    grace = 0.0
     try:
         lines = Lines(loadgen.stdout)
         if scenario == "S4":
@@ -308,8 +310,9 @@ def run_scenario(procs, scenario, port, measured, backend, args):
             cpu_after = cpu_snapshot(measured, backend)
             result = lines.event("result", deadline)
         del result["event"]
+        grace = STOP_TIMEOUT  # let it close its connections cleanly
     finally:
-        procs.stop(loadgen)
+        procs.stop(loadgen, grace)
     seconds, target_cpu, backend_cpu, machine_cpu = (a - b for a, b in zip(cpu_after, cpu_before))
     ours = backend_cpu + result["loadgen_cpu_seconds"] + (target_cpu if measured is not backend else 0)
     result.update(target_cpu_seconds=target_cpu, target_cpu_share=target_cpu / seconds,
@@ -346,6 +349,12 @@ def bench_target(procs, name, workdir, backend, backend_port, args):
         if proc is not None:
             procs.stop(proc)
     return outcome
+
+
+def failures(result):
+    """Errors and connections lost during a scenario: a proxy must have none."""
+    lost = result["connections"] - result["still_open"] if "still_open" in result else 0
+    return result.get("errors", 0) + result.get("connections_lost", 0) + lost
 
 
 def headline_text(scenario, result):
@@ -388,6 +397,8 @@ def format_table(report):
                 cell += f" ({ratios[name][scenario]:.2f}x)"
             if scenario != "S4" and result.get("loadgen_cpu_share", 0) >= SATURATED:
                 cell += " *"
+            if failures(result):
+                cell += f" !{failures(result)}"
             row.append(cell)
             if "error" in result:
                 cpu_row.append("-")
@@ -396,7 +407,8 @@ def format_table(report):
                                           "backend_cpu_share", "other_cpu_share")]
             cpu_row.append("/".join(["-" if name == "direct" else f"{shares[0]:.0%}"]
                                     + [f"{v:.0%}" for v in shares[1:]]))
-            others.append((result["other_cpu_share"], name, scenario))
+            if scenario != "S4":  # S4's window is too short for a fair reading
+                others.append((result["other_cpu_share"], name, scenario))
         if "S1" in scenarios:
             s1 = outcome["scenarios"]["S1"]
             row.append("-" if s1.get("p50_ms") is None else f"{s1['p50_ms']:.2f}/{s1['p99_ms']:.2f}")
@@ -404,7 +416,8 @@ def format_table(report):
         cpu_rows.append(cpu_row)
     lines = [render(header, rows),
              "(x) = ratio to nginx; for S4 lower is better. "
-             f"* = load generator at >= {SATURATED:.0%} of a core: a lower bound.",
+             f"* = load generator at >= {SATURATED:.0%} of a core: a lower bound. "
+             "!N = N failed connections or errors (see the JSON).",
              "",
              "CPU, % of one core: target / load generator / backend / other processes",
              "(S1-S3 over the measured window; S4 while the idle connections open)",
@@ -476,7 +489,7 @@ def raise_fd_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def parse_args(argv=None):
+def parse_args():
     def names(allowed):
         def parse(text):
             items = [item.strip() for item in text.split(",") if item.strip()]
@@ -503,7 +516,7 @@ def parse_args(argv=None):
                         help="comma-separated, from S1,S2,S3,S4")
     parser.add_argument("--lbws-config-extra", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="extra [lbws] key for the lbws targets (repeatable)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     args.idle_connections = 2000
     if args.smoke:
         args.duration, args.idle_connections = 2.0, 200
@@ -512,7 +525,10 @@ def parse_args(argv=None):
 
 def run(args, procs, workdir):
     backend = procs.start(["node", ECHO_SERVER, "--port", "0"], stdout=subprocess.PIPE, text=True)
-    backend_port = int(Lines(backend.stdout).next(time.monotonic() + READY_TIMEOUT).split()[1])
+    try:
+        backend_port = int(Lines(backend.stdout).next(time.monotonic() + READY_TIMEOUT).split()[1])
+    except BenchError as error:
+        raise SystemExit(f"echo backend did not start: {error} (did bench/setup.sh run?)") from None
     report = {"started": datetime.now().astimezone().isoformat(timespec="seconds"),
               "duration": args.duration, "smoke": args.smoke,
               "idle_connections": args.idle_connections, "scenarios": args.scenarios,
@@ -544,7 +560,8 @@ def main():
                         RESULTS / f"{datetime.now():%Y%m%d-%H%M%S}.json")
         draw_chart(report, RESULTS / "chart.png")
     print(format_table(report))
-    failed = any("error" in outcome or any("error" in r for r in outcome["scenarios"].values())
+    failed = any("error" in outcome or any("error" in r or failures(r)
+                                           for r in outcome["scenarios"].values())
                  for outcome in report["targets"].values())
     return 1 if failed else 0
 

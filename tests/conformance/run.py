@@ -53,6 +53,7 @@ DEFAULT_CASES = ["%d.*" % n for n in range(1, 11)]
 DEFAULT_EXCLUDE = []
 
 LOOPBACK = "127.0.0.1"
+LBWS_STOP_GRACE = 40.0  # > lbws' default drain_timeout (30 s)
 
 # Verdict ranking (higher is better).
 RANK = {
@@ -84,8 +85,16 @@ class LegFailed(Exception):
     """The lbws leg did not produce a report (lbws' fault): exit 1."""
 
 
+NOTES = []  # harness observations worth keeping in summary.md
+
+
 def log(msg):
     print("[conformance] " + msg, flush=True)
+
+
+def note(msg):
+    NOTES.append(msg)
+    log("note: " + msg)
 
 
 # ---------------------------------------------------------------- processes
@@ -93,8 +102,9 @@ def log(msg):
 class Proc:
     """A child process in its own session, output to a log file."""
 
-    def __init__(self, name, argv, logfile, cwd=None, env=None):
+    def __init__(self, name, argv, logfile, cwd=None, env=None, stop_grace=15.0):
         self.name = name
+        self.stop_grace = stop_grace
         self.logfile = Path(logfile)
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.logfile, "wb")
@@ -122,14 +132,21 @@ class Proc:
         except ProcessLookupError:
             pass
 
-    def stop(self, grace=15.0):
+    def stop(self, grace=None):
         """SIGTERM, wait up to grace seconds, then SIGKILL. Always reaps."""
+        if grace is None:
+            grace = self.stop_grace
         if self.alive():
+            t0 = time.monotonic()
             self._signal_group(signal.SIGTERM)
             if self.wait(grace) is None:
-                log("%s (pid %d) did not stop within %.0f s: SIGKILL" % (self.name, self.pid, grace))
+                note("%s (pid %d) did not stop within %.0f s of SIGTERM: killed with SIGKILL"
+                     % (self.name, self.pid, grace))
                 self._signal_group(signal.SIGKILL)
                 self.wait(10)
+            elif time.monotonic() - t0 > 5:
+                note("%s (pid %d) took %.1f s to stop after SIGTERM (exit code %s)"
+                     % (self.name, self.pid, time.monotonic() - t0, self.popen.returncode))
         else:
             # the leader is gone; make sure no member of its group lingers
             self._signal_group(signal.SIGKILL)
@@ -283,7 +300,9 @@ def start_lbws(reports, twistd, backend_port, startup_timeout):
     write_lbws_ini(ini, listen_port, backend_port)
     argv = [twistd, "-n", "--pidfile=", "lbws", "--config", ini]
     log("starting lbws: %s" % " ".join(str(a) for a in argv))
-    proc = Proc("lbws", argv, reports / "lbws.log", cwd=str(ROOT), env=lbws_env())
+    # lbws drains for up to drain_timeout (default 30 s) on SIGTERM.
+    proc = Proc("lbws", argv, reports / "lbws.log", cwd=str(ROOT), env=lbws_env(),
+                stop_grace=LBWS_STOP_GRACE)
     try:
         wait_ready(proc, listen_port, startup_timeout, "lbws")
     except BaseException:
@@ -476,6 +495,8 @@ def summary_markdown(legs, timings, worse, tolerated, changed, cases, exclude, b
         out.append("")
         return out
 
+    if NOTES:
+        lines += ["## Notes", ""] + ["- " + n for n in NOTES] + [""]
     lines += table("Worse through %s" % other_name, worse)
     if tolerated:
         lines += table("Worse but tolerated (--tolerate)", tolerated)
@@ -507,7 +528,7 @@ def parse_args(argv):
                    help="case patterns to exclude, comma-separated or repeated")
     p.add_argument("--target-only", choices=["direct", "lbws"],
                    help="run only one leg. 'lbws' compares with the direct report already "
-                        "in the reports directory, if any")
+                        "in the reports directory (run the direct leg once first)")
     p.add_argument("--self-test", action="store_true",
                    help="second leg against a second echo backend instead of lbws "
                         "(checks the harness; expect nothing worse)")
@@ -590,10 +611,11 @@ def main(argv=None):
                 legs[other_name] = {}  # every case missing -> worse
                 timings[other_name] = "did not complete"
             if not second.alive():
-                log("ERROR: %s exited during the run (code %s).\n--- last lines of %s ---\n%s"
-                    % (what, second.popen.returncode, second.logfile, second.tail()))
+                note("%s exited during the run (code %s); see %s"
+                     % (what, second.popen.returncode, second.logfile))
+                log("--- last lines of %s ---\n%s" % (second.logfile, second.tail()))
             if not backend.alive():
-                log("WARNING: the echo backend died during the %s leg" % other_name)
+                note("the echo backend died during the %s leg; see %s" % (other_name, backend.logfile))
     except LegFailed as e:  # the direct leg: the harness or backend is at fault
         log("SETUP ERROR: " + str(e))
         return 2
