@@ -5,6 +5,13 @@ turned into Prometheus metrics only when scraped.
 
 from collections import Counter
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
 
 class Counters:
     """
@@ -24,3 +31,200 @@ class Counters:
         self.handshakes = Counter()
         self.closes = Counter()
         self.protocolErrors = Counter()
+
+
+# Upper bounds, in seconds, of the health check duration buckets.
+CHECK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Durations:
+    """
+    A histogram of durations kept as plain numbers: how many observations
+    fell at or under each bound, their sum and their count.
+    """
+
+    def __init__(self, bounds=CHECK_BUCKETS):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds):
+        self.sum += seconds
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+    def buckets(self):
+        """
+        Cumulative C{(le, count)} pairs ending with C{+Inf}, as Prometheus
+        wants them.
+        """
+        pairs = [(_bound(b), c) for b, c in zip(self.bounds, self.counts)]
+        pairs.append(("+Inf", self.count))
+        return pairs
+
+
+def _bound(value):
+    return repr(float(value))
+
+
+class LbwsCollector:
+    """
+    A prometheus_client collector reading the pool and the counters of one
+    lbws at scrape time, so that the relay's hot path only adds to plain
+    numbers.
+
+    @param service: anything with C{pool}, C{counters}, C{started} and
+        C{reactor}, read at each scrape (a reload may replace them).
+    """
+
+    def __init__(self, service):
+        self._service = service
+
+    def describe(self):
+        # Metric names are not registered up front: the registry of the
+        # dashboard holds this collector only.
+        return []
+
+    def collect(self):
+        service = self._service
+        members = list(service.pool)
+        counters = service.counters
+
+        up = GaugeMetricFamily(
+            "lbws_backend_up",
+            "1 when the backend takes new connections (state up), else 0.",
+            labels=["backend"],
+        )
+        state = GaugeMetricFamily(
+            "lbws_backend_state",
+            "1 for the backend's current state (up, down or draining).",
+            labels=["backend", "state"],
+        )
+        weight = GaugeMetricFamily(
+            "lbws_backend_weight", "Configured weight of the backend.", labels=["backend"]
+        )
+        active = GaugeMetricFamily(
+            "lbws_backend_connections_active",
+            "Client connections open (or being opened) on the backend.",
+            labels=["backend"],
+        )
+        total = CounterMetricFamily(
+            "lbws_backend_connections",
+            "Client connections relayed to the backend since start.",
+            labels=["backend"],
+        )
+        failed = CounterMetricFamily(
+            "lbws_backend_connect_failures",
+            "Backend connects or handshakes that failed for a client"
+            " (counted as failed checks: passive ejection).",
+            labels=["backend"],
+        )
+        messages = CounterMetricFamily(
+            "lbws_messages",
+            "WebSocket messages relayed, by direction"
+            " (to_backend: from clients; to_client: from the backend).",
+            labels=["backend", "direction"],
+        )
+        payload = CounterMetricFamily(
+            "lbws_bytes",
+            "WebSocket message payload bytes relayed, by direction.",
+            labels=["backend", "direction"],
+        )
+        checks = CounterMetricFamily(
+            "lbws_backend_checks",
+            "Health check probes by result (ok, failed, timeout).",
+            labels=["backend", "result"],
+        )
+        durations = HistogramMetricFamily(
+            "lbws_backend_check_duration_seconds",
+            "How long health check probes took.",
+            labels=["backend"],
+        )
+        rtt = GaugeMetricFamily(
+            "lbws_backend_check_rtt_seconds",
+            "Round-trip time measured by the last successful check"
+            " (websocket: ping to pong; tcp: connect; http: request to response).",
+            labels=["backend"],
+        )
+        lastCheck = GaugeMetricFamily(
+            "lbws_backend_last_check_timestamp_seconds",
+            "When the backend was last checked (probe or real connect), Unix time.",
+            labels=["backend"],
+        )
+        for member in members:
+            name = member.name
+            current = member.state
+            up.add_metric([name], 1 if current == "up" else 0)
+            for each in ("up", "down", "draining"):
+                state.add_metric([name, each], 1 if current == each else 0)
+            weight.add_metric([name], member.weight)
+            active.add_metric([name], member.active)
+            total.add_metric([name], member.total)
+            failed.add_metric([name], member.failed)
+            messages.add_metric([name, "to_backend"], member.messagesIn)
+            messages.add_metric([name, "to_client"], member.messagesOut)
+            payload.add_metric([name, "to_backend"], member.bytesIn)
+            payload.add_metric([name, "to_client"], member.bytesOut)
+            for result in ("ok", "failed", "timeout"):
+                checks.add_metric([name, result], member.checks[result])
+            durations.add_metric(
+                [name], member.checkDurations.buckets(), member.checkDurations.sum
+            )
+            if member.checkRtt is not None:
+                rtt.add_metric([name], member.checkRtt)
+            if member.lastCheck is not None:
+                lastCheck.add_metric([name], member.lastCheck)
+
+        handshakes = CounterMetricFamily(
+            "lbws_handshakes",
+            "Client opening handshakes by result (ok, no_backend, backend_failed,"
+            " backend_refused, over_capacity, timeout).",
+            labels=["result"],
+        )
+        for result, count in sorted(counters.handshakes.items()):
+            handshakes.add_metric([result], count)
+        closes = CounterMetricFamily(
+            "lbws_closes",
+            "Relayed connections ended, by the side that closed first"
+            " (client, backend, lbws) and the close code the client saw.",
+            labels=["side", "code"],
+        )
+        for (side, code), count in sorted(counters.closes.items(), key=str):
+            closes.add_metric([side, str(code)], count)
+        errors = CounterMetricFamily(
+            "lbws_protocol_errors",
+            "WebSocket protocol violations, by the side that broke the protocol"
+            " and the close code it got.",
+            labels=["side", "code"],
+        )
+        for (side, code), count in sorted(counters.protocolErrors.items(), key=str):
+            errors.add_metric([side, str(code)], count)
+
+        connections = GaugeMetricFamily(
+            "lbws_connections_active",
+            "Client connections open (or being opened) on all backends.",
+            value=sum(member.active for member in members),
+        )
+        started = GaugeMetricFamily(
+            "lbws_start_time_seconds",
+            "When this lbws started, Unix time.",
+            value=service.started,
+        )
+        return [
+            up, state, weight, active, total, failed, messages, payload, checks,
+            durations, rtt, lastCheck, handshakes, closes, errors, connections,
+            started,
+        ]
+
+
+def metricsRegistry(service):
+    """
+    A registry of its own (not prometheus_client's global one) holding the
+    collector of C{service}: what the dashboard's C{/metrics} serves.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LbwsCollector(service))
+    return registry

@@ -3,9 +3,12 @@ The backends lbws knows, with their state: the one place the balancer, the
 health checker, the relay and the dashboard all read and update.
 """
 
+from collections import Counter
+
 from twisted.logger import Logger
 
 from lbws.balance import STRATEGIES
+from lbws.metrics import Durations
 
 UP = "up"
 DOWN = "down"
@@ -40,6 +43,9 @@ class Member:
         self.lastCheck = None
         self.lastError = ""
         self.checkRtt = None
+        self.changed = None  # when health last changed (clock seconds)
+        self.checks = Counter()  # health probes by result: ok, failed, timeout
+        self.checkDurations = Durations()
 
     @property
     def name(self):
@@ -70,6 +76,7 @@ class Member:
             self.consecutiveSuccesses += 1
             if not self.healthy and self.consecutiveSuccesses >= rise:
                 self.healthy = True
+                self.changed = when
                 _log.info("backend {backend} is up", backend=self.name)
                 return True
         else:
@@ -78,6 +85,7 @@ class Member:
             self.consecutiveFailures += 1
             if self.healthy and self.consecutiveFailures >= fall:
                 self.healthy = False
+                self.changed = when
                 _log.warn("backend {backend} is down: {why}", backend=self.name, why=error)
                 return True
         return False

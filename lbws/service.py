@@ -8,7 +8,9 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from lbws.dashboard import dashboardSite
 from lbws.dial import Dialer
+from lbws.health import HealthChecker
 from lbws.metrics import Counters
 from lbws.pool import Pool
 from lbws.relay import Relay
@@ -36,6 +38,15 @@ class LbwsService(MultiService):
         )
         # Not a child: it must stop before the relay drains, and only once.
         self.listener._raiseSynchronously = True
+        self.health = HealthChecker(reactor, self.pool, settings.health)
+        self.health.setServiceParent(self)
+        self.dashboard = None
+        if settings.dashboard:
+            self.dashboard = StreamServerEndpointService(
+                serverFromString(reactor, settings.dashboard), dashboardSite(self)
+            )
+            self.dashboard._raiseSynchronously = True
+            self.dashboard.setServiceParent(self)
 
     def startService(self):
         super().startService()
@@ -43,6 +54,9 @@ class LbwsService(MultiService):
         # The listening port, once bound: tests and the log want the real
         # address when the config asked for port 0.
         self.listening = self.listener._waitingForPort
+        self.dashboardListening = (
+            self.dashboard._waitingForPort if self.dashboard is not None else None
+        )
         self.listening.addCallback(self._listening)
 
     def _listening(self, port):

@@ -101,7 +101,10 @@ class EchoServerProtocol(WebSocketServerProtocol):
             self.sendMessage(payload, isBinary)
 
     def onClose(self, wasClean, code, reason):
-        self.factory.closes.append((wasClean, code, reason))
+        # Connections that never sent a handshake (lbws's tcp health
+        # checks) are not counted.
+        if getattr(self, "request", None) is not None:
+            self.factory.closes.append((wasClean, code, reason))
 
 
 class EchoFactory(WebSocketServerFactory):
@@ -165,13 +168,21 @@ class NodeBackend:
 # lbws
 
 
-def configText(backends, lbws="", health="", listen="tcp:0:interface=127.0.0.1"):
+def configText(
+    backends,
+    lbws="",
+    health="",
+    listen="tcp:0:interface=127.0.0.1",
+    dashboard="",
+    probe="tcp",
+):
     """
     An INI text for lbws in front of C{backends}: a list of C{(name, url)}
-    or C{(name, url, extra lines)}.
+    or C{(name, url, extra lines)}. The dashboard is off unless
+    C{dashboard} is an endpoint (e.g. C{tcp:0:interface=127.0.0.1}).
     """
-    text = f"[lbws]\nlisten = {listen}\ndashboard =\n{textwrap.dedent(lbws)}\n"
-    text += f"[health]\nprobe = tcp\n{textwrap.dedent(health)}\n"
+    text = f"[lbws]\nlisten = {listen}\ndashboard = {dashboard}\n{textwrap.dedent(lbws)}\n"
+    text += f"[health]\nprobe = {probe}\n{textwrap.dedent(health)}\n"
     for name, url, *extra in backends:
         text += f"[backend:{name}]\nurl = {url}\n"
         for line in extra:
@@ -191,6 +202,10 @@ async def startLbws(backends, **kwargs):
     service.startService()
     port = await service.listening
     service.url = f"ws://127.0.0.1:{port.getHost().port}"
+    service.dashboardUrl = None
+    if service.dashboardListening is not None:
+        dashboardPort = await service.dashboardListening
+        service.dashboardUrl = f"http://127.0.0.1:{dashboardPort.getHost().port}"
     return service
 
 

@@ -1,0 +1,315 @@
+"""
+The operator dashboard: a twisted.web resource tree served on the
+C{dashboard} endpoint.
+
+  - C{GET /}: an HTML page (L{PAGE}) that polls C{/status.json}.
+  - C{GET /status.json}: each backend's state, connections, checks and
+    traffic; total connections; uptime.
+  - C{GET /metrics}: Prometheus text, from L{lbws.metrics.LbwsCollector}.
+  - C{GET /healthz}: 200 when a backend is up, else 503.
+  - C{POST /backends/NAME/drain}, C{POST /backends/NAME/enable} and
+    C{POST /reload}: need C{Authorization: Bearer <admin_token>}; with no
+    admin_token configured they are refused (403).
+
+Everything is read from the service at request time, so a reload that
+replaces settings or members shows at once.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+from importlib.resources import files
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.web.resource import NoResource, Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from lbws.metrics import metricsRegistry
+from lbws.pool import UP
+
+_log = Logger()
+
+PAGE = files("lbws").joinpath("dashboard.html").read_bytes()
+
+
+def _inlineHashes(page, tag):
+    return " ".join(
+        "'sha256-%s'"
+        % base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+        for body in re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+    )
+
+
+# Only the page's own inline script and style may run; it talks to this
+# server only.
+PAGE_POLICY = (
+    "default-src 'none'; "
+    f"script-src {_inlineHashes(PAGE, b'script')}; "
+    f"style-src {_inlineHashes(PAGE, b'style')}; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _plain(request, code, text):
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return text.encode("utf-8") + b"\n"
+
+
+def _json(request, value, code=200):
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(value, indent=1).encode("utf-8") + b"\n"
+
+
+def status(service):
+    """
+    What C{/status.json} answers (see CONTRACT.md), with extra fields for
+    the page: per-backend checks and traffic, and the server's clock.
+    """
+    now = service.reactor.seconds()
+    backends = []
+    for member in service.pool:
+        backends.append(
+            {
+                "name": member.name,
+                "url": member.settings.url,
+                "state": member.state,
+                "weight": member.weight,
+                "active": member.active,
+                "total": member.total,
+                "last_check": member.lastCheck,
+                "last_error": member.lastError,
+                "healthy": member.healthy,
+                "drained": member.drained,
+                "removed": member.removed,
+                "failed": member.failed,
+                "check_rtt": member.checkRtt,
+                "state_since": member.changed,
+                "messages_in": member.messagesIn,
+                "messages_out": member.messagesOut,
+                "bytes_in": member.bytesIn,
+                "bytes_out": member.bytesOut,
+            }
+        )
+    return {
+        "backends": backends,
+        "connections": sum(b["active"] for b in backends),
+        "uptime": now - service.started,
+        "now": now,
+        "health": {
+            "probe": service.settings.health.probe,
+            "interval": service.settings.health.interval,
+        },
+    }
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-security-policy", PAGE_POLICY.encode("ascii"))
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return PAGE
+
+
+class _Status(Resource):
+    isLeaf = True
+
+    def __init__(self, service):
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request):
+        return _json(request, status(self._service))
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, service):
+        super().__init__()
+        self._registry = metricsRegistry(service)
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._registry)
+
+
+class _Healthz(Resource):
+    isLeaf = True
+
+    def __init__(self, service):
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request):
+        request.setHeader(b"cache-control", b"no-store")
+        if self._service.pool.anyUp():
+            return _plain(request, 200, "ok")
+        return _plain(request, 503, "no backend is up")
+
+
+class _Admin(Resource):
+    """
+    A POST action that needs the admin token.
+    """
+
+    isLeaf = True
+
+    def __init__(self, service):
+        super().__init__()
+        self._service = service
+
+    def render_POST(self, request):
+        token = self._service.settings.admin_token
+        if not token:
+            return _json(
+                request,
+                {"error": "admin actions are off: set admin_token in [lbws]"},
+                403,
+            )
+        given = request.getHeader(b"authorization") or ""
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credentials.strip().encode("utf-8"), token.encode("utf-8")
+        ):
+            request.setHeader(b"www-authenticate", b'Bearer realm="lbws"')
+            _log.warn(
+                "dashboard: {method} {path} from {peer} refused: bad or missing token",
+                method="POST",
+                path=request.path.decode("latin-1"),
+                peer=_peer(request),
+            )
+            return _json(request, {"error": "a valid bearer token is required"}, 401)
+        return self.act(request)
+
+    def act(self, request):
+        raise NotImplementedError()
+
+
+def _peer(request):
+    peer = request.getClientAddress()
+    return getattr(peer, "host", str(peer))
+
+
+class _BackendAction(_Admin):
+    def __init__(self, service, name, action):
+        super().__init__(service)
+        self._name = name
+        self._action = action
+
+    def act(self, request):
+        member = self._service.pool.members.get(self._name)
+        if member is None:
+            return _json(request, {"error": f"no backend named {self._name!r}"}, 404)
+        member.drained = self._action == "drain"
+        _log.info(
+            "backend {backend} {done} from the dashboard ({peer}): now {state}",
+            backend=member.name,
+            done="drained" if member.drained else "enabled",
+            peer=_peer(request),
+            state=member.state,
+        )
+        return _json(
+            request,
+            {"backend": member.name, "state": member.state, "drained": member.drained},
+        )
+
+
+class _Reload(_Admin):
+    def act(self, request):
+        reload = getattr(self._service, "reload", None)
+        if reload is None:
+            return _json(request, {"error": "reload is not available"}, 501)
+        _log.info("reload requested by the dashboard ({peer})", peer=_peer(request))
+        d = maybeDeferred(reload)
+
+        def done(applied):
+            if applied:
+                return _json(request, {"reloaded": True})
+            return _json(
+                request,
+                {
+                    "reloaded": False,
+                    "error": "the config was refused; the running config stays"
+                    " (the log says why)",
+                },
+                409,
+            )
+
+        def failed(failure):
+            _log.failure("reload from the dashboard failed", failure)
+            return _json(request, {"reloaded": False, "error": "reload failed"}, 500)
+
+        def respond(body):
+            if not finished[0]:
+                request.write(body)
+                request.finish()
+
+        finished = [False]
+        request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
+        d.addCallbacks(done, failed).addCallback(respond)
+        return NOT_DONE_YET
+
+
+class _BackendActions(Resource):
+    def __init__(self, service, name):
+        super().__init__()
+        self._service = service
+        self._name = name
+
+    def getChild(self, path, request):
+        action = path.decode("utf-8", "replace")
+        if action in ("drain", "enable"):
+            return _BackendAction(self._service, self._name, action)
+        return NoResource()
+
+
+class _Backends(Resource):
+    def __init__(self, service):
+        super().__init__()
+        self._service = service
+
+    def getChild(self, path, request):
+        if not path:
+            return NoResource()
+        return _BackendActions(self._service, path.decode("utf-8", "replace"))
+
+
+def dashboardResource(service):
+    """
+    The resource tree for C{service}: anything with C{reactor}, C{settings},
+    C{pool}, C{counters}, C{started} and optionally C{reload()}.
+    """
+    root = Resource()
+    root.putChild(b"", _Page())
+    root.putChild(b"status.json", _Status(service))
+    root.putChild(b"metrics", _Metrics(service))
+    root.putChild(b"healthz", _Healthz(service))
+    root.putChild(b"backends", _Backends(service))
+    root.putChild(b"reload", _Reload(service))
+    return root
+
+
+class _Site(Site):
+    noisy = False
+
+
+def dashboardSite(service):
+    """
+    The twisted.web site to serve on the C{dashboard} endpoint. It keeps no
+    access log: a page polling every 2 seconds would drown the relay's.
+    """
+    site = _Site(dashboardResource(service), reactor=service.reactor)
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,430 @@
+"""
+Active health checks: every C{interval} seconds each backend gets a probe
+bounded by C{timeout}, and its result goes to L{lbws.pool.Member.recordCheck},
+which moves the backend down after C{fall} failures in a row and up again
+after C{rise} successes.
+
+Probes (C{[health] probe}):
+
+  - C{tcp}: open a TCP connection and close it.
+  - C{websocket}: the full opening handshake on C{path} (offering
+    C{subprotocol}, if set, and requiring it back), a ping answered by a
+    pong, and a clean close. The round-trip time is the ping's.
+  - C{http}: C{GET path}; a 2xx or 3xx answer is healthy.
+
+wss:// backends are probed over TLS verified exactly as the relay verifies
+them (L{lbws.dial.backendEndpoint}).
+
+Each backend has its own C{LoopingCall} on the injected clock. A probe still
+running when the next one is due is not doubled (the tick is skipped), and
+nothing a probe or its bookkeeping does can stop the loop.
+"""
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
+
+from lbws.dial import backendEndpoint
+
+_log = Logger()
+
+USER_AGENT = "lbws-health"
+PING_PAYLOAD = b"lbws-health"
+
+
+class ProbeFailed(Exception):
+    """
+    The backend answered, but not as a healthy one would.
+    """
+
+
+# Probes: each is called as probe(reactor, backend, health) with the
+# backend's BackendSettings and the HealthSettings, and returns a Deferred
+# firing with the round-trip time in seconds or failing with the reason.
+# Cancelling it closes whatever connection it opened.
+
+
+def _hostPort(backend):
+    return f"{backend.host}:{backend.port}"
+
+
+class _Hangup(Protocol):
+    def connectionMade(self):
+        self.transport.loseConnection()
+
+
+class _HangupFactory(Factory):
+    protocol = _Hangup
+    noisy = False
+
+
+def probeTcp(reactor, backend, health):
+    """
+    Healthy when a TCP connection opens (no TLS, even for wss://).
+    """
+    started = reactor.seconds()
+    endpoint = HostnameEndpoint(
+        reactor, backend.host, backend.port, timeout=health.timeout
+    )
+    d = endpoint.connect(_HangupFactory())
+    d.addCallback(lambda _: reactor.seconds() - started)
+    return d
+
+
+class _ProbeProtocol(WebSocketClientProtocol):
+    """
+    Handshake, ping, pong, close; then the result is settled.
+    """
+
+    _pingAt = None
+
+    def onOpen(self):
+        expected = self.factory.subprotocol
+        if expected and self.websocket_protocol_in_use != expected:
+            chosen = self.websocket_protocol_in_use
+            self.factory.settle(
+                ProbeFailed(
+                    f"backend did not accept subprotocol {expected!r}"
+                    + (f" (chose {chosen!r})" if chosen else "")
+                )
+            )
+            self.sendClose(1000)
+            return
+        self._pingAt = self.factory.reactor.seconds()
+        self.sendPing(PING_PAYLOAD)
+
+    def onPong(self, payload):
+        if self._pingAt is None or payload != PING_PAYLOAD or self.factory.rtt is not None:
+            return
+        self.factory.rtt = self.factory.reactor.seconds() - self._pingAt
+        self.sendClose(1000)
+
+    def onCloseFrame(self, code, reasonRaw):
+        closing = self.state == self.STATE_CLOSING
+        result = super().onCloseFrame(code, reasonRaw)
+        if closing and self.wasClean:
+            # The backend answered our close: the check is over. The server
+            # is meant to drop the TCP connection; not waiting for that
+            # keeps Autobahn from starting a timer on the global reactor.
+            if self.factory.rtt is not None:
+                self.factory.settle(self.factory.rtt)
+            self.transport.loseConnection()
+        elif not closing:
+            self.factory.settle(
+                ProbeFailed(f"backend closed the check's WebSocket with code {code}")
+            )
+        return result
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        refused = self.factory.httpStatus()
+        if refused is not None:
+            self.factory.settle(ProbeFailed(refused))
+        elif self.wasNotCleanReason:
+            self.factory.settle(ProbeFailed(self.wasNotCleanReason))
+        else:
+            self.factory.settle(
+                ProbeFailed(f"connection lost: {reason.getErrorMessage()}")
+            )
+
+
+class _ProbeFactory(WebSocketClientFactory):
+    protocol = _ProbeProtocol
+    noisy = False
+
+    def __init__(self, result, subprotocol, **kwargs):
+        super().__init__(**kwargs)
+        self.result = result
+        self.subprotocol = subprotocol
+        self.rtt = None
+        self.instance = None
+        self.setProtocolOptions(
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=0,
+            serverConnectionDropTimeout=0,
+            autoPingInterval=0,
+            perMessageCompressionOffers=[],
+            tcpNoDelay=True,
+        )
+
+    def buildProtocol(self, addr):
+        self.instance = super().buildProtocol(addr)
+        return self.instance
+
+    def httpStatus(self):
+        """
+        "backend answered HTTP 404 Not Found" if the backend refused the
+        upgrade, else None.
+        """
+        protocol = self.instance
+        line = getattr(protocol, "http_status_line", None) if protocol else None
+        if not line:
+            return None
+        parts = line.split(None, 2)
+        if len(parts) < 2 or parts[1] == "101":
+            return None
+        return f"backend answered HTTP {' '.join(parts[1:])}"
+
+    def settle(self, outcome):
+        if self.result.called:
+            return
+        if isinstance(outcome, Exception):
+            self.result.errback(outcome)
+        else:
+            self.result.callback(outcome)
+
+
+def probeWebsocket(reactor, backend, health):
+    """
+    Healthy when a WebSocket on C{path} opens (with C{subprotocol}, if
+    set), answers a ping and closes cleanly.
+    """
+    connecting = None
+
+    def cancel(_):
+        if connecting is not None and not connecting.called:
+            connecting.cancel()
+        protocol = factory.instance
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+    result = Deferred(cancel)
+    subprotocol = health.subprotocol
+    factory = _ProbeFactory(
+        result,
+        subprotocol,
+        url=f"{'wss' if backend.secure else 'ws'}://{_hostPort(backend)}/",
+        protocols=[subprotocol] if subprotocol else None,
+        useragent=USER_AGENT,
+        reactor=reactor,
+    )
+    factory.resource = backend.path + health.path
+    connecting = backendEndpoint(reactor, backend, health.timeout).connect(factory)
+    connecting.addErrback(lambda failure: None if result.called else result.errback(failure))
+    return result
+
+
+@implementer(IAgentEndpointFactory)
+class _BackendEndpoints:
+    """
+    The HTTP probe connects the way the relay does (TLS verified alike).
+    """
+
+    def __init__(self, reactor, backend, timeout):
+        self._endpoint = backendEndpoint(reactor, backend, timeout)
+
+    def endpointForURI(self, uri):
+        return self._endpoint
+
+
+class _Discard(Protocol):
+    """
+    The body of a health check answer is not read: stop it at once.
+    """
+
+    def connectionMade(self):
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason):
+        pass
+
+
+def probeHttp(reactor, backend, health):
+    """
+    Healthy when C{GET path} is answered with a 2xx or 3xx status.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = Agent.usingEndpointFactory(
+        reactor, _BackendEndpoints(reactor, backend, health.timeout), pool=pool
+    )
+    scheme = "https" if backend.secure else "http"
+    url = f"{scheme}://{_hostPort(backend)}{backend.path}{health.path}"
+    started = reactor.seconds()
+    d = agent.request(b"GET", url.encode("ascii"), Headers({"User-Agent": [USER_AGENT]}))
+
+    def answered(response):
+        rtt = reactor.seconds() - started
+        response.deliverBody(_Discard())
+        if 200 <= response.code < 400:
+            return rtt
+        phrase = response.phrase.decode("latin-1")
+        raise ProbeFailed(f"backend answered HTTP {response.code} {phrase}".strip())
+
+    return d.addCallback(answered)
+
+
+PROBES = {
+    "tcp": probeTcp,
+    "websocket": probeWebsocket,
+    "http": probeHttp,
+}
+
+
+def describe(failure, timeout):
+    """
+    A short reason for the dashboard and the log.
+    """
+    if failure.check(TimeoutError):
+        return f"check timed out after {timeout:g}s"
+    if failure.check(ResponseFailed, RequestTransmissionFailed, ResponseNeverReceived):
+        reasons = failure.value.reasons
+        if reasons:
+            return reasons[0].getErrorMessage()
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+class _MemberCheck:
+    """
+    The loop of one member: at most one probe at a time.
+    """
+
+    def __init__(self, checker, member):
+        self._checker = checker
+        self.member = member
+        self.probing = None
+        self.skipped = 0
+        self.stopped = False
+        self.loop = LoopingCall(self.tick)
+        self.loop.clock = checker.reactor
+
+    def start(self):
+        # A member presumed up (at start-up) is first checked one interval
+        # from now; one that is not up yet (added by a reload) at once.
+        self.loop.start(self._checker.health.interval, now=not self.member.healthy)
+
+    def stop(self):
+        self.stopped = True
+        if self.loop.running:
+            self.loop.stop()
+        probing, self.probing = self.probing, None
+        if probing is not None:
+            probing.cancel()
+
+    def tick(self):
+        try:
+            if self.probing is not None:
+                self.skipped += 1
+                _log.debug(
+                    "backend {backend}: previous check still running, skipped",
+                    backend=self.member.name,
+                )
+                return
+            self._probe()
+        except Exception:
+            _log.failure("health check of backend {backend} failed", backend=self.member.name)
+
+    def _probe(self):
+        checker = self._checker
+        reactor = checker.reactor
+        health = checker.health
+        probe = checker.probes[health.probe]
+        started = reactor.seconds()
+        d = maybeDeferred(probe, reactor, self.member.settings, health)
+        self.probing = d
+        d.addTimeout(health.timeout, reactor)
+        d.addBoth(self._done, d, health, started)
+        d.addErrback(
+            lambda failure: _log.failure(
+                "health check of backend {backend} failed",
+                failure,
+                backend=self.member.name,
+            )
+        )
+
+    def _done(self, result, d, health, started):
+        if self.probing is d:
+            self.probing = None
+        if self.stopped:
+            return None
+        member = self.member
+        reactor = self._checker.reactor
+        now = reactor.seconds()
+        member.checkDurations.observe(max(0.0, now - started))
+        if isinstance(result, Failure):
+            why = describe(result, health.timeout)
+            member.checks["timeout" if result.check(TimeoutError) else "failed"] += 1
+            if member.consecutiveFailures == 0:
+                _log.info(
+                    "backend {backend} failed a {probe} check: {why}",
+                    backend=member.name,
+                    probe=health.probe,
+                    why=why,
+                )
+            member.recordCheck(False, now, health.rise, health.fall, why)
+        else:
+            member.checks["ok"] += 1
+            rtt = result if isinstance(result, (int, float)) else now - started
+            member.recordCheck(True, now, health.rise, health.fall, rtt=rtt)
+        return None
+
+
+class HealthChecker(Service):
+    """
+    Probes every member of a pool that was not removed.
+
+    @ivar health: the L{lbws.config.HealthSettings} in use; L{sync} takes
+        new ones on reload.
+    @ivar probes: probe name to probe function (injectable for tests).
+    """
+
+    name = "health"
+
+    def __init__(self, reactor, pool, health, probes=None):
+        self.reactor = reactor
+        self.pool = pool
+        self.health = health
+        self.probes = dict(PROBES if probes is None else probes)
+        self._checks = {}
+
+    def startService(self):
+        super().startService()
+        self.sync()
+
+    def stopService(self):
+        super().stopService()
+        checks, self._checks = self._checks, {}
+        for check in checks.values():
+            check.stop()
+
+    def sync(self, health=None):
+        """
+        Make the loops match the pool: start one for each member that has
+        none, stop those of members that were removed or left. With new
+        C{health} settings (a reload), every loop starts over with them;
+        members keep their state.
+        """
+        restart = health is not None and health != self.health
+        if health is not None:
+            self.health = health
+        if not self.running:
+            return
+        wanted = [m for m in self.pool if not m.removed]
+        for member, check in list(self._checks.items()):
+            if restart or not any(m is member for m in wanted):
+                check.stop()
+                del self._checks[member]
+        for member in wanted:
+            if member not in self._checks:
+                check = self._checks[member] = _MemberCheck(self, member)
+                check.start()
+
+    def checking(self):
+        """
+        The members being checked, for tests and the log.
+        """
+        return list(self._checks)
