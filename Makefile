@@ -9,7 +9,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test setup conformance bench bench-smoke check clean
 
-setup: $(STAMP) tests/node/node_modules/.installed
+setup: $(STAMP) tests/node/node_modules/.installed $(VENV)/.system-deps
+
+# Debian packages the tests use: node/npm for the seed's `ws` backend and
+# headless Chromium for the dashboard test. Installed only when missing.
+$(VENV)/.system-deps: | $(STAMP)
+	@missing=""; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	touch $@
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -7,7 +7,13 @@ members (C{retries}) when one fails.
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.ssl import Certificate, platformTrust
 from twisted.logger import Logger
@@ -137,7 +143,13 @@ def backendEndpoint(reactor, backend, timeout):
     """
     The client endpoint for a backend: TCP, or TLS with its name verified.
     """
-    endpoint = HostnameEndpoint(reactor, backend.host, backend.port, timeout=timeout)
+    if isIPAddress(backend.host):
+        endpoint = TCP4ClientEndpoint(reactor, backend.host, backend.port, timeout)
+    elif isIPv6Address(backend.host):
+        endpoint = TCP6ClientEndpoint(reactor, backend.host, backend.port, timeout)
+    else:
+        # Names are resolved for each connection, so DNS changes are followed.
+        endpoint = HostnameEndpoint(reactor, backend.host, backend.port, timeout=timeout)
     if backend.secure:
         endpoint = wrapClientTLS(_tlsOptions(backend), endpoint)
     return endpoint

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
+from lbws import autobahn as _autobahn
 from lbws.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
@@ -36,8 +37,10 @@ from lbws.frames import (
     closeViolation,
     parseClosePayload,
 )
+from lbws.writethrough import writerFor
 
 _log = Logger()
+_autobahn.install()
 
 # Seconds a peer gets to answer a close before its TCP connection is cut.
 CLOSE_TIMEOUT = 5.0
@@ -54,6 +57,7 @@ class Leg:
         self.tunnel = tunnel
         self.protocol = protocol
         self.transport = protocol.transport
+        self.write = writerFor(protocol.transport)
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
         self.scanner = FrameScanner(self, isClient, maxMessageSize)
@@ -73,7 +77,7 @@ class Leg:
     def forward(self, data):
         other = self.other
         if other.closeSent is None:
-            other.transport.write(data)
+            other.write(data)
 
     def messageEnd(self, opcode, size):
         self.messages += 1

@@ -1,0 +1,48 @@
+"""
+Writing relayed bytes straight to the socket when nothing is queued.
+
+Twisted's C{transport.write} queues the bytes and waits for the reactor to
+report the socket writable: for a relay that means a second reactor event
+and two epoll changes for every chunk forwarded. When the transport has
+nothing queued, sending at once is what Twisted would do on the next
+iteration anyway; measured here, it nearly halved the cost of forwarding
+small messages (see PERF-NOTES.md).
+"""
+
+from twisted.internet import tcp
+
+
+def writerFor(transport):
+    """
+    A C{write(data)} for the relay's hot path: straight to the socket when
+    that keeps Twisted's guarantees, else C{transport.write}.
+
+    Only plain TCP transports are written through; TLS and PROXY-protocol
+    transports wrap theirs, so they always take C{transport.write}.
+    """
+    if not isinstance(transport, tcp.Connection):
+        return transport.write
+    send = transport.socket.send
+    write = transport.write
+
+    def writeThrough(data):
+        if (
+            transport.dataBuffer
+            or transport._tempDataLen
+            or transport.disconnecting
+            or not transport.connected
+        ):
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # Let Twisted meet the error and report the connection lost.
+            write(data)
+            return
+        if sent < len(data):
+            write(data[sent:])
+
+    return writeThrough
