@@ -4,12 +4,14 @@ a process), an lbws service in-process or as a `twistd` process, and
 clients that record what they get. Everything listens on 127.0.0.1 port 0.
 """
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 from autobahn.twisted.websocket import (
@@ -211,10 +213,15 @@ async def startLbws(backends, **kwargs):
 
 class LbwsProcess:
     """
-    A real `twistd -n lbws` process; its listening port is read from its log.
+    A real `twistd -n lbws` process; its listening port is read from its log
+    (text or C{--log-format json}).
+
+    A thread reads its output all the time into C{lines}, so that a process
+    that logs a lot never blocks on a full pipe; L{waitForLine} waits for a
+    line without blocking the reactor, L{exited} for the process to end.
     """
 
-    def __init__(self, configPath, *args):
+    def __init__(self, configPath, *args, env=None, timeout=30):
         self.process = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "lbws", "--config", str(configPath), *args],
             stdout=subprocess.PIPE,
@@ -222,18 +229,83 @@ class LbwsProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+        self.pid = self.process.pid
         self.lines = []
         self.port = None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            match = re.search(r"lbws listening on \S+:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
+        self._lock = threading.Lock()
+        self._waiters = []
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._listening.wait(timeout)
         if self.port is None:
             self.stop()
             raise RuntimeError("lbws did not start:\n" + "".join(self.lines))
         self.url = f"ws://127.0.0.1:{self.port}"
+
+    def _read(self):
+        for line in self.process.stdout:
+            with self._lock:
+                self.lines.append(line)
+            if self.port is None:
+                self.port = _listeningPort(line)
+                if self.port is not None:
+                    self._listening.set()
+            if self._waiters:
+                reactor.callFromThread(self._checkWaiters)
+        self._listening.set()
+
+    def _checkWaiters(self):
+        for waiter in list(self._waiters):
+            pattern, after, d = waiter
+            line = self._find(pattern, after)
+            if line is not None:
+                self._waiters.remove(waiter)
+                d.callback(line)
+
+    def _find(self, pattern, after):
+        with self._lock:
+            lines = self.lines[after:]
+        for line in lines:
+            if re.search(pattern, line):
+                return line
+        return None
+
+    def waitForLine(self, pattern, after=0, timeout=10):
+        """
+        A Deferred firing with the first output line from index C{after} on
+        that matches C{pattern}; it fails after C{timeout} seconds.
+        """
+        line = self._find(pattern, after)
+        if line is not None:
+            return defer.succeed(line)
+        d = defer.Deferred()
+        waiter = (pattern, after, d)
+        self._waiters.append(waiter)
+
+        def timedOut(failure):
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            failure.trap(defer.TimeoutError)
+            raise AssertionError(
+                f"no line matching {pattern!r} within {timeout}s:\n" + "".join(self.lines[after:])
+            )
+
+        d.addTimeout(timeout, reactor)
+        d.addErrback(timedOut)
+        return d
+
+    def signal(self, signum):
+        self.process.send_signal(signum)
+
+    def exited(self, timeout=30):
+        """
+        A Deferred firing with the exit code once the process ended (waited
+        for in a thread, so the reactor keeps serving the test's sockets).
+        """
+        from twisted.internet import threads
+
+        return threads.deferToThread(self.process.wait, timeout)
 
     def stop(self, timeout=30):
         if self.process.poll() is None:
@@ -243,9 +315,26 @@ class LbwsProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.lines.extend(self.process.stdout.readlines())
+        self._reader.join(timeout)
         self.process.stdout.close()
         return self.process.returncode
+
+
+def _listeningPort(line):
+    """
+    The port of lbws's "listening" log line, in text or JSON, or None.
+    """
+    match = re.search(r"lbws listening on \S+:(\d+)", line)
+    if match:
+        return int(match.group(1))
+    if line.startswith("{"):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        if str(event.get("log_format", "")).startswith("lbws listening on"):
+            return int(str(event["address"]).rsplit(":", 1)[1])
+    return None
 
 
 # Clients
