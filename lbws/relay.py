@@ -37,7 +37,7 @@ from lbws.frames import (
     closeViolation,
     parseClosePayload,
 )
-from lbws.writethrough import writerFor
+from lbws.sockets import writerFor
 
 _log = Logger()
 _autobahn.install()
