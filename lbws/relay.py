@@ -166,7 +166,7 @@ class Leg:
             self.transport.loseConnection()
 
     def abort(self):
-        self._timer = None
+        self._cancelTimer()
         self.finished = True
         if not self.lost:
             self.transport.abortConnection()
@@ -574,6 +574,17 @@ class Relay:
         if self._drained is not None and not self.tunnels:
             d, self._drained = self._drained, None
             d.callback(None)
+
+    def abort(self):
+        """
+        Cut every open connection now, without closing handshakes: a
+        second stop signal does this when an operator will not wait for
+        C{drain_timeout}.
+        """
+        self.stopping = True
+        for tunnel in list(self.tunnels):
+            tunnel.client.abort()
+            tunnel.backend.abort()
 
     def stop(self, timeout):
         """

@@ -49,4 +49,4 @@ def makeService(options):
 
     from lbws.service import LbwsService
 
-    return LbwsService(reactor, options.settings)
+    return LbwsService(reactor, options.settings, handleSignals=True)

@@ -1,0 +1,146 @@
+"""
+A WebSocket client at the byte level, for what no library would send or
+put up with: unmasked or oversized frames, invalid UTF-8, a handshake cut
+short, or never answering a ping or a close.
+"""
+
+import os
+import struct
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from lbws.frames import OP_CLOSE, buildFrame, closePayload
+from tests.support import handshakeRequest
+
+
+class Frame:
+    def __init__(self, fin, opcode, payload, masked):
+        self.fin = fin
+        self.opcode = opcode
+        self.payload = payload
+        self.masked = masked
+
+    @property
+    def closeCode(self):
+        assert self.opcode == OP_CLOSE
+        return struct.unpack("!H", self.payload[:2])[0] if len(self.payload) >= 2 else 1005
+
+    def __repr__(self):
+        return f"Frame(opcode={self.opcode}, payload={self.payload[:40]!r})"
+
+
+class RawWebSocket(protocol.Protocol):
+    """
+    Reads the HTTP answer into C{response} (a Deferred firing with its
+    text), then frames into C{frames} (a DeferredQueue of L{Frame}); never
+    answers anything by itself. C{closed} fires when the TCP connection
+    ends, with everything received.
+    """
+
+    def connectionMade(self):
+        self.received = b""
+        self._buffer = b""
+        self.response = defer.Deferred()
+        self.frames = defer.DeferredQueue()
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+        self._buffer += data
+        if not self.response.called:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self._buffer = self._buffer[: end + 4], self._buffer[end + 4 :]
+            self.response.callback(head.decode("latin-1"))
+        while True:
+            frame = self._parse()
+            if frame is None:
+                return
+            self.frames.put(frame)
+
+    def _parse(self):
+        data = self._buffer
+        if len(data) < 2:
+            return None
+        first, second = data[0], data[1]
+        length = second & 0x7F
+        pos = 2
+        if length == 126:
+            if len(data) < 4:
+                return None
+            (length,) = struct.unpack_from("!H", data, 2)
+            pos = 4
+        elif length == 127:
+            if len(data) < 10:
+                return None
+            (length,) = struct.unpack_from("!Q", data, 2)
+            pos = 10
+        masked = bool(second & 0x80)
+        if masked:
+            pos += 4
+        if len(data) < pos + length:
+            return None
+        payload = data[pos : pos + length]
+        self._buffer = data[pos + length :]
+        return Frame(bool(first & 0x80), first & 0x0F, payload, masked)
+
+    def connectionLost(self, reason):
+        if not self.response.called:
+            self.response.callback(self._buffer.decode("latin-1"))
+        self.closed.callback(self.received)
+
+    def send(self, data):
+        self.transport.write(data)
+
+    def sendFrame(self, opcode, payload=b"", masked=True):
+        self.transport.write(buildFrame(opcode, payload, masked=masked))
+
+    def sendClose(self, code, reason=""):
+        self.sendFrame(OP_CLOSE, closePayload(code, reason))
+
+    async def nextFrame(self, timeout=10):
+        return await self.frames.get().addTimeout(timeout, reactor)
+
+    async def closeFrame(self, timeout=10):
+        """
+        The first close frame to come, skipping pings and data.
+        """
+        while True:
+            frame = await self.nextFrame(timeout)
+            if frame.opcode == OP_CLOSE:
+                return frame
+
+
+async def rawConnect(url):
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    factory = protocol.Factory.forProtocol(RawWebSocket)
+    return await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
+
+
+async def rawOpen(url, path="/", timeout=10):
+    """
+    A raw client past a successful opening handshake.
+    """
+    client = await rawConnect(url)
+    client.send(handshakeRequest(path))
+    response = await client.response.addTimeout(timeout, reactor)
+    assert response.startswith("HTTP/1.1 101"), response
+    return client
+
+
+def frameHeader(opcode, length, masked=True, fin=True):
+    """
+    Only the header of a frame (with its mask key): for lengths no test
+    would send whole.
+    """
+    first = (0x80 if fin else 0) | opcode
+    maskBit = 0x80 if masked else 0
+    if length < 126:
+        header = struct.pack("!BB", first, maskBit | length)
+    elif length < 65536:
+        header = struct.pack("!BBH", first, maskBit | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, maskBit | 127, length)
+    return header + (os.urandom(4) if masked else b"")
