@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from lbws.balance import hashKeyOf
 from lbws.headers import forwardedHeaders
+from lbws.sockets import setNoDelay
 
 _log = Logger()
 
@@ -45,6 +46,10 @@ class BackendProtocol(WebSocketClientProtocol):
 
     leg = None
     httpStatus = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        setNoDelay(self.transport)
 
     def processHandshake(self):
         # Remember the status so that a 4xx can be passed on to the client.

@@ -37,7 +37,7 @@ from lbws.frames import (
     closeViolation,
     parseClosePayload,
 )
-from lbws.sockets import writerFor
+from lbws.sockets import setNoDelay, writerFor
 
 _log = Logger()
 _autobahn.install()
@@ -405,6 +405,7 @@ class FrontendProtocol(WebSocketServerProtocol):
 
     def connectionMade(self):
         super().connectionMade()
+        setNoDelay(self.transport)
         relay = self.factory.relay
         self._handshakeTimer = relay.reactor.callLater(
             relay.settings.handshake_timeout, self._handshakeTimedOut
