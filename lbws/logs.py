@@ -1,17 +1,47 @@
 """
 Log output for log shippers: C{--log-format json} writes one JSON object
 per event, with every structured field of the event.
+
+twistd takes its C{--logger} as the dotted name of a factory and imports it
+after the lbws options are parsed, so the options say where the log goes
+(L{useJson}) and twistd is given the name of L{jsonObserver}.
 """
 
 import sys
 
 from twisted.logger import jsonFileLogObserver
 
+# Where jsonObserver writes: set by useJson from twistd's options.
+_destination = {"logfile": None, "nodaemon": True}
+
+
+def useJson(logfile, nodaemon):
+    """
+    Make twistd log JSON lines where it would have logged text: to
+    C{logfile}, or to standard output under C{-n} without one (or with
+    C{-}), or to C{twistd.log} as a daemon without one.
+
+    @return: the value for twistd's C{logger} option.
+    """
+    _destination["logfile"] = logfile
+    _destination["nodaemon"] = nodaemon
+    return f"{__name__}.jsonObserver"
+
+
+def jsonObserver():
+    """
+    The observer twistd's C{--logger} makes (see L{useJson}).
+    """
+    logfile = _destination["logfile"]
+    if not logfile and not _destination["nodaemon"]:
+        logfile = "twistd.log"
+    return jsonObserverFactory(logfile)()
+
 
 def jsonObserverFactory(logfile):
     """
-    A factory for twistd's C{--logger}: JSON lines to C{logfile}, or to
-    standard output when there is none (or it is C{-}).
+    A factory of observers writing JSON lines to C{logfile}, or to standard
+    output when there is none (or it is C{-}).
     """
 
     def factory():

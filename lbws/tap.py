@@ -39,9 +39,12 @@ class Options(usage.Options):
             sys.stdout.write(summary(self.settings) + "\n")
             raise SystemExit(0)
         if self["log-format"] == "json" and self.parent is not None:
-            from lbws.logs import jsonObserverFactory
+            from lbws.logs import useJson
 
-            self.parent["logger"] = jsonObserverFactory(self.parent.get("logfile"))
+            # twistd imports its logger option by name after this runs.
+            self.parent["logger"] = useJson(
+                self.parent.get("logfile"), self.parent.get("nodaemon")
+            )
 
 
 def makeService(options):
