@@ -224,6 +224,7 @@ class Dialer:
         def failed(member, failure):
             current[0] = None
             member.active -= 1
+            self._pool.leaveIfIdle(member)
             if failure.check(CancelledError):
                 return
             why = failure.getErrorMessage()

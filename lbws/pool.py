@@ -91,6 +91,20 @@ class Member:
         return False
 
 
+def _address(backend):
+    return (backend.secure, backend.host, backend.port, backend.path)
+
+
+def _restart(member):
+    """
+    Health starts over: not healthy until C{rise} checks pass.
+    """
+    member.healthy = False
+    member.consecutiveFailures = 0
+    member.consecutiveSuccesses = 0
+    member.lastError = ""
+
+
 class Pool:
     """
     The members in configuration order and the balancing strategy.
@@ -102,6 +116,98 @@ class Pool:
         self._strategy = STRATEGIES[settings.balance]()
         for backend in settings.backends:
             self.members[backend.name] = Member(backend)
+
+    def update(self, settings):
+        """
+        Apply a reloaded configuration to the members.
+
+          - A backend that is new (or comes back after a reload removed it)
+            joins as a fresh member that is not healthy: it gets connections
+            once it has passed C{rise} health checks.
+          - A backend whose address changed (host, port, scheme or path)
+            starts over the same way: its old health says nothing of the
+            new address. A changed weight applies to the next connections.
+          - A backend that is gone is marked C{removed}: it gets no new
+            connections, its open ones stay, and it leaves the pool when the
+            last of them ends (see L{leaveIfIdle}).
+
+        C{self.members} is updated in place, in the new file's order, with
+        members still draining after a removal at the end.
+        """
+        old = dict(self.members)
+        members = {}
+        for backend in settings.backends:
+            member = old.get(backend.name)
+            if member is None:
+                member = Member(backend, healthy=False)
+                _log.info(
+                    "backend {backend} added: joins after {rise} passing check(s)",
+                    backend=backend.name,
+                    url=backend.url,
+                    rise=settings.health.rise,
+                )
+            elif member.removed:
+                member.removed = False
+                member.settings = backend
+                _restart(member)
+                _log.info(
+                    "backend {backend} added back: joins after {rise} passing check(s)",
+                    backend=backend.name,
+                    url=backend.url,
+                    rise=settings.health.rise,
+                )
+            elif _address(member.settings) != _address(backend):
+                old_url = member.settings.url
+                member.settings = backend
+                _restart(member)
+                _log.info(
+                    "backend {backend} moved from {old_url} to {url}: open connections"
+                    " stay, new ones after {rise} passing check(s)",
+                    backend=backend.name,
+                    old_url=old_url,
+                    url=backend.url,
+                    rise=settings.health.rise,
+                )
+            elif member.settings != backend:
+                member.settings = backend
+                _log.info(
+                    "backend {backend} changed: weight {weight}",
+                    backend=backend.name,
+                    weight=backend.weight,
+                )
+            members[backend.name] = member
+        for name, member in old.items():
+            if name in members:
+                continue
+            if not member.removed:
+                member.removed = True
+                _log.info(
+                    "backend {backend} removed: draining {active} open connection(s)",
+                    backend=name,
+                    active=member.active,
+                )
+            if member.active > 0:
+                members[name] = member
+            else:
+                _log.info("backend {backend} left the pool", backend=name)
+        if settings.balance != self.settings.balance:
+            self._strategy = STRATEGIES[settings.balance]()
+        self.settings = settings
+        self.members.clear()
+        self.members.update(members)
+
+    def leaveIfIdle(self, member):
+        """
+        A connection of C{member} ended: if a reload removed it and that
+        was its last one, it leaves the pool.
+        """
+        if (
+            member.removed
+            and member.active <= 0
+            and self.members.get(member.name) is member
+        ):
+            del self.members[member.name]
+            _log.info("backend {backend} left the pool", backend=member.name)
 
     def __iter__(self):
         return iter(self.members.values())

@@ -572,6 +572,8 @@ class Relay:
             reason=reason,
             side=side,
         )
+        # A backend a reload removed leaves with its last connection.
+        self.pool.leaveIfIdle(tunnel.member)
         if self._drained is not None and not self.tunnels:
             d, self._drained = self._drained, None
             d.callback(None)

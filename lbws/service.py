@@ -1,10 +1,11 @@
 """
 One running lbws: the pieces of a configuration put together as a Twisted
-service, started and stopped in the right order.
+service, started, reloaded and stopped in the right order.
 
 Under twistd (C{handleSignals=True}) the service owns the signals an
 operator and systemd send:
 
+  - SIGHUP reloads the config file (L{LbwsService.reload}).
   - SIGTERM or SIGINT stops: no new clients, every open one is closed with
     1001 and given up to C{drain_timeout}, then twistd exits 0. The same
     signal a second time cuts the remaining connections at once.
@@ -16,12 +17,14 @@ the signal instead of exiting 0, and could not tell a second signal apart.
 
 import signal
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
+from lbws.config import SECTION_MAIN, ConfigError, loadConfig
 from lbws.dashboard import dashboardSite
 from lbws.dial import Dialer
 from lbws.health import HealthChecker
@@ -37,9 +40,12 @@ class LbwsService(MultiService):
     The relay listening on C{listen}. On stop it first stops accepting,
     then closes every client with 1001 and waits up to C{drain_timeout}.
 
-    @param handleSignals: install the SIGTERM and SIGINT handlers (twistd
-        does; tests call L{stopService} instead).
+    @param handleSignals: install the SIGHUP, SIGTERM and SIGINT handlers
+        (twistd does; tests call L{reload} and L{stopService} instead).
     """
+
+    # Settings that a reload cannot change: they are bound at start-up.
+    RESTART_ONLY = ("listen", "dashboard")
 
     def __init__(self, reactor, settings, handleSignals=False):
         super().__init__()
@@ -107,6 +113,64 @@ class LbwsService(MultiService):
         )
         return port
 
+    def reload(self):
+        """
+        Read the config file again and apply it to new connections.
+
+        Added backends join the pool once they pass their health checks,
+        removed ones drain (their open connections stay), and every other
+        setting (weights, limits, timeouts, balancing, health) applies to
+        the connections opened from now on. No open connection is touched.
+
+        A file that does not load, or that changes C{listen} or
+        C{dashboard} (bound at start-up: they need a restart), is refused
+        as a whole with a logged error naming the file, section and key;
+        the running configuration stays.
+
+        @return: True if the new configuration is running, else False.
+        """
+        path = self.settings.path
+        if self.stopping:
+            _log.warn("reload of {path} ignored: lbws is stopping", path=path)
+            return False
+        try:
+            settings = loadConfig(path)
+            for key in self.RESTART_ONLY:
+                before, after = getattr(self.settings, key), getattr(settings, key)
+                if before != after:
+                    raise ConfigError(
+                        path,
+                        SECTION_MAIN,
+                        key,
+                        f"changed from {before!r} to {after!r}: a reload cannot"
+                        f" change {key}, restart lbws for that",
+                    )
+        except ConfigError as e:
+            _log.error(
+                "reload refused, running config kept: {error}",
+                error=str(e),
+                path=e.path,
+                section=e.section,
+                key=e.key,
+                problem=e.problem,
+            )
+            return False
+        before = self.settings
+        self.settings = settings
+        self.pool.update(settings)
+        # Checks start for added members (which join after `rise` of them)
+        # and stop for removed ones; new [health] settings restart them all.
+        self.health.sync(settings.health)
+        self.dialer.settings = settings
+        self.relay.settings = settings
+        _log.info(
+            "reloaded {path}: {count} backend(s)",
+            path=path,
+            count=len(settings.backends),
+            changed=sorted(_changedKeys(before, settings)),
+        )
+        return True
+
     def stopService(self):
         self.stopping = True
         d = self.listener.stopService()
@@ -118,14 +182,22 @@ class LbwsService(MultiService):
 
     def _installSignalHandlers(self):
         for signum, handler in (
+            (signal.SIGHUP, self._onHangup),
             (signal.SIGTERM, self._onStopSignal),
             (signal.SIGINT, self._onStopSignal),
         ):
             signal.signal(signum, handler)
 
-    def _onStopSignal(self, signum, frame):
+    def _onHangup(self, signum, frame):
         # A signal handler may run between any two bytecodes: hand the work
         # to the reactor, as Twisted's own handlers do.
+        self.reactor.callFromThread(self._hangup)
+
+    def _hangup(self):
+        _log.info("received SIGHUP: reloading {path}", path=self.settings.path)
+        self.reload()
+
+    def _onStopSignal(self, signum, frame):
         self.reactor.callFromThread(self._stopSignal, signal.Signals(signum).name)
 
     def _stopSignal(self, name):
@@ -146,3 +218,13 @@ class LbwsService(MultiService):
             )
             self.relay.abort()
 
+
+def _changedKeys(before, after):
+    """
+    The names of the settings that differ, for the reload log.
+    """
+    return {
+        field.name
+        for field in attrs.fields(type(before))
+        if getattr(before, field.name) != getattr(after, field.name)
+    }

@@ -1,6 +1,6 @@
 """
-Signals to a real `twistd -n lbws` process: SIGTERM and SIGINT drain and
-exit 0, a second one stops at once.
+Signals to a real `twistd -n lbws` process: SIGHUP reloads, SIGTERM and
+SIGINT drain and exit 0, a second one stops at once.
 """
 
 import signal
@@ -49,6 +49,39 @@ async def echo(client, text, timeout=5):
     client.sendMessage(text.encode())
     payload, isBinary = await client.messages.get().addTimeout(timeout, reactor)
     assert (payload, isBinary) == (text.encode(), False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighupReloads(tmp_path, backend, processes):
+    """
+    SIGHUP applies a new file to new connections and keeps the open one;
+    a bad file is refused with a message naming file, section and key.
+    """
+    config = writeConfig(tmp_path / "lbws.ini", [("a", backend.url)])
+    lbws = processes(config)
+    client = await support.connect(lbws.url)
+    try:
+        await echo(client, "one")
+
+        writeConfig(config, [("a", backend.url)], lbws="max_connections = 1")
+        mark = len(lbws.lines)
+        lbws.signal(signal.SIGHUP)
+        await lbws.waitForLine(r"reloaded .*lbws\.ini", after=mark)
+        await echo(client, "two")
+        with pytest.raises(support.HandshakeFailed) as refused:
+            await support.connect(lbws.url)
+        assert refused.value.status == 503
+
+        writeConfig(config, [("a", backend.url)], lbws="max_connections = -1")
+        mark = len(lbws.lines)
+        lbws.signal(signal.SIGHUP)
+        line = await lbws.waitForLine(r"reload refused", after=mark)
+        assert f"{config}: [lbws] max_connections: '-1' must be at least 1" in line
+        await echo(client, "three")
+    finally:
+        client.sendClose(1000)
+        await client.closed.addTimeout(5, reactor)
+    assert lbws.stop() == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
