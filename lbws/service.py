@@ -42,16 +42,19 @@ class LbwsService(MultiService):
 
     @param handleSignals: install the SIGHUP, SIGTERM and SIGINT handlers
         (twistd does; tests call L{reload} and L{stopService} instead).
+    @param notifier: an L{lbws.systemd.Notifier} told about readiness,
+        reloads and stopping, or None.
     """
 
     # Settings that a reload cannot change: they are bound at start-up.
     RESTART_ONLY = ("listen", "dashboard")
 
-    def __init__(self, reactor, settings, handleSignals=False):
+    def __init__(self, reactor, settings, handleSignals=False, notifier=None):
         super().__init__()
         self.reactor = reactor
         self.settings = settings
         self.handleSignals = handleSignals
+        self.notifier = notifier
         self.stopping = False
         self._stopSignalled = False
         self.counters = Counters()
@@ -105,12 +108,15 @@ class LbwsService(MultiService):
 
     def _listening(self, port):
         address = port.getHost()
+        address = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
         _log.info(
             "lbws listening on {address} with {count} backend(s)",
-            address=f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}",
+            address=address,
             listen=self.settings.listen,
             count=len(self.settings.backends),
         )
+        if self.notifier is not None:
+            self.notifier.ready(f"listening on {address}")
         return port
 
     def reload(self):
@@ -133,6 +139,8 @@ class LbwsService(MultiService):
         if self.stopping:
             _log.warn("reload of {path} ignored: lbws is stopping", path=path)
             return False
+        if self.notifier is not None:
+            self.notifier.reloading()
         try:
             settings = loadConfig(path)
             for key in self.RESTART_ONLY:
@@ -154,6 +162,8 @@ class LbwsService(MultiService):
                 key=e.key,
                 problem=e.problem,
             )
+            if self.notifier is not None:
+                self.notifier.ready(f"reload refused, running config kept: {e}")
             return False
         before = self.settings
         self.settings = settings
@@ -169,10 +179,14 @@ class LbwsService(MultiService):
             count=len(settings.backends),
             changed=sorted(_changedKeys(before, settings)),
         )
+        if self.notifier is not None:
+            self.notifier.ready(f"reloaded {path}")
         return True
 
     def stopService(self):
         self.stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping()
         d = self.listener.stopService()
         d.addCallback(lambda _: self.relay.stop(self.settings.drain_timeout))
         d.addCallback(lambda _: MultiService.stopService(self))

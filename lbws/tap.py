@@ -48,8 +48,16 @@ class Options(usage.Options):
 
 
 def makeService(options):
+    import os
+
     from twisted.internet import reactor
 
+    from lbws import systemd
     from lbws.service import LbwsService
 
-    return LbwsService(reactor, options.settings, handleSignals=True)
+    return LbwsService(
+        reactor,
+        options.settings,
+        handleSignals=True,
+        notifier=systemd.fromEnvironment(os.environ),
+    )
