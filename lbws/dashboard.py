@@ -22,10 +22,10 @@ import json
 import re
 from importlib.resources import files
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
-from twisted.web.resource import NoResource, Resource
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from lbws.metrics import metricsRegistry
@@ -110,8 +110,33 @@ def status(service):
     }
 
 
-class _Page(Resource):
+class _Leaf(Resource):
+    """
+    A resource answering its C{render_METHOD}s, and 405 with C{Allow}
+    (as JSON, like every error here) to any other method.
+    """
+
     isLeaf = True
+
+    def render(self, request):
+        method = request.method.decode("ascii", "replace")
+        if method == "HEAD" and hasattr(self, "render_GET"):
+            method = "GET"
+        handler = getattr(self, f"render_{method}", None)
+        if handler is None:
+            allowed = sorted(
+                name[len("render_"):]
+                for name in dir(self)
+                if name.startswith("render_") and name != "render_HEAD"
+            )
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+            return _json(
+                request, {"error": f"method {method} not allowed: use {' or '.join(allowed)}"}, 405
+            )
+        return handler(request)
+
+
+class _Page(_Leaf):
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
@@ -122,8 +147,7 @@ class _Page(Resource):
         return PAGE
 
 
-class _Status(Resource):
-    isLeaf = True
+class _Status(_Leaf):
 
     def __init__(self, service):
         super().__init__()
@@ -133,20 +157,21 @@ class _Status(Resource):
         return _json(request, status(self._service))
 
 
-class _Metrics(Resource):
-    isLeaf = True
+class _Metrics(_Leaf):
 
     def __init__(self, service):
         super().__init__()
         self._registry = metricsRegistry(service)
 
     def render_GET(self, request):
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)
+        # Prometheus text, or OpenMetrics for a scraper that asks for it.
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encoder, contentType = choose_encoder(accept)
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        return encoder(self._registry)
 
 
-class _Healthz(Resource):
-    isLeaf = True
+class _Healthz(_Leaf):
 
     def __init__(self, service):
         super().__init__()
@@ -159,12 +184,10 @@ class _Healthz(Resource):
         return _plain(request, 503, "no backend is up")
 
 
-class _Admin(Resource):
+class _Admin(_Leaf):
     """
     A POST action that needs the admin token.
     """
-
-    isLeaf = True
 
     def __init__(self, service):
         super().__init__()
@@ -178,10 +201,10 @@ class _Admin(Resource):
                 {"error": "admin actions are off: set admin_token in [lbws]"},
                 403,
             )
-        given = request.getHeader(b"authorization") or ""
-        scheme, _, credentials = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            credentials.strip().encode("utf-8"), token.encode("utf-8")
+        given = request.getHeader(b"authorization") or b""
+        scheme, _, credentials = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(
+            credentials.strip(), token.encode("utf-8")
         ):
             request.setHeader(b"www-authenticate", b'Bearer realm="lbws"')
             _log.warn(
@@ -262,6 +285,15 @@ class _Reload(_Admin):
         return NOT_DONE_YET
 
 
+class _NotFound(_Leaf):
+    def __init__(self, message):
+        super().__init__()
+        self._message = message
+
+    def render(self, request):
+        return _json(request, {"error": self._message}, 404)
+
+
 class _BackendActions(Resource):
     def __init__(self, service, name):
         super().__init__()
@@ -272,7 +304,7 @@ class _BackendActions(Resource):
         action = path.decode("utf-8", "replace")
         if action in ("drain", "enable"):
             return _BackendAction(self._service, self._name, action)
-        return NoResource()
+        return _NotFound(f"no action {action!r}: use drain or enable")
 
 
 class _Backends(Resource):
@@ -282,8 +314,13 @@ class _Backends(Resource):
 
     def getChild(self, path, request):
         if not path:
-            return NoResource()
+            return _NotFound("POST /backends/NAME/drain or /backends/NAME/enable")
         return _BackendActions(self._service, path.decode("utf-8", "replace"))
+
+
+class _Root(Resource):
+    def getChild(self, path, request):
+        return _NotFound("nothing here: see / for the dashboard")
 
 
 def dashboardResource(service):
@@ -291,7 +328,7 @@ def dashboardResource(service):
     The resource tree for C{service}: anything with C{reactor}, C{settings},
     C{pool}, C{counters}, C{started} and optionally C{reload()}.
     """
-    root = Resource()
+    root = _Root()
     root.putChild(b"", _Page())
     root.putChild(b"status.json", _Status(service))
     root.putChild(b"metrics", _Metrics(service))

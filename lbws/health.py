@@ -22,7 +22,7 @@ nothing a probe or its bookkeeping does can stop the loop.
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -275,17 +275,24 @@ PROBES = {
 }
 
 
-def describe(failure, timeout):
+def describe(failure):
     """
     A short reason for the dashboard and the log.
     """
-    if failure.check(TimeoutError):
-        return f"check timed out after {timeout:g}s"
     if failure.check(ResponseFailed, RequestTransmissionFailed, ResponseNeverReceived):
         reasons = failure.value.reasons
         if reasons:
             return reasons[0].getErrorMessage()
     return failure.getErrorMessage() or failure.type.__name__
+
+
+def _grace(timeout):
+    """
+    How early a probe may be cut when the next one is due at the moment
+    its timeout ends (timeout = interval): that tick times it out and
+    probes again instead of being skipped for a probe about to fail.
+    """
+    return min(timeout * 0.05, 0.05)
 
 
 class _MemberCheck:
@@ -297,8 +304,10 @@ class _MemberCheck:
         self._checker = checker
         self.member = member
         self.probing = None
+        self.started = None
         self.skipped = 0
         self.stopped = False
+        self._expired = None
         self.loop = LoopingCall(self.tick)
         self.loop.clock = checker.reactor
 
@@ -318,12 +327,18 @@ class _MemberCheck:
     def tick(self):
         try:
             if self.probing is not None:
-                self.skipped += 1
-                _log.debug(
-                    "backend {backend}: previous check still running, skipped",
-                    backend=self.member.name,
-                )
-                return
+                timeout = self._checker.health.timeout
+                running = self._checker.reactor.seconds() - self.started
+                if running < timeout - _grace(timeout):
+                    self.skipped += 1
+                    _log.debug(
+                        "backend {backend}: previous check still running, skipped",
+                        backend=self.member.name,
+                    )
+                    return
+                self._expire(self.probing)
+                if self.probing is not None:
+                    return  # cancelling did not settle it: never two at once
             self._probe()
         except Exception:
             _log.failure("health check of backend {backend} failed", backend=self.member.name)
@@ -333,11 +348,11 @@ class _MemberCheck:
         reactor = checker.reactor
         health = checker.health
         probe = checker.probes[health.probe]
-        started = reactor.seconds()
+        started = self.started = reactor.seconds()
         d = maybeDeferred(probe, reactor, self.member.settings, health)
         self.probing = d
-        d.addTimeout(health.timeout, reactor)
-        d.addBoth(self._done, d, health, started)
+        timer = reactor.callLater(health.timeout, self._expire, d)
+        d.addBoth(self._done, d, timer, health, started)
         d.addErrback(
             lambda failure: _log.failure(
                 "health check of backend {backend} failed",
@@ -346,18 +361,33 @@ class _MemberCheck:
             )
         )
 
-    def _done(self, result, d, health, started):
+    def _expire(self, d):
+        """
+        The probe's time is up: cancel it (which closes its connection) and
+        count a timeout.
+        """
+        self._expired = d
+        d.cancel()
+
+    def _done(self, result, d, timer, health, started):
+        if timer.active():
+            timer.cancel()
         if self.probing is d:
             self.probing = None
+        timedOut = self._expired is d
+        if timedOut:
+            self._expired = None
         if self.stopped:
             return None
         member = self.member
-        reactor = self._checker.reactor
-        now = reactor.seconds()
+        now = self._checker.reactor.seconds()
         member.checkDurations.observe(max(0.0, now - started))
         if isinstance(result, Failure):
-            why = describe(result, health.timeout)
-            member.checks["timeout" if result.check(TimeoutError) else "failed"] += 1
+            if timedOut:
+                why = f"check timed out after {health.timeout:g}s"
+            else:
+                why = describe(result)
+            member.checks["timeout" if timedOut else "failed"] += 1
             if member.consecutiveFailures == 0:
                 _log.info(
                     "backend {backend} failed a {probe} check: {why}",

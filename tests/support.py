@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -135,6 +136,31 @@ async def startEchoBackend(name="echo", **kwargs):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     factory.url = f"ws://127.0.0.1:{port.getHost().port}"
     return factory, port
+
+
+def reservedPort():
+    """
+    A socket holding a loopback port (bound, not listening, SO_REUSEPORT):
+    connections to the port are refused, and a backend can listen on it
+    (with L{listeningSocket}), stop, and listen again without another
+    program taking the port meanwhile.
+    """
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    return holder
+
+
+def listeningSocket(port=0):
+    """
+    A listening loopback socket (SO_REUSEPORT, so it may share a port held
+    by L{reservedPort}), e.g. to hand to a backend process.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    return sock
 
 
 def nodeAvailable():

@@ -1,6 +1,6 @@
 // A node `ws` echo server like the seed's backend, for tests and benchmarks.
 //
-// Usage: node echo-server.js [--port N] [--host H] [--prefix TEXT]
+// Usage: node echo-server.js [--port N] [--host H] [--fd N] [--prefix TEXT]
 // Port 0 (the default) asks the OS for a free port; the chosen port is
 // printed on stdout as "listening PORT" once the server accepts connections.
 // Every message is echoed back unchanged (text stays text, binary stays
@@ -17,9 +17,14 @@ function option(name, fallback) {
   return i >= 0 ? args[i + 1] : fallback;
 }
 
+// --fd N serves on an already listening socket inherited as file descriptor
+// N instead (tests keep a port while the process is killed and restarted).
+const fd = option('fd', null);
+const httpServer = fd === null ? null : require('http').createServer();
 const server = new WebSocketServer({
-  host: option('host', '127.0.0.1'),
-  port: Number(option('port', '0')),
+  ...(httpServer === null
+    ? { host: option('host', '127.0.0.1'), port: Number(option('port', '0')) }
+    : { server: httpServer }),
   maxPayload: 256 * 1024 * 1024,
   perMessageDeflate: false,
   handleProtocols: (protocols) => protocols.values().next().value || false,
@@ -39,6 +44,7 @@ server.on('connection', (ws, request) => {
     }
   });
 });
+if (httpServer !== null) httpServer.listen({ fd: Number(fd) });
 server.on('listening', () => {
   process.stdout.write('listening ' + server.address().port + '\n');
 });

@@ -1,0 +1,477 @@
+"""
+The operator dashboard, end to end: lbws in-process with its dashboard on
+a loopback port, real backends and clients, HTTP requests with Twisted's
+Agent, and the page itself in headless Chromium.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from prometheus_client import REGISTRY
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+from tests.support import (
+    ROOT,
+    connect,
+    eventually,
+    reservedPort,
+    startEchoBackend,
+    startLbws,
+)
+
+DASHBOARD = "tcp:0:interface=127.0.0.1"
+TOKEN = "s3cret-token"
+
+
+class Harness:
+    def __init__(self):
+        self.ports = []
+        self.services = []
+        self.clients = []
+        self.sockets = []
+
+    async def backend(self, name):
+        factory, port = await startEchoBackend(name)
+        self.ports.append(port)
+        return factory
+
+    def deadUrl(self):
+        holder = reservedPort()
+        self.sockets.append(holder)
+        return f"ws://127.0.0.1:{holder.getsockname()[1]}"
+
+    async def lbws(self, backends, token=TOKEN, lbws="", **kwargs):
+        service = await startLbws(
+            backends, dashboard=DASHBOARD, lbws=f"admin_token = {token}\n{lbws}", **kwargs
+        )
+        self.services.append(service)
+        return service
+
+    async def client(self, url):
+        client = await connect(url)
+        self.clients.append(client)
+        return client
+
+    async def close(self):
+        for client in self.clients:
+            if client.transport.connected:
+                client.transport.abortConnection()
+        for service in self.services:
+            if service.running:
+                await service.stopService()
+        for port in self.ports:
+            await port.stopListening()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def harness():
+    h = Harness()
+    yield h
+    await h.close()
+
+
+class Response:
+    def __init__(self, code, headers, body):
+        self.code = code
+        self.headers = headers
+        self.body = body
+
+    def header(self, name):
+        values = self.headers.getRawHeaders(name)
+        return values[0] if values else None
+
+    def json(self):
+        return json.loads(self.body)
+
+
+async def request(method, url, token=None, authorization=None, accept=None):
+    headers = Headers()
+    if accept is not None:
+        headers.addRawHeader(b"accept", accept.encode())
+    if token is not None:
+        headers.addRawHeader(b"authorization", f"Bearer {token}".encode())
+    if authorization is not None:
+        headers.addRawHeader(b"authorization", authorization.encode())
+    response = await Agent(reactor).request(method, url.encode(), headers)
+    body = defer.Deferred()
+    response.deliverBody(BodyReader(body))
+    return Response(response.code, response.headers, await body)
+
+
+class BodyReader(protocol.Protocol):
+    def __init__(self, done):
+        self.done = done
+        self.data = b""
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.data)
+        else:
+            self.done.errback(reason)
+
+
+async def get(lbws, path):
+    return await request(b"GET", lbws.dashboardUrl + path)
+
+
+async def post(lbws, path, **kwargs):
+    return await request(b"POST", lbws.dashboardUrl + path, **kwargs)
+
+
+async def echo(client, payload):
+    client.sendMessage(payload)
+    got, _ = await client.messages.get()
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_is_off_when_not_configured(harness):
+    backend = await harness.backend("a")
+    service = await startLbws([("a", backend.url)])
+    harness.services.append(service)
+    assert service.dashboard is None
+    assert service.dashboardListening is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_json(harness):
+    a = await harness.backend("a")
+    lbws = await harness.lbws(
+        [("a", a.url, "weight = 3"), ("b", harness.deadUrl())], health="fall = 1"
+    )
+    # least_conn breaks the first tie towards b: its connect is refused,
+    # it is down (fall = 1), and the client is retried on a.
+    client = await harness.client(lbws.url)
+    assert await echo(client, b"hello") == b"hello"
+
+    response = await get(lbws, "/status.json")
+    assert response.code == 200
+    assert response.header(b"content-type") == b"application/json"
+    status = response.json()
+    assert {"backends", "connections", "uptime"} <= set(status)
+    assert status["connections"] == 1
+    assert 0 <= status["uptime"] < 60
+    assert [b["name"] for b in status["backends"]] == ["a", "b"]
+    contract = {"name", "url", "state", "weight", "active", "total", "last_check", "last_error"}
+    for backend in status["backends"]:
+        assert contract <= set(backend)
+    a, b = status["backends"]
+    assert a["url"] == lbws.pool["a"].settings.url
+    assert (a["state"], a["weight"], a["active"], a["total"]) == ("up", 3, 1, 1)
+    assert (a["messages_in"], a["messages_out"], a["bytes_in"], a["bytes_out"]) == (1, 1, 5, 5)
+    assert a["last_check"] is None and a["last_error"] == ""
+    assert (b["state"], b["active"], b["total"], b["failed"]) == ("down", 0, 0, 1)
+    assert isinstance(b["last_check"], float)
+    assert "refused" in b["last_error"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics(harness):
+    a = await harness.backend("a")
+    lbws = await harness.lbws(
+        [("a", a.url), ("b", harness.deadUrl())],
+        health="interval = 0.1\nfall = 1",
+    )
+    client = await harness.client(lbws.url)
+    assert await echo(client, b"hello") == b"hello"
+    other = await harness.client(lbws.url)
+    other.sendClose(1000)
+    await other.closed
+    await eventually(lambda: lbws.pool["a"].checks["ok"] >= 1)
+    await eventually(lambda: sum(lbws.counters.closes.values()) == 1)
+
+    response = await get(lbws, "/metrics")
+    assert response.code == 200
+    assert response.header(b"content-type").startswith(b"text/plain;")
+    samples = {}
+    for family in text_string_to_metric_families(response.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))))
+
+    assert value("lbws_backend_up", backend="a") == 1
+    assert value("lbws_backend_up", backend="b") == 0
+    assert value("lbws_backend_state", backend="b", state="down") == 1
+    assert value("lbws_backend_state", backend="b", state="up") == 0
+    assert value("lbws_backend_connections_active", backend="a") == 1
+    assert value("lbws_backend_connections_total", backend="a") == 2
+    assert value("lbws_backend_connect_failures_total", backend="b") == 1
+    assert value("lbws_connections_active") == 1
+    assert value("lbws_handshakes_total", result="ok") == 2
+    assert value("lbws_messages_total", backend="a", direction="to_backend") == 1
+    assert value("lbws_messages_total", backend="a", direction="to_client") == 1
+    assert value("lbws_bytes_total", backend="a", direction="to_backend") == 5
+    assert value("lbws_closes_total", side="client", code="1000") == 1
+    assert value("lbws_backend_checks_total", backend="a", result="ok") >= 1
+    assert value("lbws_backend_checks_total", backend="b", result="failed") >= 0
+    assert value("lbws_backend_check_duration_seconds_count", backend="a") >= 1
+    assert value("lbws_backend_check_duration_seconds_bucket", backend="a", le="+Inf") >= 1
+    assert value("lbws_backend_check_rtt_seconds", backend="a") >= 0
+    assert value("lbws_start_time_seconds") == lbws.started
+    # A registry of its own: nothing leaks into prometheus_client's global one.
+    assert REGISTRY.get_sample_value("lbws_backend_up", {"backend": "a"}) is None
+
+    # A scraper asking for OpenMetrics gets it.
+    response = await request(
+        b"GET",
+        lbws.dashboardUrl + "/metrics",
+        accept="application/openmetrics-text; version=1.0.0",
+    )
+    assert response.header(b"content-type").startswith(b"application/openmetrics-text")
+    families = {
+        f.name: f for f in openmetrics_families(response.body.decode())
+    }
+    assert families["lbws_backend_connections"].type == "counter"
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz(harness):
+    a = await harness.backend("a")
+    lbws = await harness.lbws([("a", a.url), ("b", harness.deadUrl())])
+    assert (await get(lbws, "/healthz")).code == 200
+    for member in lbws.pool:
+        member.healthy = False
+    response = await get(lbws, "/healthz")
+    assert response.code == 503
+    assert response.body == b"no backend is up\n"
+    lbws.pool["b"].healthy = True
+    assert (await get(lbws, "/healthz")).code == 200
+    # Drained is not up either.
+    await post(lbws, "/backends/b/drain", token=TOKEN)
+    assert (await get(lbws, "/healthz")).code == 503
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_and_enable_need_the_token(harness):
+    a = await harness.backend("a")
+    lbws = await harness.lbws([("a", a.url)])
+    member = lbws.pool["a"]
+    for kwargs in ({}, {"token": "wrong"}, {"authorization": f"Basic {TOKEN}"},
+                   {"token": TOKEN + "x"}, {"token": ""}):
+        response = await post(lbws, "/backends/a/drain", **kwargs)
+        assert response.code == 401, kwargs
+        assert response.header(b"www-authenticate") == b'Bearer realm="lbws"'
+        assert member.state == "up"
+    # Unknown names are not revealed to a caller without the token.
+    assert (await post(lbws, "/backends/nope/drain")).code == 401
+
+    response = await post(lbws, "/backends/a/drain", token=TOKEN)
+    assert response.code == 200
+    assert response.json() == {"backend": "a", "state": "draining", "drained": True}
+    assert member.drained is True
+    assert (await get(lbws, "/status.json")).json()["backends"][0]["state"] == "draining"
+    response = await post(lbws, "/backends/a/enable", token=TOKEN)
+    assert response.json() == {"backend": "a", "state": "up", "drained": False}
+    assert member.drained is False
+
+    assert (await post(lbws, "/backends/nope/drain", token=TOKEN)).code == 404
+    assert (await post(lbws, "/backends/a/explode", token=TOKEN)).code == 404
+    for path in ("/backends/a/drain", "/backends/a/enable", "/reload"):
+        response = await get(lbws, path)
+        assert response.code == 405
+        assert response.header(b"allow") == b"POST"
+    assert (await post(lbws, "/status.json", token=TOKEN)).code == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_actions_are_off_without_admin_token(harness):
+    a = await harness.backend("a")
+    lbws = await harness.lbws([("a", a.url)], token="")
+    for path in ("/backends/a/drain", "/backends/a/enable", "/reload"):
+        for kwargs in ({}, {"token": ""}, {"token": "anything"}):
+            response = await post(lbws, path, **kwargs)
+            assert response.code == 403, (path, kwargs)
+            assert "admin_token" in response.json()["error"]
+    assert lbws.pool["a"].drained is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_drained_backend_keeps_its_connection_and_gets_no_new_ones(harness):
+    a = await harness.backend("a")
+    b = await harness.backend("b")
+    lbws = await harness.lbws([("a", a.url), ("b", b.url)])
+    first = await harness.client(lbws.url)
+    [member] = [m for m in lbws.pool if m.active == 1]
+    [other] = [m for m in lbws.pool if m is not member]
+    assert (await post(lbws, f"/backends/{member.name}/drain", token=TOKEN)).code == 200
+
+    for _ in range(3):
+        client = await harness.client(lbws.url)
+        assert await echo(client, b"new") == b"new"
+    assert (member.total, other.total) == (1, 3)
+    # The open connection stays and still works.
+    assert await echo(first, b"still here") == b"still here"
+    status = (await get(lbws, "/status.json")).json()
+    drained = [s for s in status["backends"] if s["name"] == member.name][0]
+    assert (drained["state"], drained["active"]) == ("draining", 1)
+
+    assert (await post(lbws, f"/backends/{member.name}/enable", token=TOKEN)).code == 200
+    # Back in rotation, and the lightest: the next client goes there.
+    client = await harness.client(lbws.url)
+    assert await echo(client, b"back") == b"back"
+    assert member.total == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_page_is_served_with_a_strict_policy(harness):
+    a = await harness.backend("a")
+    lbws = await harness.lbws([("a", a.url)])
+    response = await get(lbws, "/")
+    assert response.code == 200
+    assert response.header(b"content-type") == b"text/html; charset=utf-8"
+    assert b'<table id="backends">' in response.body
+    policy = response.header(b"content-security-policy").decode()
+    assert "default-src 'none'" in policy
+    assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+    assert (await get(lbws, "/nothing-here")).code == 404
+
+
+# The page in a real browser.
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1440,800",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
+SCREENSHOT = ROOT / "reports" / "dashboard.png"
+
+
+class Browser:
+    """
+    Headless Chromium driven by selenium. Every call blocks, so the test
+    makes them in a thread while the reactor serves the dashboard.
+    """
+
+    def __init__(self, profile):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in CHROMIUM_FLAGS:
+            options.add_argument(flag)
+        options.add_argument(f"--user-data-dir={profile}")
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        self.driver = webdriver.Chrome(
+            options=options, service=Service(executable_path=CHROMEDRIVER)
+        )
+
+    def rows(self):
+        return self.driver.execute_script(
+            "return Array.from(document.querySelectorAll('#rows tr[data-backend]'))"
+            ".map(r => [r.dataset.backend, r.dataset.state,"
+            " r.querySelector('.pill').textContent,"
+            " getComputedStyle(r.querySelector('.pill')).color])"
+        )
+
+    def waitForRows(self, expected, timeout=10):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
+            lambda _: [row[:2] for row in self.rows()] == expected,
+            message=f"backend table never showed {expected}",
+        )
+        return self.rows()
+
+    def problems(self):
+        return [e for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+
+    def quit(self):
+        self.driver.quit()
+
+
+def browserInstalled():
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} missing: install the Debian packages"
+            " chromium and chromium-driver"
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_page_in_headless_chromium(harness, tmp_path):
+    browserInstalled()
+    backends = [await harness.backend(name) for name in ("chat-1", "chat-2", "chat-3")]
+    lbws = await harness.lbws(
+        [
+            ("chat-1", backends[0].url, "weight = 2"),
+            ("chat-2", backends[1].url, "weight = 2"),
+            ("chat-3", backends[2].url),
+            ("chat-4", harness.deadUrl()),
+        ],
+        probe="websocket",
+        health="interval = 0.5\ntimeout = 0.5",
+    )
+    # Some traffic, a drained backend with a connection left, a dead one.
+    clients = [await harness.client(lbws.url) for _ in range(7)]
+    for i, client in enumerate(clients):
+        for n in range(i + 1):
+            assert await echo(client, b"m" * (40 * (n + 1))) == b"m" * (40 * (n + 1))
+    await eventually(lambda: lbws.pool["chat-4"].state == "down")
+    await eventually(lambda: all(lbws.pool[n].checkRtt is not None for n in ("chat-1", "chat-2", "chat-3")))
+    await post(lbws, "/backends/chat-3/drain", token=TOKEN)
+    assert lbws.pool["chat-3"].active >= 1
+
+    browser = await threads.deferToThread(Browser, tmp_path / "chromium-profile")
+    try:
+        await threads.deferToThread(browser.driver.get, lbws.dashboardUrl + "/")
+        rows = await threads.deferToThread(
+            browser.waitForRows,
+            [["chat-1", "up"], ["chat-2", "up"], ["chat-3", "draining"], ["chat-4", "down"]],
+        )
+        assert [row[2].lower() for row in rows] == ["up", "up", "draining", "down"]
+        # Each state has its own colour.
+        assert len({row[3] for row in rows[1:]}) == 3
+        text = await threads.deferToThread(
+            lambda: browser.driver.find_element("id", "backends").text
+        )
+        assert "refused" in text  # chat-4's last error
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        saved = await threads.deferToThread(browser.driver.save_screenshot, str(SCREENSHOT))
+        assert saved and SCREENSHOT.stat().st_size > 10000
+        shutil.copy(SCREENSHOT, tmp_path / "dashboard.png")
+
+        # The page follows the state by itself, without a reload.
+        await threads.deferToThread(
+            browser.driver.execute_script, "window.notReloaded = true"
+        )
+        await post(lbws, "/backends/chat-3/enable", token=TOKEN)
+        await threads.deferToThread(
+            browser.waitForRows,
+            [["chat-1", "up"], ["chat-2", "up"], ["chat-3", "up"], ["chat-4", "down"]],
+        )
+        assert await threads.deferToThread(
+            browser.driver.execute_script, "return window.notReloaded === true"
+        )
+        assert await threads.deferToThread(browser.problems) == []
+    finally:
+        await threads.deferToThread(browser.quit)
