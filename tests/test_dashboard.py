@@ -21,8 +21,11 @@ from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
+from lbws.config import loadConfig
+from lbws.service import LbwsService
 from tests.support import (
     ROOT,
+    configText,
     connect,
     eventually,
     reservedPort,
@@ -475,3 +478,44 @@ async def test_page_in_headless_chromium(harness, tmp_path):
         assert await threads.deferToThread(browser.problems) == []
     finally:
         await threads.deferToThread(browser.quit)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_applies_the_file_or_keeps_the_running_config(harness, tmp_path):
+    a = await harness.backend("a")
+    b = await harness.backend("b")
+    config = tmp_path / "lbws.ini"
+
+    def write(backends, extra=""):
+        config.write_text(
+            configText(
+                backends,
+                dashboard=DASHBOARD,
+                lbws=f"admin_token = {TOKEN}\n{extra}",
+                health="interval = 0.1",
+            )
+        )
+
+    write([("a", a.url)])
+    lbws = LbwsService(reactor, loadConfig(config))
+    harness.services.append(lbws)
+    lbws.startService()
+    await lbws.listening
+    port = await lbws.dashboardListening
+    lbws.dashboardUrl = f"http://127.0.0.1:{port.getHost().port}"
+
+    write([("a", a.url), ("b", b.url)])
+    assert (await post(lbws, "/reload")).code == 401
+    assert [m.name for m in lbws.pool] == ["a"]
+    response = await post(lbws, "/reload", token=TOKEN)
+    assert (response.code, response.json()) == (200, {"reloaded": True})
+    names = [s["name"] for s in (await get(lbws, "/status.json")).json()["backends"]]
+    assert names == ["a", "b"]
+    # The added backend joins once its health checks pass.
+    await eventually(lambda: lbws.pool["b"].state == "up")
+
+    write([("a", a.url)], extra="balance = nonsense")
+    response = await post(lbws, "/reload", token=TOKEN)
+    assert response.code == 409
+    assert response.json()["reloaded"] is False
+    assert [m.name for m in lbws.pool] == ["a", "b"]
