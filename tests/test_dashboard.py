@@ -54,9 +54,15 @@ class Harness:
         self.sockets.append(holder)
         return f"ws://127.0.0.1:{holder.getsockname()[1]}"
 
-    async def lbws(self, backends, token=TOKEN, lbws="", **kwargs):
+    async def lbws(self, backends, token=TOKEN, lbws="", health="interval = 60", **kwargs):
+        # No health check runs unless a test asks: backend states change
+        # only as the test makes them.
         service = await startLbws(
-            backends, dashboard=DASHBOARD, lbws=f"admin_token = {token}\n{lbws}", **kwargs
+            backends,
+            dashboard=DASHBOARD,
+            lbws=f"admin_token = {token}\n{lbws}",
+            health=health,
+            **kwargs,
         )
         self.services.append(service)
         return service
@@ -156,19 +162,21 @@ async def test_dashboard_is_off_when_not_configured(harness):
 async def test_status_json(harness):
     a = await harness.backend("a")
     lbws = await harness.lbws(
-        [("a", a.url, "weight = 3"), ("b", harness.deadUrl())], health="fall = 1"
+        [("a", a.url, "weight = 3"), ("b", harness.deadUrl())],
+        health="interval = 60\nfall = 1",
     )
-    # least_conn breaks the first tie towards b: its connect is refused,
-    # it is down (fall = 1), and the client is retried on a.
+    # One of the two clients tries b first: its connect is refused, b is
+    # down (fall = 1), and that client is retried on a.
     client = await harness.client(lbws.url)
     assert await echo(client, b"hello") == b"hello"
+    await harness.client(lbws.url)
 
     response = await get(lbws, "/status.json")
     assert response.code == 200
     assert response.header(b"content-type") == b"application/json"
     status = response.json()
     assert {"backends", "connections", "uptime"} <= set(status)
-    assert status["connections"] == 1
+    assert status["connections"] == 2
     assert 0 <= status["uptime"] < 60
     assert [b["name"] for b in status["backends"]] == ["a", "b"]
     contract = {"name", "url", "state", "weight", "active", "total", "last_check", "last_error"}
@@ -176,7 +184,7 @@ async def test_status_json(harness):
         assert contract <= set(backend)
     a, b = status["backends"]
     assert a["url"] == lbws.pool["a"].settings.url
-    assert (a["state"], a["weight"], a["active"], a["total"]) == ("up", 3, 1, 1)
+    assert (a["state"], a["weight"], a["active"], a["total"]) == ("up", 3, 2, 2)
     assert (a["messages_in"], a["messages_out"], a["bytes_in"], a["bytes_out"]) == (1, 1, 5, 5)
     assert a["last_check"] is None and a["last_error"] == ""
     assert (b["state"], b["active"], b["total"], b["failed"]) == ("down", 0, 0, 1)
@@ -197,6 +205,7 @@ async def test_metrics(harness):
     other.sendClose(1000)
     await other.closed
     await eventually(lambda: lbws.pool["a"].checks["ok"] >= 1)
+    await eventually(lambda: lbws.pool["b"].checks["failed"] >= 1)
     await eventually(lambda: sum(lbws.counters.closes.values()) == 1)
 
     response = await get(lbws, "/metrics")
@@ -216,7 +225,8 @@ async def test_metrics(harness):
     assert value("lbws_backend_state", backend="b", state="up") == 0
     assert value("lbws_backend_connections_active", backend="a") == 1
     assert value("lbws_backend_connections_total", backend="a") == 2
-    assert value("lbws_backend_connect_failures_total", backend="b") == 1
+    # b was refused to a client, or found down by a check first.
+    assert value("lbws_backend_connect_failures_total", backend="b") == lbws.pool["b"].failed
     assert value("lbws_connections_active") == 1
     assert value("lbws_handshakes_total", result="ok") == 2
     assert value("lbws_messages_total", backend="a", direction="to_backend") == 1
@@ -224,7 +234,8 @@ async def test_metrics(harness):
     assert value("lbws_bytes_total", backend="a", direction="to_backend") == 5
     assert value("lbws_closes_total", side="client", code="1000") == 1
     assert value("lbws_backend_checks_total", backend="a", result="ok") >= 1
-    assert value("lbws_backend_checks_total", backend="b", result="failed") >= 0
+    assert value("lbws_backend_checks_total", backend="b", result="failed") >= 1
+    assert value("lbws_backend_checks_total", backend="b", result="timeout") == 0
     assert value("lbws_backend_check_duration_seconds_count", backend="a") >= 1
     assert value("lbws_backend_check_duration_seconds_bucket", backend="a", le="+Inf") >= 1
     assert value("lbws_backend_check_rtt_seconds", backend="a") >= 0

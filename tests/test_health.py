@@ -718,12 +718,12 @@ async def test_failed_real_connects_eject_before_the_next_probe(e2e, deadUrl):
         lbws="balance = round_robin",
         health="interval = 60\nfall = 2",
     )
-    for _ in range(4):
+    for _ in range(6):
         client = await e2e.client(lbws.url)
         assert await echoOf(client, "x") == "x"
     deadMember = lbws.pool["dead"]
-    # Two failed connects (clients retried on live) and it is out: the
-    # later clients did not try it.
+    # Two failed connects (those clients were retried on live) and it is
+    # out: the later clients did not try it.
     assert deadMember.state == "down"
     assert deadMember.failed == 2
     assert deadMember.checks == {}  # no probe ran
