@@ -29,7 +29,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from lbws.metrics import metricsRegistry
-from lbws.pool import UP
 
 _log = Logger()
 

@@ -7,7 +7,6 @@ Agent, and the page itself in headless Chromium.
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import pytest_twisted

@@ -30,6 +30,7 @@ from lbws.pool import Member, Pool
 from tests.support import (
     NODE_DIR,
     EchoFactory,
+    HandshakeFailed,
     configText,
     connect,
     eventually,
@@ -740,3 +741,41 @@ async def test_a_backend_closing_cleanly_is_not_a_failure(e2e):
     member = lbws.pool["a"]
     assert member.state == "up"
     assert (member.failed, member.consecutiveFailures) == (0, 0)
+
+
+class RefusesHealthPath(EchoFactory):
+    """
+    Serves clients, but refuses the health check's path: failing checks
+    with working connections.
+    """
+
+    class protocol(EchoFactory.protocol):
+        def onConnect(self, request):
+            if request.path == "/health":
+                raise ConnectionDeny(503, "Service Unavailable")
+            return super().onConnect(request)
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_connections_stay_when_their_backend_goes_down(e2e):
+    backend = RefusesHealthPath()
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend)
+    e2e.ports.append(port)
+    lbws = await e2e.lbws(
+        [("a", f"ws://127.0.0.1:{port.getHost().port}")],
+        probe="websocket",
+        health="interval = 60\npath = /health",
+    )
+    client = await e2e.client(lbws.url)
+    assert await echoOf(client, "before") == "before"
+    # Checks every 0.1 s from now on (as a reload would set them).
+    lbws.health.sync(settingsFor(health="interval = 0.1\npath = /health", probe="websocket").health)
+    member = lbws.pool["a"]
+    await eventually(lambda: member.state == "down")
+    assert member.lastError == "backend answered HTTP 503 Service Unavailable"
+    # Down means no new connections, not cutting the open ones.
+    assert await echoOf(client, "after") == "after"
+    assert member.active == 1
+    with pytest.raises(HandshakeFailed) as refused:
+        await connect(lbws.url)
+    assert refused.value.status == 503
