@@ -1,0 +1,673 @@
+"""
+Faults, end to end: backends that die, hang or stall, clients that send
+junk or break the protocol, and load (thousands of idle clients, a message
+storm). Every fault hits one connection; a bystander on the same lbws shows
+that the others go on.
+
+Real sockets on 127.0.0.1 throughout; backends that must die are node `ws`
+processes, lbws itself is a `twistd` process where its memory is measured.
+The load tests are marked `slow` (run them with `pytest -m slow`).
+"""
+
+import base64
+import hashlib
+import json
+import re
+import resource
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketClientFactory
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+
+from lbws.frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT
+from tests import support, wire
+
+# A short handshake_timeout keeps the timeout tests quick.
+HANDSHAKE_TIMEOUT = 0.5
+
+
+class Harness:
+    """
+    Backends (in-process, node processes, fake ones), lbws services and
+    clients, all stopped after the test.
+    """
+
+    def __init__(self):
+        self.ports = []
+        self.nodes = []
+        self.services = []
+        self.processes = []
+        self.transports = []
+
+    async def echo(self, name="echo"):
+        factory, port = await support.startEchoBackend(name)
+        self.ports.append(port)
+        self.transports.append(factory)
+        return factory
+
+    def node(self, *args):
+        backend = support.NodeBackend(*args)
+        self.nodes.append(backend)
+        return backend
+
+    async def fake(self, protocolClass):
+        """
+        A backend speaking C{protocolClass} on a real socket.
+        """
+        factory = protocol.Factory.forProtocol(protocolClass)
+        factory.connections = []
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        factory.url = f"ws://127.0.0.1:{port.getHost().port}"
+        self.ports.append(port)
+        self.transports.append(factory)
+        return factory
+
+    async def lbws(self, backends, **kwargs):
+        service = await support.startLbws(backends, **kwargs)
+        self.services.append(service)
+        return service
+
+    def lbwsProcess(self, config, *args, **kwargs):
+        process = support.LbwsProcess(config, *args, **kwargs)
+        self.processes.append(process)
+        return process
+
+    async def close(self):
+        for service in self.services:
+            if service.running:
+                for tunnel in list(service.relay.tunnels):
+                    tunnel.client.abort()
+                    tunnel.backend.abort()
+                await service.stopService()
+        for process in self.processes:
+            process.stop()
+        for factory in self.transports:
+            for connection in factory.connections:
+                if connection.transport is not None and connection.transport.connected:
+                    connection.transport.abortConnection()
+        for port in self.ports:
+            await port.stopListening()
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def harness():
+    h = Harness()
+    yield h
+    await h.close()
+
+
+async def echo(client, payload, timeout=5):
+    client.sendMessage(payload)
+    received, _ = await client.messages.get().addTimeout(timeout, reactor)
+    return received
+
+
+async def closeOf(client, timeout=5):
+    return await client.closed.addTimeout(timeout, reactor)
+
+
+# Backends that misbehave.
+
+
+class Silent(protocol.Protocol):
+    """
+    Accepts the TCP connection and never says a word.
+    """
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+
+
+class Staller(protocol.Protocol):
+    """
+    Answers the opening handshake, then reads and ignores everything: no
+    message, no pong, no close.
+    """
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+        self.buffer = b""
+        self.open = False
+        self.received = 0
+
+    def dataReceived(self, data):
+        if self.open:
+            self.received += len(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        key = None
+        for line in self.buffer.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-key":
+                key = value.strip()
+        accept = base64.b64encode(
+            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+        )
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        self.open = True
+
+
+# Backends that die, hang or stall.
+
+
+@pytest_twisted.ensureDeferred
+async def test_backendKilledMidStream(harness, nodeBackend):
+    """
+    A backend process killed while its client is in the middle of a
+    conversation: that client gets 1011 at once, a client of another
+    backend goes on talking throughout, and new clients go elsewhere.
+    """
+    doomed = harness.node("--prefix", "doomed:")
+    lbws = await harness.lbws(
+        [("doomed", doomed.url), ("other", nodeBackend.url)],
+        lbws="balance = round_robin",
+    )
+    victim = await support.connect(lbws.url)
+    bystander = await support.connect(lbws.url)
+    assert await echo(victim, b"who") == b"doomed:who"
+    assert await echo(bystander, b"who") == b"who"
+    for i in range(20):
+        assert await echo(victim, b"%d" % i) == b"doomed:%d" % i
+        assert await echo(bystander, b"%d" % i) == b"%d" % i
+
+    killed = time.monotonic()
+    doomed.process.send_signal(signal.SIGKILL)
+    # The bystander keeps talking while the victim's backend dies.
+    for i in range(20):
+        assert await echo(bystander, b"during %d" % i) == b"during %d" % i
+    code, reason = await closeOf(victim, timeout=10)
+    elapsed = time.monotonic() - killed
+    assert (code, reason) == (1011, "backend connection lost")
+    # Not at the next ping (30 s) or never: as soon as the socket closes.
+    assert elapsed < 5, f"the client waited {elapsed:.2f}s for its close"
+
+    # The dead backend is tried, refuses, and the client lands on the other.
+    newcomer = await support.connect(lbws.url)
+    assert await echo(newcomer, b"new") == b"new"
+    assert await echo(bystander, b"after") == b"after"
+    assert not bystander.closed.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_backendNeverAnswersHandshakeThenRetry(harness):
+    """
+    A backend that accepts TCP and never answers the handshake costs the
+    client handshake_timeout, then the next backend is tried.
+    """
+    silent = await harness.fake(Silent)
+    good = await harness.echo("good")
+    lbws = await harness.lbws(
+        [("silent", silent.url), ("good", good.url)],
+        lbws=f"balance = round_robin\nhandshake_timeout = {HANDSHAKE_TIMEOUT}\nretries = 1",
+    )
+    started = time.monotonic()
+    client = await support.connect(lbws.url)
+    elapsed = time.monotonic() - started
+    assert await echo(client, b"made it") == b"made it"
+    assert HANDSHAKE_TIMEOUT <= elapsed < HANDSHAKE_TIMEOUT + 2
+    assert lbws.pool["silent"].failed == 1
+    assert "timed out" in lbws.pool["silent"].lastError
+
+
+@pytest_twisted.ensureDeferred
+async def test_backendsNeverAnswerHandshakeGives502(harness):
+    """
+    When every backend tried hangs, the client gets HTTP 502 once each has
+    had handshake_timeout, never a hang.
+    """
+    one = await harness.fake(Silent)
+    two = await harness.fake(Silent)
+    lbws = await harness.lbws(
+        [("one", one.url), ("two", two.url)],
+        lbws=f"handshake_timeout = {HANDSHAKE_TIMEOUT}\nretries = 1",
+    )
+    bystanderBackend = await harness.echo()
+    started = time.monotonic()
+    with pytest.raises(support.HandshakeFailed) as failed:
+        await support.connect(lbws.url)
+    elapsed = time.monotonic() - started
+    assert failed.value.status == 502
+    assert 2 * HANDSHAKE_TIMEOUT <= elapsed < 2 * HANDSHAKE_TIMEOUT + 2
+    assert len(one.connections) >= 1 and len(two.connections) >= 1
+    assert bystanderBackend.connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_backendStallsAfterHandshakeIdleTimeout(harness):
+    """
+    A backend that opens the WebSocket and then never answers: with
+    idle_timeout the client is closed with 1001 after that long, while a
+    client of a live backend that keeps talking is not.
+    """
+    staller = await harness.fake(Staller)
+    good = await harness.echo("good")
+    lbws = await harness.lbws(
+        [("staller", staller.url), ("good", good.url)],
+        lbws="balance = round_robin\nidle_timeout = 0.5\nping_interval = 0",
+    )
+    stuck = await support.connect(lbws.url)
+    bystander = await support.connect(lbws.url)
+    stuck.sendMessage(b"anyone?")
+    opened = time.monotonic()
+    closed = stuck.closed.addTimeout(5, reactor)
+    # The bystander talks back to back until the stuck client is closed.
+    chatter = Chatter(bystander)
+    code, reason = await closed
+    elapsed = time.monotonic() - opened
+    assert await chatter.stop() > 0
+    assert (code, reason) == (1001, "idle timeout")
+    assert 0.5 <= elapsed < 2.5
+    assert staller.connections[0].received > 0  # it got the message
+    assert await echo(bystander, b"still") == b"still"
+    assert not bystander.closed.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_clientNeverAnsweringPingsIsDropped(harness):
+    """
+    With ping_interval, a client that never answers lbws's ping is dropped
+    at the next ping; a client that answers stays.
+    """
+    backend = await harness.echo()
+    lbws = await harness.lbws([("a", backend.url)], lbws="ping_interval = 0.3")
+    opened = time.monotonic()
+    deaf = await wire.rawOpen(lbws.url)
+    answering = await support.connect(lbws.url)
+    frame = await deaf.nextFrame()
+    assert frame.opcode == OP_PING
+    await deaf.closed.addTimeout(5, reactor)
+    elapsed = time.monotonic() - opened
+    assert 0.6 <= elapsed < 3
+    assert await echo(answering, b"still here") == b"still here"
+    assert not answering.closed.called
+    # Its backend leg was closed cleanly on its behalf.
+    assert (True, 1001, "client went away") in backend.closes
+
+
+# Clients that misbehave, each next to a bystander that keeps working.
+
+
+async def junk(url):
+    """
+    Bytes that are not HTTP: HTTP 400 and the connection closed.
+    """
+    client = await wire.rawConnect(url)
+    client.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 garbage \r\n\r\n")
+    received = await client.closed.addTimeout(5, reactor)
+    assert received.startswith(b"HTTP/1.1 400 "), received[:100]
+
+
+async def junkFlood(url):
+    """
+    A megabyte of junk with no end of headers: refused at once (431),
+    not buffered until handshake_timeout.
+    """
+    client = await wire.rawConnect(url)
+    client.send(b"GET / HTTP/1.1\r\nX: " + b"a" * (1 << 20))
+    received = await client.closed.addTimeout(5, reactor)
+    # 408 would mean it was buffered until handshake_timeout.
+    assert received.startswith(b"HTTP/1.1 431 "), received[:100]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bigRequestHeadWithinLimit(harness):
+    """
+    The request head limit leaves room for big cookies and tokens: a 40 KiB
+    header still opens the WebSocket.
+    """
+    backend = await harness.echo()
+    lbws = await harness.lbws([("a", backend.url)])
+    client = await support.connect(lbws.url, headers={"Cookie": "c=" + "x" * 40000})
+    assert await echo(client, b"big") == b"big"
+    assert len(backend.connections[0].request.headers["cookie"]) == 40002
+
+
+async def halfHandshake(url):
+    """
+    Slowloris: a request that never ends gets 408 after handshake_timeout.
+    """
+    client = await wire.rawConnect(url)
+    started = time.monotonic()
+    client.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+    received = await client.closed.addTimeout(5, reactor)
+    elapsed = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 408 "), received[:100]
+    assert HANDSHAKE_TIMEOUT <= elapsed < HANDSHAKE_TIMEOUT + 2
+
+
+async def gigabyteHeader(url):
+    """
+    A frame header announcing 1 GB: 1009 without waiting for the payload.
+    """
+    client = await wire.rawOpen(url)
+    client.send(wire.frameHeader(OP_BINARY, 1 << 30) + b"x" * 1000)
+    close = await client.closeFrame()
+    assert close.closeCode == 1009
+    client.sendClose(1009)
+    await client.closed.addTimeout(5, reactor)
+
+
+async def invalidUtf8(url):
+    """
+    Invalid UTF-8 in a text message: the backend's 1007 reaches the client.
+    """
+    client = await wire.rawOpen(url)
+    client.sendFrame(OP_TEXT, b"caf\xc3 \xff\xfe")
+    close = await client.closeFrame()
+    assert close.closeCode == 1007
+    client.sendClose(1007)
+    await client.closed.addTimeout(5, reactor)
+
+
+async def unmaskedFrame(url):
+    """
+    A client frame without a mask: 1002.
+    """
+    client = await wire.rawOpen(url)
+    client.sendFrame(OP_TEXT, b"no mask", masked=False)
+    close = await client.closeFrame()
+    assert close.closeCode == 1002
+    client.sendClose(1002)
+    await client.closed.addTimeout(5, reactor)
+
+
+class Chatter:
+    """
+    A client doing round trips back to back until stopped: a bystander
+    that shows lbws serves others while one connection misbehaves.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        self.count = 0
+        self._stopped = False
+        self._done = defer.ensureDeferred(self._run())
+
+    async def _run(self):
+        while not self._stopped:
+            payload = b"chatter %d" % self.count
+            assert await echo(self.client, payload) == payload
+            self.count += 1
+        return self.count
+
+    async def stop(self):
+        self._stopped = True
+        return await self._done
+
+
+@pytest.mark.parametrize(
+    "misbehave",
+    [junk, junkFlood, halfHandshake, gigabyteHeader, invalidUtf8, unmaskedFrame],
+    ids=lambda f: f.__name__,
+)
+@pytest_twisted.ensureDeferred
+async def test_badClient(harness, misbehave):
+    backend = await harness.echo()
+    lbws = await harness.lbws(
+        [("a", backend.url)], lbws=f"handshake_timeout = {HANDSHAKE_TIMEOUT}"
+    )
+    bystander = await support.connect(lbws.url)
+    chatter = Chatter(bystander)
+    await misbehave(lbws.url)
+    assert await chatter.stop() > 0
+    assert await echo(bystander, b"after") == b"after"
+    assert not bystander.closed.called
+
+
+# Load: thousands of idle clients, a message storm.
+
+
+def raiseFileLimit(wanted):
+    """
+    Raise this process's open-file limit (children inherit it) to
+    C{wanted}, or fail saying what the hard limit allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.fail(
+            f"needs {wanted} open files, the hard limit is {hard}:"
+            f" raise it (ulimit -Hn, or LimitNOFILE) to run this test"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+@pytest.fixture
+def fileLimit():
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    yield raiseFileLimit
+    resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+class IdleClient(wire.RawWebSocket):
+    """
+    A client that opens a WebSocket and then only answers pings.
+    """
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        while self.frames.pending:
+            frame = self.frames.pending.pop(0)
+            if frame.opcode == OP_PING:
+                self.sendFrame(OP_PONG, frame.payload)
+
+
+async def openIdle(port, count, batch=250):
+    """
+    C{count} idle WebSockets to lbws on C{port}, opened C{batch} at a time.
+    """
+    factory = protocol.Factory.forProtocol(IdleClient)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=30)
+    request = support.handshakeRequest()
+
+    async def one():
+        client = await endpoint.connect(factory)
+        client.send(request)
+        response = await client.response.addTimeout(60, reactor)
+        assert response.startswith("HTTP/1.1 101"), response
+        return client
+
+    clients = []
+    for start in range(0, count, batch):
+        size = min(batch, count - start)
+        clients += await defer.gatherResults(
+            [defer.ensureDeferred(one()) for _ in range(size)], consumeErrors=True
+        )
+    return clients
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_fiveThousandIdleClients(tmp_path, harness, fileLimit, capsys):
+    """
+    lbws (a twistd process) holds 5,000 idle client WebSockets, each with
+    its backend WebSocket, and still serves a new client; its RSS per idle
+    connection (client and backend leg) is measured and printed.
+    """
+    count = 5000
+    warm = 100
+    # lbws: two sockets per connection; this process: one; node: one. The
+    # processes started from here on inherit the limit.
+    fileLimit(2 * count + 1000)
+    nodeBackend = harness.node()
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        support.configText(
+            [("a", nodeBackend.url)],
+            listen="tcp:0:interface=127.0.0.1:backlog=1024",
+        )
+    )
+    lbws = harness.lbwsProcess(config)
+    process = psutil.Process(lbws.pid)
+    clients = await openIdle(lbws.port, warm)
+    before = process.memory_info().rss
+    clients += await openIdle(lbws.port, count - warm)
+    after = process.memory_info().rss
+    try:
+        assert len(clients) == count
+        assert all(client.transport.connected for client in clients)
+        assert process.num_fds() >= 2 * count
+        newcomer = await support.connect(lbws.url)
+        assert await echo(newcomer, b"room for one more") == b"room for one more"
+        newcomer.sendClose(1000)
+        perConnection = (after - before) / (count - warm)
+        with capsys.disabled():
+            print(
+                f"\nlbws RSS: {before / 2**20:.1f} MiB with {warm} idle connections,"
+                f" {after / 2**20:.1f} MiB with {count}:"
+                f" {perConnection / 1024:.1f} KiB per idle connection"
+                f" (client and backend legs)"
+            )
+        assert perConnection < 64 * 1024
+    finally:
+        for client in clients:
+            client.transport.abortConnection()
+
+
+class SequenceBackend(support.NodeBackend):
+    """
+    tests/node/sequence-server.js: an echo backend that checks the order
+    of each connection's messages and reports its counts.
+    """
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            ["node", str(support.NODE_DIR / "sequence-server.js"), "--port", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.process.stdout.readline()
+        match = re.match(r"listening (\d+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"sequence backend did not start: {line!r}")
+        self.port = int(match.group(1))
+        self.url = f"ws://127.0.0.1:{self.port}"
+
+
+def stormMessage(seq):
+    """
+    Message C{seq} of a connection: text and binary in turn, of varied
+    sizes, each carrying its number where the backend looks for it.
+    """
+    size = 16 + (seq * 7919) % 2000
+    if seq % 2:
+        return seq.to_bytes(8, "big") + bytes(size), True
+    return (b"%d:" % seq) + b"x" * size, False
+
+
+class StormClient(support.RecordingClient):
+    """
+    Keeps C{window} messages in flight until the deadline, checking every
+    echo: the one expected next, byte for byte.
+    """
+
+    window = 8
+
+    def onOpen(self):
+        self.sent = 0
+        self.echoed = 0
+        self.bytesSent = 0
+        self.errors = []
+        self.drained = defer.Deferred()
+        self.stats = defer.Deferred()
+        super().onOpen()
+
+    def storm(self, deadline):
+        self.deadline = deadline
+        for _ in range(self.window):
+            self._send()
+
+    def _send(self):
+        payload, isBinary = stormMessage(self.sent)
+        self.sendMessage(payload, isBinary)
+        self.sent += 1
+        self.bytesSent += len(payload)
+
+    def onMessage(self, payload, isBinary):
+        if self.echoed == self.sent and not isBinary and payload.startswith(b"{"):
+            self.stats.callback(json.loads(payload))
+            return
+        if (payload, isBinary) != stormMessage(self.echoed):
+            self.errors.append((self.echoed, payload[:20], isBinary))
+        self.echoed += 1
+        if time.monotonic() < self.deadline:
+            self._send()
+        elif self.echoed == self.sent and not self.drained.called:
+            self.drained.callback(None)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_messageStorm(tmp_path, harness, capsys):
+    """
+    100 clients send as fast as their echoes come back for 30 s through
+    lbws (a twistd process): every message reaches the backend once and in
+    order (it checks), every echo comes back once and in order (the client
+    checks), and lbws's access log counts the same.
+    """
+    clients, seconds = 100, 30
+    backend = SequenceBackend()
+    harness.nodes.append(backend)
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        support.configText(
+            [("a", backend.url)], listen="tcp:0:interface=127.0.0.1:backlog=256"
+        )
+    )
+    lbws = harness.lbwsProcess(config, "--log-format", "json")
+    storm = []
+    for _ in range(clients):
+        factory = WebSocketClientFactory(lbws.url, reactor=reactor)
+        factory.protocol = StormClient
+        factory.opened = defer.Deferred()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", lbws.port, timeout=5).connect(factory)
+        storm.append(await factory.opened)
+
+    started = time.monotonic()
+    for client in storm:
+        client.storm(started + seconds)
+    await defer.gatherResults([c.drained for c in storm]).addTimeout(seconds + 60, reactor)
+    elapsed = time.monotonic() - started
+
+    for client in storm:
+        assert client.errors == []
+        assert client.echoed == client.sent
+        client.sendMessage(b"__stats__")
+    stats = await defer.gatherResults([c.stats for c in storm]).addTimeout(30, reactor)
+    for client, counts in zip(storm, stats):
+        assert counts == {"received": client.sent, "bytes": client.bytesSent, "errors": 0}
+        client.sendClose(1000)
+    await defer.gatherResults([c.closed for c in storm]).addTimeout(30, reactor)
+    assert lbws.stop() == 0
+
+    access = [json.loads(line) for line in lbws.lines if '"log_format_access": true' in line]
+    assert len(access) == clients
+    expected = sorted(
+        (c.sent + 1, c.bytesSent + len(b"__stats__"), c.echoed + 1) for c in storm
+    )
+    assert sorted(
+        (e["messagesIn"], e["bytesIn"], e["messagesOut"]) for e in access
+    ) == expected
+    total = sum(c.sent for c in storm)
+    with capsys.disabled():
+        print(
+            f"\nmessage storm: {clients} clients, {elapsed:.1f}s: {total} messages"
+            f" each way ({total / elapsed:.0f}/s), min {min(c.sent for c in storm)}"
+            f" / max {max(c.sent for c in storm)} per client; none lost,"
+            f" duplicated or out of order at the backend, the clients or lbws's log"
+        )
