@@ -498,6 +498,9 @@ class FrontendFactory(WebSocketServerFactory):
     def __init__(self, relay):
         super().__init__(server="lbws", reactor=relay.reactor)
         self.relay = relay
+        # Autobahn's own timers are off: lbws times handshakes on its
+        # injected reactor, and Autobahn's go through txaio's batched timer,
+        # which rounds deadlines down to whole seconds (fires early).
         self.setProtocolOptions(
             webStatus=False,
             failByDrop=False,

@@ -120,7 +120,15 @@ class EchoFactory(WebSocketServerFactory):
         self.responseHeaders = responseHeaders or {}
         self.connections = []
         self.closes = []
-        self.setProtocolOptions(failByDrop=False, maxMessagePayloadSize=0, maxFramePayloadSize=0)
+        # No close handshake timeout: txaio's batched timer, which Autobahn
+        # uses for it, rounds deadlines down to whole seconds, so a 1 s
+        # timeout fires anywhere from 0 to 1 s later and cut closes short.
+        self.setProtocolOptions(
+            failByDrop=False,
+            maxMessagePayloadSize=0,
+            maxFramePayloadSize=0,
+            closeHandshakeTimeout=0,
+        )
 
     def chooseProtocol(self, offered):
         return offered[-1]
