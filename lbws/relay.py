@@ -16,7 +16,7 @@ reader that does not keep up pauses the writer instead of making lbws buffer.
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
@@ -529,6 +529,7 @@ class Relay:
         self.counters = counters
         self.tunnels = set()
         self.clients = 0  # client connections past admission, open or pending
+        self.opening = {}  # client protocol -> its backend attempt, until settled
         self.stopping = False
         self._drained = None
 
@@ -549,13 +550,23 @@ class Relay:
             return fail(ConnectionDeny(503, "Service Unavailable: too many connections"))
         self.clients += 1
         protocol.admitted = True
-        d = self.dialer.dial(request, info.target, info.peer, info.secure)
+        d = self.opening[protocol] = self.dialer.dial(
+            request, info.target, info.peer, info.secure
+        )
 
         def opened(result):
+            self.opening.pop(protocol, None)
             self.counters.handshakes["ok"] += 1
             return result
 
-        return d.addCallback(opened)
+        def failed(failure):
+            self.opening.pop(protocol, None)
+            if self.stopping and failure.check(CancelledError):
+                # stop() gave up this attempt: tell the client why.
+                raise ConnectionDeny(503, "Service Unavailable: lbws is stopping")
+            return failure
+
+        return d.addCallbacks(opened, failed)
 
     def tunnelStarted(self, tunnel):
         self.tunnels.add(tunnel)
@@ -614,6 +625,10 @@ class Relay:
             side gets up to C{timeout} to answer its close).
         """
         self.stopping = True
+        # Clients whose handshake waits for a backend get 503 now; left to
+        # finish, they would open after the drain and be cut at exit.
+        for attempt in list(self.opening.values()):
+            attempt.cancel()
         if not self.tunnels:
             return succeed(None)
         self._drained = Deferred()
