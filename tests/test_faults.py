@@ -297,6 +297,70 @@ async def test_clientNeverAnsweringPingsIsDropped(harness):
     assert (True, 1001, "client went away") in backend.closes
 
 
+# Stopping while connections are in awkward states.
+
+
+class HeldHandshake(protocol.Protocol):
+    """
+    A backend that reads the opening handshake and answers it only when
+    the test calls L{release}.
+    """
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+        self.buffer = b""
+        self.lost = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.buffer += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopWhileClientHandshakeWaitsForBackend(harness):
+    """
+    A client whose handshake waits for its backend when lbws stops is not
+    left hanging or dropped: it gets HTTP 503 at once, and its backend
+    attempt is closed.
+    """
+    held = await harness.fake(HeldHandshake)
+    lbws = await harness.lbws([("held", held.url)], lbws="drain_timeout = 30")
+    client = defer.ensureDeferred(support.connect(lbws.url))
+    await support.eventually(
+        lambda: any(b"\r\n\r\n" in c.buffer for c in held.connections)
+    )
+    [attempt] = [c for c in held.connections if c.buffer]
+    started = time.monotonic()
+    stopped = defer.ensureDeferred(lbws.stopService())
+    with pytest.raises(support.HandshakeFailed) as refused:
+        await client.addTimeout(5, reactor)
+    assert refused.value.status == 503
+    await stopped.addTimeout(5, reactor)
+    assert time.monotonic() - started < 2
+    await attempt.lost.addTimeout(5, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopWaitsNoLongerThanDrainTimeout(harness):
+    """
+    A client that never answers a close the backend started: stopping waits
+    drain_timeout for it, not the longer time lbws otherwise gives a peer to
+    answer a close.
+    """
+    backend = await harness.echo()
+    lbws = await harness.lbws([("a", backend.url)], lbws="drain_timeout = 0.2")
+    deaf = await wire.rawOpen(lbws.url)
+    deaf.sendFrame(OP_TEXT, b"__close 1000 bye")
+    assert (await deaf.closeFrame()).closeCode == 1000
+    started = time.monotonic()
+    await defer.ensureDeferred(lbws.stopService()).addTimeout(10, reactor)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2, f"stopping took {elapsed:.1f}s with drain_timeout = 0.2"
+    await deaf.closed.addTimeout(5, reactor)
+
+
 # Clients that misbehave, each next to a bystander that keeps working.
 
 
