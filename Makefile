@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup conformance bench bench-smoke check clean
+.PHONY: run test test-slow setup conformance bench bench-smoke check clean
 
 setup: $(STAMP) tests/node/node_modules/.installed $(VENV)/.system-deps
 
@@ -46,6 +46,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The long fault and load tests (5,000 idle clients, a 30 s message storm).
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 check: setup
 	$(BIN)/twistd -n lbws --config etc/lbws.ini --check
