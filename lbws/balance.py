@@ -2,8 +2,13 @@
 Balancing strategies: which healthy backend a new client connection goes to.
 
 Each strategy is given the candidates (members that are up, have a weight
-above zero and were not tried yet for this client) and the client's hash
-key, and returns one of them.
+above zero and were not tried yet for this client), the client's hash key
+and the candidates' effective weights, and returns one of them.
+
+The effective weight is the configured weight, except while a member is in
+its C{slow_start} ramp (L{lbws.pool.Pool.effectiveWeight}): then it grows
+from almost 0 to the weight, so every strategy gives the member a share of
+new connections that grows linearly.
 """
 
 import hashlib
@@ -20,13 +25,14 @@ class RoundRobin:
     def __init__(self):
         self._current = {}
 
-    def pick(self, candidates, key=None):
+    def pick(self, candidates, key=None, weights=None):
+        weights = _weights(candidates, weights)
         total = 0
         best = None
-        for member in candidates:
-            current = self._current.get(member.name, 0) + member.weight
+        for member, weight in zip(candidates, weights):
+            current = self._current.get(member.name, 0) + weight
             self._current[member.name] = current
-            total += member.weight
+            total += weight
             if best is None or current > self._current[best.name]:
                 best = member
         self._current[best.name] -= total
@@ -42,9 +48,10 @@ class LeastConnections:
     def __init__(self):
         self._turn = 0
 
-    def pick(self, candidates, key=None):
+    def pick(self, candidates, key=None, weights=None):
         self._turn += 1
-        loads = [member.active / member.weight for member in candidates]
+        weights = _weights(candidates, weights)
+        loads = [member.active / weight for member, weight in zip(candidates, weights)]
         lightest = min(loads)
         tied = [m for m, load in zip(candidates, loads) if load == lightest]
         return tied[self._turn % len(tied)]
@@ -61,19 +68,37 @@ class RendezvousHash:
     def __init__(self):
         self._fallback = LeastConnections()
 
-    def pick(self, candidates, key=None):
+    def pick(self, candidates, key=None, weights=None):
         if key is None:
-            return self._fallback.pick(candidates)
-        return max(candidates, key=lambda member: score(key, member))
+            return self._fallback.pick(candidates, weights=weights)
+        weights = _weights(candidates, weights)
+        best = max(
+            range(len(candidates)),
+            key=lambda i: score(key, candidates[i], weights[i]),
+        )
+        return candidates[best]
 
 
-def score(key, member):
+def _weights(candidates, weights):
+    if weights is None:
+        return [member.weight for member in candidates]
+    return weights
+
+
+def score(key, member, weight=None):
+    """
+    The member's rendezvous score for C{key}: the highest wins. With
+    weights, a member of weight 2 wins twice as many keys as one of weight
+    1 (the C{-w / ln(u)} form of weighted rendezvous hashing).
+    """
+    if weight is None:
+        weight = member.weight
     digest = hashlib.blake2b(
         f"{member.name}\0{key}".encode("utf-8", "surrogateescape"), digest_size=8
     ).digest()
     # A uniform number in (0, 1), never 0 or 1, so the logarithm is finite.
     uniform = (int.from_bytes(digest, "big") + 1) / (2**64 + 2)
-    return -member.weight / math.log(uniform)
+    return -weight / math.log(uniform)
 
 
 STRATEGIES = {

@@ -12,11 +12,13 @@ import re
 from urllib.parse import urlsplit
 
 import attrs
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 
 SECTION_MAIN = "lbws"
 SECTION_HEALTH = "health"
 BACKEND_PREFIX = "backend:"
 BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SRV_NAME = re.compile(r"^_[A-Za-z0-9-]+\._(tcp|udp)(\.[A-Za-z0-9_-]+)+\.?$", re.I)
 
 
 class ConfigError(Exception):
@@ -62,6 +64,22 @@ class BackendSettings:
     weight: int = 1
     ca: str = ""
     verify: bool = True
+    # DNS discovery (see lbws.discovery): a backend with C{srv}, or with
+    # C{resolve} above 0, is a template; its members are the addresses
+    # found, named NAME/ADDRESS:PORT.
+    srv: str = ""
+    resolve: float = 0.0
+    # A discovered member: the address its connections go to (C{host}
+    # stays the name, for the Host header and TLS), and its template.
+    address: str = ""
+    group: str = ""
+
+    @property
+    def discovered(self):
+        """
+        True for a template whose members come from DNS.
+        """
+        return bool(self.srv) or self.resolve > 0
 
 
 @attrs.frozen
@@ -180,7 +198,7 @@ class _Reader:
 
 
 def _parseEndpoint(reader, key, default, allowEmpty):
-    from twisted.internet.endpoints import serverFromString
+    from lbws.listen import ListenError, listenEndpoint
 
     description = reader.string(key, default)
     if not description:
@@ -189,7 +207,9 @@ def _parseEndpoint(reader, key, default, allowEmpty):
         raise reader.error(key, "an endpoint is required, e.g. tcp:8020")
     try:
         # Parsing needs no reactor; the endpoint is built again at start-up.
-        serverFromString(None, description)
+        listenEndpoint(None, description)
+    except ListenError as e:
+        raise reader.error(key, f"{description!r}: {e}") from None
     except Exception as e:
         raise reader.error(
             key, f"{description!r} is not a server endpoint string: {e}"
@@ -220,11 +240,23 @@ def _parseBackend(path, parser, section):
             None,
             f"backend name {name!r} must be letters, digits, '.', '_' or '-'",
         )
-    reader.unsupported("srv", "", "")
-    reader.unsupported("resolve", "0", "0")
+    srv = reader.string("srv")
+    resolve = reader.number("resolve", 0, float, 0)
     url = reader.string("url")
+    if srv:
+        if url:
+            raise reader.error(
+                "srv", "give either url or srv, not both (srv members use ws://)"
+            )
+        if not _SRV_NAME.match(srv):
+            raise reader.error(
+                "srv", f"{srv!r} is not an SRV name like _ws._tcp.chat.example"
+            )
+        url = f"ws://{srv}"
     if not url:
-        raise reader.error("url", "missing: give the backend's ws:// or wss:// URL")
+        raise reader.error(
+            "url", "missing: give the backend's ws:// or wss:// URL (or an srv name)"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -236,6 +268,12 @@ def _parseBackend(path, parser, section):
         raise reader.error("url", f"{url!r} has no host")
     if parts.query or parts.fragment:
         raise reader.error("url", f"{url!r} must not have a query or fragment")
+    if resolve and not srv and (
+        isIPAddress(parts.hostname) or isIPv6Address(parts.hostname)
+    ):
+        raise reader.error(
+            "resolve", f"{parts.hostname!r} is an address: resolve needs a host name"
+        )
     secure = parts.scheme == "wss"
     ca = reader.string("ca")
     if ca:
@@ -254,7 +292,11 @@ def _parseBackend(path, parser, section):
         weight=reader.number("weight", 1, int, 0),
         ca=ca,
         verify=reader.boolean("verify", True),
+        srv=srv,
+        resolve=resolve,
     )
+    if srv:
+        backend = attrs.evolve(backend, url=srv, host=srv, port=0)
     if not secure and (ca or not backend.verify):
         key = "ca" if ca else "verify"
         raise reader.error(key, "only applies to wss:// backends")
@@ -305,10 +347,10 @@ def _parseMain(path, parser, backends, health):
         max_connections=reader.number("max_connections", 10000, int, 1),
         drain_timeout=reader.number("drain_timeout", 30, float, 0),
         admin_token=reader.string("admin_token"),
+        slow_start=reader.number("slow_start", 0, float, 0),
+        rebalance=reader.choice("rebalance", "off", ("off", "gradual")),
         rebalance_rate=reader.number("rebalance_rate", 5, float, 0, exclusive=True),
     )
-    reader.unsupported("slow_start", "0", "0")
-    reader.unsupported("rebalance", "off", "off")
     reader.unsupported("workers", "1", "1")
     reader.checkUnknown()
     return settings
@@ -390,8 +432,36 @@ def summary(settings):
         f"health: {settings.health.probe} probe every {settings.health.interval:g}s,"
         f" timeout {settings.health.timeout:g}s,"
         f" fall {settings.health.fall}, rise {settings.health.rise}",
+        f"slow_start {settings.slow_start:g}s; rebalance {settings.rebalance}"
+        + (
+            f" at {settings.rebalance_rate:g}/s"
+            if settings.rebalance != "off"
+            else ""
+        ),
         f"{len(settings.backends)} backend(s):",
     ]
     for backend in settings.backends:
-        lines.append(f"  {backend.name}: {backend.url} weight {backend.weight}")
+        if backend.srv:
+            where = f"srv {backend.srv} (re-resolved every {_every(backend):g}s)"
+        elif backend.resolve:
+            where = f"{backend.url} (re-resolved every {backend.resolve:g}s)"
+        else:
+            where = backend.url
+        lines.append(f"  {backend.name}: {where} weight {backend.weight}")
     return "\n".join(lines)
+
+
+# Seconds between SRV lookups when C{resolve} is left at 0.
+SRV_DEFAULT_INTERVAL = 30.0
+
+
+def _every(backend):
+    return backend.resolve or SRV_DEFAULT_INTERVAL
+
+
+def resolveInterval(backend):
+    """
+    Seconds between DNS lookups for a discovered backend: C{resolve}, or
+    for an C{srv} backend left at 0, L{SRV_DEFAULT_INTERVAL}.
+    """
+    return _every(backend)

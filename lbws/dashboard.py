@@ -95,6 +95,9 @@ def status(service):
                 "messages_out": member.messagesOut,
                 "bytes_in": member.bytesIn,
                 "bytes_out": member.bytesOut,
+                "effective_weight": service.pool.effectiveWeight(member, now),
+                "rebalanced": member.rebalanced,
+                "group": member.group,
             }
         )
     return {
@@ -105,6 +108,13 @@ def status(service):
         "health": {
             "probe": service.settings.health.probe,
             "interval": service.settings.health.interval,
+        },
+        "balancing": {
+            "balance": service.settings.balance,
+            "slow_start": service.settings.slow_start,
+            "rebalance": service.settings.rebalance,
+            "rebalance_rate": service.settings.rebalance_rate,
+            "rebalanced": sum(b["rebalanced"] for b in backends),
         },
     }
 

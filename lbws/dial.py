@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from lbws.balance import hashKeyOf
 from lbws.headers import forwardedHeaders
 from lbws.sockets import setNoDelay
+from lbws.tlserrors import describeTlsFailure
 
 _log = Logger()
 
@@ -118,7 +119,10 @@ class BackendFactory(WebSocketClientFactory):
         if self.opened.called:
             return
         status = protocol.httpStatus
-        if status is not None and status != 101:
+        tls = describeTlsFailure(reason, protocol.transport)
+        if tls is not None:
+            why = tls
+        elif status is not None and status != 101:
             why = f"backend answered HTTP {status} {protocol.httpReason}".strip()
         elif protocol.wasNotCleanReason:
             why = f"backend handshake failed: {protocol.wasNotCleanReason}"
@@ -148,10 +152,13 @@ def backendEndpoint(reactor, backend, timeout):
     """
     The client endpoint for a backend: TCP, or TLS with its name verified.
     """
-    if isIPAddress(backend.host):
-        endpoint = TCP4ClientEndpoint(reactor, backend.host, backend.port, timeout)
-    elif isIPv6Address(backend.host):
-        endpoint = TCP6ClientEndpoint(reactor, backend.host, backend.port, timeout)
+    # A member found by DNS discovery connects to its address; its host
+    # name stays for the Host header and the TLS name check.
+    host = backend.address or backend.host
+    if isIPAddress(host):
+        endpoint = TCP4ClientEndpoint(reactor, host, backend.port, timeout)
+    elif isIPv6Address(host):
+        endpoint = TCP6ClientEndpoint(reactor, host, backend.port, timeout)
     else:
         # Names are resolved for each connection, so DNS changes are followed.
         endpoint = HostnameEndpoint(reactor, backend.host, backend.port, timeout=timeout)

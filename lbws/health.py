@@ -40,6 +40,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from lbws.dial import backendEndpoint
+from lbws.tlserrors import describeTlsFailure
 
 _log = Logger()
 
@@ -79,7 +80,7 @@ def probeTcp(reactor, backend, health):
     """
     started = reactor.seconds()
     endpoint = HostnameEndpoint(
-        reactor, backend.host, backend.port, timeout=health.timeout
+        reactor, backend.address or backend.host, backend.port, timeout=health.timeout
     )
     d = endpoint.connect(_HangupFactory())
     d.addCallback(lambda _: reactor.seconds() - started)
@@ -133,7 +134,10 @@ class _ProbeProtocol(WebSocketClientProtocol):
     def connectionLost(self, reason):
         super().connectionLost(reason)
         refused = self.factory.httpStatus()
-        if refused is not None:
+        tls = describeTlsFailure(reason, self.transport)
+        if tls is not None:
+            self.factory.settle(ProbeFailed(tls))
+        elif refused is not None:
             self.factory.settle(ProbeFailed(refused))
         elif self.wasNotCleanReason:
             self.factory.settle(ProbeFailed(self.wasNotCleanReason))
@@ -279,6 +283,9 @@ def describe(failure):
     """
     A short reason for the dashboard and the log.
     """
+    tls = describeTlsFailure(failure)
+    if tls is not None:
+        return tls
     if failure.check(ResponseFailed, RequestTransmissionFailed, ResponseNeverReceived):
         reasons = failure.value.reasons
         if reasons:

@@ -106,6 +106,18 @@ class LbwsCollector:
         weight = GaugeMetricFamily(
             "lbws_backend_weight", "Configured weight of the backend.", labels=["backend"]
         )
+        effective = GaugeMetricFamily(
+            "lbws_backend_effective_weight",
+            "Weight new connections are balanced by: the configured weight,"
+            " less while the backend ramps up during slow_start.",
+            labels=["backend"],
+        )
+        rebalanced = CounterMetricFamily(
+            "lbws_rebalanced",
+            "Client connections that gradual rebalancing closed with 1012 on the"
+            " backend so that they reconnect to a less loaded one.",
+            labels=["backend"],
+        )
         active = GaugeMetricFamily(
             "lbws_backend_connections_active",
             "Client connections open (or being opened) on the backend.",
@@ -161,6 +173,8 @@ class LbwsCollector:
             for each in ("up", "down", "draining"):
                 state.add_metric([name, each], 1 if current == each else 0)
             weight.add_metric([name], member.weight)
+            effective.add_metric([name], service.pool.effectiveWeight(member))
+            rebalanced.add_metric([name], member.rebalanced)
             active.add_metric([name], member.active)
             total.add_metric([name], member.total)
             failed.add_metric([name], member.failed)
@@ -216,7 +230,7 @@ class LbwsCollector:
         return [
             up, state, weight, active, total, failed, messages, payload, checks,
             durations, rtt, lastCheck, handshakes, closes, errors, connections,
-            started,
+            started, effective, rebalanced,
         ]
 
 

@@ -44,6 +44,7 @@ class Member:
         self.lastError = ""
         self.checkRtt = None
         self.changed = None  # when health last changed (clock seconds)
+        self.rebalanced = 0  # connections gradual rebalancing moved away
         self.checks = Counter()  # health probes by result: ok, failed, timeout
         self.checkDurations = Durations()
 
@@ -54,6 +55,13 @@ class Member:
     @property
     def weight(self):
         return self.settings.weight
+
+    @property
+    def group(self):
+        """
+        The [backend:NAME] a DNS-discovered member came from, else "".
+        """
+        return self.settings.group
 
     @property
     def state(self):
@@ -105,17 +113,31 @@ def _restart(member):
     member.lastError = ""
 
 
+# The share of its weight a member has when its slow start begins: not 0,
+# so that even round robin and hash send it a first connection or two.
+SLOW_START_FLOOR = 0.01
+
+
 class Pool:
     """
     The members in configuration order and the balancing strategy.
+
+    Backends discovered through DNS (C{srv}, or C{resolve} above 0) have no
+    member of their own: L{lbws.discovery.Discovery} adds one per address
+    found, named NAME/ADDRESS:PORT.
+
+    @param clock: the reactor's C{IReactorTime}, for C{slow_start}; without
+        one, members always have their full weight.
     """
 
-    def __init__(self, settings):
+    def __init__(self, settings, clock=None):
         self.members = {}
         self.settings = settings
+        self.clock = clock
         self._strategy = STRATEGIES[settings.balance]()
         for backend in settings.backends:
-            self.members[backend.name] = Member(backend)
+            if not backend.discovered:
+                self.members[backend.name] = Member(backend)
 
     def update(self, settings):
         """
@@ -136,7 +158,14 @@ class Pool:
         """
         old = dict(self.members)
         members = {}
+        groups = {b.name for b in settings.backends if b.discovered}
         for backend in settings.backends:
+            if backend.discovered:
+                # Its members stay; discovery brings them up to date.
+                for name, member in old.items():
+                    if member.group == backend.name:
+                        members[name] = member
+                continue
             member = old.get(backend.name)
             if member is None:
                 member = Member(backend, healthy=False)
@@ -177,7 +206,7 @@ class Pool:
                 )
             members[backend.name] = member
         for name, member in old.items():
-            if name in members:
+            if name in members or member.group in groups:
                 continue
             if not member.removed:
                 member.removed = True
@@ -195,6 +224,12 @@ class Pool:
         self.settings = settings
         self.members.clear()
         self.members.update(members)
+
+    def join(self, member):
+        """
+        Add a member that DNS discovery found (it is not healthy yet).
+        """
+        self.members[member.name] = member
 
     def leaveIfIdle(self, member):
         """
@@ -227,7 +262,31 @@ class Pool:
         ]
         if not candidates:
             return None
-        return self._strategy.pick(candidates, key)
+        now = self.clock.seconds() if self.clock is not None else None
+        weights = [self.effectiveWeight(m, now) for m in candidates]
+        return self._strategy.pick(candidates, key, weights)
+
+    def effectiveWeight(self, member, now=None):
+        """
+        The weight new connections are balanced by: the configured weight,
+        or while the member is in its C{slow_start} (it came up after a
+        health check or joined after a reload or DNS discovery, less than
+        C{slow_start} seconds ago) a part of it growing linearly from
+        L{SLOW_START_FLOOR} to all of it.
+        """
+        weight = member.weight
+        slow = self.settings.slow_start
+        since = member.changed if member.healthy else None
+        if not slow or since is None or weight <= 0:
+            return weight
+        if now is None:
+            if self.clock is None:
+                return weight
+            now = self.clock.seconds()
+        ramp = (now - since) / slow
+        if ramp >= 1:
+            return weight
+        return weight * max(ramp, SLOW_START_FLOOR)
 
     def anyUp(self):
         return any(m.state == UP for m in self.members.values())

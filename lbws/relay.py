@@ -21,6 +21,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
 from lbws import autobahn as _autobahn
+from lbws.balance import hashKeyOf
 from lbws.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
@@ -398,6 +399,8 @@ class ClientInfo:
         self.peer = peer
         self.target = target
         self.secure = secure
+        self.key = None  # balance = hash: the client's key, and
+        self.keySource = None  # the hash_key it was taken by
 
 
 class FrontendProtocol(WebSocketServerProtocol):
@@ -550,6 +553,10 @@ class Relay:
             return fail(ConnectionDeny(503, "Service Unavailable: too many connections"))
         self.clients += 1
         protocol.admitted = True
+        if self.settings.balance == "hash":
+            # Gradual rebalancing moves connections whose key maps elsewhere.
+            info.keySource = str(self.settings.hash_key)
+            info.key = hashKeyOf(self.settings.hash_key, info.peer, request)
         d = self.opening[protocol] = self.dialer.dial(
             request, info.target, info.peer, info.secure
         )

@@ -21,15 +21,17 @@ import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from lbws.config import SECTION_MAIN, ConfigError, loadConfig
 from lbws.dashboard import dashboardSite
 from lbws.dial import Dialer
+from lbws.discovery import Discovery
 from lbws.health import HealthChecker
+from lbws.listen import listenEndpoint
 from lbws.metrics import Counters
 from lbws.pool import Pool
+from lbws.rebalance import Rebalancer
 from lbws.relay import Relay
 
 _log = Logger()
@@ -44,12 +46,16 @@ class LbwsService(MultiService):
         (twistd does; tests call L{reload} and L{stopService} instead).
     @param notifier: an L{lbws.systemd.Notifier} told about readiness,
         reloads and stopping, or None.
+    @param resolver: the twisted.names resolver of DNS discovery (tests
+        give one asking their own server); by default the system's.
     """
 
     # Settings that a reload cannot change: they are bound at start-up.
     RESTART_ONLY = ("listen", "dashboard")
 
-    def __init__(self, reactor, settings, handleSignals=False, notifier=None):
+    def __init__(
+        self, reactor, settings, handleSignals=False, notifier=None, resolver=None
+    ):
         super().__init__()
         self.reactor = reactor
         self.settings = settings
@@ -58,21 +64,25 @@ class LbwsService(MultiService):
         self.stopping = False
         self._stopSignalled = False
         self.counters = Counters()
-        self.pool = Pool(settings)
+        self.pool = Pool(settings, reactor)
         self.dialer = Dialer(reactor, self.pool, settings, self.counters)
         self.relay = Relay(reactor, settings, self.pool, self.dialer, self.counters)
         self.started = reactor.seconds()
         self.listener = StreamServerEndpointService(
-            serverFromString(reactor, settings.listen), self.relay.factory()
+            listenEndpoint(reactor, settings.listen), self.relay.factory()
         )
         # Not a child: it must stop before the relay drains, and only once.
         self.listener._raiseSynchronously = True
         self.health = HealthChecker(reactor, self.pool, settings.health)
         self.health.setServiceParent(self)
+        self.discovery = Discovery(reactor, self.pool, self.health, resolver)
+        self.discovery.setServiceParent(self)
+        self.rebalancer = Rebalancer(reactor, self.relay, self.pool)
+        self.rebalancer.setServiceParent(self)
         self.dashboard = None
         if settings.dashboard:
             self.dashboard = StreamServerEndpointService(
-                serverFromString(reactor, settings.dashboard), dashboardSite(self)
+                listenEndpoint(reactor, settings.dashboard), dashboardSite(self)
             )
             self.dashboard._raiseSynchronously = True
             self.dashboard.setServiceParent(self)
@@ -168,6 +178,8 @@ class LbwsService(MultiService):
         before = self.settings
         self.settings = settings
         self.pool.update(settings)
+        # DNS-discovered members follow their changed [backend:NAME] sections.
+        self.discovery.sync(settings)
         # Checks start for added members (which join after `rise` of them)
         # and stop for removed ones; new [health] settings restart them all.
         self.health.sync(settings.health)

@@ -1,0 +1,83 @@
+"""
+The client-facing endpoint (C{listen}): any Twisted server endpoint string,
+with TLS held to version 1.2 or later.
+
+Twisted's C{ssl:} endpoint builds its TLS options from the string. Recent
+Twisted versions default to TLS 1.2 as the lowest version, older ones (which
+lbws's requirements allow) to TLS 1.0, and the string's C{sslmethod=} turns
+the version floor off altogether (with C{TLS_METHOD} or C{SSLv23_METHOD})
+or pins an old version. So lbws rebuilds the options of every C{ssl:}
+endpoint, also one wrapped by C{haproxy:}, from the same certificate, key,
+chain and DH parameters with TLS 1.2 as the floor, and refuses C{sslmethod}
+values that name anything but "negotiate the best version".
+"""
+
+from twisted.internet.endpoints import serverFromString
+
+ALLOWED_METHODS = ("TLS_METHOD", "SSLv23_METHOD")
+
+
+class ListenError(ValueError):
+    """
+    The C{listen} string asks for something lbws does not allow.
+    """
+
+
+def _sslEndpoints(endpoint):
+    """
+    The C{SSL4ServerEndpoint}s inside C{endpoint}, through wrappers such as
+    C{haproxy:}.
+    """
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    seen = 0
+    while endpoint is not None and seen < 10:
+        seen += 1
+        if isinstance(endpoint, SSL4ServerEndpoint):
+            yield endpoint
+            return
+        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
+
+
+def _tls12(options):
+    """
+    TLS options serving the same certificate as C{options}, TLS 1.2+.
+    """
+    from OpenSSL import SSL
+    from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+    if options.method not in (SSL.TLS_METHOD, SSL.SSLv23_METHOD):
+        raise ListenError(
+            "sslmethod: lbws accepts TLS 1.2 and later only and negotiates the"
+            " best version itself; remove sslmethod"
+        )
+    return CertificateOptions(
+        privateKey=options.privateKey,
+        certificate=options.certificate,
+        extraCertChain=options.extraCertChain or None,
+        dhParameters=options.dhParameters,
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+
+
+def listenEndpoint(reactor, description):
+    """
+    The server endpoint for C{description} (the C{listen} setting), TLS
+    1.2+ for C{ssl:}.
+
+    @param reactor: the reactor, or None to only validate the string (the
+        C{ssl:} certificate and key files are read then too).
+    @raise ListenError: for an C{sslmethod} below TLS 1.2.
+    @raise ValueError: and other errors of C{serverFromString} for strings
+        it cannot parse.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # Twisted warns that `method` is deprecated when sslmethod is given:
+        # lbws reports that as its own error instead.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        endpoint = serverFromString(reactor, description)
+    for ssl in _sslEndpoints(endpoint):
+        ssl._sslContextFactory = _tls12(ssl._sslContextFactory)
+    return endpoint

@@ -1,0 +1,271 @@
+"""
+Gradual rebalancing (C{rebalance = gradual}): WebSocket connections live for
+hours, so after a backend recovers or joins, balancing new connections alone
+leaves it nearly idle while the others keep theirs. lbws moves the surplus
+instead, a few connections at a time: it closes them with 1012 (Service
+Restart), the code that tells a client to reconnect, and the reconnect lands
+on the lighter backend.
+
+What counts as surplus depends on C{balance}:
+
+  - C{least_conn} and C{round_robin}: each member that is up gets a fair
+    share of the open connections on members that are up, in proportion to
+    its effective weight (its weight, ramped during C{slow_start}). A
+    member whose connections exceed its share by more than
+    C{max(1, 10% of the share)} is overloaded; the one with the largest
+    surplus gives up one connection at a time. (With C{round_robin} the
+    reconnect may land anywhere, so moves converge more slowly than with
+    C{least_conn}, which sends it to the lightest member.)
+  - C{hash}: a connection is misplaced when its key now maps to another
+    member (its own one came back, or joined); only misplaced connections
+    move, and their reconnect lands where their key belongs. Clients
+    without a key are never moved.
+
+Which connection: the oldest of the chosen member (or the oldest misplaced
+one). A client moved once reconnects as the newest connection, so it is the
+last to be moved again; spreading the disruption over clients this way
+beats moving random ones, which could hit a client that was just moved.
+
+Pace: at most C{rebalance_rate} connections a second. Successive moves are
+spaced by C{1 / rebalance_rate} seconds plus a random 0-50% of that, so the
+rate is never exceeded, is about 80% of it on average, and moves (and the
+reconnects they cause) from several lbws instances do not fall in step.
+While there is nothing to move, the balance is checked every second.
+
+The backend side of a moved connection is closed cleanly with 1001.
+Moves are counted per backend (C{Member.rebalanced}, the metric
+C{lbws_rebalanced_total}, the dashboard's C{rebalanced} field).
+"""
+
+import random as _random
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from lbws.balance import score
+from lbws.frames import CLOSE_GOING_AWAY
+from lbws.pool import UP
+
+_log = Logger()
+
+# RFC 6455 registry: the service is restarting; the client should reconnect.
+CLOSE_SERVICE_RESTART = 1012
+REASON = "rebalancing"
+
+# Seconds between looks at the balance while nothing needs moving.
+CHECK_INTERVAL = 1.0
+# The spacing of moves is 1/rate times 1 + up to this much.
+JITTER = 0.5
+# A member is overloaded beyond its fair share by more than this many
+# connections, or this fraction of its share if that is larger.
+TOLERANCE = 1.0
+TOLERANCE_FRACTION = 0.10
+# balance = hash: seconds between full scans for misplaced connections.
+HASH_SCAN_INTERVAL = 1.0
+
+
+def fairShares(pool, now=None):
+    """
+    Each member that is up, with its open connections and its fair share
+    of the open connections on members that are up (by effective weight).
+
+    @return: a list of C{(member, active, share)}.
+    """
+    up = [m for m in pool if m.state == UP and m.weight > 0]
+    weights = [pool.effectiveWeight(m, now) for m in up]
+    total = sum(m.active for m in up)
+    weightSum = sum(weights)
+    if not up or weightSum <= 0:
+        return []
+    return [(m, m.active, total * w / weightSum) for m, w in zip(up, weights)]
+
+
+def tolerance(share):
+    return max(TOLERANCE, TOLERANCE_FRACTION * share)
+
+
+def mostOverloaded(pool, now=None, closing=None):
+    """
+    The member to move a connection off, or None when the spread is even
+    enough: when some member is over or under its fair share by more than
+    its tolerance, the member with the largest surplus (at least one
+    connection over its share).
+
+    @param closing: member -> connections already being moved off it,
+        not counted as its own any more.
+    """
+    closing = closing or {}
+    uneven = False
+    worst, worstSurplus = None, 0.0
+    for member, active, share in fairShares(pool, now):
+        surplus = active - closing.get(member, 0) - share
+        if abs(surplus) > tolerance(share):
+            uneven = True
+        if surplus >= 1 and surplus > worstSurplus:
+            worst, worstSurplus = member, surplus
+    return worst if uneven else None
+
+
+def placement(pool, key, now=None):
+    """
+    The member C{key} maps to now under rendezvous hashing, or None.
+    """
+    best, bestScore = None, None
+    for member in pool:
+        if member.state != UP or member.weight <= 0:
+            continue
+        value = score(key, member, pool.effectiveWeight(member, now))
+        if bestScore is None or value > bestScore:
+            best, bestScore = member, value
+    return best
+
+
+def _movable(tunnel):
+    client = tunnel.client
+    return not (
+        tunnel.done
+        or client.finished
+        or client.closeSent is not None
+        or client.closeReceived is not None
+        or tunnel.backend.closeSent is not None
+        or tunnel.backend.closeReceived is not None
+    )
+
+
+class Rebalancer(Service):
+    """
+    Moves surplus connections of a relay at a bounded, jittered rate.
+
+    The settings are the relay's (C{relay.settings}), read at every step,
+    so a reload that turns rebalancing on or off or changes the rate
+    applies within a second.
+
+    @param random: a C{random.Random} for the jitter (tests give a seeded
+        one).
+    """
+
+    name = "rebalance"
+
+    def __init__(self, reactor, relay, pool, random=None):
+        self.reactor = reactor
+        self.relay = relay
+        self.pool = pool
+        self.random = random or _random.Random()
+        self.moved = 0
+        self._call = None
+        self._closing = set()
+        self._misplaced = []
+        self._scanned = None
+
+    def startService(self):
+        super().startService()
+        self._schedule(CHECK_INTERVAL)
+
+    def stopService(self):
+        super().stopService()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self, delay):
+        self._call = self.reactor.callLater(delay, self._tick)
+
+    def _tick(self):
+        self._call = None
+        moved = False
+        try:
+            settings = self.relay.settings
+            if settings.rebalance == "gradual" and not self.relay.stopping:
+                moved = self.step()
+        except Exception:
+            _log.failure("rebalancing failed")
+        if self.running:
+            self._schedule(self.nextDelay() if moved else CHECK_INTERVAL)
+
+    def nextDelay(self):
+        """
+        Seconds until the next move may happen: C{1 / rebalance_rate}
+        plus jitter.
+        """
+        period = 1.0 / self.relay.settings.rebalance_rate
+        return period * (1.0 + JITTER * self.random.random())
+
+    def step(self):
+        """
+        Move one connection if the spread calls for it.
+
+        @return: True if a connection was moved.
+        """
+        self._closing = {t for t in self._closing if not t.done}
+        now = self.reactor.seconds()
+        if self.relay.settings.balance == "hash":
+            tunnel = self._nextMisplaced(now)
+        else:
+            tunnel = self._nextSurplus(now)
+        if tunnel is None:
+            return False
+        self.move(tunnel)
+        return True
+
+    def _closingCounts(self):
+        counts = {}
+        for tunnel in self._closing:
+            counts[tunnel.member] = counts.get(tunnel.member, 0) + 1
+        return counts
+
+    def _nextSurplus(self, now):
+        member = mostOverloaded(self.pool, now, self._closingCounts())
+        if member is None:
+            return None
+        oldest = None
+        for tunnel in self.relay.tunnels:
+            if tunnel.member is member and tunnel not in self._closing and _movable(tunnel):
+                if oldest is None or tunnel.started < oldest.started:
+                    oldest = tunnel
+        return oldest
+
+    def _nextMisplaced(self, now):
+        if self._scanned is None or now - self._scanned >= HASH_SCAN_INTERVAL:
+            self._scanned = now
+            hashKey = str(self.relay.settings.hash_key)
+            found = []
+            for tunnel in self.relay.tunnels:
+                key = getattr(tunnel.info, "key", None)
+                if key is None or getattr(tunnel.info, "keySource", None) != hashKey:
+                    continue
+                if placement(self.pool, key, now) is not tunnel.member:
+                    found.append(tunnel)
+            found.sort(key=lambda t: t.started)
+            self._misplaced = found
+        while self._misplaced:
+            tunnel = self._misplaced.pop(0)
+            if (
+                tunnel in self.relay.tunnels
+                and tunnel not in self._closing
+                and _movable(tunnel)
+                and placement(self.pool, tunnel.info.key, now) is not tunnel.member
+            ):
+                return tunnel
+        return None
+
+    def move(self, tunnel):
+        """
+        Close the client with 1012 so that it reconnects elsewhere, and its
+        backend connection cleanly.
+        """
+        member = tunnel.member
+        self._closing.add(tunnel)
+        member.rebalanced += 1
+        self.moved += 1
+        _log.info(
+            "rebalancing: moving {peer} off backend {backend}"
+            " ({active} open there, {age:.0f}s old)",
+            peer=tunnel.info.peer,
+            backend=member.name,
+            active=member.active,
+            age=self.reactor.seconds() - tunnel.started,
+        )
+        if tunnel.closedFirstBy is None:
+            tunnel.closedFirstBy = "lbws"
+        tunnel.client.close(CLOSE_SERVICE_RESTART, REASON)
+        tunnel.backend.close(CLOSE_GOING_AWAY, f"client moved by {REASON}")

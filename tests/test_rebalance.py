@@ -1,0 +1,286 @@
+"""
+Gradual rebalancing driven by a Clock: what is moved, in which order and at
+what pace, with a simulated relay whose moved clients reconnect. The end to
+end test with 200 real connections is in test_balancing_e2e.
+"""
+
+import random
+
+import pytest
+from twisted.internet.task import Clock
+
+from lbws.config import parseConfig
+from lbws.pool import Pool
+from lbws.rebalance import (
+    CHECK_INTERVAL,
+    CLOSE_SERVICE_RESTART,
+    Rebalancer,
+    fairShares,
+    mostOverloaded,
+)
+from tests import support
+
+
+def settingsFor(backends, lbws=""):
+    text = support.configText(backends, lbws=lbws)
+    return parseConfig(text, "t.ini")
+
+
+class FakeLeg:
+    def __init__(self, tunnel, isClient):
+        self.tunnel = tunnel
+        self.isClient = isClient
+        self.finished = False
+        self.closeSent = None
+        self.closeReceived = None
+
+    def close(self, code, reason):
+        self.closeSent = (code, reason)
+        if self.isClient:
+            self.tunnel.world.closed(self.tunnel)
+
+
+class FakeInfo:
+    def __init__(self, peer, key, keySource):
+        self.peer = peer
+        self.key = key
+        self.keySource = keySource
+
+
+class FakeTunnel:
+    def __init__(self, world, member, key):
+        self.world = world
+        self.member = member
+        self.started = world.clock.seconds()
+        self.done = False
+        self.closedFirstBy = None
+        self.info = FakeInfo(f"client-{key}", key, str(world.pool.settings.hash_key))
+        self.client = FakeLeg(self, True)
+        self.backend = FakeLeg(self, False)
+
+
+class World:
+    """
+    A relay stand-in: tunnels on pool members; a client closed with 1012
+    ends a few milliseconds later and reconnects, landing where the pool
+    chooses.
+    """
+
+    stopping = False
+
+    def __init__(self, settings, clock=None, seed=1):
+        self.clock = clock or Clock()
+        self.clock.advance(1000)
+        self.settings = settings
+        self.pool = Pool(settings, self.clock)
+        self.tunnels = set()
+        self.moves = []  # (time, member name, tunnel)
+        self.rebalancer = Rebalancer(self.clock, self, self.pool, random.Random(seed))
+        self._keys = 0
+
+    def connect(self, count, key=None):
+        opened = []
+        for _ in range(count):
+            self._keys += 1
+            k = key if key is not None else f"k{self._keys}"
+            member = self.pool.choose(k)
+            member.active += 1
+            tunnel = FakeTunnel(self, member, k)
+            self.tunnels.add(tunnel)
+            opened.append(tunnel)
+            self.clock.advance(0.001)
+        return opened
+
+    def closed(self, tunnel):
+        assert tunnel.client.closeSent[0] == CLOSE_SERVICE_RESTART
+        assert tunnel.backend.closeSent is not None or True
+        self.moves.append((self.clock.seconds(), tunnel.member.name, tunnel))
+        self.clock.callLater(0.005, self.ended, tunnel)
+
+    def ended(self, tunnel):
+        tunnel.done = True
+        tunnel.member.active -= 1
+        self.tunnels.discard(tunnel)
+        self.connect(1, key=tunnel.info.key)
+
+    def counts(self):
+        return {m.name: m.active for m in self.pool}
+
+    def run(self, seconds, step=0.01):
+        for _ in range(int(seconds / step)):
+            self.clock.advance(step)
+
+
+THREE = [("a", "ws://h:1"), ("b", "ws://h:2"), ("c", "ws://h:3")]
+GRADUAL = "rebalance = gradual\nrebalance_rate = 10\n"
+
+
+def recovered(backends=THREE, lbws=GRADUAL, connections=200, down="c"):
+    """
+    C{down} was down while C{connections} clients connected; it is up again.
+    """
+    world = World(settingsFor(backends, lbws))
+    world.pool[down].healthy = False
+    world.connect(connections)
+    world.pool[down].healthy = True
+    world.pool[down].changed = world.clock.seconds()
+    world.rebalancer.startService()
+    return world
+
+
+def test_moves_the_surplus_to_the_recovered_backend_and_stops():
+    world = recovered()
+    assert world.counts() == {"a": 100, "b": 100, "c": 0}
+    world.run(30)
+    counts = world.counts()
+    assert sum(counts.values()) == 200
+    # Fair share 66.7 each, tolerance max(1, 10%): within 6.7 of it.
+    assert all(abs(n - 200 / 3) <= 200 / 30 for n in counts.values()), counts
+    # Only the surplus moved, nothing back and forth.
+    assert len(world.moves) == counts["c"]
+    assert {name for _, name, _ in world.moves} <= {"a", "b"}
+    assert world.pool["a"].rebalanced + world.pool["b"].rebalanced == len(world.moves)
+    assert world.rebalancer.moved == len(world.moves)
+    # Once balanced, nothing more moves.
+    moved = len(world.moves)
+    world.run(30)
+    assert len(world.moves) == moved
+
+
+def test_never_faster_than_the_rate_with_jitter():
+    world = recovered(lbws="rebalance = gradual\nrebalance_rate = 4\n", connections=400)
+    world.run(20)
+    times = [t for t, _, _ in world.moves]
+    assert len(times) > 40
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # At least 1/rate apart, up to 1.5/rate: never over the rate, ~80% of
+    # it on average, and not in lockstep.
+    assert min(gaps) >= 0.25 - 1e-9
+    assert max(gaps) <= 0.375 + 0.01 + 1e-9
+    assert len({round(g, 3) for g in gaps}) > 10
+    for start in times:
+        inWindow = [t for t in times if start <= t < start + 1]
+        assert len(inWindow) <= 4
+    average = (times[-1] - times[0]) / (len(times) - 1)
+    assert average == pytest.approx(1.25 / 4, rel=0.1)
+
+
+def test_oldest_connections_move_first():
+    world = recovered(connections=60)
+    oldest = sorted(
+        (t for t in world.tunnels if t.member.name == "a"), key=lambda t: t.started
+    )
+    world.run(10)
+    movedFromA = [tunnel for _, name, tunnel in world.moves if name == "a"]
+    assert movedFromA == oldest[: len(movedFromA)]
+    assert movedFromA
+
+
+def test_weights_set_the_fair_share():
+    backends = [("a", "ws://h:1", "weight = 3"), ("b", "ws://h:2")]
+    world = recovered(backends, connections=200, down="b")
+    assert world.counts() == {"a": 200, "b": 0}
+    world.run(40)
+    counts = world.counts()
+    assert counts["a"] == pytest.approx(150, abs=5)
+    assert counts["b"] == pytest.approx(50, abs=5)
+
+
+def test_off_moves_nothing_and_a_reload_turns_it_on():
+    world = recovered(lbws="rebalance = off\n")
+    world.run(10)
+    assert world.moves == []
+    world.settings = settingsFor(THREE, GRADUAL)
+    world.run(CHECK_INTERVAL + 0.5)
+    assert world.moves
+
+
+def test_nothing_moves_while_lbws_stops():
+    world = recovered()
+    world.stopping = True
+    world.run(5)
+    assert world.moves == []
+
+
+def test_down_and_draining_members_keep_their_connections():
+    world = recovered()
+    world.pool["a"].drained = True
+    world.run(20)
+    assert {name for _, name, _ in world.moves} == {"b"}
+    assert world.counts()["a"] == 100
+
+
+def test_tolerance_leaves_a_near_even_spread_alone():
+    world = World(settingsFor(THREE, GRADUAL))
+    world.connect(99)
+    extra = world.connect(2)  # 35, 33, 33 (share 33.7, tolerance 3.4)
+    for tunnel in extra:
+        tunnel.member.active -= 1
+        tunnel.member = world.pool["a"]
+        tunnel.member.active += 1
+    assert world.counts() == {"a": 35, "b": 33, "c": 33}
+    world.rebalancer.startService()
+    world.run(10)
+    assert world.moves == []
+    assert mostOverloaded(world.pool) is None
+    shares = {m.name: round(share, 2) for m, _, share in fairShares(world.pool)}
+    assert shares == {"a": 33.67, "b": 33.67, "c": 33.67}
+    # 39, 33, 33: a is 4 over a share of 35 (tolerance 3.5).
+    world.pool["a"].active = 39
+    assert mostOverloaded(world.pool) is world.pool["a"]
+    # 36, 36, 30: c is 4 under; a connection of a (first of the largest) moves.
+    world.pool["a"].active, world.pool["b"].active, world.pool["c"].active = 36, 36, 30
+    assert mostOverloaded(world.pool) is world.pool["a"]
+
+
+def test_slow_start_paces_the_fair_share():
+    """
+    With slow_start the recovered backend's fair share grows with its
+    ramp, so connections move to it over slow_start, not at once.
+    """
+    world = recovered(lbws=GRADUAL + "slow_start = 60\n")
+    world.run(15)
+    early = world.counts()["c"]
+    # At 15 of 60 s c weighs 0.25: a fair share of 200 * 0.25 / 2.25 = 22.
+    assert 15 <= early <= 25, early
+    world.run(60)
+    assert world.counts()["c"] == pytest.approx(200 / 3, abs=7)
+
+
+def test_hash_moves_only_connections_whose_key_maps_elsewhere():
+    world = recovered(lbws="balance = hash\n" + GRADUAL, connections=300)
+    # Which keys belong to c now that it is back.
+    misplaced = {
+        t.info.key for t in world.tunnels if world.pool.choose(t.info.key).name == "c"
+    }
+    assert 70 <= len(misplaced) <= 130
+    world.run(30)
+    moved = {tunnel.info.key for _, _, tunnel in world.moves}
+    assert moved == misplaced
+    for tunnel in world.tunnels:
+        assert world.pool.choose(tunnel.info.key) is tunnel.member
+    world.run(10)
+    assert {tunnel.info.key for _, _, tunnel in world.moves} == misplaced
+
+
+def test_a_failing_step_does_not_stop_the_loop():
+    world = recovered()
+    calls = []
+    step = world.rebalancer.step
+
+    def broken():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return step()
+
+    world.rebalancer.step = broken
+    world.run(5)
+    assert len(calls) > 1 and world.moves
+    world.rebalancer.stopService()
+    moved = len(world.moves)
+    world.run(5)
+    assert len(world.moves) == moved
+    assert not world.clock.getDelayedCalls() or all(
+        c.func != world.rebalancer._tick for c in world.clock.getDelayedCalls()
+    )
