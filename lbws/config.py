@@ -180,17 +180,6 @@ class _Reader:
             return False
         raise self.error(key, f"{text!r} is not true or false")
 
-    def unsupported(self, key, default, offValue):
-        """
-        Refuse a contract key whose behaviour lbws does not have yet, unless
-        it is left at the value that means "off".
-        """
-        value = self.string(key, default)
-        if value != offValue:
-            raise self.error(
-                key, f"{value!r}: not supported yet (only {offValue!r})"
-            )
-
     def checkUnknown(self):
         for key in self._values:
             if key not in self._used:
@@ -350,8 +339,22 @@ def _parseMain(path, parser, backends, health):
         slow_start=reader.number("slow_start", 0, float, 0),
         rebalance=reader.choice("rebalance", "off", ("off", "gradual")),
         rebalance_rate=reader.number("rebalance_rate", 5, float, 0, exclusive=True),
+        workers=reader.number("workers", 1, int, 1),
     )
-    reader.unsupported("workers", "1", "1")
+    if settings.workers > 1:
+        if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
+            # Workers adopt the parent's listening socket: only a plain TCP
+            # one can be handed over (TLS and PROXY wrap it in the parent).
+            raise reader.error(
+                "workers", f"{settings.workers} workers need a tcp: listen endpoint"
+            )
+        if settings.rebalance != "off" or any(b.discovered for b in backends):
+            # Both change members or move connections from the parent only.
+            raise reader.error(
+                "workers",
+                f"{settings.workers} workers: not supported yet with"
+                " rebalance = gradual or DNS discovery (srv, resolve)",
+            )
     reader.checkUnknown()
     return settings
 

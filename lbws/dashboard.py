@@ -81,28 +81,34 @@ def status(service):
                 "url": member.settings.url,
                 "state": member.state,
                 "weight": member.weight,
-                "active": member.active,
-                "total": member.total,
+                "active": member.count("active"),
+                "total": member.count("total"),
                 "last_check": member.lastCheck,
                 "last_error": member.lastError,
                 "healthy": member.healthy,
                 "drained": member.drained,
                 "removed": member.removed,
-                "failed": member.failed,
+                "failed": member.count("failed"),
                 "check_rtt": member.checkRtt,
                 "state_since": member.changed,
-                "messages_in": member.messagesIn,
-                "messages_out": member.messagesOut,
-                "bytes_in": member.bytesIn,
-                "bytes_out": member.bytesOut,
+                "messages_in": member.count("messagesIn"),
+                "messages_out": member.count("messagesOut"),
+                "bytes_in": member.count("bytesIn"),
+                "bytes_out": member.count("bytesOut"),
                 "effective_weight": service.pool.effectiveWeight(member, now),
                 "rebalanced": member.rebalanced,
                 "group": member.group,
             }
         )
+    workers = service.workers
     return {
         "backends": backends,
         "connections": sum(b["active"] for b in backends),
+        "workers": (
+            [{"index": i, "connections": n} for i, n in sorted(workers.clients.items())]
+            if workers is not None
+            else []
+        ),
         "uptime": now - service.started,
         "now": now,
         "health": {

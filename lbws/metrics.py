@@ -31,6 +31,34 @@ class Counters:
         self.handshakes = Counter()
         self.closes = Counter()
         self.protocolErrors = Counter()
+        # With workers = N: each worker's last L{snapshot}, by worker index.
+        self.remote = {}
+
+    def snapshot(self):
+        """
+        The counters as JSON for a worker's report to its parent.
+        """
+        return {
+            "handshakes": dict(self.handshakes),
+            "closes": [[side, code, n] for (side, code), n in self.closes.items()],
+            "protocolErrors": [
+                [side, code, n] for (side, code), n in self.protocolErrors.items()
+            ],
+        }
+
+    def merged(self):
+        """
+        C{(handshakes, closes, protocolErrors)} of this process and its
+        workers together.
+        """
+        handshakes = Counter(self.handshakes)
+        closes = Counter(self.closes)
+        errors = Counter(self.protocolErrors)
+        for snapshot in self.remote.values():
+            handshakes.update(snapshot["handshakes"])
+            closes.update({(side, code): n for side, code, n in snapshot["closes"]})
+            errors.update({(side, code): n for side, code, n in snapshot["protocolErrors"]})
+        return handshakes, closes, errors
 
 
 # Upper bounds, in seconds, of the health check duration buckets.
@@ -175,13 +203,13 @@ class LbwsCollector:
             weight.add_metric([name], member.weight)
             effective.add_metric([name], service.pool.effectiveWeight(member))
             rebalanced.add_metric([name], member.rebalanced)
-            active.add_metric([name], member.active)
-            total.add_metric([name], member.total)
-            failed.add_metric([name], member.failed)
-            messages.add_metric([name, "to_backend"], member.messagesIn)
-            messages.add_metric([name, "to_client"], member.messagesOut)
-            payload.add_metric([name, "to_backend"], member.bytesIn)
-            payload.add_metric([name, "to_client"], member.bytesOut)
+            active.add_metric([name], member.count("active"))
+            total.add_metric([name], member.count("total"))
+            failed.add_metric([name], member.count("failed"))
+            messages.add_metric([name, "to_backend"], member.count("messagesIn"))
+            messages.add_metric([name, "to_client"], member.count("messagesOut"))
+            payload.add_metric([name, "to_backend"], member.count("bytesIn"))
+            payload.add_metric([name, "to_client"], member.count("bytesOut"))
             for result in ("ok", "failed", "timeout"):
                 checks.add_metric([name, result], member.checks[result])
             durations.add_metric(
@@ -192,13 +220,14 @@ class LbwsCollector:
             if member.lastCheck is not None:
                 lastCheck.add_metric([name], member.lastCheck)
 
+        handshakeCounts, closeCounts, errorCounts = counters.merged()
         handshakes = CounterMetricFamily(
             "lbws_handshakes",
             "Client opening handshakes by result (ok, no_backend, backend_failed,"
             " backend_refused, over_capacity, timeout).",
             labels=["result"],
         )
-        for result, count in sorted(counters.handshakes.items()):
+        for result, count in sorted(handshakeCounts.items()):
             handshakes.add_metric([result], count)
         closes = CounterMetricFamily(
             "lbws_closes",
@@ -206,7 +235,7 @@ class LbwsCollector:
             " (client, backend, lbws) and the close code the client saw.",
             labels=["side", "code"],
         )
-        for (side, code), count in sorted(counters.closes.items(), key=str):
+        for (side, code), count in sorted(closeCounts.items(), key=str):
             closes.add_metric([side, str(code)], count)
         errors = CounterMetricFamily(
             "lbws_protocol_errors",
@@ -214,13 +243,13 @@ class LbwsCollector:
             " and the close code it got.",
             labels=["side", "code"],
         )
-        for (side, code), count in sorted(counters.protocolErrors.items(), key=str):
+        for (side, code), count in sorted(errorCounts.items(), key=str):
             errors.add_metric([side, str(code)], count)
 
         connections = GaugeMetricFamily(
             "lbws_connections_active",
             "Client connections open (or being opened) on all backends.",
-            value=sum(member.active for member in members),
+            value=sum(member.count("active") for member in members),
         )
         started = GaugeMetricFamily(
             "lbws_start_time_seconds",

@@ -45,6 +45,9 @@ class Member:
         self.checkRtt = None
         self.changed = None  # when health last changed (clock seconds)
         self.rebalanced = 0  # connections gradual rebalancing moved away
+        # With workers = N: each worker's counts for this backend, by worker
+        # index (see lbws.workers).
+        self.remote = {}
         self.checks = Counter()  # health probes by result: ok, failed, timeout
         self.checkDurations = Durations()
 
@@ -55,6 +58,16 @@ class Member:
     @property
     def weight(self):
         return self.settings.weight
+
+    def count(self, name):
+        """
+        A traffic count (C{active}, C{total}, C{failed}, C{messagesIn},
+        C{messagesOut}, C{bytesIn}, C{bytesOut}) of this process and its
+        workers together: what the dashboard and metrics show.
+        """
+        return getattr(self, name) + sum(
+            counts.get(name, 0) for counts in self.remote.values()
+        )
 
     @property
     def group(self):
@@ -287,6 +300,13 @@ class Pool:
         if ramp >= 1:
             return weight
         return weight * max(ramp, SLOW_START_FLOOR)
+
+    def forgetWorker(self, index):
+        """
+        A worker ended: its connections ended with it.
+        """
+        for member in self.members.values():
+            member.remote.pop(index, None)
 
     def anyUp(self):
         return any(m.state == UP for m in self.members.values())

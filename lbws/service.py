@@ -33,6 +33,7 @@ from lbws.metrics import Counters
 from lbws.pool import Pool
 from lbws.rebalance import Rebalancer
 from lbws.relay import Relay
+from lbws.workers import Workers
 
 _log = Logger()
 
@@ -51,7 +52,7 @@ class LbwsService(MultiService):
     """
 
     # Settings that a reload cannot change: they are bound at start-up.
-    RESTART_ONLY = ("listen", "dashboard")
+    RESTART_ONLY = ("listen", "dashboard", "workers")
 
     def __init__(
         self, reactor, settings, handleSignals=False, notifier=None, resolver=None
@@ -86,6 +87,11 @@ class LbwsService(MultiService):
             )
             self.dashboard._raiseSynchronously = True
             self.dashboard.setServiceParent(self)
+        # Not a child either: workers are told to drain when the listener
+        # stops, beside this process's own drain.
+        self.workers = None
+        if settings.workers > 1:
+            self.workers = Workers(reactor, self, settings.workers)
 
     def startService(self):
         super().startService()
@@ -93,6 +99,8 @@ class LbwsService(MultiService):
         # The listening port, once bound: tests and the log want the real
         # address when the config asked for port 0.
         self.listening = self.listener._waitingForPort
+        if self.workers is not None:
+            self.workers.startService()
         self.dashboardListening = (
             self.dashboard._waitingForPort if self.dashboard is not None else None
         )
@@ -185,6 +193,8 @@ class LbwsService(MultiService):
         self.health.sync(settings.health)
         self.dialer.settings = settings
         self.relay.settings = settings
+        if self.workers is not None:
+            self.workers.reloaded()
         _log.info(
             "reloaded {path}: {count} backend(s)",
             path=path,
@@ -199,8 +209,13 @@ class LbwsService(MultiService):
         self.stopping = True
         if self.notifier is not None:
             self.notifier.stopping()
+        workersStopped = (
+            self.workers.stopService() if self.workers is not None else None
+        )
         d = self.listener.stopService()
         d.addCallback(lambda _: self.relay.stop(self.settings.drain_timeout))
+        if workersStopped is not None:
+            d.addCallback(lambda _: workersStopped)
         d.addCallback(lambda _: MultiService.stopService(self))
         return d
 
@@ -243,6 +258,8 @@ class LbwsService(MultiService):
                 count=len(self.relay.tunnels),
             )
             self.relay.abort()
+            if self.workers is not None:
+                self.workers.abort()
 
 
 def _changedKeys(before, after):

@@ -1,0 +1,152 @@
+"""
+A worker process of C{workers = N} (see L{lbws.workers}): a relay that
+accepts on the listening socket its parent handed it.
+
+    python -m lbws.worker CONFIG FD FAMILY INDEX
+
+It has no dashboard, no health checks and no signal handling of its own:
+backends' states come from the parent, its traffic goes back to it, and it
+stops (draining like the parent) when the parent says so or goes away.
+"""
+
+import json
+import signal
+import socket
+import sys
+
+from twisted.internet import protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.protocols.basic import LineOnlyReceiver
+
+from lbws.config import ConfigError, loadConfig
+from lbws.dial import Dialer
+from lbws.metrics import Counters
+from lbws.pool import Pool
+from lbws.relay import Relay
+
+_log = Logger()
+
+STATS_INTERVAL = 0.5
+MEMBER_COUNTS = ("active", "total", "failed", "messagesIn", "messagesOut", "bytesIn", "bytesOut")
+
+
+def statsOf(pool, counters, relay):
+    """
+    What a worker reports to its parent.
+    """
+    return {
+        "members": {
+            member.name: {
+                **{name: getattr(member, name) for name in MEMBER_COUNTS},
+                "lastError": member.lastError,
+            }
+            for member in pool
+        },
+        "counters": counters.snapshot(),
+        "clients": relay.clients,
+    }
+
+
+class Worker:
+    def __init__(self, reactor, path, fd, family, index):
+        self.reactor = reactor
+        self.path = path
+        self.index = index
+        self.settings = settings = loadConfig(path)
+        self.counters = Counters()
+        self.pool = Pool(settings, reactor)
+        self.dialer = Dialer(reactor, self.pool, settings, self.counters)
+        self.relay = Relay(reactor, settings, self.pool, self.dialer, self.counters)
+        self.port = reactor.adoptStreamPort(fd, family, self.relay.factory())
+        self._stats = LoopingCall(self._report)
+        self._stats.clock = reactor
+        self._stopping = False
+        self.channel = None
+
+    def start(self, channel):
+        self.channel = channel
+        self._stats.start(STATS_INTERVAL)
+
+    def _report(self):
+        self.channel.sendLine(json.dumps({"stats": statsOf(self.pool, self.counters, self.relay)}).encode())
+
+    def handle(self, message):
+        if "state" in message:
+            for name, (healthy, drained, changed) in message["state"].items():
+                member = self.pool.members.get(name)
+                if member is not None:
+                    member.healthy = healthy
+                    member.drained = drained
+                    member.changed = changed  # when slow_start began
+        elif "reload" in message:
+            self._reload()
+        elif "stop" in message:
+            self.stop(message["stop"])
+        elif "abort" in message:
+            self._stopping = True
+            self.relay.abort()
+            self.reactor.stop()
+
+    def _reload(self):
+        try:
+            settings = loadConfig(self.path)
+        except ConfigError as e:
+            # The parent checked the same file a moment ago.
+            _log.error("worker {index}: reload refused: {error}", index=self.index, error=str(e))
+            return
+        self.settings = settings
+        self.pool.update(settings)
+        self.dialer.settings = settings
+        self.relay.settings = settings
+
+    def stop(self, timeout):
+        if self._stopping:
+            return
+        self._stopping = True
+        d = self.port.stopListening()
+        d.addCallback(lambda _: self.relay.stop(timeout))
+        d.addBoth(lambda _: self.reactor.stop())
+
+
+class ParentChannel(LineOnlyReceiver):
+    """
+    Standard input and output: the line-based channel to the parent.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def connectionMade(self):
+        self.worker.start(self)
+
+    def lineReceived(self, line):
+        self.worker.handle(json.loads(line))
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        # The parent is gone: drain and go too.
+        self.worker.stop(self.worker.settings.drain_timeout)
+
+
+def main(argv):
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+
+    path, fd, family, index = argv
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # A terminal's Ctrl-C reaches the whole process group: the parent
+    # decides when workers stop, and how.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    family = socket.AF_INET6 if family == "6" else socket.AF_INET
+    worker = Worker(reactor, path, int(fd), family, int(index))
+    StandardIO(ParentChannel(worker), reactor=reactor)
+    _log.info("worker {index} relaying", index=index)
+    reactor.run(installSignalHandlers=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,116 @@
+"""
+workers = N: a real `twistd lbws` with worker processes sharing its
+listening socket, the dashboard summing them, drain on stop, and a worker
+that dies being replaced.
+"""
+
+import os
+import re
+import signal
+
+import psutil
+import pytest
+import pytest_twisted
+
+from tests import support
+from tests.test_dashboard import request
+
+
+@pytest_twisted.async_yield_fixture
+async def backend():
+    factory, port = await support.startEchoBackend("a")
+    yield factory
+    for connection in factory.connections:
+        if connection.transport is not None:
+            connection.transport.abortConnection()
+    await port.stopListening()
+
+
+@pytest.fixture
+def lbws(tmp_path, backend):
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        support.configText(
+            [("a", backend.url)],
+            lbws="workers = 2\nping_interval = 0\ndrain_timeout = 5",
+            dashboard="tcp:0:interface=127.0.0.1",
+        )
+    )
+    process = support.LbwsProcess(config)
+    yield process
+    process.stop()
+
+
+async def dashboardStatus(process):
+    line = await process.waitForLine(r"DashboardSite starting on \d+")
+    port = int(re.search(r"starting on (\d+)", line).group(1))
+    response = await request(b"GET", f"http://127.0.0.1:{port}/status.json")
+    return response.json()
+
+
+def workerPids(process):
+    return sorted(
+        child.pid
+        for child in psutil.Process(process.pid).children()
+        if "lbws.worker" in " ".join(child.cmdline())
+    )
+
+
+async def echo(client, payload):
+    client.sendMessage(payload)
+    assert await client.messages.get() == (payload, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_relay_and_the_dashboard_sums_them(lbws):
+    await support.eventually(lambda: len(workerPids(lbws)) == 2)
+    clients = [await support.connect(lbws.url) for _ in range(40)]
+    for i, client in enumerate(clients):
+        await echo(client, b"hello %d" % i)
+
+    def summed(status):
+        workers = status["workers"]
+        return len(workers) == 2 and sum(w["connections"] for w in workers) == 40
+
+    status = {}
+
+    async def refreshed():
+        status.update(await dashboardStatus(lbws))
+        return summed(status)
+
+    for _ in range(50):
+        if await refreshed():
+            break
+        await support.deferLater(0.1)
+    assert summed(status), status
+    (member,) = status["backends"]
+    assert member["active"] == 40
+    assert member["messages_in"] == 40 and member["messages_out"] == 40
+    for client in clients:
+        client.sendClose(1000)
+        await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_drains_every_worker_with_1001(lbws):
+    await support.eventually(lambda: len(workerPids(lbws)) == 2)
+    clients = [await support.connect(lbws.url) for _ in range(10)]
+    for client in clients:
+        await echo(client, b"x")
+    lbws.signal(signal.SIGTERM)
+    for client in clients:
+        code, _ = await client.closed
+        assert code == 1001
+    assert await lbws.exited() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_worker_is_replaced(lbws):
+    await support.eventually(lambda: len(workerPids(lbws)) == 2)
+    first = workerPids(lbws)
+    os.kill(first[0], signal.SIGKILL)
+    await support.eventually(
+        lambda: len(workerPids(lbws)) == 2 and workerPids(lbws) != first, timeout=15
+    )
+    client = await support.connect(lbws.url)
+    await echo(client, b"still serving")
