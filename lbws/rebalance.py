@@ -84,26 +84,35 @@ def tolerance(share):
     return max(TOLERANCE, TOLERANCE_FRACTION * share)
 
 
-def mostOverloaded(pool, now=None, closing=None):
+def mostOverloaded(pool, now=None, closing=None, moving=False):
     """
     The member to move a connection off, or None when the spread is even
-    enough: when some member is over or under its fair share by more than
-    its tolerance, the member with the largest surplus (at least one
-    connection over its share).
+    enough.
+
+    Moving starts when some member is over or under its fair share by more
+    than its tolerance, and then goes on (C{moving}) until no member is a
+    whole connection under its share: the member with the largest surplus
+    (at least one connection over its share) gives one up each time. So
+    small imbalances cause no churn, and a started rebalancing ends even.
 
     @param closing: member -> connections already being moved off it,
         not counted as its own any more.
     """
     closing = closing or {}
     uneven = False
+    short = False
     worst, worstSurplus = None, 0.0
     for member, active, share in fairShares(pool, now):
         surplus = active - closing.get(member, 0) - share
         if abs(surplus) > tolerance(share):
             uneven = True
+        if surplus <= -1:
+            short = True
         if surplus >= 1 and surplus > worstSurplus:
             worst, worstSurplus = member, surplus
-    return worst if uneven else None
+    if uneven or (moving and short):
+        return worst
+    return None
 
 
 def placement(pool, key, now=None):
@@ -156,6 +165,7 @@ class Rebalancer(Service):
         self._closing = set()
         self._misplaced = []
         self._scanned = None
+        self._moving = False  # a rebalancing started and is not over yet
 
     def startService(self):
         super().startService()
@@ -214,7 +224,8 @@ class Rebalancer(Service):
         return counts
 
     def _nextSurplus(self, now):
-        member = mostOverloaded(self.pool, now, self._closingCounts())
+        member = mostOverloaded(self.pool, now, self._closingCounts(), self._moving)
+        self._moving = member is not None
         if member is None:
             return None
         oldest = None

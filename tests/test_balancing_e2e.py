@@ -196,7 +196,7 @@ async def test_gradual_rebalancing_of_200_connections_after_a_backend_comes_back
     200 clients are spread over a and b while c is down. When c comes
     back, lbws moves a third of them to it with 1012, never faster than
     rebalance_rate, the clients reconnect, and the spread ends even
-    without any connection lost. Moves show in status.json and metrics.
+    (66/67/67) without any connection lost. Moves show in status.json and metrics.
     """
     a, b = harness.backend("a"), harness.backend("b")
     c = harness.backend("c", start=False)
@@ -221,7 +221,7 @@ async def test_gradual_rebalancing_of_200_connections_after_a_backend_comes_back
         await eventually(lambda: lbws.pool["c"].state == "up")
         cameUp = reactor.seconds()
         await eventually(
-            lambda: all(abs(n - 200 / 3) <= 200 / 30 for n in counts())
+            lambda: sorted(counts()) == [66, 67, 67]
             and len(fleet.open) == 200
             and not lbws.rebalancer._closing - {t for t in lbws.rebalancer._closing if t.done},
             timeout=20,
@@ -236,7 +236,7 @@ async def test_gradual_rebalancing_of_200_connections_after_a_backend_comes_back
     assert fleet.moved == moved == fleet.reconnected
     # Only the surplus moved: c's connections all came from moves.
     assert moved == lbws.pool["c"].active
-    assert 60 <= moved <= 74
+    assert moved in (66, 67)
     assert lbws.pool["a"].rebalanced + lbws.pool["b"].rebalanced == moved
     # Never faster than the rate: each move at least 1/RATE after the
     # previous one (the pace on a quiet machine is in bench/rebalance_curve).

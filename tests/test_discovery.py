@@ -446,3 +446,56 @@ async def test_lookup_targets_through_the_server(harness):
     assert targets == [Target("10.1.2.3", 81, "chat.example"), Target("2001:db8::5", 81, "chat.example")]
     zone.set("chat.example")
     assert await lookupTargets(resolver, template) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tmp_path):
+    """
+    wss://chat.example with resolve: each member connects to its address
+    but the certificate is checked against chat.example (it names no
+    address); an operator drains one member by its name, "/" escaped.
+    """
+    import trustme
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.internet.ssl import PrivateCertificate
+    from twisted.web.client import Agent, readBody
+    from twisted.web.http_headers import Headers
+
+    ca = trustme.CA()
+    caFile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(caFile))
+    cert = ca.issue_cert("chat.example")
+    options = PrivateCertificate.loadPEM(cert.private_key_and_cert_chain_pem.bytes()).options()
+    backend = EchoFactory("tls")
+    listening = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.2").listen(backend)
+    harness.ports.append(listening)
+    port = listening.getHost().port
+    zone = Zone()
+    zone.set("chat.example", A("127.0.0.2"))
+    text = support.configText(
+        [("chat", f"wss://chat.example:{port}", "resolve = 0.1", f"ca = {caFile}")],
+        lbws="admin_token = s3cret",
+        health="interval = 0.1\ntimeout = 1\nfall = 1\nrise = 1",
+        probe="websocket",
+        dashboard="tcp:0:interface=127.0.0.1",
+    )
+    service = LbwsService(
+        reactor, parseConfig(text, "t.ini"), resolver=harness.dnsServer(zone).resolver()
+    )
+    service.startService()
+    harness.services.append(service)
+    url = f"ws://127.0.0.1:{(await service.listening).getHost().port}"
+    dashboard = f"http://127.0.0.1:{(await service.dashboardListening).getHost().port}"
+    name = f"chat/127.0.0.2:{port}"
+    await eventually(lambda: name in service.pool.members and service.pool[name].state == UP)
+    c = await harness.client(url)
+    assert (await request(c))["headers"]["host"] == f"chat.example:{port}"
+
+    response = await Agent(reactor).request(
+        b"POST",
+        f"{dashboard}/backends/chat%2F127.0.0.2:{port}/drain".encode(),
+        Headers({"Authorization": ["Bearer s3cret"]}),
+    )
+    assert response.code == 200
+    await readBody(response)
+    assert service.pool[name].drained and service.pool[name].state == DRAINING
