@@ -1,4 +1,5 @@
 import pytest
+import pytest_twisted
 
 from tests import support
 
@@ -13,3 +14,13 @@ def nodeBackend():
     backend = support.NodeBackend()
     yield backend
     backend.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def harness():
+    """
+    A L{support.Harness}: backends, lbws and clients stopped after the test.
+    """
+    h = support.Harness()
+    yield h
+    await h.close()

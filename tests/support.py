@@ -245,6 +245,58 @@ async def startLbws(backends, **kwargs):
     return service
 
 
+class Harness:
+    """
+    What one test starts, stopped at its end in a safe order: clients cut,
+    lbws services stopped (they drain), then the backends' ports, held
+    sockets and whatever else was registered with L{atEnd}.
+    """
+
+    def __init__(self):
+        self.clients = []
+        self.services = []
+        self._later = []  # callables for the end, each may return a Deferred
+
+    def atEnd(self, stop):
+        self._later.append(stop)
+
+    async def backend(self, name="echo", **kwargs):
+        factory, port = await startEchoBackend(name, **kwargs)
+        self.atEnd(port.stopListening)
+        return factory
+
+    def deadUrl(self):
+        """
+        The URL of a loopback port that refuses connections (and that no
+        other program takes while the test runs).
+        """
+        holder = reservedPort()
+        self.atEnd(holder.close)
+        return f"ws://127.0.0.1:{holder.getsockname()[1]}"
+
+    async def lbws(self, backends, **kwargs):
+        service = await startLbws(backends, **kwargs)
+        self.services.append(service)
+        return service
+
+    async def client(self, url, **kwargs):
+        client = await connect(url, **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def close(self):
+        for client in self.clients:
+            if client.transport.connected:
+                client.transport.abortConnection()
+        for service in self.services:
+            if service.running:
+                await service.stopService()
+        for stop in self._later:
+            result = stop()
+            if isinstance(result, defer.Deferred):
+                await result
+
+
 class LbwsProcess:
     """
     A real `twistd -n lbws` process; its listening port is read from its log

@@ -24,11 +24,9 @@ from lbws.config import loadConfig
 from lbws.service import LbwsService
 from tests.support import (
     ROOT,
+    Harness,
     configText,
-    connect,
     eventually,
-    reservedPort,
-    startEchoBackend,
     startLbws,
 )
 
@@ -36,57 +34,22 @@ DASHBOARD = "tcp:0:interface=127.0.0.1"
 TOKEN = "s3cret-token"
 
 
-class Harness:
-    def __init__(self):
-        self.ports = []
-        self.services = []
-        self.clients = []
-        self.sockets = []
-
-    async def backend(self, name):
-        factory, port = await startEchoBackend(name)
-        self.ports.append(port)
-        return factory
-
-    def deadUrl(self):
-        holder = reservedPort()
-        self.sockets.append(holder)
-        return f"ws://127.0.0.1:{holder.getsockname()[1]}"
-
+class DashboardHarness(Harness):
     async def lbws(self, backends, token=TOKEN, lbws="", health="interval = 60", **kwargs):
         # No health check runs unless a test asks: backend states change
         # only as the test makes them.
-        service = await startLbws(
+        return await super().lbws(
             backends,
             dashboard=DASHBOARD,
             lbws=f"admin_token = {token}\n{lbws}",
             health=health,
             **kwargs,
         )
-        self.services.append(service)
-        return service
-
-    async def client(self, url):
-        client = await connect(url)
-        self.clients.append(client)
-        return client
-
-    async def close(self):
-        for client in self.clients:
-            if client.transport.connected:
-                client.transport.abortConnection()
-        for service in self.services:
-            if service.running:
-                await service.stopService()
-        for port in self.ports:
-            await port.stopListening()
-        for sock in self.sockets:
-            sock.close()
 
 
 @pytest_twisted.async_yield_fixture
 async def harness():
-    h = Harness()
+    h = DashboardHarness()
     yield h
     await h.close()
 

@@ -31,14 +31,13 @@ from tests.support import (
     NODE_DIR,
     EchoFactory,
     HandshakeFailed,
+    Harness,
     configText,
     connect,
     eventually,
     listeningSocket,
     nodeAvailable,
     reservedPort,
-    startEchoBackend,
-    startLbws,
 )
 
 
@@ -573,51 +572,17 @@ class NodeOnSocket:
         self.process.stdout.close()
 
 
-class E2E:
-    def __init__(self):
-        self.services = []
-        self.clients = []
-        self.nodes = []
-        self.sockets = []
-        self.ports = []
-
+class E2E(Harness):
     def socket(self, sock):
-        self.sockets.append(sock)
+        self.atEnd(sock.close)
         return sock
 
     async def node(self, sock, prefix):
         node = NodeOnSocket(sock, prefix)
-        self.nodes.append(node)
+        self.atEnd(node.stop)
         return await node.started()
 
-    async def echo(self, name):
-        factory, port = await startEchoBackend(name)
-        self.ports.append(port)
-        return factory
-
-    async def lbws(self, backends, **kwargs):
-        service = await startLbws(backends, **kwargs)
-        self.services.append(service)
-        return service
-
-    async def client(self, url):
-        client = await connect(url)
-        self.clients.append(client)
-        return client
-
-    async def close(self):
-        for client in self.clients:
-            if client.transport.connected:
-                client.transport.abortConnection()
-        for service in self.services:
-            if service.running:
-                await service.stopService()
-        for node in self.nodes:
-            node.stop()
-        for sock in self.sockets:
-            sock.close()
-        for port in self.ports:
-            await port.stopListening()
+    echo = Harness.backend
 
 
 @pytest_twisted.async_yield_fixture
@@ -760,7 +725,7 @@ class RefusesHealthPath(EchoFactory):
 async def test_open_connections_stay_when_their_backend_goes_down(e2e):
     backend = RefusesHealthPath()
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend)
-    e2e.ports.append(port)
+    e2e.atEnd(port.stopListening)
     lbws = await e2e.lbws(
         [("a", f"ws://127.0.0.1:{port.getHost().port}")],
         probe="websocket",

@@ -20,52 +20,7 @@ from tests.support import (
     eventually,
     handshakeRequest,
     rawConnect,
-    startEchoBackend,
-    startLbws,
 )
-
-
-class Harness:
-    """
-    Backends and an lbws, all stopped at the end of the test.
-    """
-
-    def __init__(self):
-        self.ports = []
-        self.services = []
-        self.clients = []
-
-    async def backend(self, name="echo", **kwargs):
-        factory, port = await startEchoBackend(name, **kwargs)
-        self.ports.append(port)
-        return factory
-
-    async def lbws(self, backends, **kwargs):
-        service = await startLbws(backends, **kwargs)
-        self.services.append(service)
-        return service
-
-    async def client(self, url, **kwargs):
-        client = await connect(url, **kwargs)
-        self.clients.append(client)
-        return client
-
-    async def close(self):
-        for client in self.clients:
-            if client.transport.connected:
-                client.transport.abortConnection()
-        for service in self.services:
-            if service.running:
-                await service.stopService()
-        for port in self.ports:
-            await port.stopListening()
-
-
-@pytest_twisted.async_yield_fixture
-async def harness():
-    h = Harness()
-    yield h
-    await h.close()
 
 
 async def roundTrip(client, payload, isBinary=False):
@@ -276,11 +231,7 @@ async def test_no_backend_up_gives_503(harness):
 
 @pytest_twisted.ensureDeferred
 async def test_every_try_failed_gives_502_and_marks_backends_down(harness):
-    dead = []
-    for name in "ab":
-        factory, port = await startEchoBackend(name)
-        await port.stopListening()
-        dead.append((name, factory.url))
+    dead = [(name, harness.deadUrl()) for name in "ab"]
     lbws = await harness.lbws(dead, health="fall = 1")
     start = reactor.seconds()
     failed = await refusal(lbws.url)
@@ -294,10 +245,8 @@ async def test_every_try_failed_gives_502_and_marks_backends_down(harness):
 @pytest_twisted.ensureDeferred
 async def test_retry_reaches_a_live_backend(harness):
     live = await harness.backend("live")
-    deadFactory, deadPort = await startEchoBackend("dead")
-    await deadPort.stopListening()
     lbws = await harness.lbws(
-        [("dead", deadFactory.url), ("live", live.url)], lbws="balance = round_robin"
+        [("dead", harness.deadUrl()), ("live", live.url)], lbws="balance = round_robin"
     )
     for _ in range(4):
         client = await harness.client(lbws.url)
@@ -327,7 +276,7 @@ async def test_backend_handshake_timeout_then_retry(harness):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
         protocol.Factory.forProtocol(Silent)
     )
-    harness.ports.append(port)
+    harness.atEnd(port.stopListening)
     live = await harness.backend("live")
     lbws = await harness.lbws(
         [("silent", f"ws://127.0.0.1:{port.getHost().port}"), ("live", live.url)],
@@ -546,7 +495,7 @@ async def test_client_leaving_mid_connect_cancels_backend_attempt(harness):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
         protocol.Factory.forProtocol(Silent)
     )
-    harness.ports.append(port)
+    harness.atEnd(port.stopListening)
     lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
     raw = await rawConnect(lbws.url)
     raw.transport.write(handshakeRequest())
