@@ -7,7 +7,6 @@ a Clock. The end-to-end tests are in test_balancing_e2e.
 import pytest
 from twisted.internet.task import Clock
 
-from lbws.balance import RendezvousHash
 from lbws.config import parseConfig
 from lbws.pool import SLOW_START_FLOOR, Pool
 from tests import support

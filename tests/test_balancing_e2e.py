@@ -161,7 +161,6 @@ async def test_slow_start_holds_back_a_backend_a_reload_adds(harness, tmp_path, 
     """
     a, b = harness.backend("a"), harness.backend("b")
     path = tmp_path / "lbws.ini"
-    lbws = f"slow_start = {slowStart}\ndashboard = tcp:0:interface=127.0.0.1"
 
     def write(backends):
         text = support.configText(backends, health=FAST_HEALTH, dashboard="")
@@ -182,7 +181,6 @@ async def test_slow_start_holds_back_a_backend_a_reload_adds(harness, tmp_path, 
         assert onB == 1
     else:
         assert onB == 15
-    del lbws
 
 
 # rebalance = gradual

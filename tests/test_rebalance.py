@@ -92,8 +92,7 @@ class World:
         return opened
 
     def closed(self, tunnel):
-        assert tunnel.client.closeSent[0] == CLOSE_SERVICE_RESTART
-        assert tunnel.backend.closeSent is not None or True
+        assert tunnel.client.closeSent == (CLOSE_SERVICE_RESTART, "rebalancing")
         self.moves.append((self.clock.seconds(), tunnel.member.name, tunnel))
         self.clock.callLater(0.005, self.ended, tunnel)
 
@@ -142,6 +141,9 @@ def test_moves_the_surplus_to_the_recovered_backend_and_stops():
     assert {name for _, name, _ in world.moves} <= {"a", "b"}
     assert world.pool["a"].rebalanced + world.pool["b"].rebalanced == len(world.moves)
     assert world.rebalancer.moved == len(world.moves)
+    for _, _, tunnel in world.moves:
+        assert tunnel.backend.closeSent == (1001, "client moved by rebalancing")
+        assert tunnel.closedFirstBy == "lbws"
     # Once balanced, nothing more moves.
     moved = len(world.moves)
     world.run(30)
