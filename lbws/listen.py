@@ -2,11 +2,11 @@
 The client-facing endpoint (C{listen}): any Twisted server endpoint string,
 with TLS held to version 1.2 or later.
 
-Twisted's C{ssl:} endpoint builds its TLS options from the string. Recent
-Twisted versions default to TLS 1.2 as the lowest version, older ones (which
-lbws's requirements allow) to TLS 1.0, and the string's C{sslmethod=} turns
-the version floor off altogether (with C{TLS_METHOD} or C{SSLv23_METHOD})
-or pins an old version. So lbws rebuilds the options of every C{ssl:}
+Twisted's C{ssl:} endpoint builds its TLS options from the string. The
+lowest version it allows by default depends on the Twisted version (TLS 1.2
+in the one tested here; older ones, which lbws's requirements allow, may
+allow less), and the string's C{sslmethod=} turns the version floor off
+altogether (with C{TLS_METHOD} or C{SSLv23_METHOD}) or pins an old version. So lbws rebuilds the options of every C{ssl:}
 endpoint, also one wrapped by C{haproxy:}, from the same certificate, key,
 chain and DH parameters with TLS 1.2 as the floor, and refuses C{sslmethod}
 values that name anything but "negotiate the best version".
