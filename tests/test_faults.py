@@ -698,6 +698,7 @@ async def test_messageStorm(tmp_path, harness, capsys):
     for _ in range(clients):
         factory = WebSocketClientFactory(lbws.url, reactor=reactor)
         factory.protocol = StormClient
+        factory.setProtocolOptions(closeHandshakeTimeout=0)
         factory.opened = defer.Deferred()
         await TCP4ClientEndpoint(reactor, "127.0.0.1", lbws.port, timeout=5).connect(factory)
         storm.append(await factory.opened)
