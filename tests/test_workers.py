@@ -49,11 +49,20 @@ async def dashboardStatus(process):
 
 
 def workerPids(process):
-    return sorted(
-        child.pid
-        for child in psutil.Process(process.pid).children()
-        if "lbws.worker" in " ".join(child.cmdline())
-    )
+    """
+    The worker processes alive now (a killed one may linger as a zombie
+    until its parent reaps it, or vanish while we look).
+    """
+    pids = []
+    for child in psutil.Process(process.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "lbws.worker" in " ".join(
+                child.cmdline()
+            ):
+                pids.append(child.pid)
+        except psutil.Error:
+            continue
+    return sorted(pids)
 
 
 async def echo(client, payload):
