@@ -23,6 +23,7 @@ from autobahn.twisted.websocket import (
 )
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.logger import globalLogPublisher
 
 from lbws.config import parseConfig
 from lbws.service import LbwsService
@@ -255,10 +256,24 @@ class Harness:
     def __init__(self):
         self.clients = []
         self.services = []
+        self._first = []  # callables for the end, before the clients
         self._later = []  # callables for the end, each may return a Deferred
 
-    def atEnd(self, stop):
-        self._later.append(stop)
+    def atEnd(self, stop, first=False):
+        """
+        Call C{stop} at the end: after lbws stopped, or with C{first}
+        before anything else (for clients that would reconnect).
+        """
+        (self._first if first else self._later).append(stop)
+
+    def logged(self):
+        """
+        A list that receives every log event until the end of the test.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.atEnd(lambda: globalLogPublisher.removeObserver(events.append))
+        return events
 
     async def backend(self, name="echo", **kwargs):
         factory, port = await startEchoBackend(name, **kwargs)
@@ -279,12 +294,27 @@ class Harness:
         self.services.append(service)
         return service
 
+    async def start(self, service):
+        """
+        Start an L{LbwsService} built by the test; C{.url} is set as by
+        L{startLbws}.
+        """
+        service.startService()
+        self.services.append(service)
+        port = await service.listening
+        service.url = f"ws://127.0.0.1:{port.getHost().port}"
+        return service
+
     async def client(self, url, **kwargs):
         client = await connect(url, **kwargs)
         self.clients.append(client)
         return client
 
     async def close(self):
+        for stop in self._first:
+            result = stop()
+            if isinstance(result, defer.Deferred):
+                await result
         for client in self.clients:
             if client.transport.connected:
                 client.transport.abortConnection()

@@ -11,80 +11,38 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import LoopingCall
-from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, readBody
 
 from lbws.config import loadConfig
 from lbws.service import LbwsService
 from tests import support
 from tests.balancing import Fleet, RevivableBackend
-from tests.support import connect, eventually, startLbws
+from tests.support import Harness, eventually
 
 FAST_HEALTH = "interval = 0.1\ntimeout = 0.5\nfall = 1\nrise = 1"
 
 
-class Harness:
-    def __init__(self):
-        self.backends = []
-        self.services = []
-        self.clients = []
-        self.fleets = []
-        self.observers = []
-
+class BalancingHarness(Harness):
     def backend(self, name, start=True):
         backend = RevivableBackend(name)
-        self.backends.append(backend)
+        self.atEnd(backend.close)
         if start:
             backend.start()
         return backend
 
-    async def lbws(self, backends, **kwargs):
-        service = await startLbws(backends, **kwargs)
-        self.services.append(service)
-        return service
-
     async def lbwsFromFile(self, path):
-        service = LbwsService(reactor, loadConfig(path))
-        service.startService()
-        port = await service.listening
-        service.url = f"ws://127.0.0.1:{port.getHost().port}"
-        self.services.append(service)
-        return service
-
-    async def client(self, url, **kwargs):
-        client = await connect(url, **kwargs)
-        self.clients.append(client)
-        return client
+        return await self.start(LbwsService(reactor, loadConfig(path)))
 
     def fleet(self, url, **kwargs):
         fleet = Fleet(url, **kwargs)
-        self.fleets.append(fleet)
+        # Before lbws stops: a fleet reconnects when its clients are closed.
+        self.atEnd(fleet.close, first=True)
         return fleet
-
-    def logged(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.observers.append(events.append)
-        return events
-
-    async def close(self):
-        for observer in self.observers:
-            globalLogPublisher.removeObserver(observer)
-        for fleet in self.fleets:
-            fleet.close()
-        for client in self.clients:
-            if client.transport.connected:
-                client.transport.abortConnection()
-        for service in self.services:
-            if service.running:
-                await service.stopService()
-        for backend in self.backends:
-            await backend.close()
 
 
 @pytest_twisted.async_yield_fixture
 async def harness():
-    h = Harness()
+    h = BalancingHarness()
     yield h
     await h.close()
 

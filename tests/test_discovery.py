@@ -12,7 +12,6 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.names import authority, client, dns, server
 from twisted.names.error import DNSQueryTimeoutError
 
@@ -21,7 +20,7 @@ from lbws.discovery import Discovery, lookupTargets, memberName, Target
 from lbws.pool import DRAINING, UP, Pool
 from lbws.service import LbwsService
 from tests import support
-from tests.support import EchoFactory, connect, eventually
+from tests.support import EchoFactory, Harness, eventually
 
 ZONE = "chat.example"
 
@@ -282,55 +281,28 @@ class DnsServer:
         return client.Resolver(servers=[self.address], reactor=reactor)
 
 
-class Harness:
+class DiscoveryHarness(Harness):
     def __init__(self):
-        self.ports = []
-        self.services = []
-        self.clients = []
-        self.dns = []
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
+        super().__init__()
+        self.events = self.logged()
 
     def dnsServer(self, zone):
         s = DnsServer(zone)
-        self.dns.append(s)
+        self.atEnd(s.port.stopListening)
         return s
 
     async def backend(self, name, port=0, interface="127.0.0.1"):
         factory = EchoFactory(name)
         listening = await TCP4ServerEndpoint(reactor, port, interface=interface).listen(factory)
-        self.ports.append(listening)
+        self.atEnd(listening.stopListening)
         factory.port = listening.getHost().port
         return factory
 
     async def lbws(self, backends, resolver, health="interval = 0.1\ntimeout = 0.5\nfall = 1\nrise = 2"):
         text = support.configText(backends, health=health, probe="websocket")
-        service = LbwsService(reactor, parseConfig(text, "t.ini"), resolver=resolver)
-        service.startService()
-        port = await service.listening
-        service.url = f"ws://127.0.0.1:{port.getHost().port}"
-        self.services.append(service)
-        return service
+        return await self.start(LbwsService(reactor, parseConfig(text, "t.ini"), resolver=resolver))
 
-    async def client(self, url):
-        c = await connect(url)
-        self.clients.append(c)
-        return c
-
-    async def close(self):
-        globalLogPublisher.removeObserver(self.events.append)
-        for c in self.clients:
-            if c.transport.connected:
-                c.transport.abortConnection()
-        for service in self.services:
-            if service.running:
-                await service.stopService()
-        for port in self.ports:
-            await port.stopListening()
-        for s in self.dns:
-            await s.port.stopListening()
-
-    def logged(self, words):
+    def loggedLines(self, words):
         from twisted.logger import formatEvent
 
         return [formatEvent(e) for e in self.events if words in formatEvent(e)]
@@ -338,7 +310,7 @@ class Harness:
 
 @pytest_twisted.async_yield_fixture
 async def harness():
-    h = Harness()
+    h = DiscoveryHarness()
     yield h
     await h.close()
 
@@ -367,7 +339,7 @@ async def test_url_with_resolve_follows_the_a_records(harness):
     )
     nameTwo, nameThree = f"chat/127.0.0.2:{two.port}", f"chat/127.0.0.3:{two.port}"
     await eventually(lambda: nameTwo in lbws.pool.members and lbws.pool[nameTwo].state == UP)
-    assert harness.logged(f"backend {nameTwo} found by DNS: joins after 2 passing check(s)")
+    assert harness.loggedLines(f"backend {nameTwo} found by DNS: joins after 2 passing check(s)")
     first = await harness.client(lbws.url)
     seen = await request(first)
     assert seen["headers"]["host"] == f"chat.example:{two.port}"
@@ -394,7 +366,7 @@ async def test_url_with_resolve_follows_the_a_records(harness):
     first.sendClose(1000)
     await first.closed
     await eventually(lambda: nameTwo not in lbws.pool.members)
-    assert harness.logged(f"backend {nameTwo} left the pool")
+    assert harness.loggedLines(f"backend {nameTwo} left the pool")
 
 
 @pytest_twisted.ensureDeferred
@@ -430,9 +402,9 @@ async def test_no_address_yet_means_503_not_a_hang(harness):
     zone = Zone()
     dnsServer = harness.dnsServer(zone)
     lbws = await harness.lbws([("chat", "ws://chat.example:1", "resolve = 0.1")], dnsServer.resolver())
-    await eventually(lambda: harness.logged("looking up") or lbws.discovery.lookingUp())
+    await eventually(lambda: harness.loggedLines("looking up") or lbws.discovery.lookingUp())
     with pytest.raises(support.HandshakeFailed) as refused:
-        await connect(lbws.url)
+        await support.connect(lbws.url)
     assert refused.value.status == 503
 
 
@@ -468,7 +440,7 @@ async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tm
     options = PrivateCertificate.loadPEM(cert.private_key_and_cert_chain_pem.bytes()).options()
     backend = EchoFactory("tls")
     listening = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.2").listen(backend)
-    harness.ports.append(listening)
+    harness.atEnd(listening.stopListening)
     port = listening.getHost().port
     zone = Zone()
     zone.set("chat.example", A("127.0.0.2"))
@@ -479,12 +451,10 @@ async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tm
         probe="websocket",
         dashboard="tcp:0:interface=127.0.0.1",
     )
-    service = LbwsService(
-        reactor, parseConfig(text, "t.ini"), resolver=harness.dnsServer(zone).resolver()
+    service = await harness.start(
+        LbwsService(reactor, parseConfig(text, "t.ini"), resolver=harness.dnsServer(zone).resolver())
     )
-    service.startService()
-    harness.services.append(service)
-    url = f"ws://127.0.0.1:{(await service.listening).getHost().port}"
+    url = service.url
     dashboard = f"http://127.0.0.1:{(await service.dashboardListening).getHost().port}"
     name = f"chat/127.0.0.2:{port}"
     await eventually(lambda: name in service.pool.members and service.pool[name].state == UP)

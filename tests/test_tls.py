@@ -16,21 +16,19 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lbws.config import ConfigError, parseConfig
 from lbws.listen import listenEndpoint
 from tests.support import (
+    Harness,
     EchoFactory,
     HandshakeFailed,
     RecordingClient,
     connect,
     eventually,
     handshakeRequest,
-    startEchoBackend,
-    startLbws,
 )
 
 
@@ -59,18 +57,7 @@ def pki(tmp_path_factory):
     return files
 
 
-class Harness:
-    def __init__(self):
-        self.ports = []
-        self.services = []
-        self.clients = []
-        self.observers = []
-
-    async def backend(self, **kwargs):
-        factory, port = await startEchoBackend(**kwargs)
-        self.ports.append(port)
-        return factory
-
+class TlsHarness(Harness):
     async def tlsBackend(self, pem):
         """
         An echo backend on wss://127.0.0.1:PORT with the given key and chain.
@@ -80,37 +67,14 @@ class Harness:
         port = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(
             factory
         )
-        self.ports.append(port)
+        self.atEnd(port.stopListening)
         factory.url = f"wss://127.0.0.1:{port.getHost().port}"
         return factory
-
-    async def lbws(self, backends, **kwargs):
-        service = await startLbws(backends, **kwargs)
-        self.services.append(service)
-        return service
-
-    def logged(self):
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.observers.append(events.append)
-        return events
-
-    async def close(self):
-        for observer in self.observers:
-            globalLogPublisher.removeObserver(observer)
-        for client in self.clients:
-            if client.transport.connected:
-                client.transport.abortConnection()
-        for service in self.services:
-            if service.running:
-                await service.stopService()
-        for port in self.ports:
-            await port.stopListening()
 
 
 @pytest_twisted.async_yield_fixture
 async def harness():
-    h = Harness()
+    h = TlsHarness()
     yield h
     await h.close()
 
