@@ -17,8 +17,9 @@ reader that does not keep up pauses the writer instead of making lbws buffer.
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from lbws import autobahn as _autobahn
 from lbws.balance import hashKeyOf
@@ -158,10 +159,17 @@ class Leg:
 
     def expectWithin(self, timeout):
         """
-        Cut this side's connection unless it finishes within C{timeout}.
+        Cut this side's connection unless it finishes within C{timeout}
+        (or an earlier deadline already set: lbws stopping with a short
+        C{drain_timeout} shortens a close's wait, never lengthens it).
         """
-        if self._timer is None and not self.finished:
-            self._timer = self.tunnel.reactor.callLater(timeout, self.abort)
+        if self.finished:
+            return
+        reactor = self.tunnel.reactor
+        if self._timer is None:
+            self._timer = reactor.callLater(timeout, self.abort)
+        elif self._timer.getTime() > reactor.seconds() + timeout:
+            self._timer.reset(timeout)
 
     def finish(self):
         """
@@ -170,6 +178,8 @@ class Leg:
         """
         if not self.finished:
             self.finished = True
+            # A TLS transport holds its close back while it has a producer.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def abort(self):
@@ -183,6 +193,31 @@ class Leg:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
+
+
+@implementer(IPushProducer)
+class PeerProducer:
+    """
+    One side's transport as the streaming producer of the other side's:
+    when the other side cannot keep up, this side stops being read.
+
+    Registering the transport itself would also make Twisted close it the
+    moment the other side's connection is lost (it stops a consumer's
+    producer first), before the relay could send its close frame and wait
+    for the answer; ending connections is left to the relay.
+    """
+
+    def __init__(self, transport):
+        self._transport = transport
+
+    def pauseProducing(self):
+        self._transport.pauseProducing()
+
+    def resumeProducing(self):
+        self._transport.resumeProducing()
+
+    def stopProducing(self):
+        pass
 
 
 class Tunnel:
@@ -214,8 +249,8 @@ class Tunnel:
         self._idleTimeout = settings.idle_timeout
         clientProtocol.leg = self.client
         backendProtocol.leg = self.backend
-        self.client.transport.registerProducer(self.backend.transport, True)
-        self.backend.transport.registerProducer(self.client.transport, True)
+        self.client.transport.registerProducer(PeerProducer(self.backend.transport), True)
+        self.backend.transport.registerProducer(PeerProducer(self.client.transport), True)
         if self._pingInterval:
             self._pingCall = self.reactor.callLater(self._pingInterval, self._ping)
         if self._idleTimeout:
@@ -410,6 +445,7 @@ class FrontendProtocol(WebSocketServerProtocol):
 
     leg = None
     _pending = None
+    _paused = False
     _handshakeTimer = None
 
     def connectionMade(self):
@@ -446,6 +482,9 @@ class FrontendProtocol(WebSocketServerProtocol):
         return d.addCallback(opened)
 
     def onOpen(self):
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         early, self.data = self.data, b""
         backend = self._backend
         del self._backend
@@ -458,14 +497,17 @@ class FrontendProtocol(WebSocketServerProtocol):
             self.leg.received(data)
             return
         super().dataReceived(data)
-        # Still reading the request head (onConnect stops the timer)?
-        if (
-            self._handshakeTimer is not None
-            and self.state == self.STATE_CONNECTING
-            and len(self.data) > MAX_REQUEST_HEAD
-        ):
+        if self.state != self.STATE_CONNECTING or len(self.data) <= MAX_REQUEST_HEAD:
+            return
+        if self._handshakeTimer is not None:
+            # Still reading the request head (onConnect stops the timer).
             self._stopHandshakeTimer()
             self.failHandshake("Request Header Fields Too Large", 431)
+        elif self._pending is not None and not self._paused:
+            # Frames sent ahead while the backend is being opened: read no
+            # more of them until the tunnel takes them over.
+            self._paused = True
+            self.transport.pauseProducing()
 
     def connectionLost(self, reason):
         self._stopHandshakeTimer()

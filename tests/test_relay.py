@@ -507,6 +507,27 @@ async def test_client_leaving_mid_connect_cancels_backend_attempt(harness):
 
 
 @pytest_twisted.ensureDeferred
+async def test_frames_sent_ahead_while_the_backend_opens_are_not_read_without_bound(harness):
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(Silent)
+    )
+    harness.atEnd(port.stopListening)
+    lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
+    raw = await rawConnect(lbws.url)
+    frame = bytes([0x82, 0xFE, 0xFF, 0xFF]) + b"\x00" * 4 + b"\x00" * 0xFFFF
+    raw.transport.write(handshakeRequest() + frame * 64)  # 4 MiB ahead
+    await eventually(lambda: lbws.relay.opening)
+    (frontend,) = lbws.relay.opening
+    # lbws stops reading once it holds more than a request head's worth.
+    await eventually(lambda: frontend._paused)
+    held = len(frontend.data)
+    assert held <= 2 * 64 * 1024 + 65536
+    assert raw.transport.dataBuffer or raw.transport._tempDataLen  # still waiting to go
+    raw.transport.abortConnection()
+    await raw.done
+
+
+@pytest_twisted.ensureDeferred
 async def test_pipelined_frames_behind_handshake_are_relayed(harness):
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)])
