@@ -157,6 +157,15 @@ class Leg:
         else:
             self.expectWithin(timeout)
 
+    def fail(self, code, reason):
+        """
+        This side broke the protocol: send it a close frame and end the
+        connection without reading its answer, as RFC 6455 (7.1.7) has an
+        endpoint fail a WebSocket connection.
+        """
+        self.close(code, reason)
+        self.finish()
+
     def expectWithin(self, timeout):
         """
         Cut this side's connection unless it finishes within C{timeout}
@@ -337,7 +346,7 @@ class Tunnel:
             self.backend.close(CLOSE_GOING_AWAY, f"client error: {violation.reason}")
             self._closeOwed()
         else:
-            self.backend.close(violation.code, violation.reason)
+            self.backend.fail(violation.code, violation.reason)
             self.client.close(CLOSE_INTERNAL_ERROR, f"backend error: {violation.reason}")
 
     def legLost(self, leg):
@@ -376,7 +385,7 @@ class Tunnel:
         Once the backend leg is over, give the client the close it is owed.
         """
         if self.failure is not None and (self.backend.finished or self.backend.lost):
-            self.client.close(*self.failure)
+            self.client.fail(*self.failure)
 
     def shutdown(self, timeout):
         """
