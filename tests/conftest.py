@@ -24,3 +24,17 @@ async def harness():
     h = support.Harness()
     yield h
     await h.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def backend():
+    """
+    An Autobahn echo backend in this process, for an lbws in another one;
+    its connections are cut and its port closed after the test.
+    """
+    factory, port = await support.startEchoBackend("a")
+    yield factory
+    for connection in factory.connections:
+        if connection.transport is not None:
+            connection.transport.abortConnection()
+    await port.stopListening()

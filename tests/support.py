@@ -181,9 +181,9 @@ class NodeBackend:
     The seed's backend: a node `ws` echo server, as a process.
     """
 
-    def __init__(self, *args):
+    def __init__(self, *args, script="echo-server.js"):
         self.process = subprocess.Popen(
-            ["node", str(NODE_DIR / "echo-server.js"), "--port", "0", *args],
+            ["node", str(NODE_DIR / script), "--port", "0", *args],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -191,7 +191,7 @@ class NodeBackend:
         match = re.match(r"listening (\d+)", line)
         if not match:
             self.stop()
-            raise RuntimeError(f"node backend did not start: {line!r}")
+            raise RuntimeError(f"node backend {script} did not start: {line!r}")
         self.port = int(match.group(1))
         self.url = f"ws://127.0.0.1:{self.port}"
 

@@ -12,10 +12,8 @@ The load tests are marked `slow` (run them with `pytest -m slow`).
 import base64
 import hashlib
 import json
-import re
 import resource
 import signal
-import subprocess
 import time
 
 import psutil
@@ -602,25 +600,12 @@ async def test_fiveThousandIdleClients(tmp_path, harness, fileLimit, capsys):
             client.transport.abortConnection()
 
 
-class SequenceBackend(support.NodeBackend):
+def sequenceBackend():
     """
     tests/node/sequence-server.js: an echo backend that checks the order
     of each connection's messages and reports its counts.
     """
-
-    def __init__(self):
-        self.process = subprocess.Popen(
-            ["node", str(support.NODE_DIR / "sequence-server.js"), "--port", "0"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self.process.stdout.readline()
-        match = re.match(r"listening (\d+)", line)
-        if not match:
-            self.stop()
-            raise RuntimeError(f"sequence backend did not start: {line!r}")
-        self.port = int(match.group(1))
-        self.url = f"ws://127.0.0.1:{self.port}"
+    return support.NodeBackend(script="sequence-server.js")
 
 
 def stormMessage(seq):
@@ -685,7 +670,7 @@ async def test_messageStorm(tmp_path, harness, capsys):
     checks), and lbws's access log counts the same.
     """
     clients, seconds = 100, 30
-    backend = SequenceBackend()
+    backend = sequenceBackend()
     harness.nodes.append(backend)
     config = tmp_path / "lbws.ini"
     config.write_text(

@@ -2,7 +2,6 @@
 The frame scanner, fed valid and invalid streams cut at random places.
 """
 
-import os
 import struct
 
 import pytest
@@ -21,8 +20,8 @@ from lbws.frames import (
     buildFrame,
     closePayload,
     parseClosePayload,
-    unmask,
 )
+from tests.wire import frame
 
 
 class Recorder:
@@ -44,22 +43,6 @@ class Recorder:
 
     def boundary(self):
         self.boundaries += 1
-
-
-def frame(opcode, payload, fin=True, masked=True, rsv=0):
-    length = len(payload)
-    first = (0x80 if fin else 0) | rsv | opcode
-    maskBit = 0x80 if masked else 0
-    if length < 126:
-        header = struct.pack("!BB", first, maskBit | length)
-    elif length < 65536:
-        header = struct.pack("!BBH", first, maskBit | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, maskBit | 127, length)
-    if masked:
-        key = os.urandom(4)
-        return header + key + unmask(payload, key)
-    return header + payload
 
 
 def feedInPieces(scanner, data, cuts):

@@ -13,16 +13,6 @@ from twisted.internet import reactor
 from tests import support, wire
 
 
-@pytest_twisted.async_yield_fixture
-async def backend():
-    factory, port = await support.startEchoBackend("a")
-    yield factory
-    for connection in factory.connections:
-        if connection.transport is not None:
-            connection.transport.abortConnection()
-    await port.stopListening()
-
-
 @pytest.fixture
 def processes():
     """

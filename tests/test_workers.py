@@ -16,16 +16,6 @@ from tests import support
 from tests.test_dashboard import request
 
 
-@pytest_twisted.async_yield_fixture
-async def backend():
-    factory, port = await support.startEchoBackend("a")
-    yield factory
-    for connection in factory.connections:
-        if connection.transport is not None:
-            connection.transport.abortConnection()
-    await port.stopListening()
-
-
 @pytest.fixture
 def lbws(tmp_path, backend):
     config = tmp_path / "lbws.ini"

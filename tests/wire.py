@@ -130,12 +130,13 @@ async def rawOpen(url, path="/", timeout=10):
     return client
 
 
-def frameHeader(opcode, length, masked=True, fin=True):
+def frameHeader(opcode, length, masked=True, fin=True, rsv=0):
     """
-    Only the header of a frame (with its mask key): for lengths no test
-    would send whole.
+    Only the header of a frame (with its mask key, if masked): for lengths
+    no test would send whole. Written apart from lbws's own frame builder,
+    so that tests do not check lbws against itself.
     """
-    first = (0x80 if fin else 0) | opcode
+    first = (0x80 if fin else 0) | rsv | opcode
     maskBit = 0x80 if masked else 0
     if length < 126:
         header = struct.pack("!BB", first, maskBit | length)
@@ -144,3 +145,14 @@ def frameHeader(opcode, length, masked=True, fin=True):
     else:
         header = struct.pack("!BBQ", first, maskBit | 127, length)
     return header + (os.urandom(4) if masked else b"")
+
+
+def frame(opcode, payload, fin=True, masked=True, rsv=0):
+    """
+    A whole frame, with any combination of bits, valid or not.
+    """
+    header = frameHeader(opcode, len(payload), masked, fin, rsv)
+    if not masked:
+        return header + payload
+    key = header[-4:]
+    return header + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
