@@ -21,7 +21,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
@@ -527,28 +527,6 @@ async def connect(url, protocols=None, headers=None, path="/", useragent="lbws-t
     host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
     await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
     return await factory.opened
-
-
-class RawClient(protocol.Protocol):
-    """
-    A TCP client for bytes no WebSocket library would send.
-    """
-
-    def connectionMade(self):
-        self.received = b""
-        self.done = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.done.callback(self.received)
-
-
-async def rawConnect(url):
-    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
-    factory = protocol.Factory.forProtocol(RawClient)
-    return await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
 
 
 def handshakeRequest(path="/", host="127.0.0.1", extra=""):

@@ -16,7 +16,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import globalLogPublisher
 
-from tests.support import RecordingClient, eventually, rawConnect, startEchoBackend, startLbws
+from tests import wire
+from tests.support import RecordingClient, eventually, startEchoBackend, startLbws
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -139,8 +140,8 @@ async def test_proxy_header_from_the_balancer_in_front_is_appended(proxied):
 
 @pytest_twisted.ensureDeferred
 async def test_a_connection_without_a_proxy_header_is_dropped(proxied):
-    raw = await rawConnect(proxied.url)
+    raw = await wire.rawConnect(proxied.url)
     raw.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    received = await raw.done
+    received = await raw.closed
     assert received == b""
     assert proxied.pool["a"].total == 0

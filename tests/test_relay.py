@@ -5,21 +5,20 @@ loopback, real clients.
 """
 
 import json
-import struct
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 
-from lbws.frames import unmask
+from lbws.frames import OP_BINARY, OP_PING, OP_TEXT
+from tests import wire
 from tests.support import (
     HandshakeFailed,
     connect,
     deferLater,
     eventually,
     handshakeRequest,
-    rawConnect,
 )
 
 
@@ -190,13 +189,13 @@ async def test_backend_that_never_answered_gives_1014(harness):
     # (IANA's "Bad Gateway"), which browsers accept.
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)])
-    raw = await rawWebSocket(lbws.url)
+    raw = await wire.rawOpen(lbws.url)
     backend.connections[0].transport.abortConnection()
-    await eventually(lambda: closeCodeIn(raw.received) is not None)
-    assert closeCodeIn(raw.received) == 1014
-    assert b"never answered" in raw.received
-    raw.transport.write(maskedFrame(0x88, struct.pack("!H", 1014)))
-    await raw.done
+    close = await raw.closeFrame()
+    assert close.closeCode == 1014
+    assert b"never answered" in close.payload
+    raw.sendClose(1014)
+    await raw.closed
 
 
 @pytest_twisted.ensureDeferred
@@ -340,45 +339,14 @@ async def test_invalid_utf8_gets_1007_from_backend(harness):
     assert code == 1007
 
 
-def maskedFrame(first, payload, key=b"\x01\x02\x03\x04"):
-    assert len(payload) < 126
-    return bytes([first, 0x80 | len(payload)]) + key + unmask(payload, key)
-
-
-async def rawWebSocket(url):
-    raw = await rawConnect(url)
-    raw.transport.write(handshakeRequest())
-    await eventually(lambda: b"\r\n\r\n" in raw.received)
-    assert raw.received.startswith(b"HTTP/1.1 101")
-    raw.received = raw.received.split(b"\r\n\r\n", 1)[1]
-    return raw
-
-
-def closeCodeIn(data):
-    """
-    The close code of the first close frame the server sent.
-    """
-    while data:
-        opcode, length = data[0] & 0x0F, data[1] & 0x7F
-        header = 2 + (2 if length == 126 else 8 if length == 127 else 0)
-        if length == 126:
-            (length,) = struct.unpack_from("!H", data, 2)
-        elif length == 127:
-            (length,) = struct.unpack_from("!Q", data, 2)
-        if opcode == 8:
-            return struct.unpack_from("!H", data, header)[0]
-        data = data[header + length :]
-    return None
-
-
 @pytest.mark.parametrize(
     "bad, code",
     [
-        (maskedFrame(0xC1, b"rsv"), 1002),  # reserved bit
-        (maskedFrame(0x83, b"op"), 1002),  # reserved opcode
-        (maskedFrame(0x09, b"frag"), 1002),  # fragmented ping
-        (bytes([0x81, 0x03]) + b"abc", 1002),  # unmasked client frame
-        (b"\x82\xff" + struct.pack("!Q", 1 << 30) + b"\x00" * 4, 1009),  # 1 GiB
+        (wire.frame(OP_TEXT, b"rsv", rsv=0x40), 1002),  # reserved bit
+        (wire.frame(3, b"op"), 1002),  # reserved opcode
+        (wire.frame(OP_PING, b"frag", fin=False), 1002),  # fragmented ping
+        (wire.frame(OP_TEXT, b"abc", masked=False), 1002),  # unmasked client frame
+        (wire.frameHeader(OP_BINARY, 1 << 30), 1009),  # 1 GiB
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -386,17 +354,18 @@ async def test_bad_frames_get_their_close_code_after_earlier_replies(harness, ba
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)], lbws="max_message_size = 1048576")
     other = await harness.client(lbws.url)
-    raw = await rawWebSocket(lbws.url)
-    raw.transport.write(maskedFrame(0x81, b"before") + bad + maskedFrame(0x81, b"after"))
+    raw = await wire.rawOpen(lbws.url)
+    raw.send(wire.frame(OP_TEXT, b"before") + bad + wire.frame(OP_TEXT, b"after"))
     start = reactor.seconds()
-    received = await raw.done
+    # The echo of what came before the bad frame arrives, then the close.
+    echo = await raw.nextFrame()
+    assert (echo.opcode, echo.payload) == (OP_TEXT, b"before")
+    assert (await raw.nextFrame()).closeCode == code
+    received = await raw.closed
     # Failing a connection ends it at once (RFC 6455 7.1.7): lbws does not
     # wait for the close answer of a client that broke the protocol.
     assert reactor.seconds() - start < 2
-    # The echo of what came before the bad frame arrives, then the close.
-    assert received.startswith(b"\x81\x06before")
     assert b"after" not in received
-    assert closeCodeIn(received) == code
     assert await roundTrip(other, b"unaffected") == (b"unaffected", False)
 
 
@@ -404,13 +373,13 @@ async def test_bad_frames_get_their_close_code_after_earlier_replies(harness, ba
 async def test_not_a_websocket_handshake_is_refused(harness):
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)])
-    raw = await rawConnect(lbws.url)
-    raw.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    received = await raw.done
+    raw = await wire.rawConnect(lbws.url)
+    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = await raw.closed
     assert received.startswith(b"HTTP/1.1 4")
-    junk = await rawConnect(lbws.url)
-    junk.transport.write(b"\x00\x01garbage\r\n\r\n")
-    assert (await junk.done).startswith(b"HTTP/1.1 4")
+    junk = await wire.rawConnect(lbws.url)
+    junk.send(b"\x00\x01garbage\r\n\r\n")
+    assert (await junk.closed).startswith(b"HTTP/1.1 4")
     assert backend.connections == []
 
 
@@ -418,9 +387,9 @@ async def test_not_a_websocket_handshake_is_refused(harness):
 async def test_slow_client_handshake_times_out_with_408(harness):
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)], lbws="handshake_timeout = 0.3")
-    raw = await rawConnect(lbws.url)
-    raw.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
-    received = await raw.done
+    raw = await wire.rawConnect(lbws.url)
+    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    received = await raw.closed
     assert received.startswith(b"HTTP/1.1 408")
 
 
@@ -435,9 +404,9 @@ async def test_pings_reach_clients_and_silent_clients_are_dropped(harness):
     assert await roundTrip(client, b"alive") == (b"alive", False)
     # Pongs to lbws's own pings are not passed to the backend.
     assert all(p.startswith(b"lbws-") for p in pings)
-    raw = await rawWebSocket(lbws.url)
-    await raw.done  # it never answers the ping, so lbws drops it
-    assert raw.received.startswith(b"\x89")
+    raw = await wire.rawOpen(lbws.url)
+    assert (await raw.nextFrame()).opcode == OP_PING
+    await raw.closed  # it never answers the ping, so lbws drops it
     await eventually(lambda: len(backend.closes) == 1)
     assert backend.closes[0][1] == 1001
 
@@ -501,11 +470,11 @@ async def test_client_leaving_mid_connect_cancels_backend_attempt(harness):
     )
     harness.atEnd(port.stopListening)
     lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
-    raw = await rawConnect(lbws.url)
-    raw.transport.write(handshakeRequest())
+    raw = await wire.rawConnect(lbws.url)
+    raw.send(handshakeRequest())
     await eventually(lambda: lbws.pool["silent"].active == 1)
     raw.transport.loseConnection()
-    await raw.done
+    await raw.closed
     await eventually(lambda: lbws.pool["silent"].active == 0 and lbws.relay.clients == 0)
     assert lbws.pool["silent"].state == "up"
 
@@ -517,9 +486,9 @@ async def test_frames_sent_ahead_while_the_backend_opens_are_not_read_without_bo
     )
     harness.atEnd(port.stopListening)
     lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
-    raw = await rawConnect(lbws.url)
+    raw = await wire.rawConnect(lbws.url)
     frame = bytes([0x82, 0xFE, 0xFF, 0xFF]) + b"\x00" * 4 + b"\x00" * 0xFFFF
-    raw.transport.write(handshakeRequest() + frame * 64)  # 4 MiB ahead
+    raw.send(handshakeRequest() + frame * 64)  # 4 MiB ahead
     await eventually(lambda: lbws.relay.opening)
     (frontend,) = lbws.relay.opening
     # lbws stops reading once it holds more than a request head's worth.
@@ -528,18 +497,18 @@ async def test_frames_sent_ahead_while_the_backend_opens_are_not_read_without_bo
     assert held <= 2 * 64 * 1024 + 65536
     assert raw.transport.dataBuffer or raw.transport._tempDataLen  # still waiting to go
     raw.transport.abortConnection()
-    await raw.done
+    await raw.closed
 
 
 @pytest_twisted.ensureDeferred
 async def test_pipelined_frames_behind_handshake_are_relayed(harness):
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)])
-    raw = await rawConnect(lbws.url)
-    raw.transport.write(handshakeRequest() + maskedFrame(0x81, b"early"))
-    await eventually(lambda: b"early" in raw.received)
+    raw = await wire.rawConnect(lbws.url)
+    raw.send(handshakeRequest() + wire.frame(OP_TEXT, b"early"))
+    assert (await raw.nextFrame()).payload == b"early"
     raw.transport.loseConnection()
-    await raw.done
+    await raw.closed
     await eventually(lambda: backend.closes)
     assert backend.closes[0][1] == 1001
 
