@@ -11,14 +11,16 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP) tests/node/node_modules/.installed $(VENV)/.system-deps
 
-# Debian packages the tests use: node/npm for the seed's `ws` backend and
-# headless Chromium for the dashboard test. Installed only when missing.
+# Debian packages the tests use: node/npm for the seed's `ws` backend,
+# headless Chromium for the dashboard test, systemd-analyze to verify the
+# unit file. Installed only when missing.
 $(VENV)/.system-deps: | $(STAMP)
 	@missing=""; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
