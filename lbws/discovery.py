@@ -47,7 +47,7 @@ from twisted.names.error import AuthoritativeDomainError, DNSNameError
 import attrs
 
 from lbws.config import resolveInterval
-from lbws.pool import Member, _restart
+from lbws.pool import Member
 
 _log = Logger()
 
@@ -307,9 +307,7 @@ class _Group:
                     rise=rise,
                 )
             elif member.removed:
-                member.removed = False
-                member.settings = settings
-                _restart(member)
+                member.restart(settings)
                 _log.info(
                     "backend {backend} is back in DNS: joins after {rise} passing check(s)",
                     backend=name,

@@ -82,6 +82,19 @@ class Member:
             return DRAINING
         return UP if self.healthy else DOWN
 
+    def restart(self, settings):
+        """
+        Take new settings (an address that moved, or a backend back after a
+        removal) and start health over: not healthy until C{rise} checks
+        pass, since the old results say nothing of the new address.
+        """
+        self.settings = settings
+        self.removed = False
+        self.healthy = False
+        self.consecutiveFailures = 0
+        self.consecutiveSuccesses = 0
+        self.lastError = ""
+
     def recordCheck(self, ok, when, rise, fall, error="", rtt=None):
         """
         Count one check (a probe, or a real connection attempt) and move
@@ -114,16 +127,6 @@ class Member:
 
 def _address(backend):
     return (backend.secure, backend.host, backend.port, backend.path)
-
-
-def _restart(member):
-    """
-    Health starts over: not healthy until C{rise} checks pass.
-    """
-    member.healthy = False
-    member.consecutiveFailures = 0
-    member.consecutiveSuccesses = 0
-    member.lastError = ""
 
 
 # The share of its weight a member has when its slow start begins: not 0,
@@ -189,9 +192,7 @@ class Pool:
                     rise=settings.health.rise,
                 )
             elif member.removed:
-                member.removed = False
-                member.settings = backend
-                _restart(member)
+                member.restart(backend)
                 _log.info(
                     "backend {backend} added back: joins after {rise} passing check(s)",
                     backend=backend.name,
@@ -200,8 +201,7 @@ class Pool:
                 )
             elif _address(member.settings) != _address(backend):
                 old_url = member.settings.url
-                member.settings = backend
-                _restart(member)
+                member.restart(backend)
                 _log.info(
                     "backend {backend} moved from {old_url} to {url}: open connections"
                     " stay, new ones after {rise} passing check(s)",
