@@ -280,6 +280,16 @@ class Harness:
         self.atEnd(port.stopListening)
         return factory
 
+    async def listen(self, factory, endpoint=None):
+        """
+        Serve C{factory} on 127.0.0.1, port 0 (or on C{endpoint}), until
+        the end of the test.
+        """
+        endpoint = endpoint or TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port = await endpoint.listen(factory)
+        self.atEnd(port.stopListening)
+        return port
+
     def deadUrl(self):
         """
         The URL of a loopback port that refuses connections (and that no

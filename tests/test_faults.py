@@ -21,7 +21,7 @@ import pytest
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from lbws.frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT
 from tests import support, wire
@@ -30,28 +30,21 @@ from tests import support, wire
 HANDSHAKE_TIMEOUT = 0.5
 
 
-class Harness:
+class FaultHarness(support.Harness):
     """
-    Backends (in-process, node processes, fake ones), lbws services and
-    clients, all stopped after the test.
+    The shared harness, plus node processes, fake backends and twistd
+    processes. At the end lbws cuts its connections instead of draining
+    them: some tests leave clients that would never answer a close.
     """
-
-    def __init__(self):
-        self.ports = []
-        self.nodes = []
-        self.services = []
-        self.processes = []
-        self.transports = []
 
     async def echo(self, name="echo"):
-        factory, port = await support.startEchoBackend(name)
-        self.ports.append(port)
-        self.transports.append(factory)
+        factory = await self.backend(name)
+        self._cutAtEnd(factory)
         return factory
 
     def node(self, *args):
         backend = support.NodeBackend(*args)
-        self.nodes.append(backend)
+        self.atEnd(backend.stop)
         return backend
 
     async def fake(self, protocolClass):
@@ -60,44 +53,34 @@ class Harness:
         """
         factory = protocol.Factory.forProtocol(protocolClass)
         factory.connections = []
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        port = await self.listen(factory)
         factory.url = f"ws://127.0.0.1:{port.getHost().port}"
-        self.ports.append(port)
-        self.transports.append(factory)
+        self._cutAtEnd(factory)
         return factory
-
-    async def lbws(self, backends, **kwargs):
-        service = await support.startLbws(backends, **kwargs)
-        self.services.append(service)
-        return service
 
     def lbwsProcess(self, config, *args, **kwargs):
         process = support.LbwsProcess(config, *args, **kwargs)
-        self.processes.append(process)
+        self.atEnd(process.stop, first=True)
         return process
+
+    def _cutAtEnd(self, factory):
+        def cut():
+            for connection in factory.connections:
+                if connection.transport is not None and connection.transport.connected:
+                    connection.transport.abortConnection()
+
+        self.atEnd(cut)
 
     async def close(self):
         for service in self.services:
             if service.running:
-                for tunnel in list(service.relay.tunnels):
-                    tunnel.client.abort()
-                    tunnel.backend.abort()
-                await service.stopService()
-        for process in self.processes:
-            process.stop()
-        for factory in self.transports:
-            for connection in factory.connections:
-                if connection.transport is not None and connection.transport.connected:
-                    connection.transport.abortConnection()
-        for port in self.ports:
-            await port.stopListening()
-        for node in self.nodes:
-            node.stop()
+                service.relay.abort()
+        await super().close()
 
 
 @pytest_twisted.async_yield_fixture
 async def harness():
-    h = Harness()
+    h = FaultHarness()
     yield h
     await h.close()
 
@@ -671,7 +654,7 @@ async def test_messageStorm(tmp_path, harness, capsys):
     """
     clients, seconds = 100, 30
     backend = sequenceBackend()
-    harness.nodes.append(backend)
+    harness.atEnd(backend.stop)
     config = tmp_path / "lbws.ini"
     config.write_text(
         support.configText(

@@ -12,7 +12,7 @@ import trustme
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, protocol, reactor, threads
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock
@@ -298,34 +298,6 @@ def test_stopping_cancels_probes_and_leaves_no_timer():
 # Each probe against real sockets.
 
 
-class Cleanup:
-    def __init__(self):
-        self.ports = []
-        self.sockets = []
-        self.processes = []
-
-    async def listen(self, factory, endpoint=None):
-        endpoint = endpoint or TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        port = await endpoint.listen(factory)
-        self.ports.append(port)
-        return port
-
-    async def close(self):
-        for process in self.processes:
-            process.stop()
-        for port in self.ports:
-            await port.stopListening()
-        for sock in self.sockets:
-            sock.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def cleanup():
-    c = Cleanup()
-    yield c
-    await c.close()
-
-
 def backendSettings(url, probe="websocket", health="", extra=()):
     settings = settingsFor([("b", url, *extra)], health=health, probe=probe)
     return settings.backend("b"), settings.health
@@ -358,8 +330,8 @@ def deadUrl():
 
 
 @pytest_twisted.ensureDeferred
-async def test_tcp_probe(cleanup, deadUrl):
-    port = await cleanup.listen(protocol.Factory.forProtocol(protocol.Protocol))
+async def test_tcp_probe(harness, deadUrl):
+    port = await harness.listen(protocol.Factory.forProtocol(protocol.Protocol))
     ok = await outcome(health.probeTcp, *backendSettings(
         f"ws://127.0.0.1:{port.getHost().port}", "tcp"))
     assert ok[0] == "ok" and 0 <= ok[1] < 1
@@ -373,9 +345,9 @@ class ClosesAfterOpen(WebSocketServerProtocol):
 
 
 @pytest_twisted.ensureDeferred
-async def test_websocket_probe_handshakes_pings_and_closes_cleanly(cleanup):
+async def test_websocket_probe_handshakes_pings_and_closes_cleanly(harness):
     backend = EchoFactory()
-    port = await cleanup.listen(backend)
+    port = await harness.listen(backend)
     url = f"ws://127.0.0.1:{port.getHost().port}/app"
     ok = await outcome(health.probeWebsocket, *backendSettings(url, health="path = /health"))
     assert ok[0] == "ok" and 0 <= ok[1] < 1
@@ -387,9 +359,9 @@ async def test_websocket_probe_handshakes_pings_and_closes_cleanly(cleanup):
 
 
 @pytest_twisted.ensureDeferred
-async def test_websocket_probe_offers_and_requires_the_subprotocol(cleanup):
+async def test_websocket_probe_offers_and_requires_the_subprotocol(harness):
     chooses = EchoFactory()
-    port = await cleanup.listen(chooses)
+    port = await harness.listen(chooses)
     url = f"ws://127.0.0.1:{port.getHost().port}"
     ok = await outcome(health.probeWebsocket, *backendSettings(
         url, health="subprotocol = chat.v2"))
@@ -401,7 +373,7 @@ async def test_websocket_probe_offers_and_requires_the_subprotocol(cleanup):
             return None
 
     ignores = NoSubprotocol()
-    port = await cleanup.listen(ignores)
+    port = await harness.listen(ignores)
     url = f"ws://127.0.0.1:{port.getHost().port}"
     failed = await outcome(health.probeWebsocket, *backendSettings(
         url, health="subprotocol = chat.v2"))
@@ -409,16 +381,16 @@ async def test_websocket_probe_offers_and_requires_the_subprotocol(cleanup):
 
 
 @pytest_twisted.ensureDeferred
-async def test_websocket_probe_failures_say_why(cleanup, deadUrl):
+async def test_websocket_probe_failures_say_why(harness, deadUrl):
     refusing = EchoFactory(refuseWith=(403, "Forbidden"))
-    port = await cleanup.listen(refusing)
+    port = await harness.listen(refusing)
     failed = await outcome(health.probeWebsocket, *backendSettings(
         f"ws://127.0.0.1:{port.getHost().port}"))
     assert failed == ("failed", "backend answered HTTP 403 Forbidden")
 
     closing = WebSocketServerFactory(reactor=reactor)
     closing.protocol = ClosesAfterOpen
-    port = await cleanup.listen(closing)
+    port = await harness.listen(closing)
     failed = await outcome(health.probeWebsocket, *backendSettings(
         f"ws://127.0.0.1:{port.getHost().port}"))
     assert failed[0] == "failed" and "4000" in failed[1]
@@ -436,10 +408,10 @@ class Silent(protocol.Protocol):
 
 
 @pytest_twisted.ensureDeferred
-async def test_websocket_probe_of_a_silent_backend_times_out_and_hangs_up(cleanup):
+async def test_websocket_probe_of_a_silent_backend_times_out_and_hangs_up(harness):
     silent = protocol.Factory.forProtocol(Silent)
     silent.connected, silent.lost = [], []
-    port = await cleanup.listen(silent)
+    port = await harness.listen(silent)
     failed = await outcome(health.probeWebsocket, *backendSettings(
         f"ws://127.0.0.1:{port.getHost().port}", health="timeout = 0.2"))
     assert failed == ("failed", "check timed out after 0.2s")
@@ -448,7 +420,7 @@ async def test_websocket_probe_of_a_silent_backend_times_out_and_hangs_up(cleanu
 
 
 @pytest_twisted.ensureDeferred
-async def test_http_probe(cleanup, deadUrl):
+async def test_http_probe(harness, deadUrl):
     class Tree(Resource):
         def getChild(self, path, request):
             return notFound()
@@ -474,7 +446,7 @@ async def test_http_probe(cleanup, deadUrl):
     app.putChild(b"ok", ok)
     app.putChild(b"moved", Redirect(b"/app/ok"))
     app.putChild(b"broken", broken)
-    port = await cleanup.listen(Site(root))
+    port = await harness.listen(Site(root))
     url = f"ws://127.0.0.1:{port.getHost().port}/app"
     result = await outcome(health.probeHttp, *backendSettings(url, "http", "path = /ok"))
     assert result[0] == "ok" and 0 <= result[1] < 1
@@ -491,7 +463,7 @@ async def test_http_probe(cleanup, deadUrl):
 
 
 @pytest_twisted.ensureDeferred
-async def test_wss_probes_verify_the_certificate_like_the_relay(cleanup, tmp_path):
+async def test_wss_probes_verify_the_certificate_like_the_relay(harness, tmp_path):
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     caFile = tmp_path / "ca.pem"
@@ -502,7 +474,7 @@ async def test_wss_probes_verify_the_certificate_like_the_relay(cleanup, tmp_pat
         cert.private_key_and_cert_chain_pem.bytes()
     ).options()
     backend = EchoFactory()
-    port = await cleanup.listen(
+    port = await harness.listen(
         backend, SSL4ServerEndpoint(reactor, 0, serverOptions, interface="127.0.0.1")
     )
     url = f"wss://127.0.0.1:{port.getHost().port}"
@@ -724,8 +696,7 @@ class RefusesHealthPath(EchoFactory):
 @pytest_twisted.ensureDeferred
 async def test_open_connections_stay_when_their_backend_goes_down(e2e):
     backend = RefusesHealthPath()
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend)
-    e2e.atEnd(port.stopListening)
+    port = await e2e.listen(backend)
     lbws = await e2e.lbws(
         [("a", f"ws://127.0.0.1:{port.getHost().port}")],
         probe="websocket",

@@ -9,7 +9,6 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
 
 from lbws.frames import OP_BINARY, OP_PING, OP_TEXT
 from tests import wire
@@ -272,10 +271,7 @@ class Silent(protocol.Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_backend_handshake_timeout_then_retry(harness):
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        protocol.Factory.forProtocol(Silent)
-    )
-    harness.atEnd(port.stopListening)
+    port = await harness.listen(protocol.Factory.forProtocol(Silent))
     live = await harness.backend("live")
     lbws = await harness.lbws(
         [("silent", f"ws://127.0.0.1:{port.getHost().port}"), ("live", live.url)],
@@ -465,10 +461,7 @@ async def test_hash_balancing_keeps_a_key_on_one_backend(harness):
 
 @pytest_twisted.ensureDeferred
 async def test_client_leaving_mid_connect_cancels_backend_attempt(harness):
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        protocol.Factory.forProtocol(Silent)
-    )
-    harness.atEnd(port.stopListening)
+    port = await harness.listen(protocol.Factory.forProtocol(Silent))
     lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
     raw = await wire.rawConnect(lbws.url)
     raw.send(handshakeRequest())
@@ -481,10 +474,7 @@ async def test_client_leaving_mid_connect_cancels_backend_attempt(harness):
 
 @pytest_twisted.ensureDeferred
 async def test_frames_sent_ahead_while_the_backend_opens_are_not_read_without_bound(harness):
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        protocol.Factory.forProtocol(Silent)
-    )
-    harness.atEnd(port.stopListening)
+    port = await harness.listen(protocol.Factory.forProtocol(Silent))
     lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
     raw = await wire.rawConnect(lbws.url)
     frame = bytes([0x82, 0xFE, 0xFF, 0xFF]) + b"\x00" * 4 + b"\x00" * 0xFFFF
