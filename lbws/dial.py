@@ -4,6 +4,9 @@ C{connect_timeout}, handshake with C{handshake_timeout}, and try other
 members (C{retries}) when one fails.
 """
 
+import functools
+import os
+
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -14,8 +17,13 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.ssl import optionsForClientTLS, trustRootFromCertificates
-from twisted.internet.ssl import Certificate, platformTrust
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
 from twisted.logger import Logger
 
 from lbws.balance import hashKeyOf
@@ -137,15 +145,31 @@ def _tlsOptions(backend):
             "backend {backend}: TLS certificate NOT verified (verify = false)",
             backend=backend.name,
         )
-        from twisted.internet.ssl import CertificateOptions
+        return _unverifiedOptions()
+    # The CA file's modification time is part of the key, so a replaced file
+    # is read again; otherwise every connection and probe shares one context.
+    stamp = os.stat(backend.ca).st_mtime_ns if backend.ca else None
+    return _verifiedOptions(backend.host, backend.ca, stamp)
 
-        return CertificateOptions(verify=False)
-    if backend.ca:
-        with open(backend.ca, "rb") as f:
+
+@functools.lru_cache(maxsize=1)
+def _unverifiedOptions():
+    return CertificateOptions(verify=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _verifiedOptions(host, ca, stamp):
+    """
+    TLS options checking C{host} against C{ca} (or the system's CAs):
+    reading the CA file and building an OpenSSL context is far dearer than
+    a connection, so it is done once per host, file and file version.
+    """
+    if ca:
+        with open(ca, "rb") as f:
             trust = trustRootFromCertificates([Certificate.loadPEM(f.read())])
     else:
         trust = platformTrust()
-    return optionsForClientTLS(backend.host, trustRoot=trust)
+    return optionsForClientTLS(host, trustRoot=trust)
 
 
 def backendEndpoint(reactor, backend, timeout):

@@ -6,6 +6,7 @@ CA, the verify = false opt-out).
 """
 
 import json
+import os
 
 import pytest
 import pytest_twisted
@@ -19,6 +20,7 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lbws import dial
 from lbws.config import ConfigError, parseConfig
 from lbws.listen import listenEndpoint
 from tests.support import (
@@ -331,3 +333,19 @@ async def test_verify_false_connects_and_warns(harness, pki):
         e for e in events if "NOT verified" in str(e.get("log_format")) and e.get("backend") == "a"
     ]
     assert warnings and all(e["log_level"].name == "warn" for e in warnings)
+
+
+def test_backend_tls_context_is_built_once_and_again_for_a_replaced_ca(pki, tmp_path):
+    """
+    Every connection and probe to a wss backend shares one TLS context;
+    a CA file replaced on disk (say before a reload) is read again.
+    """
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki["ca"].read_bytes())
+    settings = parseConfig(f"[backend:a]\nurl = wss://127.0.0.1:1\nca = {ca}\n")
+    (backend,) = settings.backends
+    first = dial._tlsOptions(backend)
+    assert dial._tlsOptions(backend) is first
+    ca.write_bytes(pki["stranger"].read_bytes())
+    os.utime(ca, ns=(0, ca.stat().st_mtime_ns + 1_000_000))
+    assert dial._tlsOptions(backend) is not first
