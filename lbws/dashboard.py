@@ -7,6 +7,9 @@ C{dashboard} endpoint.
     traffic; total connections; uptime.
   - C{GET /metrics}: Prometheus text, from L{lbws.metrics.LbwsCollector}.
   - C{GET /healthz}: 200 when a backend is up, else 503.
+  - C{GET /history.json?range=SECONDS}: the sampled history of the last
+    SECONDS (at most an hour), from L{lbws.history}; C{GET /events.json}:
+    the last events, from L{lbws.events}.
   - C{POST /backends/NAME/drain}, C{POST /backends/NAME/enable} and
     C{POST /reload}: need C{Authorization: Bearer <admin_token>}; with no
     admin_token configured they are refused (403).
@@ -19,6 +22,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 from importlib.resources import files
 
@@ -28,6 +32,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from lbws.history import MAX_RANGE
 from lbws.metrics import metricsRegistry
 
 _log = Logger()
@@ -60,11 +65,12 @@ def _plain(request, code, text):
     return text.encode("utf-8") + b"\n"
 
 
-def _json(request, value, code=200):
+def _json(request, value, code=200, compact=False):
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(value, indent=1).encode("utf-8") + b"\n"
+    text = json.dumps(value, separators=(",", ":")) if compact else json.dumps(value, indent=1)
+    return text.encode("utf-8") + b"\n"
 
 
 def status(service):
@@ -172,6 +178,43 @@ class _Status(_Leaf):
         return _json(request, status(self._service))
 
 
+class _History(_Leaf):
+    """
+    C{GET /history.json?range=SECONDS}: samples of the last SECONDS
+    (default and most: an hour), compact, since an hour of a few backends
+    is some ten thousand numbers.
+    """
+
+    def __init__(self, service):
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request):
+        given = request.args.get(b"range", [str(MAX_RANGE).encode()])[-1]
+        try:
+            seconds = float(given)
+        except ValueError:
+            seconds = math.nan
+        if not (0 < seconds < math.inf):
+            problem = f"range={given.decode('latin-1')!r}: give a number of seconds above 0"
+            return _json(request, {"error": f"{problem} (at most {MAX_RANGE:g})"}, 400)
+        return _json(request, self._service.history.view(seconds), compact=True)
+
+
+class _Events(_Leaf):
+    """
+    C{GET /events.json}: the last events, oldest first.
+    """
+
+    def __init__(self, service):
+        super().__init__()
+        self._service = service
+
+    def render_GET(self, request):
+        now = self._service.reactor.seconds()
+        return _json(request, {"events": self._service.events.recent(), "now": now})
+
+
 class _Metrics(_Leaf):
 
     def __init__(self, service):
@@ -251,8 +294,10 @@ class _BackendAction(_Admin):
         if member is None:
             return _json(request, {"error": f"no backend named {self._name!r}"}, 404)
         member.drained = self._action == "drain"
-        _log.info(
+        self._service.events.record(
+            self._action,
             "backend {backend} {done} from the dashboard ({peer}): now {state}",
+            source="dashboard",
             backend=member.name,
             done="drained" if member.drained else "enabled",
             peer=_peer(request),
@@ -341,13 +386,17 @@ class _Root(Resource):
 def dashboardResource(service):
     """
     The resource tree for C{service}: anything with C{reactor}, C{settings},
-    C{pool}, C{counters}, C{started} and optionally C{reload()}.
+    C{pool}, C{counters}, C{started}, C{history} (a
+    L{lbws.history.HistorySampler}), C{events} (an L{lbws.events.Events})
+    and optionally C{reload()}.
     """
     root = _Root()
     root.putChild(b"", _Page())
     root.putChild(b"status.json", _Status(service))
     root.putChild(b"metrics", _Metrics(service))
     root.putChild(b"healthz", _Healthz(service))
+    root.putChild(b"history.json", _History(service))
+    root.putChild(b"events.json", _Events(service))
     root.putChild(b"backends", _Backends(service))
     root.putChild(b"reload", _Reload(service))
     return root

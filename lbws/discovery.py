@@ -298,9 +298,11 @@ class _Group:
         for name, settings in wanted.items():
             member = current.get(name)
             if member is None:
-                pool.join(Member(settings, healthy=False))
-                _log.info(
+                pool.join(Member(settings, healthy=False, events=pool.events))
+                pool.events.record(
+                    "enable",
                     "backend {backend} found by DNS: joins after {rise} passing check(s)",
+                    source="dns",
                     backend=name,
                     group=template.name,
                     url=settings.url,
@@ -308,8 +310,10 @@ class _Group:
                 )
             elif member.removed:
                 member.restart(settings)
-                _log.info(
+                pool.events.record(
+                    "enable",
                     "backend {backend} is back in DNS: joins after {rise} passing check(s)",
+                    source="dns",
                     backend=name,
                     group=template.name,
                     rise=rise,
@@ -320,8 +324,10 @@ class _Group:
             if name in wanted or member.removed:
                 continue
             member.removed = True
-            _log.info(
+            pool.events.record(
+                "drain",
                 "backend {backend} is gone from DNS: draining {active} open connection(s)",
+                source="dns",
                 backend=name,
                 group=template.name,
                 active=member.active,

@@ -5,9 +5,10 @@ health checker, the relay and the dashboard all read and update.
 
 from collections import Counter
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from lbws.balance import STRATEGIES
+from lbws.events import Events
 from lbws.metrics import Durations
 
 UP = "up"
@@ -24,10 +25,14 @@ class Member:
     A backend is C{draining} while an operator drained it or a reload
     removed it: it gets no new connections whatever its health, and its
     open connections stay.
+
+    @param events: the L{lbws.events.Events} its going up and down is
+        recorded in (the pool's).
     """
 
-    def __init__(self, settings, healthy=True):
+    def __init__(self, settings, healthy=True, events=None):
         self.settings = settings
+        self.events = events if events is not None else Events()
         self.healthy = healthy
         self.drained = False
         self.removed = False
@@ -111,7 +116,7 @@ class Member:
             if not self.healthy and self.consecutiveSuccesses >= rise:
                 self.healthy = True
                 self.changed = when
-                _log.info("backend {backend} is up", backend=self.name)
+                self.events.record("backend_up", "backend {backend} is up", backend=self.name)
                 return True
         else:
             self.lastError = error
@@ -120,7 +125,8 @@ class Member:
             if self.healthy and self.consecutiveFailures >= fall:
                 self.healthy = False
                 self.changed = when
-                _log.warn("backend {backend} is down: {why}", backend=self.name, why=error)
+                self.events.record("backend_down", "backend {backend} is down: {error}",
+                                   LogLevel.warn, backend=self.name, error=error)
                 return True
         return False
 
@@ -144,16 +150,19 @@ class Pool:
 
     @param clock: the reactor's C{IReactorTime}, for C{slow_start}; without
         one, members always have their full weight.
+    @param events: the L{lbws.events.Events} where members going up or
+        down, joining and leaving are recorded.
     """
 
-    def __init__(self, settings, clock=None):
+    def __init__(self, settings, clock=None, events=None):
         self.members = {}
         self.settings = settings
         self.clock = clock
+        self.events = events if events is not None else Events(clock)
         self._strategy = STRATEGIES[settings.balance]()
         for backend in settings.backends:
             if not backend.discovered:
-                self.members[backend.name] = Member(backend)
+                self.members[backend.name] = Member(backend, events=self.events)
 
     def update(self, settings):
         """
@@ -184,17 +193,21 @@ class Pool:
                 continue
             member = old.get(backend.name)
             if member is None:
-                member = Member(backend, healthy=False)
-                _log.info(
+                member = Member(backend, healthy=False, events=self.events)
+                self.events.record(
+                    "enable",
                     "backend {backend} added: joins after {rise} passing check(s)",
+                    source="reload",
                     backend=backend.name,
                     url=backend.url,
                     rise=settings.health.rise,
                 )
             elif member.removed:
                 member.restart(backend)
-                _log.info(
+                self.events.record(
+                    "enable",
                     "backend {backend} added back: joins after {rise} passing check(s)",
+                    source="reload",
                     backend=backend.name,
                     url=backend.url,
                     rise=settings.health.rise,
@@ -202,9 +215,11 @@ class Pool:
             elif _address(member.settings) != _address(backend):
                 old_url = member.settings.url
                 member.restart(backend)
-                _log.info(
+                self.events.record(
+                    "enable",
                     "backend {backend} moved from {old_url} to {url}: open connections"
                     " stay, new ones after {rise} passing check(s)",
+                    source="reload",
                     backend=backend.name,
                     old_url=old_url,
                     url=backend.url,
@@ -223,8 +238,10 @@ class Pool:
                 continue
             if not member.removed:
                 member.removed = True
-                _log.info(
+                self.events.record(
+                    "drain",
                     "backend {backend} removed: draining {active} open connection(s)",
+                    source="reload",
                     backend=name,
                     active=member.active,
                 )

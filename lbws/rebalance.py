@@ -38,6 +38,7 @@ C{lbws_rebalanced_total}, the dashboard's C{rebalanced} field).
 """
 
 import random as _random
+from collections import Counter
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -166,6 +167,8 @@ class Rebalancer(Service):
         self._misplaced = []
         self._scanned = None
         self._moving = False  # a rebalancing started and is not over yet
+        self._burst = Counter()  # connections moved off each backend since it started
+        self._burstStarted = None
 
     def startService(self):
         super().startService()
@@ -176,6 +179,7 @@ class Rebalancer(Service):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        self._burstEnded()
 
     def _schedule(self, delay):
         self._call = self.reactor.callLater(delay, self._tick)
@@ -187,6 +191,8 @@ class Rebalancer(Service):
             settings = self.relay.settings
             if settings.rebalance == "gradual" and not self.relay.stopping:
                 moved = self.step()
+            if not moved:
+                self._burstEnded()
         except Exception:
             _log.failure("rebalancing failed")
         if self.running:
@@ -259,6 +265,24 @@ class Rebalancer(Service):
                 return tunnel
         return None
 
+    def _burstEnded(self):
+        """
+        Nothing more to move: one event says how many connections this
+        burst of moves took off which backends, and over how long.
+        """
+        if not self._burst:
+            return
+        self.pool.events.record(
+            "rebalance",
+            "rebalancing moved {moved} connection(s) in {seconds:.1f}s ({detail})",
+            moved=sum(self._burst.values()),
+            seconds=self.reactor.seconds() - self._burstStarted,
+            backends=dict(self._burst),
+            detail=", ".join(f"{n} off {name}" for name, n in self._burst.items()),
+        )
+        self._burst.clear()
+        self._burstStarted = None
+
     def move(self, tunnel):
         """
         Close the client with 1012 so that it reconnects elsewhere, and its
@@ -268,6 +292,9 @@ class Rebalancer(Service):
         self._closing.add(tunnel)
         member.rebalanced += 1
         self.moved += 1
+        self._burst[member.name] += 1
+        if self._burstStarted is None:
+            self._burstStarted = self.reactor.seconds()
         _log.info(
             "rebalancing: moving {peer} off backend {backend}"
             " ({active} open there, {age:.0f}s old)",

@@ -21,13 +21,15 @@ import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from lbws.config import SECTION_MAIN, ConfigError, loadConfig
 from lbws.dashboard import dashboardSite
 from lbws.dial import Dialer
 from lbws.discovery import Discovery
+from lbws.events import Events
 from lbws.health import HealthChecker
+from lbws.history import HistorySampler
 from lbws.listen import listenEndpoint
 from lbws.metrics import Counters
 from lbws.pool import Pool
@@ -65,7 +67,8 @@ class LbwsService(MultiService):
         self.stopping = False
         self._stopSignalled = False
         self.counters = Counters()
-        self.pool = Pool(settings, reactor)
+        self.events = Events(reactor)
+        self.pool = Pool(settings, reactor, self.events)
         self.dialer = Dialer(reactor, self.pool, settings, self.counters)
         self.relay = Relay(reactor, settings, self.pool, self.dialer, self.counters)
         self.started = reactor.seconds()
@@ -80,6 +83,8 @@ class LbwsService(MultiService):
         self.discovery.setServiceParent(self)
         self.rebalancer = Rebalancer(reactor, self.relay, self.pool)
         self.rebalancer.setServiceParent(self)
+        self.history = HistorySampler(reactor, self.pool, self.counters)
+        self.history.setServiceParent(self)
         self.dashboard = None
         if settings.dashboard:
             self.dashboard = StreamServerEndpointService(
@@ -155,7 +160,8 @@ class LbwsService(MultiService):
         """
         path = self.settings.path
         if self.stopping:
-            _log.warn("reload of {path} ignored: lbws is stopping", path=path)
+            self.events.record("reload", "reload of {path} ignored: lbws is stopping",
+                               LogLevel.warn, accepted=False, path=path)
             return False
         if self.notifier is not None:
             self.notifier.reloading()
@@ -172,8 +178,11 @@ class LbwsService(MultiService):
                         f" change {key}, restart lbws for that",
                     )
         except ConfigError as e:
-            _log.error(
+            self.events.record(
+                "reload",
                 "reload refused, running config kept: {error}",
+                LogLevel.error,
+                accepted=False,
                 error=str(e),
                 path=e.path,
                 section=e.section,
@@ -195,8 +204,10 @@ class LbwsService(MultiService):
         self.relay.settings = settings
         if self.workers is not None:
             self.workers.reloaded()
-        _log.info(
+        self.events.record(
+            "reload",
             "reloaded {path}: {count} backend(s)",
+            accepted=True,
             path=path,
             count=len(settings.backends),
             changed=sorted(_changedKeys(before, settings)),
@@ -207,6 +218,9 @@ class LbwsService(MultiService):
 
     def stopService(self):
         self.stopping = True
+        self.events.record(
+            "stop", "lbws stopping: {count} open connection(s) get up to {timeout:g}s",
+            count=sum(m.count("active") for m in self.pool), timeout=self.settings.drain_timeout)
         if self.notifier is not None:
             self.notifier.stopping()
         workersStopped = (
