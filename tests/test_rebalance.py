@@ -5,6 +5,7 @@ end test with 200 real connections is in test_balancing_e2e.
 """
 
 import random
+from collections import Counter
 
 import pytest
 from twisted.internet.task import Clock
@@ -286,3 +287,17 @@ def test_a_failing_step_does_not_stop_the_loop():
     assert not world.clock.getDelayedCalls() or all(
         c.func != world.rebalancer._tick for c in world.clock.getDelayedCalls()
     )
+
+
+def test_a_burst_of_moves_is_one_event():
+    world = recovered()
+    world.run(30)
+    [event] = [e for e in world.pool.events.recent() if e["kind"] == "rebalance"]
+    moved = Counter(name for _, name, _ in world.moves)
+    assert event["moved"] == len(world.moves) == world.counts()["c"]
+    assert event["backends"] == dict(moved)
+    # Recorded when the balance was even, a look after the last move.
+    last = world.moves[-1][0]
+    assert last < event["time"] <= last + CHECK_INTERVAL + 0.02
+    assert event["seconds"] == event["time"] - world.moves[0][0]
+    assert event["text"].startswith(f"rebalancing moved {len(world.moves)} connection(s) in ")
