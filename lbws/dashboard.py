@@ -2,7 +2,8 @@
 The operator dashboard: a twisted.web resource tree served on the
 C{dashboard} endpoint.
 
-  - C{GET /}: an HTML page (L{PAGE}) that polls C{/status.json}.
+  - C{GET /}: an HTML page (L{PAGE}) that polls C{/status.json},
+    C{/history.json} and C{/events.json}.
   - C{GET /status.json}: each backend's state, connections, checks and
     traffic; total connections; uptime.
   - C{GET /metrics}: Prometheus text, from L{lbws.metrics.LbwsCollector}.

@@ -21,7 +21,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
@@ -194,6 +194,40 @@ class NodeBackend:
             raise RuntimeError(f"node backend {script} did not start: {line!r}")
         self.port = int(match.group(1))
         self.url = f"ws://127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.process.stdout.close()
+
+
+class NodeOnSocket:
+    """
+    A node `ws` echo backend serving on a listening socket it inherits.
+    """
+
+    def __init__(self, sock, prefix):
+        self.process = subprocess.Popen(
+            [
+                "node",
+                str(NODE_DIR / "echo-server.js"),
+                "--fd",
+                str(sock.fileno()),
+                "--prefix",
+                prefix,
+            ],
+            pass_fds=[sock.fileno()],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    async def started(self):
+        line = await threads.deferToThread(self.process.stdout.readline)
+        if not line.startswith("listening"):
+            self.stop()
+            raise RuntimeError(f"node backend did not start: {line!r}")
+        return self
 
     def stop(self):
         if self.process.poll() is None:

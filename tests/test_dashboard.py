@@ -15,18 +15,23 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
-from lbws.config import loadConfig
+from lbws.config import loadConfig, parseConfig
 from lbws.service import LbwsService
 from tests.support import (
     ROOT,
     Harness,
+    NodeOnSocket,
     configText,
+    deferLater,
     eventually,
+    listeningSocket,
+    nodeAvailable,
+    reservedPort,
     startLbws,
 )
 
@@ -377,6 +382,32 @@ class Browser:
         )
         return self.rows()
 
+    def waitFor(self, script, what, timeout=10):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
+            lambda _: self.driver.execute_script(script), message=f"the page never showed {what}"
+        )
+
+    def hover(self, selector, fraction):
+        """
+        Move the pointer over C{selector} at C{fraction} of its width, half
+        way down; the text of the tip that shows.
+        """
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        target = self.driver.find_element("css selector", selector)
+        width = target.size["width"]
+        ActionChains(self.driver).move_to_element_with_offset(
+            target, int(width * (fraction - 0.5)), 0
+        ).perform()
+        self.waitFor(
+            "return !document.querySelector('.chart .tip:not([hidden])') === false", "a tip"
+        )
+        return self.driver.execute_script(
+            "return document.querySelector('.chart .tip:not([hidden])').textContent"
+        )
+
     def problems(self):
         return [e for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -492,3 +523,253 @@ async def test_reload_applies_the_file_or_keeps_the_running_config(harness, tmp_
     assert response.code == 409
     assert response.json()["reloaded"] is False
     assert [m.name for m in lbws.pool] == ["a", "b"]
+
+
+# History and events.
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_json_ranges(harness):
+    a = await harness.backend("a")
+    lbws = await harness.lbws([("a", a.url)])
+    client = await harness.client(lbws.url)
+    assert await echo(client, b"x") == b"x"
+    lbws.history.sample()  # one more, after the traffic, at once
+    response = await get(lbws, "/history.json?range=900")
+    assert response.code == 200
+    assert response.header(b"content-type") == b"application/json"
+    assert response.header(b"cache-control") == b"no-store"
+    history = response.json()
+    assert (history["interval"], history["range"]) == (2.0, 900)
+    # The first sample when lbws started, the last after the traffic.
+    [entry] = history["backends"]
+    assert entry["name"] == "a"
+    assert len(history["times"]) == len(entry["state"]) == len(entry["active"]) >= 2
+    assert (entry["state"][0], entry["active"][0], entry["connections"][0]) == ("up", 0, None)
+    assert (entry["state"][-1], entry["active"][-1]) == ("up", 1)
+    assert history["total"]["active"][-1] == 1
+    assert (await get(lbws, "/history.json")).json()["range"] == 3600
+    assert (await get(lbws, "/history.json?range=86400")).json()["range"] == 3600
+    for bad in ("abc", "0", "-5", "nan", "inf", ""):
+        response = await get(lbws, f"/history.json?range={bad}")
+        assert response.code == 400, bad
+        assert f"range='{bad}'" in response.json()["error"]
+    assert (await post(lbws, "/history.json")).code == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_json_says_what_happened_and_from_where(harness, tmp_path):
+    a = await harness.backend("a")
+    config = tmp_path / "lbws.ini"
+    config.write_text(configText([("a", a.url)], dashboard=DASHBOARD, lbws=f"admin_token = {TOKEN}"))
+    lbws = LbwsService(reactor, loadConfig(config))
+    await harness.start(lbws)
+    lbws.dashboardUrl = f"http://127.0.0.1:{(await lbws.dashboardListening).getHost().port}"
+    await post(lbws, "/backends/a/drain", token=TOKEN)
+    await post(lbws, "/backends/a/enable", token=TOKEN)
+    config.write_text(configText([("a", a.url)], lbws="balance = nonsense"))
+    assert (await post(lbws, "/reload", token=TOKEN)).code == 409
+    response = await get(lbws, "/events.json")
+    assert response.code == 200
+    events = response.json()["events"]
+    assert [(e["kind"], e.get("source"), e.get("accepted")) for e in events] == [
+        ("drain", "dashboard", None),
+        ("enable", "dashboard", None),
+        ("reload", None, False),
+    ]
+    assert events[0]["text"] == "backend a drained from the dashboard (127.0.0.1): now draining"
+    assert "[lbws] balance" in events[2]["error"] and events[2]["level"] == "error"
+    assert events[0]["time"] <= events[1]["time"] <= events[2]["time"] <= response.json()["now"]
+
+
+HISTORY_SCREENSHOT = ROOT / "reports" / "dashboard-history.png"
+PHONE_SCREENSHOT = ROOT / "reports" / "dashboard-phone.png"
+FLAP_HEALTH = "interval = 0.4\ntimeout = 0.4\nfall = 2\nrise = 2"
+SAMPLE_EVERY = 0.2  # seconds: the history of a few seconds, not of minutes
+
+
+class Load:
+    """
+    Clients that each send a message every 50 ms and read the echoes, and
+    reconnect when their connection ends (as browsers' WebSocket clients
+    do): traffic and connection counts for the charts.
+    """
+
+    def __init__(self, harness, url):
+        self.harness = harness
+        self.url = url
+        self.clients = []
+        self.sent = 0
+        self._loop = task.LoopingCall(self._send)
+        self._loop.clock = reactor
+        harness.atEnd(self.stop, first=True)
+
+    async def add(self, count):
+        for _ in range(count):
+            client = await self.harness.client(self.url)
+            self.clients.append(client)
+            client.closed.addCallback(lambda _, c=client: self.clients.remove(c))
+        if not self._loop.running:
+            self._loop.start(0.05)
+
+    def _send(self):
+        for client in self.clients:
+            client.sendMessage(b"load " * 20)
+            self.sent += 1
+            while client.messages.pending:
+                client.messages.pending.pop()
+
+    def stop(self):
+        if self._loop.running:
+            self._loop.stop()
+
+
+def browserScript(browser, script):
+    return threads.deferToThread(browser.driver.execute_script, script)
+
+
+@pytest_twisted.ensureDeferred
+async def test_page_shows_a_backend_flapping_under_load(harness, tmp_path):
+    """
+    The operator's question after a flap: when did the backend go down and
+    come back, what did the connections do, what was the check's round
+    trip. Traffic through a real lbws to a node backend (killed, then
+    started again on its port) and an Autobahn one; the page in headless
+    Chromium, at desktop and phone sizes.
+    """
+    browserInstalled()
+    if not nodeAvailable():
+        pytest.fail("node and tests/node/node_modules are needed: run `make test`")
+    holder = reservedPort()
+    harness.atEnd(holder.close)
+    port = holder.getsockname()[1]
+
+    async def startNode():
+        sock = listeningSocket(port)
+        node = NodeOnSocket(sock, "")
+        harness.atEnd(node.stop)
+        await node.started()
+        sock.close()  # node's copy is the only one: killing it closes the port
+        return node
+
+    node = await startNode()
+    b = await harness.backend("chat-b")
+    settings = parseConfig(
+        configText(
+            [("chat-a", f"ws://127.0.0.1:{port}"), ("chat-b", b.url)],
+            dashboard=DASHBOARD,
+            lbws=f"admin_token = {TOKEN}",
+            health=FLAP_HEALTH,
+            probe="websocket",
+        ),
+        "test.ini",
+    )
+    lbws = LbwsService(reactor, settings)
+    lbws.history.interval = SAMPLE_EVERY
+    await harness.start(lbws)
+    lbws.dashboardUrl = f"http://127.0.0.1:{(await lbws.dashboardListening).getHost().port}"
+    a = lbws.pool["chat-a"]
+    await eventually(lambda: a.checkRtt is not None)
+
+    load = Load(harness, lbws.url)
+    await load.add(10)
+    assert a.active == 5
+    await deferLater(1.5)
+
+    node.stop()
+    await eventually(lambda: a.state == "down", timeout=5)
+    # Its clients were cut (1011) and reconnect: all on chat-b now.
+    await eventually(lambda: a.active == 0)
+    await load.add(10 - len(load.clients))
+    await deferLater(1.5)
+
+    await startNode()
+    await eventually(lambda: a.state == "up", timeout=5)
+    # New clients, least_conn: chat-a takes them.
+    await load.add(6)
+    assert a.active == 6
+    await deferLater(1.5)
+
+    history = (await get(lbws, "/history.json?range=60")).json()
+    entry = next(e for e in history["backends"] if e["name"] == "chat-a")
+    states = [s for i, s in enumerate(entry["state"]) if i == 0 or s != entry["state"][i - 1]]
+    assert states == ["up", "down", "up"]
+    assert max(entry["active"][: entry["state"].index("down")]) == 5
+    assert entry["active"][-1] == 6
+    assert max(m for m in history["total"]["messages_in"] if m is not None) > 50
+    assert any(r is not None for r in entry["rtt"])
+    events = [(e["kind"], e.get("backend")) for e in (await get(lbws, "/events.json")).json()["events"]]
+    assert events == [("backend_down", "chat-a"), ("backend_up", "chat-a")]
+
+    browser = await threads.deferToThread(Browser, tmp_path / "chromium-profile")
+    try:
+        driver = browser.driver
+        await threads.deferToThread(driver.set_window_size, 1280, 1500)
+        await threads.deferToThread(driver.get, lbws.dashboardUrl + "/")
+        await threads.deferToThread(
+            browser.waitFor,
+            "return document.querySelectorAll('#events li[data-kind]').length === 2"
+            " && document.querySelector('#chart-connections svg').dataset.drawn === '2'",
+            "the events and the charts",
+        )
+        timeline = await browserScript(
+            browser,
+            "return Array.from(document.querySelectorAll('#events li[data-kind]'))"
+            ".map(li => [li.dataset.kind, li.dataset.backend, li.textContent])",
+        )
+        # Newest first: down, with its error, then up.
+        assert [row[:2] for row in timeline] == [["backend_up", "chat-a"], ["backend_down", "chat-a"]]
+        assert "backend chat-a is down" in timeline[1][2] and "refused" in timeline[1][2]
+        charts = await browserScript(
+            browser,
+            "return Array.from(document.querySelectorAll('.chart')).map(c => [c.id,"
+            " Number(c.querySelector('svg').dataset.drawn),"
+            " Array.from(c.querySelectorAll('.mark')).map(m => m.dataset.kind),"
+            " c.querySelectorAll('path.area').length])",
+        )
+        assert charts == [
+            ["chart-connections", 2, ["backend_down", "backend_up"], 2],
+            ["chart-messages", 2, ["backend_down", "backend_up"], 0],
+            ["chart-failures", 3, ["backend_down", "backend_up"], 0],
+            ["chart-rtt", 2, ["backend_down", "backend_up"], 0],
+        ]
+        # Hovering shows the values at that time, on every chart's cursor.
+        tip = await threads.deferToThread(browser.hover, "#chart-connections svg", 0.97)
+        assert "chat-a: 6" in tip and "chat-b: 10" in tip and "total: 16" in tip, tip
+        assert await browserScript(browser, "return document.querySelectorAll('.cursor').length") == 4
+
+        HISTORY_SCREENSHOT.parent.mkdir(exist_ok=True)
+        assert await threads.deferToThread(driver.save_screenshot, str(HISTORY_SCREENSHOT))
+        shutil.copy(HISTORY_SCREENSHOT, tmp_path / "dashboard-history.png")
+
+        # The range switch: five minutes, from the server again.
+        await threads.deferToThread(
+            lambda: driver.find_element("css selector", "button[data-range='300']").click()
+        )
+        await threads.deferToThread(
+            browser.waitFor,
+            "return document.getElementById('range-label').textContent === '5 minutes'"
+            " && document.querySelector('#chart-rtt svg').dataset.drawn === '2'",
+            "the 5 minute range",
+        )
+
+        # A phone: nothing wider than the screen, the charts still drawn.
+        await threads.deferToThread(driver.set_window_size, 390, 844)
+        await threads.deferToThread(
+            browser.waitFor,
+            "const svg = document.querySelector('#chart-connections svg');"
+            " return svg.clientWidth < 390 && Number(svg.dataset.width) === svg.clientWidth",
+            "charts drawn for a phone",
+        )
+        sizes = await browserScript(
+            browser,
+            "return [window.innerWidth, document.documentElement.scrollWidth,"
+            " Math.max(...Array.from(document.querySelectorAll('.chart, .cards, #events'))"
+            ".map(e => e.getBoundingClientRect().right))]",
+        )
+        assert sizes[1] <= sizes[0] and sizes[2] <= sizes[0], sizes
+        await browserScript(browser, "document.getElementById('history').scrollIntoView()")
+        assert await threads.deferToThread(driver.save_screenshot, str(PHONE_SCREENSHOT))
+        assert await threads.deferToThread(browser.problems) == []
+    finally:
+        await threads.deferToThread(browser.quit)

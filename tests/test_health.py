@@ -4,14 +4,12 @@ against real sockets, and end to end with lbws in front of node `ws`
 backend processes that are killed and started again.
 """
 
-import subprocess
-
 import pytest
 import pytest_twisted
 import trustme
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.ssl import PrivateCertificate
@@ -28,10 +26,10 @@ from lbws.config import parseConfig
 from lbws.health import HealthChecker
 from lbws.pool import Member, Pool
 from tests.support import (
-    NODE_DIR,
     EchoFactory,
     HandshakeFailed,
     Harness,
+    NodeOnSocket,
     configText,
     connect,
     eventually,
@@ -508,40 +506,6 @@ INTERVAL, TIMEOUT = 0.3, 0.2
 FALL = RISE = 2
 # Time the reactor may take to get to a due call on a busy machine.
 SCHEDULING = 0.5
-
-
-class NodeOnSocket:
-    """
-    A node `ws` echo backend serving on a listening socket it inherits.
-    """
-
-    def __init__(self, sock, prefix):
-        self.process = subprocess.Popen(
-            [
-                "node",
-                str(NODE_DIR / "echo-server.js"),
-                "--fd",
-                str(sock.fileno()),
-                "--prefix",
-                prefix,
-            ],
-            pass_fds=[sock.fileno()],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    async def started(self):
-        line = await threads.deferToThread(self.process.stdout.readline)
-        if not line.startswith("listening"):
-            self.stop()
-            raise RuntimeError(f"node backend did not start: {line!r}")
-        return self
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self.process.stdout.close()
 
 
 class E2E(Harness):
