@@ -31,9 +31,12 @@ def lbws(tmp_path, backend):
     process.stop()
 
 
+def dashboardPort(line):
+    return int(re.search(r"starting on (\d+)", line).group(1))
+
+
 async def dashboardStatus(process):
-    line = await process.waitForLine(r"DashboardSite starting on \d+")
-    port = int(re.search(r"starting on (\d+)", line).group(1))
+    port = dashboardPort(await process.waitForLine(r"DashboardSite starting on \d+"))
     response = await request(b"GET", f"http://127.0.0.1:{port}/status.json")
     return response.json()
 
@@ -85,6 +88,30 @@ async def test_workers_relay_and_the_dashboard_sums_them(lbws):
     (member,) = status["backends"]
     assert member["active"] == 40
     assert member["messages_in"] == 40 and member["messages_out"] == 40
+
+    # The parent's history samples the same sums (every 2 s).
+    history = {}
+
+    async def sampled():
+        port = dashboardPort(await lbws.waitForLine(r"DashboardSite starting on \d+"))
+        response = await request(b"GET", f"http://127.0.0.1:{port}/history.json?range=60")
+        history.update(response.json())
+        return history["backends"][0]["active"][-1] == 40
+
+    for _ in range(60):
+        if await sampled():
+            break
+        await support.deferLater(0.1)
+    (a,) = history["backends"]
+    assert a["active"][-1] == history["total"]["active"][-1] == 40, history
+    times = history["times"]
+
+    def counted(rates):
+        # What the rates add up to: each times the time since the sample before.
+        return sum(r * (t - s) for r, t, s in zip(rates[1:], times[1:], times) if r is not None)
+
+    assert round(counted(a["messages_in"])) == round(counted(a["connections"])) == 40
+    assert round(counted(history["total"]["connections"])) == 40
     for client in clients:
         client.sendClose(1000)
         await client.closed
