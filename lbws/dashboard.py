@@ -183,7 +183,7 @@ class _History(_Leaf):
     """
     C{GET /history.json?range=SECONDS}: samples of the last SECONDS
     (default and most: an hour), compact, since an hour of a few backends
-    is some ten thousand numbers.
+    is tens of thousands of numbers.
     """
 
     def __init__(self, service):
@@ -198,7 +198,9 @@ class _History(_Leaf):
             seconds = math.nan
         if not (0 < seconds < math.inf):
             problem = f"range={given.decode('latin-1')!r}: give a number of seconds above 0"
-            return _json(request, {"error": f"{problem} (at most {MAX_RANGE:g})"}, 400)
+            return _json(request, {"error": f"{problem} (lbws keeps the last {MAX_RANGE})"}, 400)
+        if seconds.is_integer():
+            seconds = int(seconds)
         return _json(request, self._service.history.view(seconds), compact=True)
 
 

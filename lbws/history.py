@@ -31,7 +31,7 @@ _log = Logger()
 
 INTERVAL = 2.0  # seconds between samples
 SAMPLES = 1800  # one hour at INTERVAL
-MAX_RANGE = 3600.0  # seconds /history.json serves at most
+MAX_RANGE = 3600  # seconds /history.json serves at most
 
 NAN = math.nan
 
