@@ -580,6 +580,15 @@ async def test_events_json_says_what_happened_and_from_where(harness, tmp_path):
     assert events[0]["text"] == "backend a drained from the dashboard (127.0.0.1): now draining"
     assert "[lbws] balance" in events[2]["error"] and events[2]["level"] == "error"
     assert events[0]["time"] <= events[1]["time"] <= events[2]["time"] <= response.json()["now"]
+    # Stopping is the last event, with the connections it drains.
+    client = await harness.client(lbws.url)
+    assert await echo(client, b"x") == b"x"
+    await lbws.stopService()
+    assert await client.closed == (1001, "lbws is stopping")
+    stop = lbws.events.recent()[-1]
+    assert (stop["kind"], stop["count"], stop["text"]) == (
+        "stop", 1, "lbws stopping: 1 open connection(s) get up to 30s"
+    )
 
 
 HISTORY_SCREENSHOT = ROOT / "reports" / "dashboard-history.png"

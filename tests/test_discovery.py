@@ -171,6 +171,15 @@ def test_an_address_back_before_its_member_left_joins_again_after_checks():
     clock.advance(5)
     assert pool["chat/10.0.0.1:8010"] is member
     assert not member.removed and not member.healthy and member.active == 2
+    # What the dashboard's event log says, and when.
+    assert [(e["kind"], e["source"], e["backend"], e["time"]) for e in pool.events.recent()] == [
+        ("enable", "dns", "chat/10.0.0.1:8010", 0.0),
+        ("drain", "dns", "chat/10.0.0.1:8010", 5.0),
+        ("enable", "dns", "chat/10.0.0.1:8010", 10.0),
+    ]
+    assert pool.events.recent()[1]["text"] == (
+        "backend chat/10.0.0.1:8010 is gone from DNS: draining 2 open connection(s)"
+    )
 
 
 def test_a_failed_lookup_keeps_the_members_and_nxdomain_drains_them():
