@@ -75,7 +75,7 @@ async def proxied():
         listen="haproxy:tcp:0:interface=127.0.0.1",
         health="interval = 60",
     )
-    lbws.events = events
+    lbws.logged = events
     clients = []
     lbws.clients = clients
     yield lbws
@@ -111,7 +111,7 @@ async def test_proxy_header_gives_the_client_address(proxied, version, source):
     client.sendClose(1000)
     await client.closed
     await eventually(lambda: not proxied.relay.tunnels)
-    access = [e for e in proxied.events if e.get("log_format_access")]
+    access = [e for e in proxied.logged if e.get("log_format_access")]
     assert len(access) == 1 and same(access[0]["peer"], source)
 
 
