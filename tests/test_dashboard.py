@@ -402,7 +402,7 @@ class Browser:
             target, int(width * (fraction - 0.5)), 0
         ).perform()
         self.waitFor(
-            "return !document.querySelector('.chart .tip:not([hidden])') === false", "a tip"
+            "return document.querySelector('.chart .tip:not([hidden])') !== null", "a tip"
         )
         return self.driver.execute_script(
             "return document.querySelector('.chart .tip:not([hidden])').textContent"
