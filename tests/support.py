@@ -26,7 +26,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
 from lbws.config import parseConfig
-from lbws.service import LbwsService
+from lbws.service import makeLbws
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "tests" / "node"
@@ -231,17 +231,25 @@ async def startLbws(backends, **kwargs):
     """
     An lbws service in this process.
 
-    @return: the started L{LbwsService}, with C{.url} its ws:// URL; stop
-        it with C{await service.stopService()}.
+    @return: the started L{lbws.service.LbwsService}, with C{.url} its
+        ws:// URL (and C{.dashboardUrl} its dashboard's, or None); stop it
+        with C{await service.stopService()}.
     """
     settings = parseConfig(configText(backends, **kwargs), "test.ini")
-    service = LbwsService(reactor, settings)
+    return await started(makeLbws(reactor, settings))
+
+
+async def started(service, timeout=10):
+    """
+    Start C{service} (built by L{lbws.service.makeLbws}) and set C{.url}
+    and C{.dashboardUrl} once it listens.
+    """
     service.startService()
-    port = await service.listening
+    port = await service.listener.whenListening().addTimeout(timeout, reactor)
     service.url = f"ws://127.0.0.1:{port.getHost().port}"
     service.dashboardUrl = None
-    if service.dashboardListening is not None:
-        dashboardPort = await service.dashboardListening
+    if service.dashboard is not None:
+        dashboardPort = await service.dashboard.whenListening().addTimeout(timeout, reactor)
         service.dashboardUrl = f"http://127.0.0.1:{dashboardPort.getHost().port}"
     return service
 
@@ -306,14 +314,11 @@ class Harness:
 
     async def start(self, service):
         """
-        Start an L{LbwsService} built by the test; C{.url} is set as by
-        L{startLbws}.
+        Start an L{lbws.service.LbwsService} built by the test (with
+        L{lbws.service.makeLbws}); C{.url} is set as by L{startLbws}.
         """
-        service.startService()
         self.services.append(service)
-        port = await service.listening
-        service.url = f"ws://127.0.0.1:{port.getHost().port}"
-        return service
+        return await started(service)
 
     async def client(self, url, **kwargs):
         client = await connect(url, **kwargs)

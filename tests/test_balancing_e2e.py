@@ -14,7 +14,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, readBody
 
 from lbws.config import loadConfig
-from lbws.service import LbwsService
+from lbws.service import makeLbws
 from tests import support
 from tests.balancing import Fleet, RevivableBackend
 from tests.support import Harness, eventually
@@ -31,7 +31,7 @@ class BalancingHarness(Harness):
         return backend
 
     async def lbwsFromFile(self, path):
-        return await self.start(LbwsService(reactor, loadConfig(path)))
+        return await self.start(makeLbws(reactor, loadConfig(path)))
 
     def fleet(self, url, **kwargs):
         fleet = Fleet(url, **kwargs)

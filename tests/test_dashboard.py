@@ -21,7 +21,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from lbws.config import loadConfig
-from lbws.service import LbwsService
+from lbws.service import makeLbws
 from tests.support import (
     ROOT,
     Harness,
@@ -117,7 +117,7 @@ async def test_dashboard_is_off_when_not_configured(harness):
     service = await startLbws([("a", backend.url)])
     harness.services.append(service)
     assert service.dashboard is None
-    assert service.dashboardListening is None
+    assert service.dashboardUrl is None
 
 
 @pytest_twisted.ensureDeferred
@@ -201,7 +201,7 @@ async def test_metrics(harness):
     assert value("lbws_backend_check_duration_seconds_count", backend="a") >= 1
     assert value("lbws_backend_check_duration_seconds_bucket", backend="a", le="+Inf") >= 1
     assert value("lbws_backend_check_rtt_seconds", backend="a") >= 0
-    assert value("lbws_start_time_seconds") == lbws.started
+    assert value("lbws_start_time_seconds") == lbws.view.started
     # A registry of its own: nothing leaks into prometheus_client's global one.
     assert REGISTRY.get_sample_value("lbws_backend_up", {"backend": "a"}) is None
 
@@ -470,12 +470,7 @@ async def test_reload_applies_the_file_or_keeps_the_running_config(harness, tmp_
         )
 
     write([("a", a.url)])
-    lbws = LbwsService(reactor, loadConfig(config))
-    harness.services.append(lbws)
-    lbws.startService()
-    await lbws.listening
-    port = await lbws.dashboardListening
-    lbws.dashboardUrl = f"http://127.0.0.1:{port.getHost().port}"
+    lbws = await harness.start(makeLbws(reactor, loadConfig(config)))
 
     write([("a", a.url), ("b", b.url)])
     assert (await post(lbws, "/reload")).code == 401

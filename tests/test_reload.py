@@ -10,11 +10,11 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
-from lbws.config import parseConfig
+from lbws.config import loadConfig, parseConfig
 from lbws.pool import DOWN, DRAINING, UP, Pool
-from lbws.service import LbwsService
-from lbws.config import loadConfig
+from lbws.service import makeLbws
 from tests import support
+from tests.support import started
 
 
 def settingsFor(backends, lbws="", health=""):
@@ -105,11 +105,7 @@ def writeConfig(path, backends, lbws="", health=""):
 
 
 async def startFromFile(path):
-    service = LbwsService(reactor, loadConfig(path))
-    service.startService()
-    port = await service.listening
-    service.url = f"ws://127.0.0.1:{port.getHost().port}"
-    return service
+    return await started(makeLbws(reactor, loadConfig(path)))
 
 
 class LogCapture:
