@@ -21,7 +21,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
@@ -48,13 +48,19 @@ async def eventually(predicate, timeout=10.0, step=0.02):
     """
     Wait, with a deadline, until C{predicate()} is true: for state that a
     test cannot be told about by a Deferred (a counter in another process).
+    C{predicate} may be a coroutine function (e.g. one asking a dashboard).
     """
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
+    deadline = reactor.seconds() + timeout
+    while not await _truth(predicate()):
+        if reactor.seconds() >= deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await deferLater(step)
-        waited += step
+
+
+async def _truth(value):
+    if isinstance(value, defer.Deferred) or hasattr(value, "__await__"):
+        value = await value
+    return value
 
 
 # Backends
@@ -145,6 +151,30 @@ async def startEchoBackend(name="echo", **kwargs):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     factory.url = f"ws://127.0.0.1:{port.getHost().port}"
     return factory, port
+
+
+class Silent(protocol.Protocol):
+    """
+    A backend that accepts TCP connections and never says a word; its
+    factory's C{connections} and C{lost} list the connections made and
+    lost.
+    """
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+
+    def connectionLost(self, reason):
+        self.factory.lost.append(self)
+
+
+def silentFactory():
+    """
+    A factory of L{Silent} with empty C{connections} and C{lost} lists.
+    """
+    factory = protocol.Factory.forProtocol(Silent)
+    factory.connections = []
+    factory.lost = []
+    return factory
 
 
 def reservedPort():
@@ -298,6 +328,23 @@ class Harness:
         self.atEnd(port.stopListening)
         return port
 
+    async def silent(self):
+        """
+        A L{Silent} backend on 127.0.0.1 until the end of the test (its
+        connections are cut then); C{.url} is its ws:// URL.
+        """
+        factory = silentFactory()
+        port = await self.listen(factory)
+        factory.url = f"ws://127.0.0.1:{port.getHost().port}"
+
+        def cut():
+            for connection in factory.connections:
+                if connection.transport.connected:
+                    connection.transport.abortConnection()
+
+        self.atEnd(cut, first=True)
+        return factory
+
     def deadUrl(self):
         """
         The URL of a loopback port that refuses connections (and that no
@@ -426,6 +473,13 @@ class LbwsProcess:
         d.addErrback(timedOut)
         return d
 
+    async def dashboardUrl(self, timeout=10):
+        """
+        The dashboard's http:// URL, read from the log line of its port.
+        """
+        line = await self.waitForLine(r"DashboardSite starting on \d+", timeout=timeout)
+        return "http://127.0.0.1:" + re.search(r"starting on (\d+)", line).group(1)
+
     def signal(self, signum):
         self.process.send_signal(signum)
 
@@ -511,9 +565,12 @@ class HandshakeFailed(Exception):
         self.status = int(statusLine.split()[1]) if statusLine else None
 
 
-async def connect(url, protocols=None, headers=None, path="/", useragent="lbws-tests", **options):
+async def connect(
+    url, protocols=None, headers=None, path="/", useragent="lbws-tests", timeout=30, **options
+):
     """
-    Open a WebSocket to C{url + path}; fails with L{HandshakeFailed}.
+    Open a WebSocket to C{url + path}; fails with L{HandshakeFailed}, or
+    with C{TimeoutError} when the handshake is not over within C{timeout}.
 
     @return: the open L{RecordingClient}.
     """
@@ -541,7 +598,7 @@ async def connect(url, protocols=None, headers=None, path="/", useragent="lbws-t
     )
     host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
     await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
-    return await factory.opened
+    return await factory.opened.addTimeout(timeout, reactor)
 
 
 def handshakeRequest(path="/", host="127.0.0.1", extra=""):

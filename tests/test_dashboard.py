@@ -76,10 +76,10 @@ async def request(method, url, token=None, authorization=None, accept=None):
         headers.addRawHeader(b"authorization", f"Bearer {token}".encode())
     if authorization is not None:
         headers.addRawHeader(b"authorization", authorization.encode())
-    response = await Agent(reactor).request(method, url.encode(), headers)
+    response = await Agent(reactor).request(method, url.encode(), headers).addTimeout(10, reactor)
     body = defer.Deferred()
     response.deliverBody(BodyReader(body))
-    return Response(response.code, response.headers, await body)
+    return Response(response.code, response.headers, await body.addTimeout(10, reactor))
 
 
 class BodyReader(protocol.Protocol):

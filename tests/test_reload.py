@@ -6,7 +6,7 @@ twistd is in test_signals.
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
@@ -321,19 +321,9 @@ async def test_reloadWhileStopping(tmp_path, backends):
     await stopped
 
 
-class Silent(protocol.Protocol):
-    """
-    A backend that accepts TCP connections and never says a word.
-    """
-
-    def connectionMade(self):
-        self.factory.connections.append(self)
-
-
 @pytest_twisted.async_yield_fixture
 async def silentBackend():
-    factory = protocol.Factory.forProtocol(Silent)
-    factory.connections = []
+    factory = support.silentFactory()
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     factory.url = f"ws://127.0.0.1:{port.getHost().port}"
     yield factory
