@@ -69,7 +69,7 @@ async def backendOf(harness, lbws, backends, user):
     client = await harness.client(lbws.url, headers={"X-User-Id": user})
     served = [b.name for b in backends if b.factory.connections]
     client.sendClose(1000)
-    await client.closed
+    await client.closed.addTimeout(10, reactor)
     assert len(served) == 1, served
     assert backends[[b.name for b in backends].index(served[0])].factory.connections[
         0

@@ -441,7 +441,7 @@ class Chatter:
 
     async def stop(self):
         self._stopped = True
-        return await self._done
+        return await self._done.addTimeout(30, reactor)
 
 
 @pytest.mark.parametrize(

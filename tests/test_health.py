@@ -553,9 +553,9 @@ async def e2e():
     await e.close()
 
 
-async def echoOf(client, text):
+async def echoOf(client, text, timeout=10):
     client.sendMessage(text.encode())
-    payload, _ = await client.messages.get()
+    payload, _ = await client.messages.get().addTimeout(timeout, reactor)
     return payload.decode()
 
 

@@ -10,6 +10,7 @@ import signal
 import psutil
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from tests import support
 from tests.test_dashboard import request
@@ -52,9 +53,9 @@ def workerPids(process):
     return sorted(pids)
 
 
-async def echo(client, payload):
+async def echo(client, payload, timeout=10):
     client.sendMessage(payload)
-    assert await client.messages.get() == (payload, False)
+    assert await client.messages.get().addTimeout(timeout, reactor) == (payload, False)
 
 
 @pytest_twisted.ensureDeferred
