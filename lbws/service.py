@@ -26,7 +26,7 @@ and L{LbwsService.apply} hands the settings to each part that follows them.
 
 import attrs
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from lbws import compat
@@ -72,22 +72,26 @@ class Frontend(Service):
         super().stopService()
         delay = self._core.settings.stop_delay
         if delay > 0:
-            call = self._reactor.callLater(delay, lambda: self._delay.callback(None))
+            # Still accepting meanwhile; cut() cancels the wait.
             self._delay = Deferred(lambda _: call.cancel())
+            call = self._reactor.callLater(delay, self._delay.callback, None)
             d = self._delay.addErrback(lambda failure: failure.trap(CancelledError))
         else:
             d = succeed(None)
         return d.addCallback(lambda _: self._drain())
 
     def _drain(self):
-        timeout = self._core.settings.drain_timeout
-        stopping = [self.listener.stopService()]
+        stopping = [maybeDeferred(self.listener.stopService)]
         if self.workers is not None:
             stopping.append(self.workers.stopService())
-        d = DeferredList([succeed(None) if s is None else s for s in stopping])
-        # Once no new client can come: close the open ones.
-        d.addCallback(lambda _: self._core.relay.stop(timeout))
-        return d
+        return DeferredList(stopping, consumeErrors=True).addCallback(self._stopped)
+
+    def _stopped(self, results):
+        for ok, result in results:
+            if not ok:
+                _log.failure("lbws: could not stop accepting", result)
+        # No new client can come now: close the open ones.
+        return self._core.relay.stop(self._core.settings.drain_timeout)
 
     def cut(self):
         """
