@@ -18,20 +18,15 @@ from tests.support import (
     deferLater,
     eventually,
     handshakeRequest,
+    roundTrip,
     silentFactory,
 )
 
 
-# Seconds a helper waits for a message or a close before failing the test.
-WAIT = 10
-
-
-async def roundTrip(client, payload, isBinary=False, timeout=WAIT):
-    client.sendMessage(payload, isBinary)
-    return await client.messages.get().addTimeout(timeout, reactor)
-
-
-async def closeOf(client, timeout=WAIT):
+async def closeOf(client, timeout=10):
+    """
+    The close code and reason C{client} got, waited for with a deadline.
+    """
     return await client.closed.addTimeout(timeout, reactor)
 
 
