@@ -115,6 +115,7 @@ class Settings:
     max_message_size: int = 16 * 1024 * 1024
     max_connections: int = 10000
     drain_timeout: float = 30.0
+    stop_delay: float = 0.0
     admin_token: str = ""
     slow_start: float = 0.0
     rebalance: str = "off"
@@ -335,6 +336,7 @@ def _parseMain(path, parser, backends, health):
         max_message_size=reader.number("max_message_size", 16777216, int, 1),
         max_connections=reader.number("max_connections", 10000, int, 1),
         drain_timeout=reader.number("drain_timeout", 30, float, 0),
+        stop_delay=reader.number("stop_delay", 0, float, 0),
         admin_token=reader.string("admin_token"),
         slow_start=reader.number("slow_start", 0, float, 0),
         rebalance=reader.choice("rebalance", "off", ("off", "gradual")),
@@ -420,6 +422,29 @@ def loadConfig(path):
     except UnicodeDecodeError as e:
         raise ConfigError(path, None, None, f"not UTF-8 text: {e.reason}") from None
     return parseConfig(text, path)
+
+
+# Settings a reload cannot change: they are bound at start-up.
+RESTART_ONLY = ("listen", "dashboard", "workers")
+
+
+def checkReload(old, new):
+    """
+    Refuse a reload from C{old} to C{new} settings that changes what is
+    bound at start-up (the listening endpoints, the worker processes).
+
+    @raise ConfigError: naming the file, the key and both values.
+    """
+    for key in RESTART_ONLY:
+        before, after = getattr(old, key), getattr(new, key)
+        if before != after:
+            raise ConfigError(
+                new.path,
+                SECTION_MAIN,
+                key,
+                f"changed from {before!r} to {after!r}: a reload cannot"
+                f" change {key}, restart lbws for that",
+            )
 
 
 def summary(settings):

@@ -7,7 +7,8 @@ C{dashboard} endpoint.
   - C{GET /status.json}: each backend's state, connections, checks and
     traffic; total connections; uptime.
   - C{GET /metrics}: Prometheus text, from L{lbws.metrics.LbwsCollector}.
-  - C{GET /healthz}: 200 when a backend is up, else 503.
+  - C{GET /healthz}: 200 when a backend is up, else 503; 503 as soon as
+    lbws is stopping.
   - C{GET /history.json?range=SECONDS}: the sampled history of the last
     SECONDS (at most an hour), from L{lbws.history}; C{GET /events.json}:
     the last events, from L{lbws.events}.
@@ -15,8 +16,8 @@ C{dashboard} endpoint.
     C{POST /reload}: need C{Authorization: Bearer <admin_token>}; with no
     admin_token configured they are refused (403).
 
-Everything is read from the service at request time, so a reload that
-replaces settings or members shows at once.
+Everything is read through a L{lbws.status.StatusView} at request time,
+so a reload that replaces settings or members shows at once.
 """
 
 import base64
@@ -76,12 +77,15 @@ def _json(request, value, code=200, compact=False):
 
 def status(service):
     """
-    What C{/status.json} answers (see CONTRACT.md), with extra fields for
-    the page: per-backend checks and traffic, and the server's clock.
+    What C{/status.json} answers (see the README's Dashboard section), with
+    extra fields for the page: per-backend checks and traffic, and the
+    server's clock.
+
+    @param service: the L{lbws.status.StatusView} of the running lbws.
     """
-    now = service.reactor.seconds()
+    now = service.seconds()
     backends = []
-    for member in service.pool:
+    for member in service.members():
         backends.append(
             {
                 "name": member.name,
@@ -102,20 +106,18 @@ def status(service):
                 "messages_out": member.count("messagesOut"),
                 "bytes_in": member.count("bytesIn"),
                 "bytes_out": member.count("bytesOut"),
-                "effective_weight": service.pool.effectiveWeight(member, now),
+                "effective_weight": service.effectiveWeight(member, now),
                 "rebalanced": member.rebalanced,
                 "group": member.group,
             }
         )
-    workers = service.workers
     return {
         "backends": backends,
         "connections": sum(b["active"] for b in backends),
-        "workers": (
-            [{"index": i, "connections": n} for i, n in sorted(workers.clients.items())]
-            if workers is not None
-            else []
-        ),
+        "workers": [
+            {"index": i, "connections": n}
+            for i, n in sorted(service.workerConnections().items())
+        ],
         "uptime": now - service.started,
         "now": now,
         "health": {
@@ -240,7 +242,9 @@ class _Healthz(_Leaf):
 
     def render_GET(self, request):
         request.setHeader(b"cache-control", b"no-store")
-        if self._service.pool.anyUp():
+        if self._service.stopping:
+            return _plain(request, 503, "lbws is stopping")
+        if self._service.anyUp():
             return _plain(request, 200, "ok")
         return _plain(request, 503, "no backend is up")
 
@@ -293,7 +297,7 @@ class _BackendAction(_Admin):
         self._action = action
 
     def act(self, request):
-        member = self._service.pool.members.get(self._name)
+        member = self._service.member(self._name)
         if member is None:
             return _json(request, {"error": f"no backend named {self._name!r}"}, 404)
         member.drained = self._action == "drain"
@@ -313,8 +317,12 @@ class _BackendAction(_Admin):
 
 
 class _Reload(_Admin):
+    def __init__(self, service, reload):
+        super().__init__(service)
+        self._reload = reload
+
     def act(self, request):
-        reload = getattr(self._service, "reload", None)
+        reload = self._reload
         if reload is None:
             return _json(request, {"error": "reload is not available"}, 501)
         _log.info("reload requested by the dashboard ({peer})", peer=_peer(request))
@@ -386,12 +394,12 @@ class _Root(Resource):
         return _NotFound("nothing here: see / for the dashboard")
 
 
-def dashboardResource(service):
+def dashboardResource(service, reload=None):
     """
-    The resource tree for C{service}: anything with C{reactor}, C{settings},
-    C{pool}, C{counters}, C{started}, C{history} (a
-    L{lbws.history.HistorySampler}), C{events} (an L{lbws.events.Events})
-    and optionally C{reload()}.
+    The resource tree reading C{service}, a L{lbws.status.StatusView}
+    (history and events included);
+    C{reload}, if given, is what C{POST /reload} calls (True when the new
+    configuration runs).
     """
     root = _Root()
     root.putChild(b"", _Page())
@@ -401,7 +409,7 @@ def dashboardResource(service):
     root.putChild(b"history.json", _History(service))
     root.putChild(b"events.json", _Events(service))
     root.putChild(b"backends", _Backends(service))
-    root.putChild(b"reload", _Reload(service))
+    root.putChild(b"reload", _Reload(service, reload))
     return root
 
 
@@ -419,8 +427,8 @@ class DashboardSite(Site):
         pass
 
 
-def dashboardSite(service):
+def dashboardSite(service, reload=None):
     """
     The twisted.web site to serve on the C{dashboard} endpoint.
     """
-    return DashboardSite(dashboardResource(service), reactor=service.reactor)
+    return DashboardSite(dashboardResource(service, reload), reactor=service.reactor)

@@ -27,6 +27,7 @@ from twisted.internet.ssl import (
 from twisted.logger import Logger
 
 from lbws.balance import hashKeyOf
+from lbws.compat import received, takeReceived, uncleanReason
 from lbws.headers import forwardedHeaders
 from lbws.sockets import setNoDelay
 from lbws.tlserrors import describeTlsFailure
@@ -62,9 +63,9 @@ class BackendProtocol(WebSocketClientProtocol):
 
     def processHandshake(self):
         # Remember the status so that a 4xx can be passed on to the client.
-        end = self.data.find(b"\r\n\r\n")
+        end = received(self).find(b"\r\n\r\n")
         if end >= 0 and self.httpStatus is None:
-            parts = self.data[: self.data.find(b"\r\n")].split(None, 2)
+            parts = received(self)[: received(self).find(b"\r\n")].split(None, 2)
             if len(parts) >= 2 and parts[1].isdigit():
                 self.httpStatus = int(parts[1])
                 self.httpReason = parts[2].decode("latin-1") if len(parts) > 2 else ""
@@ -72,7 +73,7 @@ class BackendProtocol(WebSocketClientProtocol):
 
     def onOpen(self):
         # Bytes that came right behind the handshake belong to the relay.
-        self.early, self.data = self.data, b""
+        self.early = takeReceived(self)
         self.factory.handshakeDone(self)
 
     def dataReceived(self, data):
@@ -132,8 +133,8 @@ class BackendFactory(WebSocketClientFactory):
             why = tls
         elif status is not None and status != 101:
             why = f"backend answered HTTP {status} {protocol.httpReason}".strip()
-        elif protocol.wasNotCleanReason:
-            why = f"backend handshake failed: {protocol.wasNotCleanReason}"
+        elif uncleanReason(protocol):
+            why = f"backend handshake failed: {uncleanReason(protocol)}"
         else:
             why = f"backend closed during handshake: {reason.getErrorMessage()}"
         self.opened.errback(BackendHandshakeError(why, status))

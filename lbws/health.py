@@ -39,6 +39,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from lbws.compat import isClosing, statusLine, uncleanReason
 from lbws.dial import backendEndpoint
 from lbws.tlserrors import describeTlsFailure
 
@@ -116,7 +117,7 @@ class _ProbeProtocol(WebSocketClientProtocol):
         self.sendClose(1000)
 
     def onCloseFrame(self, code, reasonRaw):
-        closing = self.state == self.STATE_CLOSING
+        closing = isClosing(self)
         result = super().onCloseFrame(code, reasonRaw)
         if closing and self.wasClean:
             # The backend answered our close: the check is over. The server
@@ -139,8 +140,8 @@ class _ProbeProtocol(WebSocketClientProtocol):
             self.factory.settle(ProbeFailed(tls))
         elif refused is not None:
             self.factory.settle(ProbeFailed(refused))
-        elif self.wasNotCleanReason:
-            self.factory.settle(ProbeFailed(self.wasNotCleanReason))
+        elif uncleanReason(self):
+            self.factory.settle(ProbeFailed(uncleanReason(self)))
         else:
             self.factory.settle(
                 ProbeFailed(f"connection lost: {reason.getErrorMessage()}")
@@ -176,7 +177,7 @@ class _ProbeFactory(WebSocketClientFactory):
         upgrade, else None.
         """
         protocol = self.instance
-        line = getattr(protocol, "http_status_line", None) if protocol else None
+        line = statusLine(protocol) if protocol else None
         if not line:
             return None
         parts = line.split(None, 2)

@@ -1,6 +1,6 @@
 """
-The client-facing endpoint (C{listen}): any Twisted server endpoint string,
-with TLS held to version 1.2 or later.
+Listening endpoints (C{listen}, C{dashboard}): any Twisted server endpoint
+string, with TLS held to version 1.2 or later, served by a L{Listener}.
 
 Twisted's C{ssl:} endpoint builds its TLS options from the string. The
 lowest version it allows by default depends on the Twisted version (TLS 1.2
@@ -12,7 +12,11 @@ chain and DH parameters with TLS 1.2 as the floor, and refuses C{sslmethod}
 values that name anything but "negotiate the best version".
 """
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
+
+from lbws.compat import innerEndpoint, replaceTlsOptions, tlsOptionsOf
 
 ALLOWED_METHODS = ("TLS_METHOD", "SSLv23_METHOD")
 
@@ -36,7 +40,7 @@ def _sslEndpoints(endpoint):
         if isinstance(endpoint, SSL4ServerEndpoint):
             yield endpoint
             return
-        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
+        endpoint = innerEndpoint(endpoint)
 
 
 def _tls12(options):
@@ -79,5 +83,67 @@ def listenEndpoint(reactor, description):
         warnings.simplefilter("ignore", DeprecationWarning)
         endpoint = serverFromString(reactor, description)
     for ssl in _sslEndpoints(endpoint):
-        ssl._sslContextFactory = _tls12(ssl._sslContextFactory)
+        replaceTlsOptions(ssl, _tls12(tlsOptionsOf(ssl)))
     return endpoint
+
+
+class Listener(Service):
+    """
+    Serves a factory on an endpoint while running, like Twisted's
+    C{StreamServerEndpointService}, with what lbws needs from it in public:
+    L{whenListening}, and a start that fails at once (so twistd exits with
+    the error) when the endpoint cannot listen, e.g. a port in use.
+    """
+
+    def __init__(self, endpoint, factory):
+        self._endpoint = endpoint
+        self._factory = factory
+        self._port = None
+        self._failure = None
+        self._waiting = []
+
+    def startService(self):
+        super().startService()
+        d = self._endpoint.listen(self._factory)
+        d.addCallbacks(self._listening, self._failed)
+        if self._failure is not None:
+            # TCP, UNIX and TLS endpoints listen synchronously: refuse to
+            # start rather than run without the port.
+            self._failure.raiseException()
+
+    def _listening(self, port):
+        self._port = port
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(port)
+
+    def _failed(self, failure):
+        self._failure = failure
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(failure)
+
+    def whenListening(self):
+        """
+        A Deferred firing with the listening port once bound (the address a
+        config's port 0 got is in its C{getHost()}), or failing with the
+        reason it could not listen.
+        """
+        if self._port is not None:
+            return succeed(self._port)
+        if self._failure is not None:
+            return fail(self._failure)
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def stopService(self):
+        """
+        Stop accepting; the Deferred fires once the port is closed. Open
+        connections are not touched.
+        """
+        super().stopService()
+        port, self._port = self._port, None
+        if port is None:
+            return None
+        return port.stopListening()

@@ -32,7 +32,7 @@ class Counters:
         self.closes = Counter()
         self.protocolErrors = Counter()
         # With workers = N: each worker's last L{snapshot}, by worker index.
-        self.remote = {}
+        self._remote = {}
 
     def snapshot(self):
         """
@@ -46,6 +46,18 @@ class Counters:
             ],
         }
 
+    def fromWorker(self, index, snapshot):
+        """
+        Keep worker C{index}'s latest L{snapshot}, replacing its previous.
+        """
+        self._remote[index] = snapshot
+
+    def forgetWorker(self, index):
+        """
+        Worker C{index} ended: its counts leave the totals.
+        """
+        self._remote.pop(index, None)
+
     def merged(self):
         """
         C{(handshakes, closes, protocolErrors)} of this process and its
@@ -54,7 +66,7 @@ class Counters:
         handshakes = Counter(self.handshakes)
         closes = Counter(self.closes)
         errors = Counter(self.protocolErrors)
-        for snapshot in self.remote.values():
+        for snapshot in self._remote.values():
             handshakes.update(snapshot["handshakes"])
             closes.update({(side, code): n for side, code, n in snapshot["closes"]})
             errors.update({(side, code): n for side, code, n in snapshot["protocolErrors"]})
@@ -104,8 +116,8 @@ class LbwsCollector:
     lbws at scrape time, so that the relay's hot path only adds to plain
     numbers.
 
-    @param service: anything with C{pool}, C{counters}, C{started} and
-        C{reactor}, read at each scrape (a reload may replace them).
+    @param service: the L{lbws.status.StatusView} of the running lbws,
+        read at each scrape (a reload may replace its members).
     """
 
     def __init__(self, service):
@@ -118,8 +130,7 @@ class LbwsCollector:
 
     def collect(self):
         service = self._service
-        members = list(service.pool)
-        counters = service.counters
+        members = service.members()
 
         up = GaugeMetricFamily(
             "lbws_backend_up",
@@ -201,7 +212,7 @@ class LbwsCollector:
             for each in ("up", "down", "draining"):
                 state.add_metric([name, each], 1 if current == each else 0)
             weight.add_metric([name], member.weight)
-            effective.add_metric([name], service.pool.effectiveWeight(member))
+            effective.add_metric([name], service.effectiveWeight(member))
             rebalanced.add_metric([name], member.rebalanced)
             active.add_metric([name], member.count("active"))
             total.add_metric([name], member.count("total"))
@@ -220,7 +231,7 @@ class LbwsCollector:
             if member.lastCheck is not None:
                 lastCheck.add_metric([name], member.lastCheck)
 
-        handshakeCounts, closeCounts, errorCounts = counters.merged()
+        handshakeCounts, closeCounts, errorCounts = service.counters()
         handshakes = CounterMetricFamily(
             "lbws_handshakes",
             "Client opening handshakes by result (ok, no_backend, backend_failed,"

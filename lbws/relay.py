@@ -10,12 +10,10 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
-from lbws import autobahn as _autobahn
 from lbws.balance import hashKeyOf
 from lbws.server import FrontendFactory
 
 _log = Logger()
-_autobahn.install()
 
 
 class Relay:

@@ -10,6 +10,14 @@ connection's bytes go to its L{Tunnel}.
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import ISSLTransport
 
+from lbws.compat import (
+    isConnecting,
+    received,
+    refuseHandshake,
+    requestTarget,
+    responseHead,
+    takeReceived,
+)
 from lbws.sockets import setNoDelay
 from lbws.tunnel import Tunnel
 
@@ -54,14 +62,14 @@ class FrontendProtocol(WebSocketServerProtocol):
     def _handshakeTimedOut(self):
         self._handshakeTimer = None
         self.factory.relay.counters.handshakes["timeout"] += 1
-        self.failHandshake("Request Timeout: handshake not completed in time", 408)
+        refuseHandshake(self, "Request Timeout: handshake not completed in time", 408)
 
     def onConnect(self, request):
         self._stopHandshakeTimer()
         relay = self.factory.relay
         peer = self.transport.getPeer()
         peerHost = getattr(peer, "host", None) or str(peer)
-        target = self.http_status_line.split()[1]
+        target = requestTarget(self)
         secure = ISSLTransport.providedBy(self.transport)
         self.info = ClientInfo(peerHost, target, secure)
         d = self._pending = relay.openBackend(self, request, self.info)
@@ -80,7 +88,7 @@ class FrontendProtocol(WebSocketServerProtocol):
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
-        early, self.data = self.data, b""
+        early = takeReceived(self)
         backend = self._backend
         del self._backend
         tunnel = Tunnel(self.factory.relay, self, backend, self._member, self.info)
@@ -92,12 +100,12 @@ class FrontendProtocol(WebSocketServerProtocol):
             self.leg.received(data)
             return
         super().dataReceived(data)
-        if self.state != self.STATE_CONNECTING or len(self.data) <= MAX_REQUEST_HEAD:
+        if not isConnecting(self) or len(received(self)) <= MAX_REQUEST_HEAD:
             return
         if self._handshakeTimer is not None:
             # Still reading the request head (onConnect stops the timer).
             self._stopHandshakeTimer()
-            self.failHandshake("Request Header Fields Too Large", 431)
+            refuseHandshake(self, "Request Header Fields Too Large", 431)
         elif self._pending is not None and not self._paused:
             # Frames sent ahead while the backend is being opened: read no
             # more of them until the tunnel takes them over.
@@ -125,7 +133,7 @@ def _backendResponseHeaders(backend):
     Set-Cookie lines of the backend's handshake answer, for the client.
     """
     cookies = []
-    for line in backend.http_response_data.split(b"\r\n")[1:]:
+    for line in responseHead(backend).split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"set-cookie":
             cookies.append(value.strip().decode("latin-1"))

@@ -1,182 +1,267 @@
 """
-One running lbws: the pieces of a configuration put together as a Twisted
-service, started, reloaded and stopped in the right order.
+One running lbws as a Twisted service: a L{MultiService} of small services
+around one L{lbws.core.Core}, in the shape of magic-wormhole's mailbox
+server (C{server_tap.makeService}).
 
-Under twistd (C{handleSignals=True}) the service owns the signals an
-operator and systemd send:
+L{makeLbws} composes it. Its children, in start order:
 
-  - SIGHUP reloads the config file (L{LbwsService.reload}).
-  - SIGTERM or SIGINT stops: no new clients, every open one is closed with
-    1001 and given up to C{drain_timeout}, then twistd exits 0. The same
-    signal a second time cuts the remaining connections at once.
+  - L{lbws.signals.Signals} (under twistd): SIGHUP, SIGTERM, SIGINT;
+  - the health checker, DNS discovery and the rebalancer;
+  - the dashboard's L{lbws.listen.Listener}, reading a
+    L{lbws.status.StatusView};
+  - L{Frontend}: the clients' listener (and the worker processes of
+    C{workers = N}), which drains on stop;
+  - L{Announcer}: the "listening" log line and systemd's READY/STOPPING.
 
-lbws installs these handlers itself, with C{signal.signal}, once the reactor
-runs: twistd's own SIGTERM/SIGINT handlers would make it exit by re-raising
-the signal instead of exiting 0, and could not tell a second signal apart.
+L{LbwsService} stops them one after another in the reverse order, each once
+the one before has stopped: first systemd hears STOPPING, then the frontend
+waits C{stop_delay} (still accepting, while C{/healthz} already answers
+503), stops accepting and drains, and only then the dashboard and health
+checks stop.
+
+A reload (SIGHUP, C{POST /reload}) takes one path: L{LbwsService.reload}
+reads the file, L{lbws.config.checkReload} refuses what needs a restart,
+and L{LbwsService.apply} hands the settings to each part that follows them.
 """
 
-import signal
-
 import attrs
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
 from twisted.logger import Logger, LogLevel
 
-from lbws.config import SECTION_MAIN, ConfigError, loadConfig
+from lbws import compat
+from lbws.config import ConfigError, checkReload, loadConfig
+from lbws.core import buildCore
 from lbws.dashboard import dashboardSite
-from lbws.dial import Dialer
 from lbws.discovery import Discovery
-from lbws.events import Events
 from lbws.health import HealthChecker
 from lbws.history import HistorySampler
-from lbws.listen import listenEndpoint
-from lbws.metrics import Counters
-from lbws.pool import Pool
+from lbws.listen import Listener, listenEndpoint
 from lbws.rebalance import Rebalancer
-from lbws.relay import Relay
+from lbws.signals import Signals
+from lbws.status import StatusView
 from lbws.workers import Workers
 
 _log = Logger()
 
 
-class LbwsService(MultiService):
+class Frontend(Service):
     """
-    The relay listening on C{listen}. On stop it first stops accepting,
-    then closes every client with 1001 and waits up to C{drain_timeout}.
+    Where clients come in: the C{listen} endpoint, and with C{workers = N}
+    the worker processes accepting on its socket.
 
-    @param handleSignals: install the SIGHUP, SIGTERM and SIGINT handlers
-        (twistd does; tests call L{reload} and L{stopService} instead).
-    @param notifier: an L{lbws.systemd.Notifier} told about readiness,
-        reloads and stopping, or None.
-    @param resolver: the twisted.names resolver of DNS discovery (tests
-        give one asking their own server); by default the system's.
+    Stopping it drains: it keeps accepting for C{stop_delay} seconds (so an
+    outer L4 balancer sees C{/healthz} fail and stops sending clients
+    first), then stops accepting and closes every client with 1001, giving
+    them up to C{drain_timeout}. L{cut} ends that at once.
     """
 
-    # Settings that a reload cannot change: they are bound at start-up.
-    RESTART_ONLY = ("listen", "dashboard", "workers")
-
-    def __init__(
-        self, reactor, settings, handleSignals=False, notifier=None, resolver=None
-    ):
-        super().__init__()
-        self.reactor = reactor
-        self.settings = settings
-        self.handleSignals = handleSignals
-        self.notifier = notifier
-        self.stopping = False
-        self._stopSignalled = False
-        self.counters = Counters()
-        self.events = Events(reactor)
-        self.pool = Pool(settings, reactor, self.events)
-        self.dialer = Dialer(reactor, self.pool, settings, self.counters)
-        self.relay = Relay(reactor, settings, self.pool, self.dialer, self.counters)
-        self.started = reactor.seconds()
-        self.listener = StreamServerEndpointService(
-            listenEndpoint(reactor, settings.listen), self.relay.factory()
-        )
-        # Not a child: it must stop before the relay drains, and only once.
-        self.listener._raiseSynchronously = True
-        self.health = HealthChecker(reactor, self.pool, settings.health)
-        self.health.setServiceParent(self)
-        self.discovery = Discovery(reactor, self.pool, self.health, resolver)
-        self.discovery.setServiceParent(self)
-        self.rebalancer = Rebalancer(reactor, self.relay, self.pool)
-        self.rebalancer.setServiceParent(self)
-        self.history = HistorySampler(reactor, self.pool, self.counters)
-        self.history.setServiceParent(self)
-        self.dashboard = None
-        if settings.dashboard:
-            self.dashboard = StreamServerEndpointService(
-                listenEndpoint(reactor, settings.dashboard), dashboardSite(self)
-            )
-            self.dashboard._raiseSynchronously = True
-            self.dashboard.setServiceParent(self)
-        # Not a child either: workers are told to drain when the listener
-        # stops, beside this process's own drain.
-        self.workers = None
-        if settings.workers > 1:
-            self.workers = Workers(reactor, self, settings.workers)
+    def __init__(self, reactor, core, listener, workers=None):
+        self._reactor = reactor
+        self._core = core
+        self.listener = listener
+        self.workers = workers
+        self._delay = None
 
     def startService(self):
         super().startService()
         self.listener.startService()
-        # The listening port, once bound: tests and the log want the real
-        # address when the config asked for port 0.
-        self.listening = self.listener._waitingForPort
         if self.workers is not None:
             self.workers.startService()
-        self.dashboardListening = (
-            self.dashboard._waitingForPort if self.dashboard is not None else None
+
+    def stopService(self):
+        super().stopService()
+        delay = self._core.settings.stop_delay
+        if delay > 0:
+            # Still accepting meanwhile; cut() cancels the wait.
+            self._delay = Deferred(lambda _: call.cancel())
+            call = self._reactor.callLater(delay, self._delay.callback, None)
+            d = self._delay.addErrback(lambda failure: failure.trap(CancelledError))
+        else:
+            d = succeed(None)
+        return d.addCallback(lambda _: self._drain())
+
+    def _drain(self):
+        stopping = [maybeDeferred(self.listener.stopService)]
+        if self.workers is not None:
+            stopping.append(self.workers.stopService())
+        return DeferredList(stopping, consumeErrors=True).addCallback(self._stopped)
+
+    def _stopped(self, results):
+        for ok, result in results:
+            if not ok:
+                _log.failure("lbws: could not stop accepting", result)
+        # No new client can come now: close the open ones.
+        return self._core.relay.stop(self._core.settings.drain_timeout)
+
+    def cut(self):
+        """
+        Cut every open connection now, without closing handshakes, and
+        skip what is left of C{stop_delay}.
+        """
+        self._core.relay.abort()
+        if self.workers is not None:
+            self.workers.abort()
+        if self._delay is not None and not self._delay.called:
+            self._delay.cancel()
+
+
+class Announcer(Service):
+    """
+    Says what lbws is doing to the log and to systemd: ready once it listens
+    and the reactor runs (so that signal handlers are in place by then),
+    reloading, stopping.
+
+    @param notifier: an L{lbws.systemd.Notifier}, or None.
+    """
+
+    def __init__(self, reactor, core, listener, notifier=None):
+        self._reactor = reactor
+        self._core = core
+        self._listener = listener
+        self._notifier = notifier
+
+    def startService(self):
+        super().startService()
+        self._listener.whenListening().addCallback(
+            lambda port: self._reactor.callWhenRunning(self._listening, port)
         )
-        if self.handleSignals:
-            self.listening.addCallback(self._whenRunning)
-        self.listening.addCallback(self._listening)
-
-    def _whenRunning(self, port):
-        """
-        Install the signal handlers once the reactor runs (twistd starts
-        services before, and the reactor installs its own handlers as it
-        starts), and only then say lbws is ready: from then on SIGTERM
-        drains and exits 0.
-        """
-        d = Deferred()
-
-        def running():
-            self._installSignalHandlers()
-            d.callback(port)
-
-        self.reactor.callWhenRunning(running)
-        return d
 
     def _listening(self, port):
         address = port.getHost()
         address = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
+        settings = self._core.settings
         _log.info(
             "lbws listening on {address} with {count} backend(s)",
             address=address,
-            listen=self.settings.listen,
-            count=len(self.settings.backends),
+            listen=settings.listen,
+            count=len(settings.backends),
         )
-        if self.notifier is not None:
-            self.notifier.ready(f"listening on {address}")
-        return port
+        self._ready(f"listening on {address}")
+
+    def _ready(self, status):
+        if self._notifier is not None:
+            self._notifier.ready(status)
+
+    def reloading(self):
+        if self._notifier is not None:
+            self._notifier.reloading()
+
+    def reloaded(self, status):
+        self._ready(status)
+
+    def stopService(self):
+        super().stopService()
+        if self._notifier is not None:
+            self._notifier.stopping()
+
+
+class LbwsService(MultiService):
+    """
+    One lbws: built by L{makeLbws}, whose children it stops in reverse
+    order, one after another.
+
+    @ivar core: the L{lbws.core.Core}.
+    @ivar view: the L{lbws.status.StatusView} the dashboard reads.
+    @ivar listener: the clients' L{lbws.listen.Listener}; its
+        C{whenListening()} gives the bound port.
+    @ivar dashboard: the dashboard's L{lbws.listen.Listener}, or None.
+    @ivar health: the L{lbws.health.HealthChecker}.
+    @ivar discovery: the L{lbws.discovery.Discovery}.
+    @ivar rebalancer: the L{lbws.rebalance.Rebalancer}.
+    @ivar history: the L{lbws.history.HistorySampler}.
+    """
+
+    def __init__(self, reactor, core):
+        super().__init__()
+        self.reactor = reactor
+        self.core = core
+        self.stopping = False
+        # Called with the new settings after the core's apply (see apply).
+        self.followers = []
+        self.view = None
+        self.health = self.discovery = self.rebalancer = self.history = None
+        self.frontend = None
+        self.announcer = None
+        self.dashboard = None
+
+    # The core's parts, for tests and tools that look inside.
+
+    @property
+    def settings(self):
+        return self.core.settings
+
+    @property
+    def pool(self):
+        return self.core.pool
+
+    @property
+    def relay(self):
+        return self.core.relay
+
+    @property
+    def counters(self):
+        return self.core.counters
+
+    @property
+    def dialer(self):
+        return self.core.dialer
+
+    @property
+    def events(self):
+        return self.core.events
+
+    @property
+    def listener(self):
+        return self.frontend.listener
+
+    def startService(self):
+        compat.lazyAutobahnDebugFormatting()
+        super().startService()
+
+    def stopService(self):
+        """
+        Stop the children in reverse order, each once the one before has
+        stopped (see the module's docstring).
+        """
+        self.stopping = True
+        self.events.record(
+            "stop",
+            "lbws stopping: {count} open connection(s) get up to {timeout:g}s",
+            count=sum(m.count("active") for m in self.pool),
+            timeout=self.settings.drain_timeout,
+        )
+        Service.stopService(self)
+        d = succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(lambda _, child=child: child.stopService())
+        return d
 
     def reload(self):
         """
-        Read the config file again and apply it to new connections.
+        Read the config file again and L{apply} it.
 
-        Added backends join the pool once they pass their health checks,
-        removed ones drain (their open connections stay), and every other
-        setting (weights, limits, timeouts, balancing, health) applies to
-        the connections opened from now on. No open connection is touched.
-
-        A file that does not load, or that changes C{listen} or
-        C{dashboard} (bound at start-up: they need a restart), is refused
-        as a whole with a logged error naming the file, section and key;
-        the running configuration stays.
+        A file that does not load, or that changes what needs a restart
+        (L{lbws.config.checkReload}), is refused as a whole with a logged
+        error naming the file, section and key; the running configuration
+        stays.
 
         @return: True if the new configuration is running, else False.
         """
         path = self.settings.path
         if self.stopping:
-            self.events.record("reload", "reload of {path} ignored: lbws is stopping",
-                               LogLevel.warn, accepted=False, path=path)
+            self.events.record(
+                "reload",
+                "reload of {path} ignored: lbws is stopping",
+                LogLevel.warn,
+                accepted=False,
+                path=path,
+            )
             return False
-        if self.notifier is not None:
-            self.notifier.reloading()
+        self.announcer.reloading()
         try:
             settings = loadConfig(path)
-            for key in self.RESTART_ONLY:
-                before, after = getattr(self.settings, key), getattr(settings, key)
-                if before != after:
-                    raise ConfigError(
-                        path,
-                        SECTION_MAIN,
-                        key,
-                        f"changed from {before!r} to {after!r}: a reload cannot"
-                        f" change {key}, restart lbws for that",
-                    )
+            checkReload(self.settings, settings)
         except ConfigError as e:
             self.events.record(
                 "reload",
@@ -189,21 +274,10 @@ class LbwsService(MultiService):
                 key=e.key,
                 problem=e.problem,
             )
-            if self.notifier is not None:
-                self.notifier.ready(f"reload refused, running config kept: {e}")
+            self.announcer.reloaded(f"reload refused, running config kept: {e}")
             return False
         before = self.settings
-        self.settings = settings
-        self.pool.update(settings)
-        # DNS-discovered members follow their changed [backend:NAME] sections.
-        self.discovery.sync(settings)
-        # Checks start for added members (which join after `rise` of them)
-        # and stop for removed ones; new [health] settings restart them all.
-        self.health.sync(settings.health)
-        self.dialer.settings = settings
-        self.relay.settings = settings
-        if self.workers is not None:
-            self.workers.reloaded()
+        self.apply(settings)
         self.events.record(
             "reload",
             "reloaded {path}: {count} backend(s)",
@@ -212,68 +286,98 @@ class LbwsService(MultiService):
             count=len(settings.backends),
             changed=sorted(_changedKeys(before, settings)),
         )
-        if self.notifier is not None:
-            self.notifier.ready(f"reloaded {path}")
+        self.announcer.reloaded(f"reloaded {path}")
         return True
 
-    def stopService(self):
-        self.stopping = True
-        self.events.record(
-            "stop", "lbws stopping: {count} open connection(s) get up to {timeout:g}s",
-            count=sum(m.count("active") for m in self.pool), timeout=self.settings.drain_timeout)
-        if self.notifier is not None:
-            self.notifier.stopping()
-        workersStopped = (
-            self.workers.stopService() if self.workers is not None else None
+    def apply(self, settings):
+        """
+        The only path new settings take: into the core (pool, dialer,
+        relay), then to each follower in turn (DNS discovery, health
+        checks, worker processes).
+        """
+        self.core.apply(settings)
+        for follow in self.followers:
+            follow(settings)
+
+    def stopBySignal(self, name):
+        """
+        The first SIGTERM or SIGINT: stop, as twistd does on its own.
+        """
+        settings = self.settings
+        _log.info(
+            "received {signal}: stopping; /healthz answers 503 now, clients are"
+            " still accepted for {delay:g}s, then open connections get up to"
+            " {timeout:g}s (send {signal} again to close them at once)",
+            signal=name,
+            delay=settings.stop_delay,
+            timeout=settings.drain_timeout,
         )
-        d = self.listener.stopService()
-        d.addCallback(lambda _: self.relay.stop(self.settings.drain_timeout))
-        if workersStopped is not None:
-            d.addCallback(lambda _: workersStopped)
-        d.addCallback(lambda _: MultiService.stopService(self))
-        return d
+        self.reactor.stop()
 
-    # Signals (under twistd only).
+    def cutBySignal(self, name):
+        """
+        A stop signal while stopping: cut every connection now.
+        """
+        _log.warn(
+            "received {signal} again: closing {count} connection(s) now",
+            signal=name,
+            count=len(self.relay.tunnels),
+        )
+        self.frontend.cut()
 
-    def _installSignalHandlers(self):
-        for signum, handler in (
-            (signal.SIGHUP, self._onHangup),
-            (signal.SIGTERM, self._onStopSignal),
-            (signal.SIGINT, self._onStopSignal),
-        ):
-            signal.signal(signum, handler)
 
-    def _onHangup(self, signum, frame):
-        # A signal handler may run between any two bytecodes: hand the work
-        # to the reactor, as Twisted's own handlers do.
-        self.reactor.callFromThread(self._hangup)
+def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=None):
+    """
+    Compose one lbws for C{settings}.
 
-    def _hangup(self):
-        _log.info("received SIGHUP: reloading {path}", path=self.settings.path)
-        self.reload()
-
-    def _onStopSignal(self, signum, frame):
-        self.reactor.callFromThread(self._stopSignal, signal.Signals(signum).name)
-
-    def _stopSignal(self, name):
-        if not (self._stopSignalled or self.stopping):
-            self._stopSignalled = True
-            _log.info(
-                "received {signal}: stopping; open connections get up to"
-                " {timeout:g}s (send {signal} again to close them at once)",
-                signal=name,
-                timeout=self.settings.drain_timeout,
-            )
-            self.reactor.stop()
-        else:
-            _log.warn(
-                "received {signal} again: closing {count} connection(s) now",
-                signal=name,
-                count=len(self.relay.tunnels),
-            )
-            self.relay.abort()
-            if self.workers is not None:
-                self.workers.abort()
+    @param handleSignals: install the SIGHUP, SIGTERM and SIGINT handlers
+        (twistd does; tests call C{reload} and C{stopService} instead).
+    @param notifier: an L{lbws.systemd.Notifier} told about readiness,
+        reloads and stopping, or None.
+    @param resolver: the twisted.names resolver of DNS discovery (tests
+        give one asking their own server); by default the system's.
+    @return: an L{LbwsService}, not started.
+    """
+    core = buildCore(reactor, settings)
+    service = LbwsService(reactor, core)
+    if handleSignals:
+        Signals(
+            reactor,
+            reload=service.reload,
+            stop=service.stopBySignal,
+            cut=service.cutBySignal,
+            isStopping=lambda: service.stopping,
+        ).setServiceParent(service)
+    health = service.health = HealthChecker(reactor, core.pool, settings.health)
+    discovery = service.discovery = Discovery(reactor, core.pool, health, resolver)
+    service.rebalancer = Rebalancer(reactor, core.relay, core.pool)
+    service.history = HistorySampler(reactor, core.pool, core.counters)
+    for child in (health, discovery, service.rebalancer, service.history):
+        child.setServiceParent(service)
+    # DNS-discovered members follow their changed [backend:NAME] sections;
+    # then checks start for added members (which join after `rise` of
+    # them) and stop for removed ones.
+    service.followers += [discovery.sync, lambda settings: health.sync(settings.health)]
+    listener = Listener(listenEndpoint(reactor, settings.listen), core.factory())
+    workers = None
+    if settings.workers > 1:
+        workers = Workers(reactor, core, listener, settings.workers)
+        service.followers.append(workers.apply)
+    view = StatusView(
+        reactor, core, reactor.seconds(), lambda: service.stopping, workers, service.history
+    )
+    service.view = view
+    if settings.dashboard:
+        service.dashboard = Listener(
+            listenEndpoint(reactor, settings.dashboard),
+            dashboardSite(view, service.reload),
+        )
+        service.dashboard.setServiceParent(service)
+    service.frontend = Frontend(reactor, core, listener, workers)
+    service.frontend.setServiceParent(service)
+    service.announcer = Announcer(reactor, core, listener, notifier)
+    service.announcer.setServiceParent(service)
+    return service
 
 
 def _changedKeys(before, after):

@@ -7,10 +7,12 @@ report the socket writable: for a relay that means a second reactor event
 and two epoll changes for every chunk forwarded. When the transport has
 nothing queued, sending at once is what Twisted would do on the next
 iteration anyway; measured here, it nearly halved the cost of forwarding
-small messages (see PERF-NOTES.md).
+small messages (see the README's Benchmark section).
 """
 
 from twisted.internet import tcp
+
+from lbws.compat import hasQueuedWrites
 
 
 def setNoDelay(transport):
@@ -37,13 +39,12 @@ def writerFor(transport):
     """
     if not isinstance(transport, tcp.Connection):
         return transport.write
-    send = transport.socket.send
+    send = transport.getHandle().send
     write = transport.write
 
     def writeThrough(data):
         if (
-            transport.dataBuffer
-            or transport._tempDataLen
+            hasQueuedWrites(transport)
             or transport.disconnecting
             or not transport.connected
         ):

@@ -48,14 +48,19 @@ class Options(usage.Options):
 
 
 def makeService(options):
+    """
+    The twistd service: one lbws (see L{lbws.service.makeLbws}) on the
+    global reactor, handling signals, telling systemd when it runs under
+    C{Type=notify}.
+    """
     import os
 
     from twisted.internet import reactor
 
     from lbws import systemd
-    from lbws.service import LbwsService
+    from lbws.service import makeLbws
 
-    return LbwsService(
+    return makeLbws(
         reactor,
         options.settings,
         handleSignals=True,

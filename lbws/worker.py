@@ -19,11 +19,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 
+from lbws import compat
 from lbws.config import ConfigError, loadConfig
-from lbws.dial import Dialer
-from lbws.metrics import Counters
-from lbws.pool import Pool
-from lbws.relay import Relay
+from lbws.core import buildCore
 
 _log = Logger()
 
@@ -31,10 +29,11 @@ STATS_INTERVAL = 0.5
 MEMBER_COUNTS = ("active", "total", "failed", "messagesIn", "messagesOut", "bytesIn", "bytesOut")
 
 
-def statsOf(pool, counters, relay):
+def statsOf(core):
     """
     What a worker reports to its parent.
     """
+    pool, counters, relay = core.pool, core.counters, core.relay
     return {
         "members": {
             member.name: {
@@ -53,12 +52,8 @@ class Worker:
         self.reactor = reactor
         self.path = path
         self.index = index
-        self.settings = settings = loadConfig(path)
-        self.counters = Counters()
-        self.pool = Pool(settings, reactor)
-        self.dialer = Dialer(reactor, self.pool, settings, self.counters)
-        self.relay = Relay(reactor, settings, self.pool, self.dialer, self.counters)
-        self.port = reactor.adoptStreamPort(fd, family, self.relay.factory())
+        self.core = buildCore(reactor, loadConfig(path))
+        self.port = reactor.adoptStreamPort(fd, family, self.core.factory())
         self._stats = LoopingCall(self._report)
         self._stats.clock = reactor
         self._stopping = False
@@ -69,12 +64,12 @@ class Worker:
         self._stats.start(STATS_INTERVAL)
 
     def _report(self):
-        self.channel.sendLine(json.dumps({"stats": statsOf(self.pool, self.counters, self.relay)}).encode())
+        self.channel.sendLine(json.dumps({"stats": statsOf(self.core)}).encode())
 
     def handle(self, message):
         if "state" in message:
             for name, (healthy, drained, changed) in message["state"].items():
-                member = self.pool.members.get(name)
+                member = self.core.pool.members.get(name)
                 if member is not None:
                     member.healthy = healthy
                     member.drained = drained
@@ -85,7 +80,7 @@ class Worker:
             self.stop(message["stop"])
         elif "abort" in message:
             self._stopping = True
-            self.relay.abort()
+            self.core.relay.abort()
             self.reactor.stop()
 
     def _reload(self):
@@ -95,17 +90,14 @@ class Worker:
             # The parent checked the same file a moment ago.
             _log.error("worker {index}: reload refused: {error}", index=self.index, error=str(e))
             return
-        self.settings = settings
-        self.pool.update(settings)
-        self.dialer.settings = settings
-        self.relay.settings = settings
+        self.core.apply(settings)
 
     def stop(self, timeout):
         if self._stopping:
             return
         self._stopping = True
         d = self.port.stopListening()
-        d.addCallback(lambda _: self.relay.stop(timeout))
+        d.addCallback(lambda _: self.core.relay.stop(timeout))
         d.addBoth(lambda _: self.reactor.stop())
 
 
@@ -128,7 +120,7 @@ class ParentChannel(LineOnlyReceiver):
 
     def connectionLost(self, reason=protocol.connectionDone):
         # The parent is gone: drain and go too.
-        self.worker.stop(self.worker.settings.drain_timeout)
+        self.worker.stop(self.worker.core.settings.drain_timeout)
 
 
 def main(argv):
@@ -142,6 +134,7 @@ def main(argv):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     family = socket.AF_INET6 if family == "6" else socket.AF_INET
+    compat.lazyAutobahnDebugFormatting()
     worker = Worker(reactor, path, int(fd), family, int(index))
     StandardIO(ParentChannel(worker), reactor=reactor)
     _log.info("worker {index} relaying", index=index)

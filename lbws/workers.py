@@ -10,7 +10,7 @@ one JSON object a line:
 
   - to a worker: C{{"state": {NAME: [healthy, drained, changed]}}} whenever a
     backend's state changes (and once at start), C{{"reload": true}} after a
-    reload the parent applied, C{{"stop": SECONDS}} to drain and exit,
+    reload the parent applied (L{Workers.apply}), C{{"stop": SECONDS}} to drain and exit,
     C{{"abort": true}} to cut every connection and exit;
   - from a worker: C{{"stats": ...}} twice a second, its per-backend
     traffic and counters (see L{lbws.worker.statsOf}), which the dashboard
@@ -71,16 +71,20 @@ class Workers(Service):
     """
     Starts, feeds and stops the worker processes of one lbws.
 
-    @param service: the parent's L{lbws.service.LbwsService}.
+    @param core: the parent's L{lbws.core.Core}: its pool has the backends'
+        states to send, and takes the workers' traffic and failures.
+    @param listener: the parent's L{lbws.listen.Listener}, whose socket the
+        workers accept on.
     """
 
-    def __init__(self, reactor, service, count, executable=sys.executable):
+    def __init__(self, reactor, core, listener, count, executable=sys.executable):
         self._reactor = reactor
-        self._service = service
+        self._core = core
+        self._listener = listener
         self._count = count
         self._executable = executable
         self._processes = {}
-        self.clients = {}  # client connections of each worker, by index
+        self._connections = {}  # client connections of each worker, by index
         self._sentState = None
         self._stateLoop = LoopingCall(self._sendState)
         self._stateLoop.clock = reactor
@@ -90,7 +94,7 @@ class Workers(Service):
 
     def startService(self):
         super().startService()
-        self._service.listening.addCallback(self._started)
+        self._listener.whenListening().addCallback(self._started)
 
     def _started(self, port):
         # The workers relay; this process only supervises.
@@ -112,7 +116,7 @@ class Workers(Service):
                 self._executable,
                 "-m",
                 "lbws.worker",
-                self._service.settings.path,
+                self._core.settings.path,
                 str(self._fd),
                 self._family,
                 str(index),
@@ -126,9 +130,9 @@ class Workers(Service):
     def ended(self, process, reason):
         if self._processes.get(process.index) is process:
             del self._processes[process.index]
-        self._service.pool.forgetWorker(process.index)
-        self._service.counters.remote.pop(process.index, None)
-        self.clients.pop(process.index, None)
+        self._core.pool.forgetWorker(process.index)
+        self._core.counters.forgetWorker(process.index)
+        self._connections.pop(process.index, None)
         if self._stopping:
             return
         _log.error(
@@ -143,7 +147,7 @@ class Workers(Service):
             self._spawn(index)
 
     def _sendState(self):
-        state = {m.name: [m.healthy, m.drained, m.changed] for m in self._service.pool}
+        state = {m.name: [m.healthy, m.drained, m.changed] for m in self._core.pool}
         if state != self._sentState:
             self._sentState = state
             self._broadcast({"state": state})
@@ -157,21 +161,31 @@ class Workers(Service):
         A worker's traffic: kept for the dashboard; connection failures it
         met count as failed checks here, where health is decided.
         """
-        service = self._service
-        health = service.settings.health
+        pool = self._core.pool
+        health = self._core.settings.health
         now = self._reactor.seconds()
         for name, counts in stats["members"].items():
-            member = service.pool.members.get(name)
+            member = pool.members.get(name)
             if member is None:
                 continue
             before = member.remote.get(index, {}).get("failed", 0)
             for _ in range(max(0, counts["failed"] - before)):
                 member.recordCheck(False, now, health.rise, health.fall, counts["lastError"])
             member.remote[index] = counts
-        service.counters.remote[index] = stats["counters"]
-        self.clients[index] = stats["clients"]
+        self._core.counters.fromWorker(index, stats["counters"])
+        self._connections[index] = stats["clients"]
 
-    def reloaded(self):
+    def connections(self):
+        """
+        Client connections of each worker, by index, as last reported.
+        """
+        return dict(self._connections)
+
+    def apply(self, settings):
+        """
+        The parent runs with new settings: every worker reloads the same
+        file (the parent accepted it a moment ago).
+        """
         self._broadcast({"reload": True})
         self._sentState = None
 
@@ -188,7 +202,7 @@ class Workers(Service):
         self._stopping = True
         if self._stateLoop.running:
             self._stateLoop.stop()
-        timeout = self._service.settings.drain_timeout
+        timeout = self._core.settings.drain_timeout
         processes = list(self._processes.values())
         self._broadcast({"stop": timeout})
         kill = self._reactor.callLater(timeout + 5, self._kill)

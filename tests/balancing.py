@@ -83,12 +83,12 @@ class Fleet:
         self._waiting = []
         self.stopping = False
 
-    async def connect(self, count):
+    async def connect(self, count, timeout=10):
         for _ in range(count):
             d = defer.Deferred()
             self._waiting.append(d)
             await self.endpoint.connect(self.factory)
-            await d
+            await d.addTimeout(timeout, reactor)
 
     def _opened(self, protocol):
         self.open.add(protocol)

@@ -21,12 +21,12 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
 from lbws.config import parseConfig
-from lbws.service import LbwsService
+from lbws.service import makeLbws
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "tests" / "node"
@@ -48,13 +48,19 @@ async def eventually(predicate, timeout=10.0, step=0.02):
     """
     Wait, with a deadline, until C{predicate()} is true: for state that a
     test cannot be told about by a Deferred (a counter in another process).
+    C{predicate} may be a coroutine function (e.g. one asking a dashboard).
     """
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
+    deadline = reactor.seconds() + timeout
+    while not await _truth(predicate()):
+        if reactor.seconds() >= deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await deferLater(step)
-        waited += step
+
+
+async def _truth(value):
+    if isinstance(value, defer.Deferred) or hasattr(value, "__await__"):
+        value = await value
+    return value
 
 
 # Backends
@@ -145,6 +151,30 @@ async def startEchoBackend(name="echo", **kwargs):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     factory.url = f"ws://127.0.0.1:{port.getHost().port}"
     return factory, port
+
+
+class Silent(protocol.Protocol):
+    """
+    A backend that accepts TCP connections and never says a word; its
+    factory's C{connections} and C{lost} list the connections made and
+    lost.
+    """
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+
+    def connectionLost(self, reason):
+        self.factory.lost.append(self)
+
+
+def silentFactory():
+    """
+    A factory of L{Silent} with empty C{connections} and C{lost} lists.
+    """
+    factory = protocol.Factory.forProtocol(Silent)
+    factory.connections = []
+    factory.lost = []
+    return factory
 
 
 def reservedPort():
@@ -265,17 +295,25 @@ async def startLbws(backends, **kwargs):
     """
     An lbws service in this process.
 
-    @return: the started L{LbwsService}, with C{.url} its ws:// URL; stop
-        it with C{await service.stopService()}.
+    @return: the started L{lbws.service.LbwsService}, with C{.url} its
+        ws:// URL (and C{.dashboardUrl} its dashboard's, or None); stop it
+        with C{await service.stopService()}.
     """
     settings = parseConfig(configText(backends, **kwargs), "test.ini")
-    service = LbwsService(reactor, settings)
+    return await started(makeLbws(reactor, settings))
+
+
+async def started(service, timeout=10):
+    """
+    Start C{service} (built by L{lbws.service.makeLbws}) and set C{.url}
+    and C{.dashboardUrl} once it listens.
+    """
     service.startService()
-    port = await service.listening
+    port = await service.listener.whenListening().addTimeout(timeout, reactor)
     service.url = f"ws://127.0.0.1:{port.getHost().port}"
     service.dashboardUrl = None
-    if service.dashboardListening is not None:
-        dashboardPort = await service.dashboardListening
+    if service.dashboard is not None:
+        dashboardPort = await service.dashboard.whenListening().addTimeout(timeout, reactor)
         service.dashboardUrl = f"http://127.0.0.1:{dashboardPort.getHost().port}"
     return service
 
@@ -324,6 +362,23 @@ class Harness:
         self.atEnd(port.stopListening)
         return port
 
+    async def silent(self):
+        """
+        A L{Silent} backend on 127.0.0.1 until the end of the test (its
+        connections are cut then); C{.url} is its ws:// URL.
+        """
+        factory = silentFactory()
+        port = await self.listen(factory)
+        factory.url = f"ws://127.0.0.1:{port.getHost().port}"
+
+        def cut():
+            for connection in factory.connections:
+                if connection.transport.connected:
+                    connection.transport.abortConnection()
+
+        self.atEnd(cut, first=True)
+        return factory
+
     def deadUrl(self):
         """
         The URL of a loopback port that refuses connections (and that no
@@ -340,14 +395,11 @@ class Harness:
 
     async def start(self, service):
         """
-        Start an L{LbwsService} built by the test; C{.url} is set as by
-        L{startLbws}.
+        Start an L{lbws.service.LbwsService} built by the test (with
+        L{lbws.service.makeLbws}); C{.url} is set as by L{startLbws}.
         """
-        service.startService()
         self.services.append(service)
-        port = await service.listening
-        service.url = f"ws://127.0.0.1:{port.getHost().port}"
-        return service
+        return await started(service)
 
     async def client(self, url, **kwargs):
         client = await connect(url, **kwargs)
@@ -455,6 +507,13 @@ class LbwsProcess:
         d.addErrback(timedOut)
         return d
 
+    async def dashboardUrl(self, timeout=10):
+        """
+        The dashboard's http:// URL, read from the log line of its port.
+        """
+        line = await self.waitForLine(r"DashboardSite starting on \d+", timeout=timeout)
+        return "http://127.0.0.1:" + re.search(r"starting on (\d+)", line).group(1)
+
     def signal(self, signum):
         self.process.send_signal(signum)
 
@@ -540,9 +599,12 @@ class HandshakeFailed(Exception):
         self.status = int(statusLine.split()[1]) if statusLine else None
 
 
-async def connect(url, protocols=None, headers=None, path="/", useragent="lbws-tests", **options):
+async def connect(
+    url, protocols=None, headers=None, path="/", useragent="lbws-tests", timeout=30, **options
+):
     """
-    Open a WebSocket to C{url + path}; fails with L{HandshakeFailed}.
+    Open a WebSocket to C{url + path}; fails with L{HandshakeFailed}, or
+    with C{TimeoutError} when the handshake is not over within C{timeout}.
 
     @return: the open L{RecordingClient}.
     """
@@ -570,7 +632,16 @@ async def connect(url, protocols=None, headers=None, path="/", useragent="lbws-t
     )
     host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
     await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
-    return await factory.opened
+    return await factory.opened.addTimeout(timeout, reactor)
+
+
+async def roundTrip(client, payload, isBinary=False, timeout=10):
+    """
+    Send a message on a L{RecordingClient} and wait (with a deadline) for
+    the next message it gets: the echo, from an echo backend.
+    """
+    client.sendMessage(payload, isBinary)
+    return await client.messages.get().addTimeout(timeout, reactor)
 
 
 def handshakeRequest(path="/", host="127.0.0.1", extra=""):

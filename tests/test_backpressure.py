@@ -17,6 +17,8 @@ TOTAL = 200 * 1024 * 1024
 # transport buffers more than its bufferSize (64 KiB); one more read can
 # land on top of that.
 BOUND = 1024 * 1024
+# Seconds to wait for the flood to be held back.
+WAIT = 10
 
 
 @implementer(IPushProducer)
@@ -92,16 +94,17 @@ async def test_paused_reader_bounds_lbws_buffers(direction):
         sampler.start(0.005)
         reader.transport.pauseProducing()
         flood = Flood(writer)
-        await flood.firstPause
-        # The writer is held back: let the pressure settle for a moment,
-        # then lbws must hold at most BOUND, however much the writer wants.
-        for _ in range(20):
-            await task.deferLater(reactor, 0.01)
-            sample()
+        await flood.firstPause.addTimeout(WAIT, reactor)
+        # The writer is held back once lbws stops reading its leg (the
+        # other leg's buffer is full): from then on lbws must hold at most
+        # BOUND, however much the writer wants.
+        writerLeg = tunnel.backend.transport if writer is backend else tunnel.client.transport
+        await eventually(lambda: writerLeg not in reactor.getReaders(), timeout=WAIT)
+        sample()
         assert flood.sent < TOTAL / 4
         assert peak[0] <= BOUND
         reader.transport.resumeProducing()
-        await flood.done
+        await flood.done.addTimeout(60, reactor)
         await eventually(lambda: received["bytes"] >= TOTAL, timeout=60)
         sampler.stop()
         assert received["bytes"] == TOTAL

@@ -14,7 +14,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, readBody
 
 from lbws.config import loadConfig
-from lbws.service import LbwsService
+from lbws.service import makeLbws
 from tests import support
 from tests.balancing import Fleet, RevivableBackend
 from tests.support import Harness, eventually
@@ -31,7 +31,7 @@ class BalancingHarness(Harness):
         return backend
 
     async def lbwsFromFile(self, path):
-        return await self.start(LbwsService(reactor, loadConfig(path)))
+        return await self.start(makeLbws(reactor, loadConfig(path)))
 
     def fleet(self, url, **kwargs):
         fleet = Fleet(url, **kwargs)
@@ -69,7 +69,7 @@ async def backendOf(harness, lbws, backends, user):
     client = await harness.client(lbws.url, headers={"X-User-Id": user})
     served = [b.name for b in backends if b.factory.connections]
     client.sendClose(1000)
-    await client.closed
+    await client.closed.addTimeout(10, reactor)
     assert len(served) == 1, served
     assert backends[[b.name for b in backends].index(served[0])].factory.connections[
         0

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lbws.config import ConfigError, loadConfig, parseConfig, summary
+from lbws.config import ConfigError, checkReload, loadConfig, parseConfig, summary
 
 MINIMAL = "[backend:a]\nurl = ws://127.0.0.1:8010\n"
 
@@ -30,6 +30,7 @@ def test_defaults():
     assert settings.max_message_size == 16777216
     assert settings.max_connections == 10000
     assert settings.drain_timeout == 30
+    assert settings.stop_delay == 0
     assert settings.admin_token == ""
     assert settings.health.interval == 2
     assert settings.health.probe == "websocket"
@@ -114,6 +115,8 @@ verify = false
         ("[lbws]\nrebalance_rate = 0\n" + MINIMAL, "lbws", "rebalance_rate", "greater than 0"),
         ("[lbws]\nslow_start = -1\n" + MINIMAL, "lbws", "slow_start", "at least 0"),
         ("[lbws]\nslow_start = soon\n" + MINIMAL, "lbws", "slow_start", "a number"),
+        ("[lbws]\nstop_delay = -1\n" + MINIMAL, "lbws", "stop_delay", "at least 0"),
+        ("[lbws]\nstop_delay = later\n" + MINIMAL, "lbws", "stop_delay", "a number"),
         ("[health]\nprobe = icmp\n" + MINIMAL, "health", "probe", "tcp, websocket, http"),
         ("[health]\nfall = 0\n" + MINIMAL, "health", "fall", "at least 1"),
         ("[health]\npath = health\n" + MINIMAL, "health", "path", "start with /"),
@@ -189,3 +192,32 @@ def test_any_url_parses_or_fails_clearly(value):
         pass
     else:
         assert settings.backends[0].url.startswith(("ws://", "wss://"))
+
+
+def test_stop_delay_parses():
+    assert parseConfig("[lbws]\nstop_delay = 2.5\n" + MINIMAL).stop_delay == 2.5
+
+
+@pytest.mark.parametrize(
+    "key, before, after",
+    [
+        ("listen", "tcp:8020", "tcp:8030"),
+        ("dashboard", "tcp:8021", ""),
+        ("workers", "1", "2"),
+    ],
+)
+def test_check_reload_refuses_what_needs_a_restart(key, before, after):
+    old = parseConfig(f"[lbws]\n{key} = {before}\n" + MINIMAL, "lbws.ini")
+    new = parseConfig(f"[lbws]\n{key} = {after}\n" + MINIMAL, "lbws.ini")
+    with pytest.raises(ConfigError) as raised:
+        checkReload(old, new)
+    e = raised.value
+    assert (e.path, e.section, e.key) == ("lbws.ini", "lbws", key)
+    assert f"changed from {getattr(old, key)!r} to {getattr(new, key)!r}" in str(e)
+    assert "restart lbws for that" in str(e)
+
+
+def test_check_reload_lets_everything_else_change():
+    old = parseConfig("[lbws]\nretries = 1\n" + MINIMAL)
+    new = parseConfig("[lbws]\nretries = 3\nstop_delay = 5\n[backend:b]\nurl = ws://h\n" + MINIMAL)
+    checkReload(old, new)

@@ -21,7 +21,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from lbws.config import loadConfig, parseConfig
-from lbws.service import LbwsService
+from lbws.service import makeLbws
 from tests.support import (
     ROOT,
     Harness,
@@ -81,10 +81,10 @@ async def request(method, url, token=None, authorization=None, accept=None):
         headers.addRawHeader(b"authorization", f"Bearer {token}".encode())
     if authorization is not None:
         headers.addRawHeader(b"authorization", authorization.encode())
-    response = await Agent(reactor).request(method, url.encode(), headers)
+    response = await Agent(reactor).request(method, url.encode(), headers).addTimeout(10, reactor)
     body = defer.Deferred()
     response.deliverBody(BodyReader(body))
-    return Response(response.code, response.headers, await body)
+    return Response(response.code, response.headers, await body.addTimeout(10, reactor))
 
 
 class BodyReader(protocol.Protocol):
@@ -122,7 +122,7 @@ async def test_dashboard_is_off_when_not_configured(harness):
     service = await startLbws([("a", backend.url)])
     harness.services.append(service)
     assert service.dashboard is None
-    assert service.dashboardListening is None
+    assert service.dashboardUrl is None
 
 
 @pytest_twisted.ensureDeferred
@@ -206,7 +206,7 @@ async def test_metrics(harness):
     assert value("lbws_backend_check_duration_seconds_count", backend="a") >= 1
     assert value("lbws_backend_check_duration_seconds_bucket", backend="a", le="+Inf") >= 1
     assert value("lbws_backend_check_rtt_seconds", backend="a") >= 0
-    assert value("lbws_start_time_seconds") == lbws.started
+    assert value("lbws_start_time_seconds") == lbws.view.started
     # A registry of its own: nothing leaks into prometheus_client's global one.
     assert REGISTRY.get_sample_value("lbws_backend_up", {"backend": "a"}) is None
 
@@ -501,12 +501,7 @@ async def test_reload_applies_the_file_or_keeps_the_running_config(harness, tmp_
         )
 
     write([("a", a.url)])
-    lbws = LbwsService(reactor, loadConfig(config))
-    harness.services.append(lbws)
-    lbws.startService()
-    await lbws.listening
-    port = await lbws.dashboardListening
-    lbws.dashboardUrl = f"http://127.0.0.1:{port.getHost().port}"
+    lbws = await harness.start(makeLbws(reactor, loadConfig(config)))
 
     write([("a", a.url), ("b", b.url)])
     assert (await post(lbws, "/reload")).code == 401
@@ -562,9 +557,8 @@ async def test_events_json_says_what_happened_and_from_where(harness, tmp_path):
     a = await harness.backend("a")
     config = tmp_path / "lbws.ini"
     config.write_text(configText([("a", a.url)], dashboard=DASHBOARD, lbws=f"admin_token = {TOKEN}"))
-    lbws = LbwsService(reactor, loadConfig(config))
+    lbws = makeLbws(reactor, loadConfig(config))
     await harness.start(lbws)
-    lbws.dashboardUrl = f"http://127.0.0.1:{(await lbws.dashboardListening).getHost().port}"
     await post(lbws, "/backends/a/drain", token=TOKEN)
     await post(lbws, "/backends/a/enable", token=TOKEN)
     config.write_text(configText([("a", a.url)], lbws="balance = nonsense"))
@@ -682,10 +676,9 @@ async def test_page_shows_a_backend_flapping_under_load(harness, tmp_path):
         ),
         "test.ini",
     )
-    lbws = LbwsService(reactor, settings)
+    lbws = makeLbws(reactor, settings)
     lbws.history.interval = SAMPLE_EVERY
     await harness.start(lbws)
-    lbws.dashboardUrl = f"http://127.0.0.1:{(await lbws.dashboardListening).getHost().port}"
     a = lbws.pool["chat-a"]
     await eventually(lambda: a.checkRtt is not None)
 

@@ -18,7 +18,7 @@ from twisted.names.error import DNSQueryTimeoutError
 from lbws.config import parseConfig
 from lbws.discovery import Discovery, lookupTargets, memberName, Target
 from lbws.pool import DRAINING, UP, Pool
-from lbws.service import LbwsService
+from lbws.service import makeLbws
 from tests import support
 from tests.support import EchoFactory, Harness, eventually
 
@@ -309,7 +309,7 @@ class DiscoveryHarness(Harness):
 
     async def lbws(self, backends, resolver, health="interval = 0.1\ntimeout = 0.5\nfall = 1\nrise = 2"):
         text = support.configText(backends, health=health, probe="websocket")
-        return await self.start(LbwsService(reactor, parseConfig(text, "t.ini"), resolver=resolver))
+        return await self.start(makeLbws(reactor, parseConfig(text, "t.ini"), resolver=resolver))
 
     def loggedLines(self, words):
         from twisted.logger import formatEvent
@@ -461,10 +461,10 @@ async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tm
         dashboard="tcp:0:interface=127.0.0.1",
     )
     service = await harness.start(
-        LbwsService(reactor, parseConfig(text, "t.ini"), resolver=harness.dnsServer(zone).resolver())
+        makeLbws(reactor, parseConfig(text, "t.ini"), resolver=harness.dnsServer(zone).resolver())
     )
     url = service.url
-    dashboard = f"http://127.0.0.1:{(await service.dashboardListening).getHost().port}"
+    dashboard = service.dashboardUrl
     name = f"chat/127.0.0.2:{port}"
     await eventually(lambda: name in service.pool.members and service.pool[name].state == UP)
     c = await harness.client(url)

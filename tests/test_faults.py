@@ -98,15 +98,6 @@ async def closeOf(client, timeout=5):
 # Backends that misbehave.
 
 
-class Silent(protocol.Protocol):
-    """
-    Accepts the TCP connection and never says a word.
-    """
-
-    def connectionMade(self):
-        self.factory.connections.append(self)
-
-
 class Staller(protocol.Protocol):
     """
     Answers the opening handshake, then reads and ignores everything: no
@@ -188,7 +179,7 @@ async def test_backendNeverAnswersHandshakeThenRetry(harness):
     A backend that accepts TCP and never answers the handshake costs the
     client handshake_timeout, then the next backend is tried.
     """
-    silent = await harness.fake(Silent)
+    silent = await harness.silent()
     good = await harness.echo("good")
     lbws = await harness.lbws(
         [("silent", silent.url), ("good", good.url)],
@@ -209,8 +200,8 @@ async def test_backendsNeverAnswerHandshakeGives502(harness):
     When every backend tried hangs, the client gets HTTP 502 once each has
     had handshake_timeout, never a hang.
     """
-    one = await harness.fake(Silent)
-    two = await harness.fake(Silent)
+    one = await harness.silent()
+    two = await harness.silent()
     lbws = await harness.lbws(
         [("one", one.url), ("two", two.url)],
         lbws=f"handshake_timeout = {HANDSHAKE_TIMEOUT}\nretries = 1",
@@ -450,7 +441,7 @@ class Chatter:
 
     async def stop(self):
         self._stopped = True
-        return await self._done
+        return await self._done.addTimeout(30, reactor)
 
 
 @pytest.mark.parametrize(
@@ -536,6 +527,7 @@ async def openIdle(port, count, batch=250):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest_twisted.ensureDeferred
 async def test_fiveThousandIdleClients(tmp_path, harness, fileLimit, capsys):
     """
@@ -644,6 +636,7 @@ class StormClient(support.RecordingClient):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest_twisted.ensureDeferred
 async def test_messageStorm(tmp_path, harness, capsys):
     """

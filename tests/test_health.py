@@ -317,14 +317,11 @@ async def outcome(probe, backend, healthSettings):
 
 
 @pytest.fixture
-def deadUrl():
+def deadUrl(harness):
     """
-    The URL of a port nothing listens on (and nothing else can take
-    meanwhile): connections to it are refused.
+    The URL of a port nothing listens on (L{support.Harness.deadUrl}).
     """
-    holder = reservedPort()
-    yield f"ws://127.0.0.1:{holder.getsockname()[1]}"
-    holder.close()
+    return harness.deadUrl()
 
 
 @pytest_twisted.ensureDeferred
@@ -397,24 +394,14 @@ async def test_websocket_probe_failures_say_why(harness, deadUrl):
     assert refused[0] == "failed" and "refused" in refused[1]
 
 
-class Silent(protocol.Protocol):
-    def connectionMade(self):
-        self.factory.connected.append(self)
-
-    def connectionLost(self, reason):
-        self.factory.lost.append(self)
-
-
 @pytest_twisted.ensureDeferred
 async def test_websocket_probe_of_a_silent_backend_times_out_and_hangs_up(harness):
-    silent = protocol.Factory.forProtocol(Silent)
-    silent.connected, silent.lost = [], []
-    port = await harness.listen(silent)
+    silent = await harness.silent()
     failed = await outcome(health.probeWebsocket, *backendSettings(
-        f"ws://127.0.0.1:{port.getHost().port}", health="timeout = 0.2"))
+        silent.url, health="timeout = 0.2"))
     assert failed == ("failed", "check timed out after 0.2s")
     await eventually(lambda: silent.lost)
-    assert len(silent.connected) == 1
+    assert len(silent.connections) == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -530,9 +517,9 @@ async def e2e():
     await e.close()
 
 
-async def echoOf(client, text):
+async def echoOf(client, text, timeout=10):
     client.sendMessage(text.encode())
-    payload, _ = await client.messages.get()
+    payload, _ = await client.messages.get().addTimeout(timeout, reactor)
     return payload.decode()
 
 

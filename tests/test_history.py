@@ -81,7 +81,7 @@ def test_workers_counts_are_in_the_sums():
     sampler.startService()
     # What lbws.workers keeps of two workers' reports.
     pool["a"].remote = {1: {"active": 2, "total": 4}, 2: {"active": 1, "total": 6}}
-    counters.remote[1] = {"handshakes": {"ok": 10}, "closes": [], "protocolErrors": []}
+    counters.fromWorker(1, {"handshakes": {"ok": 10}, "closes": [], "protocolErrors": []})
     clock.advance(2)
     view = sampler.view(60)
     assert view["backends"][0]["active"][-1] == 3

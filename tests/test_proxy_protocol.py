@@ -62,7 +62,7 @@ async def connectProxied(url, header):
     factory.opened = defer.Deferred()
     host, port = url.split("//")[1].rsplit(":", 1)
     await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
-    return await factory.opened
+    return await factory.opened.addTimeout(10, reactor)
 
 
 @pytest_twisted.async_yield_fixture

@@ -1,5 +1,5 @@
 """
-Every "On the wire" rule of CONTRACT.md, end to end: real backends
+Every rule of the README's "On the wire" section, end to end: real backends
 (Autobahn in-process, node `ws` as a process), a real lbws service on
 loopback, real clients.
 """
@@ -8,7 +8,7 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 
 from lbws.frames import OP_BINARY, OP_PING, OP_TEXT
 from tests import wire
@@ -18,16 +18,16 @@ from tests.support import (
     deferLater,
     eventually,
     handshakeRequest,
+    roundTrip,
+    silentFactory,
 )
 
 
-async def roundTrip(client, payload, isBinary=False):
-    client.sendMessage(payload, isBinary)
-    return await client.messages.get()
-
-
-async def closeOf(client):
-    return await client.closed
+async def closeOf(client, timeout=10):
+    """
+    The close code and reason C{client} got, waited for with a deadline.
+    """
+    return await client.closed.addTimeout(timeout, reactor)
 
 
 @pytest_twisted.ensureDeferred
@@ -263,15 +263,9 @@ async def test_backend_4xx_is_passed_to_client_without_retry(harness):
     assert lbws.counters.handshakes["backend_refused"] == 1
 
 
-class Silent(protocol.Protocol):
-    """
-    A backend that accepts TCP and never answers.
-    """
-
-
 @pytest_twisted.ensureDeferred
 async def test_backend_handshake_timeout_then_retry(harness):
-    port = await harness.listen(protocol.Factory.forProtocol(Silent))
+    port = await harness.listen(silentFactory())
     live = await harness.backend("live")
     lbws = await harness.lbws(
         [("silent", f"ws://127.0.0.1:{port.getHost().port}"), ("live", live.url)],
@@ -409,14 +403,22 @@ async def test_pings_reach_clients_and_silent_clients_are_dropped(harness):
 
 @pytest_twisted.ensureDeferred
 async def test_idle_timeout_closes_both_sides_with_1001(harness):
+    # A timing promise, so real time: messages 0.2 s apart keep a
+    # connection with idle_timeout = 0.6 open for longer than 0.6 s (each
+    # gap leaves 0.4 s of margin for a loaded machine), and the close comes
+    # no earlier than 0.6 s after the last message.
     backend = await harness.backend()
-    lbws = await harness.lbws([("a", backend.url)], lbws="idle_timeout = 0.3")
+    lbws = await harness.lbws([("a", backend.url)], lbws="idle_timeout = 0.6")
     client = await harness.client(lbws.url)
-    for _ in range(3):
-        await deferLater(0.1)
+    opened = reactor.seconds()
+    for _ in range(5):
+        await deferLater(0.2)
         await roundTrip(client, b"keep me")
+    last = reactor.seconds()
+    assert last - opened > 0.6
     code, reason = await closeOf(client)
     assert (code, reason) == (1001, "idle timeout")
+    assert reactor.seconds() - last >= 0.6 - 0.01  # the reactor's timer granularity
     await eventually(lambda: backend.closes)
     assert backend.closes[0][1] == 1001
 
@@ -450,18 +452,30 @@ async def test_hash_balancing_keeps_a_key_on_one_backend(harness):
     lbws = await harness.lbws(
         [("a", a.url), ("b", b.url)], lbws="balance = hash\nhash_key = header:X-User-Id"
     )
-    for user in ("alice", "bob", "carol", "dave"):
-        names = set()
+    served = {}
+    for user in ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"):
         for _ in range(3):
-            client = await harness.client(lbws.url, headers={"X-User-Id": user})
-            payload, _ = await roundTrip(client, b"__request__")
-            names.add(client.transport.getPeer().port)
-        assert len(names) == 1
+            before = (len(a.connections), len(b.connections))
+            await harness.client(lbws.url, headers={"X-User-Id": user})
+            # The backend that got the new connection, and the key it saw.
+            grown = [
+                backend
+                for backend, count in zip((a, b), before)
+                if len(backend.connections) > count
+            ]
+            assert len(grown) == 1
+            (backend,) = grown
+            assert backend.connections[-1].request.headers["x-user-id"] == user
+            served.setdefault(user, set()).add(backend.name)
+    assert all(len(names) == 1 for names in served.values()), served
+    # These keys hash to both backends, so a balancer that sent every
+    # client to one backend would not pass either.
+    assert set().union(*served.values()) == {"a", "b"}
 
 
 @pytest_twisted.ensureDeferred
 async def test_client_leaving_mid_connect_cancels_backend_attempt(harness):
-    port = await harness.listen(protocol.Factory.forProtocol(Silent))
+    port = await harness.listen(silentFactory())
     lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
     raw = await wire.rawConnect(lbws.url)
     raw.send(handshakeRequest())
@@ -474,7 +488,7 @@ async def test_client_leaving_mid_connect_cancels_backend_attempt(harness):
 
 @pytest_twisted.ensureDeferred
 async def test_frames_sent_ahead_while_the_backend_opens_are_not_read_without_bound(harness):
-    port = await harness.listen(protocol.Factory.forProtocol(Silent))
+    port = await harness.listen(silentFactory())
     lbws = await harness.lbws([("silent", f"ws://127.0.0.1:{port.getHost().port}")])
     raw = await wire.rawConnect(lbws.url)
     frame = bytes([0x82, 0xFE, 0xFF, 0xFF]) + b"\x00" * 4 + b"\x00" * 0xFFFF

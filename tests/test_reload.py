@@ -6,15 +6,15 @@ twistd is in test_signals.
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
-from lbws.config import parseConfig
+from lbws.config import loadConfig, parseConfig
 from lbws.pool import DOWN, DRAINING, UP, Pool
-from lbws.service import LbwsService
-from lbws.config import loadConfig
+from lbws.service import makeLbws
 from tests import support
+from tests.support import started
 
 
 def settingsFor(backends, lbws="", health=""):
@@ -105,11 +105,7 @@ def writeConfig(path, backends, lbws="", health=""):
 
 
 async def startFromFile(path):
-    service = LbwsService(reactor, loadConfig(path))
-    service.startService()
-    port = await service.listening
-    service.url = f"ws://127.0.0.1:{port.getHost().port}"
-    return service
+    return await started(makeLbws(reactor, loadConfig(path)))
 
 
 class LogCapture:
@@ -325,19 +321,9 @@ async def test_reloadWhileStopping(tmp_path, backends):
     await stopped
 
 
-class Silent(protocol.Protocol):
-    """
-    A backend that accepts TCP connections and never says a word.
-    """
-
-    def connectionMade(self):
-        self.factory.connections.append(self)
-
-
 @pytest_twisted.async_yield_fixture
 async def silentBackend():
-    factory = protocol.Factory.forProtocol(Silent)
-    factory.connections = []
+    factory = support.silentFactory()
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     factory.url = f"ws://127.0.0.1:{port.getHost().port}"
     yield factory

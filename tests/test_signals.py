@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from tests import support, wire
+from tests.test_dashboard import request
 
 
 @pytest.fixture
@@ -30,8 +31,8 @@ def processes():
         process.stop()
 
 
-def writeConfig(path, backends, lbws=""):
-    path.write_text(support.configText(backends, lbws=lbws))
+def writeConfig(path, backends, lbws="", dashboard=""):
+    path.write_text(support.configText(backends, lbws=lbws, dashboard=dashboard))
     return path
 
 
@@ -117,3 +118,75 @@ async def test_secondSignalStopsAtOnce(tmp_path, backend, processes):
     assert await lbws.exited(timeout=10) == 0
     assert time.monotonic() - started < 10
     assert "received SIGINT again: closing 1 connection(s) now" in "".join(lbws.lines[mark:])
+
+
+async def healthz(dashboard):
+    return (await request(b"GET", dashboard + "/healthz")).code
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest_twisted.ensureDeferred
+async def test_stopDelayKeepsAcceptingWhileHealthzSays503(tmp_path, backend, processes, workers):
+    """
+    stop_delay: after SIGTERM /healthz answers 503 at once, a new client is
+    still accepted for stop_delay seconds (so an outer balancer can take
+    lbws out first), then every client gets 1001 and lbws exits 0; with
+    workers = N the parent does the same.
+    """
+    delay = 3.0
+    config = writeConfig(
+        tmp_path / "lbws.ini",
+        [("a", backend.url)],
+        lbws=f"stop_delay = {delay:g}\ndrain_timeout = 5\nping_interval = 0\nworkers = {workers}",
+        dashboard="tcp:0:interface=127.0.0.1",
+    )
+    lbws = processes(config)
+    dashboard = await lbws.dashboardUrl()
+    assert await healthz(dashboard) == 200
+    before = await support.connect(lbws.url)
+    await echo(before, "before")
+
+    mark = len(lbws.lines)
+    signalled = time.monotonic()
+    lbws.signal(signal.SIGTERM)
+    await lbws.waitForLine(r"received SIGTERM: stopping", after=mark)
+    assert await healthz(dashboard) == 503
+    during = await support.connect(lbws.url)
+    await echo(during, "during")
+    await echo(before, "still open")
+    # Else this test proved nothing about the delay.
+    assert time.monotonic() - signalled < delay
+
+    for client in (before, during):
+        code, reason = await client.closed.addTimeout(delay + 10, reactor)
+        assert (code, reason) == (1001, "lbws is stopping")
+    # lbws handles the signal after it was sent, never before; 0.05 s of
+    # margin for the two processes' clocks and the timer's granularity.
+    assert time.monotonic() - signalled >= delay - 0.05
+    assert await lbws.exited(timeout=15) == 0
+    assert "Traceback" not in "".join(lbws.lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_secondSignalDuringStopDelayCutsAtOnce(tmp_path, backend, processes):
+    """
+    A second signal while lbws still waits out stop_delay cuts every
+    connection and exits 0 at once, as it does during the drain.
+    """
+    config = writeConfig(
+        tmp_path / "lbws.ini", [("a", backend.url)], lbws="stop_delay = 60\ndrain_timeout = 60"
+    )
+    lbws = processes(config)
+    client = await support.connect(lbws.url)
+    await echo(client, "hello")
+    started = time.monotonic()
+    mark = len(lbws.lines)
+    lbws.signal(signal.SIGTERM)
+    await lbws.waitForLine(r"received SIGTERM: stopping", after=mark)
+    await echo(client, "still open")
+    lbws.signal(signal.SIGTERM)
+    code, _ = await client.closed.addTimeout(10, reactor)
+    assert code != 1001  # cut, not closed
+    assert await lbws.exited(timeout=10) == 0
+    assert time.monotonic() - started < 10
+    assert "received SIGTERM again: closing 1 connection(s) now" in "".join(lbws.lines[mark:])

@@ -16,7 +16,7 @@ from twisted.internet import reactor
 
 from lbws import systemd
 from lbws.config import loadConfig
-from lbws.service import LbwsService
+from lbws.service import makeLbws
 from tests import support
 
 UNIT = support.ROOT / "etc" / "lbws.service"
@@ -121,12 +121,12 @@ async def test_serviceNotifies(tmp_path, notifySocket):
     """
     factory, port = await support.startEchoBackend()
     config = _writeConfig(tmp_path / "lbws.ini", [("a", factory.url)])
-    service = LbwsService(
+    service = makeLbws(
         reactor, loadConfig(config), notifier=systemd.Notifier(notifySocket.address)
     )
     try:
         service.startService()
-        listening = await service.listening
+        listening = await service.listener.whenListening()
         ready = notifySocket.next()
         assert ready["READY"] == "1"
         assert ready["STATUS"] == f"listening on 127.0.0.1:{listening.getHost().port}"

@@ -97,7 +97,7 @@ async def connectTls(harness, port, caPem, name="localhost", headers=None):
     options = optionsForClientTLS(name, trustRoot=Certificate.loadPEM(caPem))
     endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5))
     await endpoint.connect(factory)
-    client = await factory.opened
+    client = await factory.opened.addTimeout(10, reactor)
     harness.clients.append(client)
     return client
 

@@ -1,0 +1,160 @@
+"""
+The seam to Twisted's and Autobahn's internals: every use lbws makes of
+another library's private attributes or undocumented behaviour is here, and
+nowhere else.
+
+Each function is a few lines with one job, and each has a test in
+C{tests/test_compat.py} named after it that fails, by name, when an upgrade
+of Twisted or Autobahn changes what it relies on. Where lbws works around a
+bug of theirs, C{docs/upstream.md} has the report to send and a reproduction,
+so that the workaround can go once they fix it.
+
+Nothing here runs at import time: L{lazyAutobahnDebugFormatting} is
+installed by the service as it starts (L{lbws.service}).
+"""
+
+import pprint
+
+# Twisted
+
+
+def innerEndpoint(endpoint):
+    """
+    The endpoint a wrapping server endpoint (C{haproxy:...}) listens with, or
+    None for one that wraps nothing. Twisted keeps it in C{_wrappedEndpoint}
+    of its private C{_WrapperServerEndpoint}.
+    """
+    return getattr(endpoint, "_wrappedEndpoint", None)
+
+
+def tlsOptionsOf(endpoint):
+    """
+    The TLS context factory an C{SSL4ServerEndpoint} was built with (from
+    the C{ssl:} string), kept in its private C{_sslContextFactory}.
+    """
+    return endpoint._sslContextFactory
+
+
+def replaceTlsOptions(endpoint, options):
+    """
+    Make an C{SSL4ServerEndpoint} serve with C{options} instead: what the
+    C{ssl:} string parser built cannot be told a minimum TLS version.
+    """
+    endpoint._sslContextFactory = options
+
+
+def hasQueuedWrites(transport):
+    """
+    True when a TCP transport holds bytes not yet handed to the kernel:
+    C{dataBuffer} and the private C{_tempDataLen} of
+    C{twisted.internet.abstract.FileDescriptor} (what C{write} appended
+    since the last flush).
+    """
+    return bool(transport.dataBuffer or transport._tempDataLen)
+
+
+# Autobahn
+
+
+class _LazyPformat:
+    """
+    What C{pformat(value)} returns inside Autobahn once lazy: formatted only
+    if a log observer renders the event, so debug logs read the same.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        self._value = value
+
+    def __str__(self):
+        return pprint.pformat(self._value)
+
+    __repr__ = __str__
+
+    def __format__(self, spec):
+        return format(str(self), spec)
+
+
+def lazyAutobahnDebugFormatting():
+    """
+    Autobahn pretty-prints every option of each new WebSocket for a debug
+    line that is nearly always discarded (40% of lbws's CPU under connection
+    churn, see the README's Benchmark section): make the C{pformat} its
+    protocol module calls lazy. Safe to call more than once.
+    """
+    import autobahn.websocket.protocol
+
+    autobahn.websocket.protocol.pformat = _LazyPformat
+
+
+def received(protocol):
+    """
+    The bytes an Autobahn protocol has read and not consumed yet (its
+    C{data}): during the opening handshake, the HTTP head so far.
+    """
+    return protocol.data
+
+
+def takeReceived(protocol):
+    """
+    Take the bytes that arrived behind the opening handshake out of an
+    Autobahn protocol, so that lbws relays them instead of Autobahn parsing
+    them.
+    """
+    early, protocol.data = protocol.data, b""
+    return early
+
+
+def requestTarget(protocol):
+    """
+    The request target of a client's opening handshake as the client sent
+    it (path and query, not decoded), from Autobahn's C{http_status_line}.
+    """
+    return protocol.http_status_line.split()[1]
+
+
+def statusLine(protocol):
+    """
+    The status line of a backend's answer to a WebSocket client protocol's
+    opening handshake (C{http_status_line}), or None before it came.
+    """
+    return getattr(protocol, "http_status_line", None) or None
+
+
+def responseHead(protocol):
+    """
+    The raw HTTP head of a backend's 101 answer to a WebSocket client
+    protocol (C{http_response_data}).
+    """
+    return protocol.http_response_data
+
+
+def isConnecting(protocol):
+    """
+    True while an Autobahn protocol's opening handshake is not over.
+    """
+    return protocol.state == protocol.STATE_CONNECTING
+
+
+def isClosing(protocol):
+    """
+    True once an Autobahn protocol has sent a close and waits for the answer.
+    """
+    return protocol.state == protocol.STATE_CLOSING
+
+
+def refuseHandshake(protocol, reason, code):
+    """
+    Answer a client's opening handshake with HTTP C{code} and close
+    (Autobahn's server-side C{failHandshake}).
+    """
+    protocol.failHandshake(reason, code)
+
+
+def uncleanReason(protocol):
+    """
+    Why Autobahn thinks the connection did not end cleanly (its
+    C{wasNotCleanReason}), or None.
+    """
+    return protocol.wasNotCleanReason

@@ -1,0 +1,64 @@
+"""
+The core of one relaying process: the backend pool, the dialer that opens
+backends, the relay that admits clients, and the counters they add to.
+
+L{buildCore} is the one place these are built and wired, for the single
+lbws process and for each worker of C{workers = N} alike, and L{Core.apply}
+is the one path a new configuration takes into them.
+"""
+
+from lbws.dial import Dialer
+from lbws.events import Events
+from lbws.metrics import Counters
+from lbws.pool import Pool
+from lbws.relay import Relay
+
+
+class Core:
+    """
+    What relays clients in one process.
+
+    @ivar settings: the configuration running now (replaced by L{apply}).
+    @ivar pool: the backends (L{lbws.pool.Pool}).
+    @ivar relay: admission and the open tunnels (L{lbws.relay.Relay}).
+    @ivar counters: process-wide totals (L{lbws.metrics.Counters}).
+    @ivar events: what happened, for the dashboard (L{lbws.events.Events}).
+    """
+
+    def __init__(self, reactor, settings, counters, events, pool, dialer, relay):
+        self.reactor = reactor
+        self.settings = settings
+        self.counters = counters
+        self.events = events
+        self.pool = pool
+        self.dialer = dialer
+        self.relay = relay
+
+    def factory(self):
+        """
+        The protocol factory for the client-facing endpoint.
+        """
+        return self.relay.factory()
+
+    def apply(self, settings):
+        """
+        Run with C{settings} from now on: added backends join the pool,
+        removed ones drain, and every other setting applies to the
+        connections opened from now on. Open connections are not touched.
+        """
+        self.settings = settings
+        self.pool.update(settings)
+        self.dialer.settings = settings
+        self.relay.settings = settings
+
+
+def buildCore(reactor, settings):
+    """
+    The core for C{settings}, its parts wired to each other.
+    """
+    counters = Counters()
+    events = Events(reactor)
+    pool = Pool(settings, reactor, events)
+    dialer = Dialer(reactor, pool, settings, counters)
+    relay = Relay(reactor, settings, pool, dialer, counters)
+    return Core(reactor, settings, counters, events, pool, dialer, relay)

@@ -1,0 +1,90 @@
+"""
+What the dashboard and C{/metrics} may read of a running lbws, and nothing
+more: a narrow view, so that they depend on these few questions instead of
+on how the service is put together.
+"""
+
+
+class StatusView:
+    """
+    Read-only answers about one lbws, taken at the moment they are asked (a
+    reload replaces the settings and members they come from).
+
+    @ivar reactor: the reactor, for the dashboard's site and the clock.
+    @ivar started: when lbws started, on the reactor's clock.
+    @ivar history: the L{lbws.history.HistorySampler}, or None (a worker).
+    """
+
+    def __init__(self, reactor, core, started, isStopping, workers=None, history=None):
+        """
+        @param core: the L{lbws.core.Core} of this process.
+        @param history: the L{lbws.history.HistorySampler}, or None.
+        @param isStopping: called with no arguments: True once lbws is
+            stopping (during C{stop_delay} too).
+        @param workers: the L{lbws.workers.Workers} of C{workers = N}, or
+            None.
+        """
+        self.reactor = reactor
+        self.started = started
+        self._core = core
+        self._isStopping = isStopping
+        self._workers = workers
+        self.history = history
+
+    @property
+    def settings(self):
+        """
+        The configuration running now.
+        """
+        return self._core.settings
+
+    @property
+    def stopping(self):
+        return self._isStopping()
+
+    @property
+    def events(self):
+        """
+        The L{lbws.events.Events} log of this process.
+        """
+        return self._core.events
+
+    def seconds(self):
+        return self.reactor.seconds()
+
+    def members(self):
+        """
+        The backends (pool members), in the pool's order.
+        """
+        return list(self._core.pool)
+
+    def member(self, name):
+        """
+        The member named C{name}, or None.
+        """
+        return self._core.pool.members.get(name)
+
+    def effectiveWeight(self, member, now=None):
+        return self._core.pool.effectiveWeight(member, now)
+
+    def anyUp(self):
+        """
+        True when at least one backend takes new connections.
+        """
+        return self._core.pool.anyUp()
+
+    def counters(self):
+        """
+        C{(handshakes, closes, protocolErrors)} of this process and its
+        workers together (see L{lbws.metrics.Counters.merged}).
+        """
+        return self._core.counters.merged()
+
+    def workerConnections(self):
+        """
+        Client connections of each worker process, by worker index; empty
+        without workers.
+        """
+        if self._workers is None:
+            return {}
+        return self._workers.connections()

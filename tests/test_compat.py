@@ -1,0 +1,274 @@
+"""
+Every use lbws makes of Twisted's and Autobahn's internals (lbws/compat.py),
+each checked against the installed versions: after an upgrade, a failure
+here names the function whose assumption broke.
+"""
+
+import base64
+import hashlib
+import inspect
+import pprint
+
+import pytest
+import pytest_twisted
+import trustme
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    serverFromString,
+    wrapClientTLS,
+)
+from twisted.internet.address import IPv4Address
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.testing import StringTransport
+
+from lbws import compat
+from tests.support import handshakeRequest
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class Transport(StringTransport):
+    """
+    A StringTransport that, like Twisted's TCP transport, lets Autobahn
+    unregister a producer it never registered.
+    """
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+def serverProtocol(protocolClass=WebSocketServerProtocol):
+    factory = WebSocketServerFactory(reactor=reactor)
+    factory.protocol = protocolClass
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    proto.makeConnection(Transport())
+    return proto
+
+
+def clientProtocol(protocolClass=WebSocketClientProtocol):
+    factory = WebSocketClientFactory("ws://127.0.0.1:9/", reactor=reactor)
+    factory.protocol = protocolClass
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
+    proto.makeConnection(Transport())
+    return proto
+
+
+def acceptFor(clientProto):
+    """
+    The 101 answer a server would give to C{clientProto}'s request.
+    """
+    request = clientProto.transport.value()
+    key = [
+        line.split(b":", 1)[1].strip()
+        for line in request.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    ][0]
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n"
+        b"Set-Cookie: a=1\r\n\r\n"
+    )
+
+
+# Twisted
+
+
+def test_innerEndpoint():
+    wrapped = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
+    assert isinstance(compat.innerEndpoint(wrapped), TCP4ServerEndpoint)
+    assert compat.innerEndpoint(TCP4ServerEndpoint(reactor, 0)) is None
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    ca = trustme.CA()
+    files = {}
+    for name in ("first.example", "second.example"):
+        cert = ca.issue_cert(name)
+        path = tmp_path / f"{name}.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(path))
+        files[name] = path
+    return ca, files
+
+
+@pytest_twisted.ensureDeferred
+async def test_tlsOptionsOf_and_replaceTlsOptions(certificates, tmp_path):
+    ca, files = certificates
+    first = files["first.example"]
+    endpoint = serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={first}:certKey={first}"
+    )
+    assert isinstance(endpoint, SSL4ServerEndpoint)
+    assert compat.tlsOptionsOf(endpoint) is not None
+    # Serve the second certificate instead: a client expecting its name
+    # must get through.
+    second = serverFromString(
+        reactor,
+        "ssl:0:privateKey={0}:certKey={0}".format(files["second.example"]),
+    )
+    compat.replaceTlsOptions(endpoint, compat.tlsOptionsOf(second))
+    assert compat.tlsOptionsOf(endpoint) is compat.tlsOptionsOf(second)
+
+    class Greet(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.write(b"hi")
+
+    class Read(protocol.Protocol):
+        def dataReceived(self, data):
+            self.factory.got.callback(data)
+
+    port = await endpoint.listen(protocol.Factory.forProtocol(Greet))
+    try:
+        trust = ca.cert_pem.bytes()
+        from twisted.internet.ssl import Certificate
+
+        options = optionsForClientTLS("second.example", Certificate.loadPEM(trust))
+        client = wrapClientTLS(
+            options, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        )
+        factory = protocol.Factory.forProtocol(Read)
+        factory.got = defer.Deferred()
+        connection = await client.connect(factory)
+        assert await factory.got.addTimeout(10, reactor) == b"hi"
+        connection.transport.loseConnection()
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hasQueuedWrites():
+    accepted = defer.Deferred()
+
+    class Accept(protocol.Protocol):
+        def connectionMade(self):
+            accepted.callback(self)
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(Accept)
+    )
+    try:
+        client = await TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port
+        ).connect(protocol.Factory.forProtocol(protocol.Protocol))
+        server = await accepted.addTimeout(10, reactor)
+        transport = client.transport
+        assert not compat.hasQueuedWrites(transport)
+        transport.write(b"x" * 10)
+        # Written but not handed to the kernel before the reactor's next
+        # turn: that is what the relay's write-through must not overtake.
+        assert compat.hasQueuedWrites(transport)
+        got = defer.Deferred()
+        server.dataReceived = lambda data: got.called or got.callback(data)
+        await got.addTimeout(10, reactor)
+        assert not compat.hasQueuedWrites(transport)
+        transport.abortConnection()
+        server.transport.abortConnection()
+    finally:
+        await port.stopListening()
+
+
+# Autobahn
+
+
+def test_lazyAutobahnDebugFormatting():
+    import autobahn.websocket.protocol as module
+
+    # Autobahn still formats its options through the module's pformat when
+    # a connection is made: that is the call made lazy.
+    assert "pformat(configAttrLog)" in inspect.getsource(
+        module.WebSocketProtocol._connectionMade
+    )
+    original = module.pformat
+    try:
+        compat.lazyAutobahnDebugFormatting()
+        value = module.pformat({"b": [1, 2], "a": "x"})
+        assert str(value) == pprint.pformat({"b": [1, 2], "a": "x"})
+        assert f"{value}" == str(value)
+    finally:
+        module.pformat = original
+
+
+def test_received_and_requestTarget():
+    proto = serverProtocol()
+    head = handshakeRequest("/chat?room=1&x=%20y")
+    proto.dataReceived(head[:20])
+    assert compat.received(proto) == head[:20]
+    assert compat.isConnecting(proto)
+    proto.dataReceived(head[20:])
+    assert compat.requestTarget(proto) == "/chat?room=1&x=%20y"
+
+
+def test_takeReceived():
+    taken = []
+
+    class Early(WebSocketServerProtocol):
+        def onOpen(self):
+            taken.append(compat.takeReceived(self))
+
+        def onMessage(self, payload, isBinary):
+            taken.append(("parsed by Autobahn", payload))
+
+    proto = serverProtocol(Early)
+    frame = b"\x81\x85abcd" + bytes(a ^ b for a, b in zip(b"early", b"abcdabcd"))
+    proto.dataReceived(handshakeRequest() + frame)
+    assert taken == [frame]
+    assert compat.received(proto) == b""
+    assert not compat.isConnecting(proto)
+
+
+def test_refuseHandshake_and_uncleanReason():
+    proto = serverProtocol()
+    proto.dataReceived(handshakeRequest()[:30])
+    compat.refuseHandshake(proto, "Request Header Fields Too Large", 431)
+    assert proto.transport.value().startswith(b"HTTP/1.1 431 ")
+    assert compat.uncleanReason(proto) == "Request Header Fields Too Large"
+
+
+def test_isClosing():
+    proto = serverProtocol()
+    proto.dataReceived(handshakeRequest())
+    assert not compat.isConnecting(proto) and not compat.isClosing(proto)
+    proto.sendClose(1000)
+    assert compat.isClosing(proto)
+
+
+def test_statusLine_and_responseHead():
+    refused = clientProtocol()
+    assert compat.statusLine(refused) is None
+    refused.dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    assert compat.statusLine(refused) == "HTTP/1.1 404 Not Found"
+
+    accepted = clientProtocol()
+    answer = acceptFor(accepted)
+    accepted.dataReceived(answer)
+    assert compat.statusLine(accepted) == "HTTP/1.1 101 Switching Protocols"
+    assert compat.responseHead(accepted) == answer
+
+
+def test_processHandshake_sees_the_whole_head_in_received():
+    # lbws.dial's BackendProtocol overrides processHandshake to read the
+    # backend's status before Autobahn acts on it.
+    seen = []
+
+    class Watching(WebSocketClientProtocol):
+        def processHandshake(self):
+            seen.append(compat.received(self))
+            return super().processHandshake()
+
+    proto = clientProtocol(Watching)
+    answer = acceptFor(proto)
+    proto.dataReceived(answer[:10])
+    proto.dataReceived(answer[10:])
+    assert seen[-1] == answer
