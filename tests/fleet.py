@@ -156,11 +156,16 @@ def dashboardPortOf(process):
 
 
 def healthz(dashboardPort):
+    """
+    The status of an lbws's /healthz, or None when it does not answer.
+    """
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{dashboardPort}/healthz", timeout=5) as r:
             return r.status
     except urllib.error.HTTPError as error:
         return error.code
+    except OSError:
+        return None
 
 
 def status(dashboardUrl):

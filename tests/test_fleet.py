@@ -286,7 +286,9 @@ async def test_rolling_restart_loses_nothing(fleet, tmp_path):
             health="interval = 0.5\n", probe="websocket",
         )
     )
-    instances = list(await defer.gatherResults([startInstance(path) for _ in range(3)]))
+    instances = list(
+        await defer.gatherResults([defer.ensureDeferred(startInstance(path)) for _ in range(3)])
+    )
     fleet.atEnd(lambda: [process.stop() for process in instances], first=True)
     balancer = fleet.haproxy([(f"l{i}", p.port, p.dashboardPort) for i, p in enumerate(instances)])
     await balancer.waitFor("UP", ["l0", "l1", "l2"])
