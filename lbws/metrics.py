@@ -5,7 +5,7 @@ turned into Prometheus metrics only when scraped.
 
 from collections import Counter
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -262,6 +262,11 @@ class LbwsCollector:
             "Client connections open (or being opened) on all backends.",
             value=sum(member.count("active") for member in members),
         )
+        maxConnections = GaugeMetricFamily(
+            "lbws_max_connections",
+            "The max_connections setting: client connections beyond it get 503.",
+            value=service.settings.max_connections,
+        )
         started = GaugeMetricFamily(
             "lbws_start_time_seconds",
             "When this lbws started, Unix time.",
@@ -270,7 +275,7 @@ class LbwsCollector:
         return [
             up, state, weight, active, total, failed, messages, payload, checks,
             durations, rtt, lastCheck, handshakes, closes, errors, connections,
-            started, effective, rebalanced,
+            started, effective, rebalanced, maxConnections,
         ]
 
 
@@ -281,4 +286,7 @@ def metricsRegistry(service):
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LbwsCollector(service))
+    # process_open_fds and process_max_fds, for alerts on an instance near
+    # its file descriptor limit (deploy/prometheus/lbws-rules.yml).
+    ProcessCollector(registry=registry)
     return registry
