@@ -250,7 +250,7 @@ class _BackendAction(_Admin):
         member = self._service.pool.members.get(self._name)
         if member is None:
             return _json(request, {"error": f"no backend named {self._name!r}"}, 404)
-        member.drained = self._action == "drain"
+        member.admin.drain(self._action == "drain")
         _log.info(
             "backend {backend} {done} from the dashboard ({peer}): now {state}",
             backend=member.name,

@@ -266,7 +266,7 @@ class Rebalancer(Service):
         """
         member = tunnel.member
         self._closing.add(tunnel)
-        member.rebalanced += 1
+        member.traffic.moved()
         self.moved += 1
         _log.info(
             "rebalancing: moving {peer} off backend {backend}"

@@ -28,7 +28,6 @@ from lbws.relay import Relay
 _log = Logger()
 
 STATS_INTERVAL = 0.5
-MEMBER_COUNTS = ("active", "total", "failed", "messagesIn", "messagesOut", "bytesIn", "bytesOut")
 
 
 def statsOf(pool, counters, relay):
@@ -38,7 +37,7 @@ def statsOf(pool, counters, relay):
     return {
         "members": {
             member.name: {
-                **{name: getattr(member, name) for name in MEMBER_COUNTS},
+                **member.traffic.own(),
                 "lastError": member.lastError,
             }
             for member in pool
@@ -76,9 +75,7 @@ class Worker:
             for name, (healthy, drained, changed) in message["state"].items():
                 member = self.pool.members.get(name)
                 if member is not None:
-                    member.healthy = healthy
-                    member.drained = drained
-                    member.changed = changed  # when slow_start began
+                    member.follow(healthy, drained, changed)
         elif "reload" in message:
             self._reload()
         elif "stop" in message:

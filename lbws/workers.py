@@ -164,10 +164,10 @@ class Workers(Service):
             member = service.pool.members.get(name)
             if member is None:
                 continue
-            before = member.remote.get(index, {}).get("failed", 0)
+            before = member.traffic.remote.get(index, {}).get("failed", 0)
             for _ in range(max(0, counts["failed"] - before)):
                 member.recordCheck(False, now, health.rise, health.fall, counts["lastError"])
-            member.remote[index] = counts
+            member.traffic.report(index, counts)
         service.counters.remote[index] = stats["counters"]
         self.clients[index] = stats["clients"]
 

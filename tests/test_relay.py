@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
 from lbws.frames import OP_BINARY, OP_PING, OP_TEXT
+from tests.support import setHealthy
 from tests import wire
 from tests.support import (
     HandshakeFailed,
@@ -221,7 +222,7 @@ async def refusal(url, **kwargs):
 async def test_no_backend_up_gives_503(harness):
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)])
-    lbws.pool["a"].healthy = False
+    setHealthy(lbws.pool["a"], False)
     failed = await refusal(lbws.url)
     assert failed.status == 503
     assert lbws.counters.handshakes["no_backend"] == 1

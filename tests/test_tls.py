@@ -20,7 +20,7 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lbws import dial
+from lbws import backend as dial
 from lbws.config import ConfigError, parseConfig
 from lbws.listen import listenEndpoint
 from tests.support import (
