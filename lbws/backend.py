@@ -57,6 +57,13 @@ class BackendHandshakeError(Exception):
         self.reason = reason
 
 
+class OpeningError(Exception):
+    """
+    lbws could not even start connecting (a CA file gone, a bug): its own
+    failure, not the backend's.
+    """
+
+
 class BackendRefused(Exception):
     """
     The backend answered the handshake with something other than 101.
@@ -255,7 +262,7 @@ class Attempt:
     L{result} fires with the open L{BackendProtocol} once the backend
     accepted the WebSocket, or fails with L{BackendRefused},
     L{BackendHandshakeError}, the connect error (an C{OSError}, a
-    C{ConnectError}) or C{CancelledError}. Cancelling it cuts the
+    C{ConnectError}), L{OpeningError} or C{CancelledError}. Cancelling it cuts the
     connection. Once it failed, its C{connection} no longer counts.
 
     @param resource: the request target on the backend (path and query).
@@ -312,7 +319,7 @@ class Attempt:
             endpoint = backendEndpoint(self._reactor, self._backend, self._connectTimeout)
             connecting = self._connecting = endpoint.connect(self._factory)
         except Exception as e:
-            self.failed(e)
+            self.failed(OpeningError(f"{type(e).__name__}: {e}"))
             return self.result
         connecting.addTimeout(self._connectTimeout, self._reactor)
         connecting.addCallbacks(self._connected, self._connectFailed)

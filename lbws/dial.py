@@ -7,17 +7,19 @@ What counts against a backend (towards C{fall}, see the README) is only
 its own failure: a connect refused or timed out, a reset, a handshake
 timed out, a malformed answer, a TLS failure. An answer other than 101 is
 the application speaking: the client gets it as it is, and it is neither
-retried nor counted. lbws running out of its own resources (EMFILE and
+retried nor counted. Nor is lbws failing to start a connection (an
+exception, a CA file gone): the client gets 502, the log one line. lbws
+running out of its own resources (EMFILE and
 the like) is not counted either: the client gets 503 and lbws says so in
 its log once per burst.
 """
 
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 
 from lbws.answers import render
-from lbws.backend import Attempt, BackendProtocol, BackendRefused, localShortage
+from lbws.backend import Attempt, BackendProtocol, BackendRefused, OpeningError, localShortage
 from lbws.headers import forwardedHeaders
 
 _log = Logger()
@@ -145,16 +147,7 @@ class _ClientDial:
             d = self._attempt = self._open(member, connection)
         except Exception as e:
             connection.close()
-            dialer._pool.leaveIfIdle(member)
-            _log.error(
-                "opening backend {backend} for {peer} failed: {why}",
-                backend=member.name,
-                peer=self._peer,
-                why=f"{type(e).__name__}: {e}",
-            )
-            dialer._counters.handshakes["backend_failed"] += 1
-            self._fail(ConnectionDeny(502, "Bad Gateway: the backend could not be opened"))
-            return self.result
+            d = fail(OpeningError(f"{type(e).__name__}: {e}"))
         d.addCallbacks(self._opened, self._failed, callbackArgs=(member,), errbackArgs=(member,))
         return self.result
 
@@ -190,6 +183,16 @@ class _ClientDial:
         if failure.check(BackendRefused):
             dialer._counters.handshakes["backend_refused"] += 1
             self._fail(Refused(failure.value))
+            return
+        if failure.check(OpeningError):
+            _log.error(
+                "opening backend {backend} for {peer} failed: {why}",
+                backend=member.name,
+                peer=self._peer,
+                why=failure.getErrorMessage(),
+            )
+            dialer._counters.handshakes["backend_failed"] += 1
+            self._fail(ConnectionDeny(502, "Bad Gateway: the backend could not be opened"))
             return
         shortage = localShortage(failure)
         if shortage is not None:
