@@ -93,6 +93,32 @@ def localShortage(failure):
     return None
 
 
+class Shortages:
+    """
+    Says in the log when lbws runs out of its own resources: once per
+    burst (the first shortage after L{QUIET} seconds without one), not
+    once per client or probe.
+    """
+
+    QUIET = 10.0
+
+    def __init__(self, clock, what):
+        self._clock = clock
+        self._what = what
+        self._last = None
+
+    def note(self, why):
+        now = self._clock.seconds()
+        if self._last is None or now - self._last > self.QUIET:
+            _log.error(
+                "lbws is out of resources ({why}) {what}; backends are not counted"
+                " as failed",
+                why=why,
+                what=self._what,
+            )
+        self._last = now
+
+
 def hostForUrl(host):
     """
     A host as it stands in a URL and a Host header: IPv6 in brackets.

@@ -19,15 +19,17 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 
 from lbws.answers import render
-from lbws.backend import Attempt, BackendProtocol, BackendRefused, OpeningError, localShortage
+from lbws.backend import (
+    Attempt,
+    BackendProtocol,
+    BackendRefused,
+    OpeningError,
+    Shortages,
+    localShortage,
+)
 from lbws.headers import forwardedHeaders
 
 _log = Logger()
-
-# Seconds without a local shortage after which the next one is logged
-# again (one line per burst, not one per client).
-SHORTAGE_QUIET = 10.0
-
 
 class Refused(ConnectionDeny):
     """
@@ -77,7 +79,7 @@ class Dialer:
         self._pool = pool
         self.settings = settings
         self._counters = counters
-        self._lastShortage = None
+        self.shortages = Shortages(reactor, "opening backend connections: new clients get 503")
 
     def dial(self, request, target, peerHost, secure, key=None):
         """
@@ -93,20 +95,6 @@ class Dialer:
             Cancelling it closes any backend attempt.
         """
         return _ClientDial(self, request, target, peerHost, secure, key).next()
-
-    def shortage(self, why, peerHost):
-        """
-        lbws ran out of one of its own resources opening a backend.
-        """
-        now = self._reactor.seconds()
-        if self._lastShortage is None or now - self._lastShortage > SHORTAGE_QUIET:
-            _log.error(
-                "lbws is out of resources ({why}) opening backend connections: new"
-                " clients get 503, backends are not counted as failed",
-                why=why,
-                peer=peerHost,
-            )
-        self._lastShortage = now
 
 
 class _ClientDial:
@@ -197,7 +185,7 @@ class _ClientDial:
         shortage = localShortage(failure)
         if shortage is not None:
             dialer._counters.handshakes["over_capacity"] += 1
-            dialer.shortage(shortage, self._peer)
+            dialer.shortages.note(shortage)
             self._fail(ConnectionDeny(503, "Service Unavailable: lbws is out of resources"))
             return
         why = failure.getErrorMessage()

@@ -37,7 +37,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from lbws.backend import Attempt, BackendProtocol, BackendRefused, backendEndpoint, hostForUrl
+from lbws.backend import (
+    Attempt,
+    BackendProtocol,
+    BackendRefused,
+    Shortages,
+    backendEndpoint,
+    hostForUrl,
+    localShortage,
+)
 from lbws.tlserrors import describeTlsFailure
 
 _log = Logger()
@@ -348,6 +356,13 @@ class _MemberCheck:
             return None
         member = self.member
         now = self._checker.reactor.seconds()
+        if isinstance(result, Failure) and not timedOut:
+            shortage = localShortage(result)
+            if shortage is not None:
+                # lbws's own lack of file descriptors or memory says
+                # nothing of the backend.
+                self._checker.shortages.note(shortage)
+                return None
         duration = max(0.0, now - started)
         if isinstance(result, Failure):
             if timedOut:
@@ -386,6 +401,7 @@ class HealthChecker(Service):
         self.pool = pool
         self.health = health
         self.probes = dict(PROBES if probes is None else probes)
+        self.shortages = Shortages(reactor, "running health checks: checks skipped")
         self._checks = {}
 
     def startService(self):
