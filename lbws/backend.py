@@ -209,6 +209,9 @@ class BackendProtocol(WebSocketClientProtocol):
             return None
         if head.status == 101:
             return super().processHandshake()
+        if head.status < 200:
+            self._malformed(f"interim answer {head.status} to a WebSocket handshake")
+            return None
         self.head = head
         rest, self.data = self.data[end + 4 :], b""
         try:
@@ -245,7 +248,7 @@ class BackendProtocol(WebSocketClientProtocol):
         """
         if self._body is not None:
             body, self._body = self._body, None
-            self.attempt.refusedWith(BackendRefused(self.head, body.body))
+            self.attempt.failed(BackendRefused(self.head, body.body))
             self.transport.loseConnection()
 
     def onOpen(self):
@@ -385,9 +388,6 @@ class Attempt:
             if self.connection is not None:
                 self.connection.established()
             self.result.callback(protocol)
-
-    def refusedWith(self, refusal):
-        self.failed(refusal)
 
     def failed(self, error):
         if not self.result.called:

@@ -215,3 +215,16 @@ async def test_every_end_to_end_header_of_the_backends_101_reaches_the_client(ha
     assert through.response.headers["x-backend-version"] == "4.2"
     assert through.response.headers["set-cookie"] == direct.response.headers["set-cookie"]
     assert through.response.headers["server"] == direct.response.headers["server"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refusal_whose_body_stalls_is_passed_on_at_the_handshake_timeout(harness):
+    stalled = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\nonly ten b"
+    backend = await backendWith(harness, {"/": stalled})
+    lbws = await harness.lbws([("a", backend.url)], lbws="handshake_timeout = 0.5")
+    status, headers, body = await answerTo(lbws.url, "/")
+    assert status == b"HTTP/1.1 403 Forbidden" and body == b"only ten b"
+    assert (b"Content-Length", b"10") in headers
+    await eventually(lambda: len(backend.ends) == 1)
+    assert backend.ends[0].check(ConnectionDone)
+    assert lbws.pool["a"].failed == 0
