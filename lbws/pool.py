@@ -259,10 +259,13 @@ class Member:
 
     def __init__(self, settings, healthy=True):
         self._settings = settings
-        self.health = Health(healthy)
-        self.admin = Admin()
-        self.traffic = Traffic()
+        self._health = Health(healthy)
+        self._admin = Admin()
+        self._traffic = Traffic()
 
+    health = property(lambda self: self._health)
+    admin = property(lambda self: self._admin)
+    traffic = property(lambda self: self._traffic)
     settings = property(lambda self: self._settings)
     name = property(lambda self: self._settings.name)
     weight = property(lambda self: self._settings.weight)

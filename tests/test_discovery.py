@@ -472,3 +472,26 @@ async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tm
     assert response.code == 200
     await readBody(response)
     assert service.pool[name].drained and service.pool[name].state == DRAINING
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv6_address_found_by_dns_relays_and_is_checked(harness):
+    """
+    chat.example has only an AAAA record, ::1: its member connects there,
+    passes its websocket checks, and keeps the name for the Host header.
+    """
+    six = await harness.backend("six", interface="::1")
+    zone = Zone()
+    zone.set("chat.example", AAAA("::1"))
+    dnsServer = harness.dnsServer(zone)
+    lbws = await harness.lbws(
+        [("chat", f"ws://chat.example:{six.port}/app", "resolve = 0.1")],
+        dnsServer.resolver(),
+    )
+    name = f"chat/[::1]:{six.port}"
+    await eventually(lambda: name in lbws.pool.members and lbws.pool[name].state == UP)
+    client = await harness.client(lbws.url, path="/room")
+    seen = await request(client)
+    assert seen["headers"]["host"] == f"chat.example:{six.port}"
+    assert seen["path"] == "/app/room"
+    assert lbws.pool[name].active == 1 and lbws.pool[name].failed == 0

@@ -32,7 +32,20 @@ def test_a_connection_counts_once_however_often_it_is_closed():
 
 @pytest.mark.parametrize(
     "field",
-    ["active", "total", "failed", "healthy", "drained", "removed", "lastError", "changed", "settings"],
+    [
+        "active",
+        "total",
+        "failed",
+        "healthy",
+        "drained",
+        "removed",
+        "lastError",
+        "changed",
+        "settings",
+        "health",
+        "admin",
+        "traffic",
+    ],
 )
 def test_other_modules_cannot_write_a_members_fields(field):
     m = member()
