@@ -186,9 +186,12 @@ class BackendProtocol(WebSocketClientProtocol):
 
     @ivar connection: the member's L{lbws.pool.Connection} this counts as,
         if any; closed when the connection is lost.
+    @ivar head: the backend's answer head (L{lbws.answers.Head}), once
+        read.
     """
 
     connection = None
+    head = None
     attempt = None
     _body = None
 
@@ -207,12 +210,12 @@ class BackendProtocol(WebSocketClientProtocol):
         except MalformedAnswer as e:
             self._malformed(str(e))
             return None
+        self.head = head
         if head.status == 101:
             return super().processHandshake()
         if head.status < 200:
             self._malformed(f"interim answer {head.status} to a WebSocket handshake")
             return None
-        self.head = head
         rest, self.data = self.data[end + 4 :], b""
         try:
             self._body = BodyReader(head)

@@ -10,7 +10,7 @@ connection's bytes go to its L{Tunnel}.
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import ISSLTransport
 
-from lbws.answers import acceptedHeaders, parseHead
+from lbws.answers import acceptedHeaders
 from lbws.dial import Refused
 from lbws.sockets import setNoDelay
 from lbws.tunnel import Tunnel
@@ -75,7 +75,7 @@ class FrontendProtocol(WebSocketServerProtocol):
             self._member, self._backend = result
             return (
                 self._backend.websocket_protocol_in_use,
-                acceptedHeaders(parseHead(self._backend.http_response_data)),
+                acceptedHeaders(self._backend.head),
             )
 
         def refused(failure):
