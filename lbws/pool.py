@@ -1,6 +1,9 @@
 """
-The backends lbws knows, with their state: the one place the balancer, the
-health checker, the relay and the dashboard all read and update.
+The backends lbws knows, with their state. Each member's state has one
+owner per part (L{Health}, L{Admin}, L{Traffic}) that changes it through
+its methods; the balancer, the health checker, the relay and the dashboard
+read it through L{Member}'s properties. Which members there are is the
+L{Pool}'s: reloads and DNS discovery go through its one reconcile.
 """
 
 from collections import Counter
