@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 
 from lbws.config import parseConfig
 from lbws.pool import SLOW_START_FLOOR, Pool
-from tests.support import setActive, setHealthy
 from tests import support
+from tests.support import setActive, setHealthy
 
 KEYS = [f"user-{i}" for i in range(10_000)]
 

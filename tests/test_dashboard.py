@@ -22,13 +22,13 @@ from twisted.web.http_headers import Headers
 
 from lbws.config import loadConfig
 from lbws.service import LbwsService
-from tests.support import setHealthy
 from tests.support import (
     ROOT,
     Harness,
     configText,
     eventually,
     startLbws,
+    setHealthy,
 )
 
 DASHBOARD = "tcp:0:interface=127.0.0.1"

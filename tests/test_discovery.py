@@ -19,9 +19,8 @@ from lbws.config import parseConfig
 from lbws.discovery import Discovery, lookupTargets, memberName, Target
 from lbws.pool import DRAINING, UP, Pool
 from lbws.service import LbwsService
-from tests.support import setActive, setHealthy
 from tests import support
-from tests.support import EchoFactory, Harness, eventually
+from tests.support import EchoFactory, Harness, eventually, setActive, setHealthy
 
 ZONE = "chat.example"
 

@@ -27,7 +27,6 @@ from lbws import health
 from lbws.config import parseConfig
 from lbws.health import HealthChecker
 from lbws.pool import Member, Pool
-from tests.support import setHealthy
 from tests.support import (
     NODE_DIR,
     EchoFactory,
@@ -39,6 +38,7 @@ from tests.support import (
     listeningSocket,
     nodeAvailable,
     reservedPort,
+    setHealthy,
 )
 
 

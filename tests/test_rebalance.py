@@ -18,8 +18,8 @@ from lbws.rebalance import (
     fairShares,
     mostOverloaded,
 )
-from tests.support import setActive, setHealthy
 from tests import support
+from tests.support import setActive, setHealthy
 
 
 def settingsFor(backends, lbws=""):

@@ -11,7 +11,6 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
 from lbws.frames import OP_BINARY, OP_PING, OP_TEXT
-from tests.support import setHealthy
 from tests import wire
 from tests.support import (
     HandshakeFailed,
@@ -19,6 +18,7 @@ from tests.support import (
     deferLater,
     eventually,
     handshakeRequest,
+    setHealthy,
 )
 
 

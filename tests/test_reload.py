@@ -14,8 +14,8 @@ from lbws.config import parseConfig
 from lbws.pool import DOWN, DRAINING, UP, Pool
 from lbws.service import LbwsService
 from lbws.config import loadConfig
-from tests.support import setActive
 from tests import support
+from tests.support import setActive
 
 
 def settingsFor(backends, lbws="", health=""):
