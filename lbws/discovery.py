@@ -283,7 +283,7 @@ class _Group:
     def apply(self):
         """
         Make the pool's members of this template match the last targets
-        (see L{lbws.pool.Pool.follow}).
+        (see L{lbws.pool.Pool.updateGroup}).
         """
         if self.targets is None:
             return
@@ -291,7 +291,7 @@ class _Group:
         for target in self.targets:
             settings = memberSettings(self.template, target)
             wanted[settings.name] = settings
-        self.discovery.pool.follow(self.template.name, wanted)
+        self.discovery.pool.updateGroup(self.template.name, wanted)
         self.discovery.changed()
 
 

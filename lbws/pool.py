@@ -388,7 +388,7 @@ class Pool:
         """
         Apply a reloaded configuration to the members (see L{_reconcile}).
         Members of DNS discovery templates stay (discovery brings them up
-        to date, L{follow}); those of a template that is gone drain.
+        to date, L{updateGroup}); those of a template that is gone drain.
 
         C{self.members} is updated in place, in the new file's order, with
         members still draining after a removal at the end.
@@ -413,7 +413,7 @@ class Pool:
         self.members.clear()
         self.members.update(members)
 
-    def follow(self, group, wanted):
+    def updateGroup(self, group, wanted):
         """
         DNS discovery found the members C{wanted} (name to settings) for
         the template C{group}: make the pool's members of it match (see
