@@ -15,6 +15,10 @@ Probes (C{[health] probe}):
 wss:// backends are probed over TLS verified exactly as the relay verifies
 them (L{lbws.backend}).
 
+A probe that fails because lbws itself is out of file descriptors or
+memory (L{lbws.backend.localShortage}) is not counted: it says nothing of
+the backend.
+
 Each backend has its own C{LoopingCall} on the injected clock. A probe still
 running when the next one is due is not doubled (the tick is skipped), and
 nothing a probe or its bookkeeping does can stop the loop.
