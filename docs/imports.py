@@ -24,9 +24,10 @@ SVG = ROOT / "docs" / "imports.svg"
 # drawn outside any part, so a new one shows up until it is placed.
 PARTS = {
     "composition": ("tap", "service", "core", "signals", "listen", "workers", "worker", "config"),
-    "data path": ("relay", "server", "tunnel", "frames", "sockets"),
+    "data path": ("relay", "server", "tunnel", "frames", "sockets", "wsoptions"),
     "backends": (
-        "pool", "balance", "dial", "headers", "health", "discovery", "rebalance", "tlserrors",
+        "pool", "balance", "dial", "backend", "answers", "headers", "health", "discovery",
+        "rebalance", "tlserrors",
     ),
     "operator": ("status", "dashboard", "metrics", "history", "events", "logs", "systemd"),
     "seam to Twisted and Autobahn": ("compat",),

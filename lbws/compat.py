@@ -158,3 +158,25 @@ def uncleanReason(protocol):
     C{wasNotCleanReason}), or None.
     """
     return protocol.wasNotCleanReason
+
+
+def setRequestTarget(factory, host, resource):
+    """
+    The Host header and request target an Autobahn client factory writes
+    (its C{host} and C{resource}, otherwise taken from the URL it was
+    given): lbws sends the client's own target, and an IPv6 host with its
+    brackets.
+    """
+    factory.host = host
+    factory.resource = resource
+
+
+def answerRefusal(protocol, answer):
+    """
+    Have a server protocol answer its client's opening handshake with the
+    bytes of C{answer} (a whole HTTP response) instead of Autobahn's own
+    error page: called from an override of Autobahn's
+    C{sendHttpErrorResponse}, which its C{failHandshake} ends in.
+    """
+    protocol.sendData(answer)
+

@@ -256,6 +256,7 @@ def _parseBackend(path, parser, section):
         raise reader.error("url", f"{url!r} must start with ws:// or wss://")
     if not parts.hostname:
         raise reader.error("url", f"{url!r} has no host")
+    _checkHost(reader, url, parts)
     if parts.query or parts.fragment:
         raise reader.error("url", f"{url!r} must not have a query or fragment")
     if resolve and not srv and (
@@ -292,6 +293,26 @@ def _parseBackend(path, parser, section):
         raise reader.error(key, "only applies to wss:// backends")
     reader.checkUnknown()
     return backend
+
+
+def _checkHost(reader, url, parts):
+    """
+    Refuse what lbws could never connect to, though it parses as a URL:
+    an IPv6 zone id, something other than an IPv6 address in brackets, a
+    host name that is not ASCII, port 0.
+    """
+    host = parts.hostname
+    if "[" in parts.netloc:
+        if "%" in host:
+            raise reader.error("url", f"{url!r}: IPv6 zone ids (%) are not supported")
+        if not isIPv6Address(host):
+            raise reader.error("url", f"{url!r}: {host!r} in brackets is not an IPv6 address")
+    elif not host.isascii():
+        raise reader.error(
+            "url", f"{url!r}: write the host name {host!r} in its ASCII (xn--) form"
+        )
+    if parts.port == 0:
+        raise reader.error("url", f"{url!r}: port 0 cannot be connected to")
 
 
 def _parseHealth(path, parser):

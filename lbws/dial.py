@@ -2,79 +2,59 @@
 Opening the backend WebSocket for a client: choose a member, connect with
 C{connect_timeout}, handshake with C{handshake_timeout}, and try other
 members (C{retries}) when one fails.
+
+What counts against a backend (towards C{fall}, see the README) is only
+its own failure: a connect refused or timed out, a reset, a handshake
+timed out, a malformed answer, a TLS failure. An answer other than 101 is
+the application speaking: the client gets it as it is, and it is neither
+retried nor counted. Nor is lbws failing to start a connection (an
+exception, a CA file gone): the client gets 502, the log one line. lbws
+running out of its own resources (EMFILE and
+the like) is not counted either: the client gets 503 and lbws says so in
+its log once per burst.
 """
 
-import functools
-import os
-
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
-from twisted.internet.ssl import (
-    Certificate,
-    CertificateOptions,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 
-from lbws.balance import hashKeyOf
-from lbws.compat import received, takeReceived, uncleanReason
+from lbws.answers import render
+from lbws.backend import (
+    Attempt,
+    BackendProtocol,
+    BackendRefused,
+    OpeningError,
+    Shortages,
+    localShortage,
+)
+from lbws.compat import takeReceived
 from lbws.headers import forwardedHeaders
-from lbws.sockets import setNoDelay
-from lbws.tlserrors import describeTlsFailure
 
 _log = Logger()
 
-
-class BackendHandshakeError(Exception):
+class Refused(ConnectionDeny):
     """
-    The backend did not open a WebSocket.
-
-    @ivar status: the HTTP status the backend answered with, if any.
+    The backend refused the handshake: C{answer} is what the client gets,
+    built by L{lbws.answers.render}.
     """
 
-    def __init__(self, reason, status=None):
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
+    def __init__(self, refusal):
+        super().__init__(refusal.head.status, str(refusal))
+        self.answer = render(refusal.head, refusal.body)
 
 
-class BackendProtocol(WebSocketClientProtocol):
+class RelayProtocol(BackendProtocol):
     """
-    lbws's WebSocket to a backend. Autobahn does the opening handshake;
-    after that the relay takes the bytes over (see L{lbws.relay}).
+    A backend WebSocket the relay takes over once it is open: its bytes go
+    to its L{lbws.tunnel.Leg}.
     """
 
     leg = None
-    httpStatus = None
-
-    def connectionMade(self):
-        super().connectionMade()
-        setNoDelay(self.transport)
-
-    def processHandshake(self):
-        # Remember the status so that a 4xx can be passed on to the client.
-        end = received(self).find(b"\r\n\r\n")
-        if end >= 0 and self.httpStatus is None:
-            parts = received(self)[: received(self).find(b"\r\n")].split(None, 2)
-            if len(parts) >= 2 and parts[1].isdigit():
-                self.httpStatus = int(parts[1])
-                self.httpReason = parts[2].decode("latin-1") if len(parts) > 2 else ""
-        return super().processHandshake()
 
     def onOpen(self):
         # Bytes that came right behind the handshake belong to the relay.
         self.early = takeReceived(self)
-        self.factory.handshakeDone(self)
+        super().onOpen()
 
     def dataReceived(self, data):
         if self.leg is not None:
@@ -84,112 +64,10 @@ class BackendProtocol(WebSocketClientProtocol):
 
     def connectionLost(self, reason):
         if self.leg is not None:
+            # The member's count ends before the tunnel's bookkeeping.
+            self.connection.close()
             self.leg.connectionLost(reason)
-        else:
-            self.factory.lostBeforeRelay(self, reason)
         super().connectionLost(reason)
-
-
-class BackendFactory(WebSocketClientFactory):
-    """
-    One backend connection attempt: fires L{opened} with the protocol once
-    the backend accepted the WebSocket, or fails it with
-    L{BackendHandshakeError}.
-    """
-
-    protocol = BackendProtocol
-    noisy = False
-
-    def __init__(self, opened, **kwargs):
-        super().__init__(**kwargs)
-        self.opened = opened
-        self.protocolInstance = None
-        self.setProtocolOptions(
-            openHandshakeTimeout=0,
-            closeHandshakeTimeout=0,
-            autoPingInterval=0,
-            failByDrop=False,
-            utf8validateIncoming=False,
-            maxFramePayloadSize=0,
-            maxMessagePayloadSize=0,
-            perMessageCompressionOffers=[],
-            tcpNoDelay=True,
-        )
-
-    def buildProtocol(self, addr):
-        self.protocolInstance = super().buildProtocol(addr)
-        return self.protocolInstance
-
-    def handshakeDone(self, protocol):
-        if not self.opened.called:
-            self.opened.callback(protocol)
-
-    def lostBeforeRelay(self, protocol, reason):
-        if self.opened.called:
-            return
-        status = protocol.httpStatus
-        tls = describeTlsFailure(reason, protocol.transport)
-        if tls is not None:
-            why = tls
-        elif status is not None and status != 101:
-            why = f"backend answered HTTP {status} {protocol.httpReason}".strip()
-        elif uncleanReason(protocol):
-            why = f"backend handshake failed: {uncleanReason(protocol)}"
-        else:
-            why = f"backend closed during handshake: {reason.getErrorMessage()}"
-        self.opened.errback(BackendHandshakeError(why, status))
-
-
-def _tlsOptions(backend):
-    if not backend.verify:
-        _log.warn(
-            "backend {backend}: TLS certificate NOT verified (verify = false)",
-            backend=backend.name,
-        )
-        return _unverifiedOptions()
-    # The CA file's modification time is part of the key, so a replaced file
-    # is read again; otherwise every connection and probe shares one context.
-    stamp = os.stat(backend.ca).st_mtime_ns if backend.ca else None
-    return _verifiedOptions(backend.host, backend.ca, stamp)
-
-
-@functools.lru_cache(maxsize=1)
-def _unverifiedOptions():
-    return CertificateOptions(verify=False)
-
-
-@functools.lru_cache(maxsize=256)
-def _verifiedOptions(host, ca, stamp):
-    """
-    TLS options checking C{host} against C{ca} (or the system's CAs):
-    reading the CA file and building an OpenSSL context is far dearer than
-    a connection, so it is done once per host, file and file version.
-    """
-    if ca:
-        with open(ca, "rb") as f:
-            trust = trustRootFromCertificates([Certificate.loadPEM(f.read())])
-    else:
-        trust = platformTrust()
-    return optionsForClientTLS(host, trustRoot=trust)
-
-
-def backendEndpoint(reactor, backend, timeout):
-    """
-    The client endpoint for a backend: TCP, or TLS with its name verified.
-    """
-    # A member found by DNS discovery connects to its address; its host
-    # name stays for the Host header and the TLS name check.
-    host = backend.address or backend.host
-    if isIPAddress(host):
-        endpoint = TCP4ClientEndpoint(reactor, host, backend.port, timeout)
-    elif isIPv6Address(host):
-        endpoint = TCP6ClientEndpoint(reactor, host, backend.port, timeout)
-    else:
-        # Names are resolved for each connection, so DNS changes are followed.
-        endpoint = HostnameEndpoint(reactor, backend.host, backend.port, timeout=timeout)
-    if backend.secure:
-        endpoint = wrapClientTLS(_tlsOptions(backend), endpoint)
-    return endpoint
 
 
 class Dialer:
@@ -197,161 +75,136 @@ class Dialer:
     Opens backend WebSockets for clients, with retries across members.
     """
 
-    def __init__(self, reactor, pool, settings, counters, endpointFor=None):
-        """
-        @param endpointFor: makes the client endpoint of a backend; tests
-            give one that never connects. Defaults to L{backendEndpoint}.
-        """
+    def __init__(self, reactor, pool, settings, counters):
         self._reactor = reactor
         self._pool = pool
         self.settings = settings
         self._counters = counters
-        self._endpointFor = endpointFor or backendEndpoint
+        self.shortages = Shortages(reactor, "opening backend connections: new clients get 503")
 
-    def dial(self, request, target, peerHost, secure):
+    def dial(self, request, target, peerHost, secure, key=None):
         """
         Open a WebSocket to a healthy member on behalf of a client.
 
         @param request: the client's Autobahn C{ConnectionRequest}.
         @param target: the client's request target (path and query) exactly
             as it sent it.
-        @return: a Deferred firing with C{(member, BackendProtocol)}, or
+        @param key: the client's hash key (C{balance = hash}), or None.
+        @return: a Deferred firing with C{(member, RelayProtocol)}, or
             failing with C{ConnectionDeny} carrying the HTTP status the
-            client should get. Cancelling it closes any backend attempt.
+            client should get (L{Refused} with the backend's own answer).
+            Cancelling it closes any backend attempt.
         """
-        settings = self.settings
-        key = hashKeyOf(settings.hash_key, peerHost, request)
-        tried = []
-        current = [None]
+        return _ClientDial(self, request, target, peerHost, secure, key).next()
 
-        def cancel(_):
-            if current[0] is not None:
-                current[0].cancel()
 
-        result = Deferred(cancel)
+class _ClientDial:
+    """
+    One client's way to a backend: members tried in turn until one opens.
+    """
 
-        def attempt():
-            member = self._pool.choose(key, exclude=tried)
-            if member is None:
-                if tried:
-                    self._counters.handshakes["backend_failed"] += 1
-                    fail(502, "Bad Gateway: no backend could be reached")
-                else:
-                    self._counters.handshakes["no_backend"] += 1
-                    fail(503, "Service Unavailable: no healthy backend")
-                return
-            tried.append(member)
-            member.active += 1
-            d = current[0] = self._open(member, request, target, peerHost, secure)
-            d.addCallbacks(
-                lambda protocol: opened(member, protocol),
-                lambda f: failed(member, f),
-            )
+    def __init__(self, dialer, request, target, peerHost, secure, key):
+        self._dialer = dialer
+        self._settings = dialer.settings
+        self._request = request
+        self._target = target
+        self._peer = peerHost
+        self._secure = secure
+        self._key = key
+        self._tried = []
+        self._attempt = None
+        self.result = Deferred(self._cancel)
 
-        def opened(member, protocol):
-            current[0] = None
-            member.total += 1
-            result.callback((member, protocol))
+    def _cancel(self, _):
+        if self._attempt is not None:
+            self._attempt.cancel()
 
-        def failed(member, failure):
-            current[0] = None
-            member.active -= 1
-            self._pool.leaveIfIdle(member)
-            if failure.check(CancelledError):
-                return
-            why = failure.getErrorMessage()
-            status = getattr(failure.value, "status", None)
-            if status is not None and 400 <= status < 500:
-                # The application said no (auth, path): pass that on.
-                self._counters.handshakes["backend_refused"] += 1
-                fail(status, getattr(failure.value, "reason", why))
-                return
-            member.failed += 1
-            health = settings.health
-            member.recordCheck(
-                False, self._reactor.seconds(), health.rise, health.fall, why
-            )
-            _log.warn(
-                "backend {backend} failed for {peer}: {why}",
-                backend=member.name,
-                peer=peerHost,
-                why=why,
-            )
-            if len(tried) <= settings.retries:
-                attempt()
+    def next(self):
+        dialer = self._dialer
+        member = dialer._pool.choose(self._key, exclude=self._tried)
+        if member is None:
+            if self._tried:
+                dialer._counters.handshakes["backend_failed"] += 1
+                self._fail(ConnectionDeny(502, "Bad Gateway: no backend could be reached"))
             else:
-                self._counters.handshakes["backend_failed"] += 1
-                fail(502, f"Bad Gateway: {why}")
+                dialer._counters.handshakes["no_backend"] += 1
+                self._fail(ConnectionDeny(503, "Service Unavailable: no healthy backend"))
+            return self.result
+        self._tried.append(member)
+        connection = member.opened()
+        try:
+            d = self._attempt = self._open(member, connection)
+        except Exception as e:
+            connection.close()
+            d = fail(OpeningError(f"{type(e).__name__}: {e}"))
+        d.addCallbacks(self._opened, self._failed, callbackArgs=(member,), errbackArgs=(member,))
+        return self.result
 
-        def fail(status, reason):
-            if not result.called:
-                result.errback(ConnectionDeny(status, reason))
-
-        attempt()
-        return result
-
-    def _open(self, member, request, target, peerHost, secure):
-        settings = self.settings
+    def _open(self, member, connection):
+        settings = self._settings
         backend = member.settings
-        reactor = self._reactor
-        state = {"connecting": None, "timer": None, "cancelled": False}
-
-        def cancel(_):
-            state["cancelled"] = True
-            if state["connecting"] is not None:
-                state["connecting"].cancel()
-            protocol = factory.protocolInstance
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.abortConnection()
-
-        opened = Deferred(cancel)
-        headers, useragent, origin = forwardedHeaders(request, peerHost, secure)
-        factory = BackendFactory(
-            opened,
-            url=f"{'wss' if backend.secure else 'ws'}://{backend.host}:{backend.port}/",
-            protocols=request.protocols,
+        headers, useragent, origin = forwardedHeaders(self._request, self._peer, self._secure)
+        attempt = Attempt(
+            self._dialer._reactor,
+            backend,
+            backend.path + self._target if backend.path else self._target,
+            RelayProtocol,
+            settings.connect_timeout,
+            settings.handshake_timeout,
+            connection=connection,
+            protocols=self._request.protocols,
             headers=headers,
             useragent=useragent,
             origin=origin,
-            reactor=reactor,
         )
-        factory.resource = backend.path + target if backend.path else target
+        return attempt.start()
 
-        def connected(protocol):
-            state["connecting"] = None
-            state["timer"] = reactor.callLater(
-                settings.handshake_timeout, timedOut, protocol
+    def _opened(self, protocol, member):
+        self._attempt = None
+        self.result.callback((member, protocol))
+
+    def _failed(self, failure, member):
+        self._attempt = None
+        dialer = self._dialer
+        dialer._pool.leaveIfIdle(member)
+        if failure.check(CancelledError):
+            return
+        if failure.check(BackendRefused):
+            dialer._counters.handshakes["backend_refused"] += 1
+            self._fail(Refused(failure.value))
+            return
+        if failure.check(OpeningError):
+            _log.error(
+                "opening backend {backend} for {peer} failed: {why}",
+                backend=member.name,
+                peer=self._peer,
+                why=failure.getErrorMessage(),
             )
-            return protocol
+            dialer._counters.handshakes["backend_failed"] += 1
+            self._fail(ConnectionDeny(502, "Bad Gateway: the backend could not be opened"))
+            return
+        shortage = localShortage(failure)
+        if shortage is not None:
+            dialer._counters.handshakes["over_capacity"] += 1
+            dialer.shortages.note(shortage)
+            self._fail(ConnectionDeny(503, "Service Unavailable: lbws is out of resources"))
+            return
+        why = failure.getErrorMessage()
+        member.traffic.failure()
+        health = self._settings.health
+        member.recordCheck(False, dialer._reactor.seconds(), health.rise, health.fall, why)
+        _log.warn(
+            "backend {backend} failed for {peer}: {why}",
+            backend=member.name,
+            peer=self._peer,
+            why=why,
+        )
+        if len(self._tried) <= self._settings.retries:
+            self.next()
+        else:
+            dialer._counters.handshakes["backend_failed"] += 1
+            self._fail(ConnectionDeny(502, f"Bad Gateway: {why}"))
 
-        def timedOut(protocol):
-            state["timer"] = None
-            if not opened.called:
-                opened.errback(
-                    BackendHandshakeError(
-                        f"backend handshake timed out after {settings.handshake_timeout:g}s"
-                    )
-                )
-            protocol.transport.abortConnection()
-
-        def connectFailed(failure):
-            state["connecting"] = None
-            if state["cancelled"]:
-                return
-            if failure.check(TimeoutError):
-                failure = BackendHandshakeError(
-                    f"connect timed out after {settings.connect_timeout:g}s"
-                )
-            opened.errback(failure)
-
-        def settled(result):
-            if state["timer"] is not None and state["timer"].active():
-                state["timer"].cancel()
-            return result
-
-        endpoint = self._endpointFor(reactor, backend, settings.connect_timeout)
-        connecting = state["connecting"] = endpoint.connect(factory)
-        connecting.addTimeout(settings.connect_timeout, reactor)
-        connecting.addCallbacks(connected, connectFailed)
-        opened.addBoth(settled)
-        return opened
+    def _fail(self, deny):
+        if not self.result.called:
+            self.result.errback(deny)

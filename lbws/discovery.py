@@ -47,7 +47,6 @@ from twisted.names.error import AuthoritativeDomainError, DNSNameError
 import attrs
 
 from lbws.config import resolveInterval
-from lbws.pool import Member
 
 _log = Logger()
 
@@ -283,56 +282,16 @@ class _Group:
 
     def apply(self):
         """
-        Make the pool's members of this template match the last targets.
+        Make the pool's members of this template match the last targets
+        (see L{lbws.pool.Pool.updateGroup}).
         """
         if self.targets is None:
             return
-        pool = self.discovery.pool
-        template = self.template
-        rise = pool.settings.health.rise
         wanted = {}
         for target in self.targets:
-            settings = memberSettings(template, target)
+            settings = memberSettings(self.template, target)
             wanted[settings.name] = settings
-        current = {m.name: m for m in pool if m.group == template.name}
-        for name, settings in wanted.items():
-            member = current.get(name)
-            if member is None:
-                pool.join(Member(settings, healthy=False, events=pool.events))
-                pool.events.record(
-                    "enable",
-                    "backend {backend} found by DNS: joins after {rise} passing check(s)",
-                    source="dns",
-                    backend=name,
-                    group=template.name,
-                    url=settings.url,
-                    rise=rise,
-                )
-            elif member.removed:
-                member.restart(settings)
-                pool.events.record(
-                    "enable",
-                    "backend {backend} is back in DNS: joins after {rise} passing check(s)",
-                    source="dns",
-                    backend=name,
-                    group=template.name,
-                    rise=rise,
-                )
-            elif member.settings != settings:
-                member.settings = settings
-        for name, member in current.items():
-            if name in wanted or member.removed:
-                continue
-            member.removed = True
-            pool.events.record(
-                "drain",
-                "backend {backend} is gone from DNS: draining {active} open connection(s)",
-                source="dns",
-                backend=name,
-                group=template.name,
-                active=member.active,
-            )
-            pool.leaveIfIdle(member)
+        self.discovery.pool.updateGroup(self.template.name, wanted)
         self.discovery.changed()
 
 

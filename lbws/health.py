@@ -13,17 +13,19 @@ Probes (C{[health] probe}):
   - C{http}: C{GET path}; a 2xx or 3xx answer is healthy.
 
 wss:// backends are probed over TLS verified exactly as the relay verifies
-them (L{lbws.dial.backendEndpoint}).
+them (L{lbws.backend}).
+
+A probe that fails because lbws itself is out of file descriptors or
+memory (L{lbws.backend.localShortage}) is not counted: it says nothing of
+the backend.
 
 Each backend has its own C{LoopingCall} on the injected clock. A probe still
 running when the next one is due is not doubled (the tick is skipped), and
 nothing a probe or its bookkeeping does can stop the loop.
 """
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -39,8 +41,16 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from lbws.compat import isClosing, statusLine, uncleanReason
-from lbws.dial import backendEndpoint
+from lbws.backend import (
+    Attempt,
+    BackendProtocol,
+    BackendRefused,
+    Shortages,
+    backendEndpoint,
+    hostForUrl,
+    localShortage,
+)
+from lbws.compat import isClosing, uncleanReason
 from lbws.tlserrors import describeTlsFailure
 
 _log = Logger()
@@ -61,10 +71,6 @@ class ProbeFailed(Exception):
 # Cancelling it closes whatever connection it opened.
 
 
-def _hostPort(backend):
-    return f"{backend.host}:{backend.port}"
-
-
 class _Hangup(Protocol):
     def connectionMade(self):
         self.transport.loseConnection()
@@ -80,28 +86,31 @@ def probeTcp(reactor, backend, health):
     Healthy when a TCP connection opens (no TLS, even for wss://).
     """
     started = reactor.seconds()
-    endpoint = HostnameEndpoint(
-        reactor, backend.address or backend.host, backend.port, timeout=health.timeout
-    )
+    endpoint = backendEndpoint(reactor, backend, health.timeout, tls=False)
     d = endpoint.connect(_HangupFactory())
     d.addCallback(lambda _: reactor.seconds() - started)
     return d
 
 
-class _ProbeProtocol(WebSocketClientProtocol):
+class _ProbeProtocol(BackendProtocol):
     """
-    Handshake, ping, pong, close; then the result is settled.
+    After the opening handshake: ping, pong, close; then the check is
+    settled.
     """
 
+    _check = None
     _pingAt = None
 
-    def onOpen(self):
-        expected = self.factory.subprotocol
-        if expected and self.websocket_protocol_in_use != expected:
+    def check(self, result, subprotocol):
+        """
+        The WebSocket is open: run the check, settling C{result}.
+        """
+        self._check = result
+        if subprotocol and self.websocket_protocol_in_use != subprotocol:
             chosen = self.websocket_protocol_in_use
-            self.factory.settle(
+            self._settle(
                 ProbeFailed(
-                    f"backend did not accept subprotocol {expected!r}"
+                    f"backend did not accept subprotocol {subprotocol!r}"
                     + (f" (chose {chosen!r})" if chosen else "")
                 )
             )
@@ -110,11 +119,22 @@ class _ProbeProtocol(WebSocketClientProtocol):
         self._pingAt = self.factory.reactor.seconds()
         self.sendPing(PING_PAYLOAD)
 
-    def onPong(self, payload):
-        if self._pingAt is None or payload != PING_PAYLOAD or self.factory.rtt is not None:
+    def _settle(self, outcome):
+        result = self._check
+        if result is None or result.called:
             return
-        self.factory.rtt = self.factory.reactor.seconds() - self._pingAt
+        if isinstance(outcome, Exception):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    def onPong(self, payload):
+        if self._pingAt is None or payload != PING_PAYLOAD or self._rtt is not None:
+            return
+        self._rtt = self.factory.reactor.seconds() - self._pingAt
         self.sendClose(1000)
+
+    _rtt = None
 
     def onCloseFrame(self, code, reasonRaw):
         closing = isClosing(self)
@@ -123,75 +143,19 @@ class _ProbeProtocol(WebSocketClientProtocol):
             # The backend answered our close: the check is over. The server
             # is meant to drop the TCP connection; not waiting for that
             # keeps Autobahn from starting a timer on the global reactor.
-            if self.factory.rtt is not None:
-                self.factory.settle(self.factory.rtt)
+            if self._rtt is not None:
+                self._settle(self._rtt)
             self.transport.loseConnection()
         elif not closing:
-            self.factory.settle(
-                ProbeFailed(f"backend closed the check's WebSocket with code {code}")
-            )
+            self._settle(ProbeFailed(f"backend closed the check's WebSocket with code {code}"))
         return result
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
-        refused = self.factory.httpStatus()
-        tls = describeTlsFailure(reason, self.transport)
-        if tls is not None:
-            self.factory.settle(ProbeFailed(tls))
-        elif refused is not None:
-            self.factory.settle(ProbeFailed(refused))
-        elif uncleanReason(self):
-            self.factory.settle(ProbeFailed(uncleanReason(self)))
+        if uncleanReason(self):
+            self._settle(ProbeFailed(uncleanReason(self)))
         else:
-            self.factory.settle(
-                ProbeFailed(f"connection lost: {reason.getErrorMessage()}")
-            )
-
-
-class _ProbeFactory(WebSocketClientFactory):
-    protocol = _ProbeProtocol
-    noisy = False
-
-    def __init__(self, result, subprotocol, **kwargs):
-        super().__init__(**kwargs)
-        self.result = result
-        self.subprotocol = subprotocol
-        self.rtt = None
-        self.instance = None
-        self.setProtocolOptions(
-            openHandshakeTimeout=0,
-            closeHandshakeTimeout=0,
-            serverConnectionDropTimeout=0,
-            autoPingInterval=0,
-            perMessageCompressionOffers=[],
-            tcpNoDelay=True,
-        )
-
-    def buildProtocol(self, addr):
-        self.instance = super().buildProtocol(addr)
-        return self.instance
-
-    def httpStatus(self):
-        """
-        "backend answered HTTP 404 Not Found" if the backend refused the
-        upgrade, else None.
-        """
-        protocol = self.instance
-        line = statusLine(protocol) if protocol else None
-        if not line:
-            return None
-        parts = line.split(None, 2)
-        if len(parts) < 2 or parts[1] == "101":
-            return None
-        return f"backend answered HTTP {' '.join(parts[1:])}"
-
-    def settle(self, outcome):
-        if self.result.called:
-            return
-        if isinstance(outcome, Exception):
-            self.result.errback(outcome)
-        else:
-            self.result.callback(outcome)
+            self._settle(ProbeFailed(f"connection lost: {reason.getErrorMessage()}"))
 
 
 def probeWebsocket(reactor, backend, health):
@@ -199,28 +163,36 @@ def probeWebsocket(reactor, backend, health):
     Healthy when a WebSocket on C{path} opens (with C{subprotocol}, if
     set), answers a ping and closes cleanly.
     """
-    connecting = None
-
-    def cancel(_):
-        if connecting is not None and not connecting.called:
-            connecting.cancel()
-        protocol = factory.instance
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.abortConnection()
-
-    result = Deferred(cancel)
     subprotocol = health.subprotocol
-    factory = _ProbeFactory(
-        result,
-        subprotocol,
-        url=f"{'wss' if backend.secure else 'ws'}://{_hostPort(backend)}/",
+    attempt = Attempt(
+        reactor,
+        backend,
+        backend.path + health.path,
+        _ProbeProtocol,
+        health.timeout,
         protocols=[subprotocol] if subprotocol else None,
         useragent=USER_AGENT,
-        reactor=reactor,
     )
-    factory.resource = backend.path + health.path
-    connecting = backendEndpoint(reactor, backend, health.timeout).connect(factory)
-    connecting.addErrback(lambda failure: None if result.called else result.errback(failure))
+    opening = attempt.start()
+
+    def cancel(_):
+        if not opening.called:
+            opening.cancel()
+        elif attempt.protocol.transport is not None:
+            attempt.protocol.transport.abortConnection()
+
+    result = Deferred(cancel)
+
+    def opened(protocol):
+        protocol.check(result, subprotocol)
+
+    def failed(failure):
+        if not result.called:
+            if failure.check(BackendRefused):
+                failure = ProbeFailed(str(failure.value))
+            result.errback(failure)
+
+    opening.addCallbacks(opened, failed)
     return result
 
 
@@ -258,7 +230,7 @@ def probeHttp(reactor, backend, health):
         reactor, _BackendEndpoints(reactor, backend, health.timeout), pool=pool
     )
     scheme = "https" if backend.secure else "http"
-    url = f"{scheme}://{_hostPort(backend)}{backend.path}{health.path}"
+    url = f"{scheme}://{hostForUrl(backend.host)}:{backend.port}{backend.path}{health.path}"
     started = reactor.seconds()
     d = agent.request(b"GET", url.encode("ascii"), Headers({"User-Agent": [USER_AGENT]}))
 
@@ -389,13 +361,20 @@ class _MemberCheck:
             return None
         member = self.member
         now = self._checker.reactor.seconds()
-        member.checkDurations.observe(max(0.0, now - started))
+        if isinstance(result, Failure) and not timedOut:
+            shortage = localShortage(result)
+            if shortage is not None:
+                # lbws's own lack of file descriptors or memory says
+                # nothing of the backend.
+                self._checker.shortages.note(shortage)
+                return None
+        duration = max(0.0, now - started)
         if isinstance(result, Failure):
             if timedOut:
                 why = f"check timed out after {health.timeout:g}s"
             else:
                 why = describe(result)
-            member.checks["timeout" if timedOut else "failed"] += 1
+            member.health.probed("timeout" if timedOut else "failed", duration)
             if member.consecutiveFailures == 0:
                 _log.info(
                     "backend {backend} failed a {probe} check: {why}",
@@ -405,7 +384,7 @@ class _MemberCheck:
                 )
             member.recordCheck(False, now, health.rise, health.fall, why)
         else:
-            member.checks["ok"] += 1
+            member.health.probed("ok", duration)
             rtt = result if isinstance(result, (int, float)) else now - started
             member.recordCheck(True, now, health.rise, health.fall, rtt=rtt)
         return None
@@ -427,6 +406,7 @@ class HealthChecker(Service):
         self.pool = pool
         self.health = health
         self.probes = dict(PROBES if probes is None else probes)
+        self.shortages = Shortages(reactor, "running health checks: checks skipped")
         self._checks = {}
 
     def startService(self):

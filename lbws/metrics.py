@@ -20,8 +20,9 @@ class Counters:
 
     @ivar handshakes: client handshakes by result: C{ok}, C{no_backend}
         (503, nothing up), C{backend_failed} (502, every try failed),
-        C{backend_refused} (the backend answered 4xx, passed on),
-        C{over_capacity} (503, max_connections), C{timeout} (the client did
+        C{backend_refused} (the backend answered other than 101, passed
+        on), C{over_capacity} (503, max_connections or lbws out of
+        resources), C{timeout} (the client did
         not finish its request in time).
     @ivar closes: closes by C{(side, code)}, where side says who closed
         first: C{client}, C{backend} or C{lbws}.

@@ -1,9 +1,13 @@
 """
-The backends lbws knows, with their state: the one place the balancer, the
-health checker, the relay and the dashboard all read and update.
+The backends lbws knows, with their state. Each member's state has one
+owner per part (L{Health}, L{Admin}, L{Traffic}) that changes it through
+its methods; the balancer, the health checker, the relay and the dashboard
+read it through L{Member}'s properties. Which members there are is the
+L{Pool}'s: reloads and DNS discovery go through its one reconcile.
 """
 
 from collections import Counter
+from types import MappingProxyType
 
 from twisted.logger import Logger, LogLevel
 
@@ -18,9 +22,237 @@ DRAINING = "draining"
 _log = Logger()
 
 
+class Health:
+    """
+    A member's health, changed only by the checks recorded here: the
+    health probes' and the relay's passive ones (a failed real connection),
+    or in a worker process by the parent's verdict (L{follow}).
+    """
+
+    def __init__(self, healthy):
+        self._healthy = healthy
+        self._changed = None  # when health last changed (clock seconds)
+        self._failures = 0
+        self._successes = 0
+        self._lastCheck = None
+        self._lastError = ""
+        self._rtt = None
+        self._checks = Counter()  # health probes by result: ok, failed, timeout
+        self._durations = Durations()
+
+    healthy = property(lambda self: self._healthy)
+    changed = property(lambda self: self._changed)
+    consecutiveFailures = property(lambda self: self._failures)
+    consecutiveSuccesses = property(lambda self: self._successes)
+    lastCheck = property(lambda self: self._lastCheck)
+    lastError = property(lambda self: self._lastError)
+    checkRtt = property(lambda self: self._rtt)
+
+    @property
+    def checks(self):
+        return MappingProxyType(self._checks)
+
+    @property
+    def checkDurations(self):
+        return self._durations
+
+    def record(self, ok, when, rise, fall, error="", rtt=None):
+        """
+        Count one check (a probe, or a real connection attempt) and move
+        between up and down after C{rise} successes or C{fall} failures in a
+        row.
+
+        @return: True if this changed the backend's health.
+        """
+        self._lastCheck = when
+        if ok:
+            self._rtt = rtt if rtt is not None else self._rtt
+            self._failures = 0
+            self._successes += 1
+            if not self._healthy and self._successes >= rise:
+                self._healthy = True
+                self._changed = when
+                return True
+        else:
+            self._lastError = error
+            self._successes = 0
+            self._failures += 1
+            if self._healthy and self._failures >= fall:
+                self._healthy = False
+                self._changed = when
+                return True
+        return False
+
+    def probed(self, result, duration):
+        """
+        A health probe ended with C{result} (ok, failed or timeout) after
+        C{duration} seconds: for the metrics.
+        """
+        self._checks[result] += 1
+        self._durations.observe(duration)
+
+    def restart(self):
+        """
+        Start over: not healthy until C{rise} checks pass.
+        """
+        self._healthy = False
+        self._failures = 0
+        self._successes = 0
+        self._lastError = ""
+
+    def follow(self, healthy, changed):
+        """
+        A worker process takes its parent's verdict (see L{lbws.workers}).
+        """
+        self._healthy = healthy
+        self._changed = changed
+
+
+class Admin:
+    """
+    What the operator decided of a member: C{drained} from the dashboard,
+    C{removed} by a reload or DNS discovery. Either keeps new connections
+    away while the open ones stay.
+    """
+
+    def __init__(self):
+        self._drained = False
+        self._removed = False
+
+    drained = property(lambda self: self._drained)
+    removed = property(lambda self: self._removed)
+
+    def drain(self, drained=True):
+        self._drained = drained
+
+    def remove(self, removed=True):
+        self._removed = removed
+
+
+class Connection:
+    """
+    One backend connection of a member, from the moment lbws starts opening
+    it: it counts in the member's C{active} until L{close}, which every
+    exit path may call (only the first call counts).
+    """
+
+    def __init__(self, traffic):
+        self._traffic = traffic
+        self._open = True
+        self._established = False
+
+    @property
+    def open(self):
+        return self._open
+
+    def established(self):
+        """
+        The backend accepted the WebSocket: count it in C{total}.
+        """
+        if self._open and not self._established:
+            self._established = True
+            self._traffic._total += 1
+
+    def close(self):
+        if self._open:
+            self._open = False
+            self._traffic._active -= 1
+
+
+class Traffic:
+    """
+    A member's traffic counters. The open connection count changes only
+    through L{opened} and the L{Connection} it returns, so no exit path can
+    leak one.
+    """
+
+    COUNTS = ("active", "total", "failed", "messagesIn", "messagesOut", "bytesIn", "bytesOut")
+
+    def __init__(self):
+        self._active = 0
+        self._total = 0
+        self._failed = 0
+        self._messagesIn = 0  # client to backend
+        self._messagesOut = 0  # backend to client
+        self._bytesIn = 0
+        self._bytesOut = 0
+        self._rebalanced = 0  # connections gradual rebalancing moved away
+        # With workers = N: each worker's counts for this backend, by worker
+        # index (see lbws.workers).
+        self._remote = {}
+
+    active = property(lambda self: self._active)
+    total = property(lambda self: self._total)
+    failed = property(lambda self: self._failed)
+    messagesIn = property(lambda self: self._messagesIn)
+    messagesOut = property(lambda self: self._messagesOut)
+    bytesIn = property(lambda self: self._bytesIn)
+    bytesOut = property(lambda self: self._bytesOut)
+    rebalanced = property(lambda self: self._rebalanced)
+
+    @property
+    def remote(self):
+        return MappingProxyType(self._remote)
+
+    def opened(self):
+        """
+        A connection to this member is being opened.
+
+        @return: its L{Connection}; closing it ends its count.
+        """
+        self._active += 1
+        return Connection(self)
+
+    def failure(self):
+        """
+        A connection attempt failed through the backend's fault.
+        """
+        self._failed += 1
+
+    def message(self, toBackend, size):
+        if toBackend:
+            self._messagesIn += 1
+            self._bytesIn += size
+        else:
+            self._messagesOut += 1
+            self._bytesOut += size
+
+    def moved(self):
+        """
+        Gradual rebalancing moved one of its connections away.
+        """
+        self._rebalanced += 1
+
+    def own(self):
+        """
+        This process's own counts, by name: what a worker reports.
+        """
+        return {name: getattr(self, name) for name in self.COUNTS}
+
+    def report(self, index, counts):
+        """
+        Worker C{index} reported its counts for this member.
+        """
+        self._remote[index] = counts
+
+    def forget(self, index):
+        self._remote.pop(index, None)
+
+    def count(self, name):
+        """
+        A traffic count of this process and its workers together: what the
+        dashboard and metrics show.
+        """
+        return getattr(self, name) + sum(counts.get(name, 0) for counts in self._remote.values())
+
+
 class Member:
     """
-    One backend at run time: its settings, health and traffic.
+    One backend at run time: its settings, and three pieces of state with
+    one owner each: L{Health} (the checks), L{Admin} (the operator's and
+    reloads' decisions) and L{Traffic} (the connections and counters).
+    Other modules read them through the properties here and change them
+    only through the owners' methods.
 
     A backend is C{draining} while an operator drained it or a reload
     removed it: it gets no new connections whatever its health, and its
@@ -31,55 +263,48 @@ class Member:
     """
 
     def __init__(self, settings, healthy=True, events=None):
-        self.settings = settings
-        self.events = events if events is not None else Events()
-        self.healthy = healthy
-        self.drained = False
-        self.removed = False
-        self.active = 0
-        self.total = 0
-        self.failed = 0
-        self.messagesIn = 0  # client to backend
-        self.messagesOut = 0  # backend to client
-        self.bytesIn = 0
-        self.bytesOut = 0
-        self.consecutiveFailures = 0
-        self.consecutiveSuccesses = 0
-        self.lastCheck = None
-        self.lastError = ""
-        self.checkRtt = None
-        self.changed = None  # when health last changed (clock seconds)
-        self.rebalanced = 0  # connections gradual rebalancing moved away
-        # With workers = N: each worker's counts for this backend, by worker
-        # index (see lbws.workers).
-        self.remote = {}
-        self.checks = Counter()  # health probes by result: ok, failed, timeout
-        self.checkDurations = Durations()
+        self._events = events if events is not None else Events()
+        self._settings = settings
+        self._health = Health(healthy)
+        self._admin = Admin()
+        self._traffic = Traffic()
 
-    @property
-    def name(self):
-        return self.settings.name
-
-    @property
-    def weight(self):
-        return self.settings.weight
-
-    def count(self, name):
-        """
-        A traffic count (C{active}, C{total}, C{failed}, C{messagesIn},
-        C{messagesOut}, C{bytesIn}, C{bytesOut}) of this process and its
-        workers together: what the dashboard and metrics show.
-        """
-        return getattr(self, name) + sum(
-            counts.get(name, 0) for counts in self.remote.values()
-        )
+    health = property(lambda self: self._health)
+    admin = property(lambda self: self._admin)
+    traffic = property(lambda self: self._traffic)
+    settings = property(lambda self: self._settings)
+    name = property(lambda self: self._settings.name)
+    weight = property(lambda self: self._settings.weight)
 
     @property
     def group(self):
         """
         The [backend:NAME] a DNS-discovered member came from, else "".
         """
-        return self.settings.group
+        return self._settings.group
+
+    # Read-only views for the balancer, the dashboard and the metrics.
+    healthy = property(lambda self: self.health.healthy)
+    changed = property(lambda self: self.health.changed)
+    consecutiveFailures = property(lambda self: self.health.consecutiveFailures)
+    lastCheck = property(lambda self: self.health.lastCheck)
+    lastError = property(lambda self: self.health.lastError)
+    checkRtt = property(lambda self: self.health.checkRtt)
+    checks = property(lambda self: self.health.checks)
+    checkDurations = property(lambda self: self.health.checkDurations)
+    drained = property(lambda self: self.admin.drained)
+    removed = property(lambda self: self.admin.removed)
+    active = property(lambda self: self.traffic.active)
+    total = property(lambda self: self.traffic.total)
+    failed = property(lambda self: self.traffic.failed)
+    messagesIn = property(lambda self: self.traffic.messagesIn)
+    messagesOut = property(lambda self: self.traffic.messagesOut)
+    bytesIn = property(lambda self: self.traffic.bytesIn)
+    bytesOut = property(lambda self: self.traffic.bytesOut)
+    rebalanced = property(lambda self: self.traffic.rebalanced)
+
+    def count(self, name):
+        return self.traffic.count(name)
 
     @property
     def state(self):
@@ -87,53 +312,67 @@ class Member:
             return DRAINING
         return UP if self.healthy else DOWN
 
-    def restart(self, settings):
+    def opened(self):
         """
-        Take new settings (an address that moved, or a backend back after a
-        removal) and start health over: not healthy until C{rise} checks
-        pass, since the old results say nothing of the new address.
+        See L{Traffic.opened}.
         """
-        self.settings = settings
-        self.removed = False
-        self.healthy = False
-        self.consecutiveFailures = 0
-        self.consecutiveSuccesses = 0
-        self.lastError = ""
+        return self.traffic.opened()
 
     def recordCheck(self, ok, when, rise, fall, error="", rtt=None):
         """
-        Count one check (a probe, or a real connection attempt) and move
-        between up and down after C{rise} successes or C{fall} failures in a
-        row.
-
-        @return: True if this changed the backend's health.
+        See L{Health.record}; a change of health is an event.
         """
-        self.lastCheck = when
-        if ok:
-            self.checkRtt = rtt if rtt is not None else self.checkRtt
-            self.consecutiveFailures = 0
-            self.consecutiveSuccesses += 1
-            if not self.healthy and self.consecutiveSuccesses >= rise:
-                self.healthy = True
-                self.changed = when
-                self.events.record("backend_up", "backend {backend} is up", backend=self.name)
-                return True
-        else:
-            self.lastError = error
-            self.consecutiveSuccesses = 0
-            self.consecutiveFailures += 1
-            if self.healthy and self.consecutiveFailures >= fall:
-                self.healthy = False
-                self.changed = when
-                self.events.record("backend_down", "backend {backend} is down: {error}",
-                                   LogLevel.warn, backend=self.name, error=error)
-                return True
-        return False
+        changed = self.health.record(ok, when, rise, fall, error, rtt)
+        if changed and self.healthy:
+            self._events.record("backend_up", "backend {backend} is up", backend=self.name)
+        elif changed:
+            self._events.record(
+                "backend_down",
+                "backend {backend} is down: {error}",
+                LogLevel.warn,
+                backend=self.name,
+                error=error,
+            )
+        return changed
+
+    def follow(self, healthy, drained, changed):
+        """
+        A worker takes its parent's state of this member.
+        """
+        self.health.follow(healthy, changed)
+        self.admin.drain(drained)
+
+    def _configure(self, settings):
+        self._settings = settings
+
+    def _restart(self, settings):
+        """
+        Take new settings (an address that moved, or a backend back after a
+        removal) and start health over: the old results say nothing of the
+        new address.
+        """
+        self._settings = settings
+        self.admin.remove(False)
+        self.health.restart()
 
 
 def _address(backend):
     return (backend.secure, backend.host, backend.port, backend.path)
 
+
+# What a reload, and DNS discovery, record when members join, return or go.
+_RELOADED = {
+    "source": "reload",
+    "added": "backend {backend} added: joins after {rise} passing check(s)",
+    "back": "backend {backend} added back: joins after {rise} passing check(s)",
+    "removed": "backend {backend} removed: draining {active} open connection(s)",
+}
+_DISCOVERED = {
+    "source": "dns",
+    "added": "backend {backend} found by DNS: joins after {rise} passing check(s)",
+    "back": "backend {backend} is back in DNS: joins after {rise} passing check(s)",
+    "removed": "backend {backend} is gone from DNS: draining {active} open connection(s)",
+}
 
 # The share of its weight a member has when its slow start begins: not 0,
 # so that even round robin and hash send it a first connection or two.
@@ -150,8 +389,8 @@ class Pool:
 
     @param clock: the reactor's C{IReactorTime}, for C{slow_start}; without
         one, members always have their full weight.
-    @param events: the L{lbws.events.Events} where members going up or
-        down, joining and leaving are recorded.
+    @param events: the L{lbws.events.Events} where members joining,
+        leaving and changing health are recorded.
     """
 
     def __init__(self, settings, clock=None, events=None):
@@ -166,105 +405,114 @@ class Pool:
 
     def update(self, settings):
         """
-        Apply a reloaded configuration to the members.
-
-          - A backend that is new (or comes back after a reload removed it)
-            joins as a fresh member that is not healthy: it gets connections
-            once it has passed C{rise} health checks.
-          - A backend whose address changed (host, port, scheme or path)
-            starts over the same way: its old health says nothing of the
-            new address. A changed weight applies to the next connections.
-          - A backend that is gone is marked C{removed}: it gets no new
-            connections, its open ones stay, and it leaves the pool when the
-            last of them ends (see L{leaveIfIdle}).
+        Apply a reloaded configuration to the members (see L{_reconcile}).
+        Members of DNS discovery templates stay (discovery brings them up
+        to date, L{updateGroup}); those of a template that is gone drain.
 
         C{self.members} is updated in place, in the new file's order, with
         members still draining after a removal at the end.
         """
-        old = dict(self.members)
-        members = {}
         groups = {b.name for b in settings.backends if b.discovered}
+        wanted = {b.name: b for b in settings.backends if not b.discovered}
+        scope = {n: m for n, m in self.members.items() if m.group not in groups}
+        kept = self._reconcile(wanted, scope, settings.health.rise, _RELOADED)
+        members = {}
         for backend in settings.backends:
             if backend.discovered:
-                # Its members stay; discovery brings them up to date.
-                for name, member in old.items():
+                for name, member in self.members.items():
                     if member.group == backend.name:
                         members[name] = member
-                continue
-            member = old.get(backend.name)
-            if member is None:
-                member = Member(backend, healthy=False, events=self.events)
-                self.events.record(
-                    "enable",
-                    "backend {backend} added: joins after {rise} passing check(s)",
-                    source="reload",
-                    backend=backend.name,
-                    url=backend.url,
-                    rise=settings.health.rise,
-                )
-            elif member.removed:
-                member.restart(backend)
-                self.events.record(
-                    "enable",
-                    "backend {backend} added back: joins after {rise} passing check(s)",
-                    source="reload",
-                    backend=backend.name,
-                    url=backend.url,
-                    rise=settings.health.rise,
-                )
-            elif _address(member.settings) != _address(backend):
-                old_url = member.settings.url
-                member.restart(backend)
-                self.events.record(
-                    "enable",
-                    "backend {backend} moved from {old_url} to {url}: open connections"
-                    " stay, new ones after {rise} passing check(s)",
-                    source="reload",
-                    backend=backend.name,
-                    old_url=old_url,
-                    url=backend.url,
-                    rise=settings.health.rise,
-                )
-            elif member.settings != backend:
-                member.settings = backend
-                _log.info(
-                    "backend {backend} changed: weight {weight}",
-                    backend=backend.name,
-                    weight=backend.weight,
-                )
-            members[backend.name] = member
-        for name, member in old.items():
-            if name in members or member.group in groups:
-                continue
-            if not member.removed:
-                member.removed = True
-                self.events.record(
-                    "drain",
-                    "backend {backend} removed: draining {active} open connection(s)",
-                    source="reload",
-                    backend=name,
-                    active=member.active,
-                )
-            if member.active > 0:
-                members[name] = member
             else:
-                _log.info("backend {backend} left the pool", backend=name)
+                members[backend.name] = kept[backend.name]
+        for name, member in kept.items():
+            members.setdefault(name, member)
         if settings.balance != self.settings.balance:
             self._strategy = STRATEGIES[settings.balance]()
         self.settings = settings
         self.members.clear()
         self.members.update(members)
 
-    def join(self, member):
+    def updateGroup(self, group, wanted):
         """
-        Add a member that DNS discovery found (it is not healthy yet).
+        DNS discovery found the members C{wanted} (name to settings) for
+        the template C{group}: make the pool's members of it match (see
+        L{_reconcile}).
         """
-        self.members[member.name] = member
+        scope = {n: m for n, m in self.members.items() if m.group == group}
+        kept = self._reconcile(wanted, scope, self.settings.health.rise, _DISCOVERED)
+        for name in scope:
+            if name not in kept:
+                del self.members[name]
+        for name, member in kept.items():
+            self.members.setdefault(name, member)
+
+    def _reconcile(self, wanted, current, rise, words):
+        """
+        Make the members C{current} (name to member) match C{wanted} (name
+        to settings):
+
+          - A backend that is new (or comes back after it was removed)
+            joins as a fresh member that is not healthy: it gets
+            connections once it has passed C{rise} health checks.
+          - A backend whose address changed (host, port, scheme or path)
+            starts over the same way: its old health says nothing of the
+            new address. Other changes (weight, ca, verify) apply to the
+            next connections.
+          - A backend that is gone is marked C{removed}: it gets no new
+            connections, its open ones stay, and it leaves the pool when the
+            last of them ends (see L{leaveIfIdle}).
+
+        @param words: the events' source and texts.
+        @return: the members to keep, name to member: the wanted ones in
+            their order, then the removed ones still draining.
+        """
+        kept = {}
+        record = self.events.record
+        source = words["source"]
+        for name, backend in wanted.items():
+            member = current.get(name)
+            if member is None:
+                member = Member(backend, healthy=False, events=self.events)
+                record("enable", words["added"], source=source, backend=name,
+                       group=backend.group, url=backend.url, rise=rise)
+            elif member.removed:
+                member._restart(backend)
+                record("enable", words["back"], source=source, backend=name,
+                       group=backend.group, url=backend.url, rise=rise)
+            elif _address(member.settings) != _address(backend):
+                oldUrl = member.settings.url
+                member._restart(backend)
+                record(
+                    "enable",
+                    "backend {backend} moved from {old_url} to {url}: open connections"
+                    " stay, new ones after {rise} passing check(s)",
+                    source=source,
+                    backend=name,
+                    old_url=oldUrl,
+                    url=backend.url,
+                    rise=rise,
+                )
+            elif member.settings != backend:
+                member._configure(backend)
+                _log.info("backend {backend} changed: weight {weight}", backend=name, weight=backend.weight)
+            kept[name] = member
+        for name, member in current.items():
+            if name in kept:
+                continue
+            if not member.removed:
+                member.admin.remove()
+                record("drain", words["removed"], source=source, backend=name,
+                       group=member.group, active=member.active)
+            if member.active > 0:
+                kept[name] = member
+            else:
+                _log.info("backend {backend} left the pool", backend=name)
+        return kept
 
     def leaveIfIdle(self, member):
         """
-        A connection of C{member} ended: if a reload removed it and that
-        was its last one, it leaves the pool.
+        A connection of C{member} ended: if it was removed and that was its
+        last one, it leaves the pool.
         """
         if (
             member.removed
@@ -323,7 +571,7 @@ class Pool:
         A worker ended: its connections ended with it.
         """
         for member in self.members.values():
-            member.remote.pop(index, None)
+            member.traffic.forget(index)
 
     def anyUp(self):
         return any(m.state == UP for m in self.members.values())

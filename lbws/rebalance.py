@@ -290,7 +290,7 @@ class Rebalancer(Service):
         """
         member = tunnel.member
         self._closing.add(tunnel)
-        member.rebalanced += 1
+        member.traffic.moved()
         self.moved += 1
         self._burst[member.name] += 1
         if self._burstStarted is None:

@@ -41,7 +41,7 @@ class Relay:
         """
         Admit a client and open its backend.
 
-        @return: Deferred firing with C{(member, BackendProtocol)} or
+        @return: Deferred firing with C{(member, RelayProtocol)} or
             failing with C{ConnectionDeny}.
         """
         if self.stopping:
@@ -56,7 +56,7 @@ class Relay:
             info.keySource = str(self.settings.hash_key)
             info.key = hashKeyOf(self.settings.hash_key, info.peer, request)
         d = self.opening[protocol] = self.dialer.dial(
-            request, info.target, info.peer, info.secure
+            request, info.target, info.peer, info.secure, info.key
         )
 
         def opened(result):

@@ -10,16 +10,19 @@ connection's bytes go to its L{Tunnel}.
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import ISSLTransport
 
+from lbws.answers import acceptedHeaders
 from lbws.compat import (
+    answerRefusal,
     isConnecting,
     received,
     refuseHandshake,
     requestTarget,
-    responseHead,
     takeReceived,
 )
+from lbws.dial import Refused
 from lbws.sockets import setNoDelay
 from lbws.tunnel import Tunnel
+from lbws.wsoptions import PASSTHROUGH
 
 # The longest request line and headers a client may send before its request
 # is refused with 431 (nginx allows 4 x 8 KiB by default). Without a limit a
@@ -47,6 +50,7 @@ class FrontendProtocol(WebSocketServerProtocol):
     """
 
     leg = None
+    _answer = None
     _pending = None
     _paused = False
     _handshakeTimer = None
@@ -79,10 +83,16 @@ class FrontendProtocol(WebSocketServerProtocol):
             self._member, self._backend = result
             return (
                 self._backend.websocket_protocol_in_use,
-                _backendResponseHeaders(self._backend),
+                acceptedHeaders(self._backend.head),
             )
 
-        return d.addCallback(opened)
+        def refused(failure):
+            if failure.check(Refused):
+                # Written instead of Autobahn's error answer, see below.
+                self._answer = failure.value.answer
+            return failure
+
+        return d.addCallbacks(opened, refused)
 
     def onOpen(self):
         if self._paused:
@@ -121,6 +131,17 @@ class FrontendProtocol(WebSocketServerProtocol):
         self.factory.relay.clientGone(self)
         super().connectionLost(reason)
 
+    def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
+        """
+        A backend's refusal reaches the client as lbws rebuilt it (status,
+        end-to-end headers, body); Autobahn's own error answer has neither
+        arbitrary headers nor a body.
+        """
+        if self._answer is not None:
+            answerRefusal(self, self._answer)
+        else:
+            super().sendHttpErrorResponse(code, reason, responseHeaders)
+
     def _stopHandshakeTimer(self):
         if self._handshakeTimer is not None:
             if self._handshakeTimer.active():
@@ -128,36 +149,19 @@ class FrontendProtocol(WebSocketServerProtocol):
             self._handshakeTimer = None
 
 
-def _backendResponseHeaders(backend):
-    """
-    Set-Cookie lines of the backend's handshake answer, for the client.
-    """
-    cookies = []
-    for line in responseHead(backend).split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"set-cookie":
-            cookies.append(value.strip().decode("latin-1"))
-    return {"Set-Cookie": cookies} if cookies else {}
-
-
 class FrontendFactory(WebSocketServerFactory):
     protocol = FrontendProtocol
 
     def __init__(self, relay):
-        super().__init__(server="lbws", reactor=relay.reactor)
+        # No Server header of lbws's own: the backend's, if any, reaches
+        # the client with its other headers.
+        super().__init__(server=None, reactor=relay.reactor)
         self.relay = relay
         # Autobahn's own timers are off: lbws times handshakes on its
         # injected reactor, and Autobahn's go through txaio's batched timer,
         # which rounds deadlines down to whole seconds (fires early).
         self.setProtocolOptions(
+            **PASSTHROUGH,
             webStatus=False,
-            failByDrop=False,
-            openHandshakeTimeout=0,
-            closeHandshakeTimeout=0,
-            autoPingInterval=0,
-            utf8validateIncoming=False,
-            maxFramePayloadSize=0,
-            maxMessagePayloadSize=0,
             perMessageCompressionAccept=lambda offers: None,
-            tcpNoDelay=True,
         )

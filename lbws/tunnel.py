@@ -262,13 +262,7 @@ class Tunnel:
             self.client.received(clientEarly)
 
     def messageFrom(self, leg, size):
-        member = self.member
-        if leg.isClient:
-            member.messagesIn += 1
-            member.bytesIn += size
-        else:
-            member.messagesOut += 1
-            member.bytesOut += size
+        self.member.traffic.message(leg.isClient, size)
         if self._idleTimeout:
             self.lastActivity = self.reactor.seconds()
 
@@ -417,5 +411,4 @@ class Tunnel:
         for call in (self._pingCall, self._idleCall):
             if call is not None and call.active():
                 call.cancel()
-        self.member.active -= 1
         self.relay.tunnelEnded(self)

@@ -26,7 +26,6 @@ from lbws.core import buildCore
 _log = Logger()
 
 STATS_INTERVAL = 0.5
-MEMBER_COUNTS = ("active", "total", "failed", "messagesIn", "messagesOut", "bytesIn", "bytesOut")
 
 
 def statsOf(core):
@@ -37,7 +36,7 @@ def statsOf(core):
     return {
         "members": {
             member.name: {
-                **{name: getattr(member, name) for name in MEMBER_COUNTS},
+                **member.traffic.own(),
                 "lastError": member.lastError,
             }
             for member in pool
@@ -71,9 +70,7 @@ class Worker:
             for name, (healthy, drained, changed) in message["state"].items():
                 member = self.core.pool.members.get(name)
                 if member is not None:
-                    member.healthy = healthy
-                    member.drained = drained
-                    member.changed = changed  # when slow_start began
+                    member.follow(healthy, drained, changed)
         elif "reload" in message:
             self._reload()
         elif "stop" in message:

@@ -168,10 +168,10 @@ class Workers(Service):
             member = pool.members.get(name)
             if member is None:
                 continue
-            before = member.remote.get(index, {}).get("failed", 0)
+            before = member.traffic.remote.get(index, {}).get("failed", 0)
             for _ in range(max(0, counts["failed"] - before)):
                 member.recordCheck(False, now, health.rise, health.fall, counts["lastError"])
-            member.remote[index] = counts
+            member.traffic.report(index, counts)
         self._core.counters.fromWorker(index, stats["counters"])
         self._connections[index] = stats["clients"]
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 from pathlib import Path
 
 from autobahn.twisted.websocket import (
@@ -650,3 +651,29 @@ def handshakeRequest(path="/", host="127.0.0.1", extra=""):
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
     ).encode()
+
+
+# Pool members in unit tests
+
+
+_heldConnections = weakref.WeakKeyDictionary()
+
+
+def setHealthy(member, healthy=True):
+    """
+    Make a member up or down at once, as a worker takes its parent's
+    verdict (keeping when its health last changed).
+    """
+    member.health.follow(healthy, member.changed)
+
+
+def setActive(member, count):
+    """
+    Open or close test connections on C{member} until it has C{count}
+    open ones.
+    """
+    held = _heldConnections.setdefault(member, [])
+    while member.active < count:
+        held.append(member.opened())
+    while member.active > count:
+        held.pop().close()

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from lbws.config import parseConfig
 from lbws.pool import SLOW_START_FLOOR, Pool
 from tests import support
+from tests.support import setActive, setHealthy
 
 KEYS = [f"user-{i}" for i in range(10_000)]
 
@@ -42,7 +43,7 @@ def test_hash_one_of_five_down_moves_only_its_keys_and_they_come_back(down):
     """
     pool = hashPool()
     before = mapping(pool)
-    pool[down].healthy = False
+    setHealthy(pool[down], False)
     during = mapping(pool)
     moved = remapped(before, during)
     assert len(moved) / len(KEYS) <= 1 / 5 + 0.02
@@ -50,7 +51,7 @@ def test_hash_one_of_five_down_moves_only_its_keys_and_they_come_back(down):
     # Every key of the down backend had to move, and only those did.
     assert set(moved) == {key for key in KEYS if before[key] == down}
     assert down not in during.values()
-    pool[down].healthy = True
+    setHealthy(pool[down], True)
     assert mapping(pool) == before
 
 
@@ -59,9 +60,9 @@ def test_hash_remap_fraction_is_the_down_backends_share():
     before = mapping(pool)
     fractions = []
     for member in pool:
-        member.healthy = False
+        setHealthy(member, False)
         fractions.append(len(remapped(before, mapping(pool))) / len(KEYS))
-        member.healthy = True
+        setHealthy(member, True)
     # Each is that backend's share of the keys: about 1/5 each.
     assert all(0.18 <= f <= 0.22 for f in fractions), fractions
     assert sum(fractions) == pytest.approx(1.0)
@@ -79,7 +80,7 @@ def test_hash_honours_weights():
     for i, weight in enumerate(weights):
         share = sum(1 for v in before.values() if v == f"b{i}") / len(KEYS)
         assert share == pytest.approx(weight / 15, abs=0.015), (i, share)
-    pool["b4"].healthy = False
+    setHealthy(pool["b4"], False)
     during = mapping(pool)
     moved = remapped(before, during)
     assert all(before[key] == "b4" for key in moved)
@@ -94,8 +95,8 @@ def test_hash_honours_weights():
 def test_hash_weight_zero_gets_nothing_and_no_key_means_least_connections():
     pool = hashPool((1, 0, 1))
     assert "b1" not in mapping(pool, KEYS[:2000]).values()
-    pool["b0"].active = 5
-    pool["b2"].active = 1
+    setActive(pool["b0"], 5)
+    setActive(pool["b2"], 1)
     assert pool.choose(None) is pool["b2"]
 
 
@@ -106,7 +107,8 @@ def test_round_robin_and_least_conn_honour_weights():
     assert picks.count("a") == 300
     lc = Pool(settingsFor(backends, lbws="balance = least_conn"))
     for _ in range(400):
-        lc.choose().active += 1
+        member = lc.choose()
+        setActive(member, member.active + 1)
     assert (lc["a"].active, lc["b"].active) == (300, 100)
 
 
@@ -172,7 +174,7 @@ def shareOver(pool, clock, name, seconds, step, perStep):
         for _ in range(int(seconds / 4 / step)):
             for _ in range(perStep):
                 member = pool.choose(f"k{clock.seconds()}-{total}")
-                member.active += 1
+                setActive(member, member.active + 1)
                 total += 1
                 got += member.name == name
             clock.advance(step)
@@ -200,7 +202,7 @@ def test_slow_start_ramps_new_connections_with_every_strategy(balance):
         ),
         clock,
     )
-    pool["a"].active = 200  # long-lived connections a kept while b was down
+    setActive(pool["a"], 200)  # long-lived connections a kept while b was down
     comeUp(pool["b"], clock)
     quarters, opened = shareOver(pool, clock, "b", SLOW, step=0.5, perStep=4)
     if balance == "least_conn":

@@ -33,6 +33,7 @@ from tests.support import (
     nodeAvailable,
     reservedPort,
     startLbws,
+    setHealthy,
 )
 
 DASHBOARD = "tcp:0:interface=127.0.0.1"
@@ -229,11 +230,11 @@ async def test_healthz(harness):
     lbws = await harness.lbws([("a", a.url), ("b", harness.deadUrl())])
     assert (await get(lbws, "/healthz")).code == 200
     for member in lbws.pool:
-        member.healthy = False
+        setHealthy(member, False)
     response = await get(lbws, "/healthz")
     assert response.code == 503
     assert response.body == b"no backend is up\n"
-    lbws.pool["b"].healthy = True
+    setHealthy(lbws.pool["b"], True)
     assert (await get(lbws, "/healthz")).code == 200
     # Drained is not up either.
     await post(lbws, "/backends/b/drain", token=TOKEN)

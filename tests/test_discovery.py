@@ -20,7 +20,7 @@ from lbws.discovery import Discovery, lookupTargets, memberName, Target
 from lbws.pool import DRAINING, UP, Pool
 from lbws.service import makeLbws
 from tests import support
-from tests.support import EchoFactory, Harness, eventually
+from tests.support import EchoFactory, Harness, eventually, setActive, setHealthy
 
 ZONE = "chat.example"
 
@@ -140,8 +140,8 @@ def test_new_addresses_join_and_vanished_ones_drain_then_leave():
     zone.set("chat.example", A("10.0.0.1"))
     clock, pool, discovery, resolver, health = discoveryFor(RESOLVED, zone)
     first = pool["chat/10.0.0.1:8010"]
-    first.healthy = True
-    first.active = 1
+    setHealthy(first, True)
+    setActive(first, 1)
     zone.set("chat.example", A("10.0.0.2"))
     clock.advance(4.9)
     assert [m.name for m in pool] == ["chat/10.0.0.1:8010"]
@@ -149,7 +149,7 @@ def test_new_addresses_join_and_vanished_ones_drain_then_leave():
     assert [m.name for m in pool] == ["chat/10.0.0.1:8010", "chat/10.0.0.2:8010"]
     assert first.removed and first.state == DRAINING
     assert not pool["chat/10.0.0.2:8010"].healthy
-    first.active = 0
+    setActive(first, 0)
     pool.leaveIfIdle(first)
     assert [m.name for m in pool] == ["chat/10.0.0.2:8010"]
     # An idle member whose address vanishes leaves at once.
@@ -163,7 +163,8 @@ def test_an_address_back_before_its_member_left_joins_again_after_checks():
     zone.set("chat.example", A("10.0.0.1"))
     clock, pool, discovery, resolver, health = discoveryFor(RESOLVED, zone)
     member = pool["chat/10.0.0.1:8010"]
-    member.healthy, member.active = True, 2
+    setHealthy(member, True)
+    setActive(member, 2)
     zone.set("chat.example")
     clock.advance(5)
     assert member.removed
@@ -192,7 +193,8 @@ def test_a_failed_lookup_keeps_the_members_and_nxdomain_drains_them():
     assert not any(m.removed for m in pool)
     resolver.down = False
     for member in pool:
-        member.healthy, member.active = True, 1
+        setHealthy(member, True)
+        setActive(member, 1)
     zone.set("chat.example")  # the name is gone: NXDOMAIN
     clock.advance(5)
     assert [m.state for m in pool] == [DRAINING, DRAINING]
@@ -234,7 +236,7 @@ def test_reload_applies_new_settings_to_members_and_drops_removed_sections():
     zone.set("chat.example", A("10.0.0.1"))
     clock, pool, discovery, resolver, health = discoveryFor(RESOLVED, zone)
     member = pool["chat/10.0.0.1:8010"]
-    member.healthy = True
+    setHealthy(member, True)
     lookups = resolver.lookups
     # A new weight: applied at once, no new lookup needed.
     settings = settingsFor([("chat", "ws://chat.example:8010/app", "resolve = 5", "weight = 4")])
@@ -249,7 +251,7 @@ def test_reload_applies_new_settings_to_members_and_drops_removed_sections():
     assert [m.name for m in pool] == ["chat/10.0.0.1:9000"]
     # The section gone: its members drain like any removed backend.
     member = pool["chat/10.0.0.1:9000"]
-    member.active = 1
+    setActive(member, 1)
     settings = settingsFor([("other", "ws://10.9.9.9:1")])
     pool.update(settings)
     discovery.sync(settings)
@@ -478,3 +480,26 @@ async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tm
     assert response.code == 200
     await readBody(response)
     assert service.pool[name].drained and service.pool[name].state == DRAINING
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv6_address_found_by_dns_relays_and_is_checked(harness):
+    """
+    chat.example has only an AAAA record, ::1: its member connects there,
+    passes its websocket checks, and keeps the name for the Host header.
+    """
+    six = await harness.backend("six", interface="::1")
+    zone = Zone()
+    zone.set("chat.example", AAAA("::1"))
+    dnsServer = harness.dnsServer(zone)
+    lbws = await harness.lbws(
+        [("chat", f"ws://chat.example:{six.port}/app", "resolve = 0.1")],
+        dnsServer.resolver(),
+    )
+    name = f"chat/[::1]:{six.port}"
+    await eventually(lambda: name in lbws.pool.members and lbws.pool[name].state == UP)
+    client = await harness.client(lbws.url, path="/room")
+    seen = await request(client)
+    assert seen["headers"]["host"] == f"chat.example:{six.port}"
+    assert seen["path"] == "/app/room"
+    assert lbws.pool[name].active == 1 and lbws.pool[name].failed == 0

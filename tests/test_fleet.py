@@ -36,7 +36,6 @@ from tests.support import (
     deferLater,
     eventually,
     nodeAvailable,
-    connect,
 )
 from tests.test_discovery import A, DnsServer, Zone
 from tests.test_proxy_protocol import proxyV2

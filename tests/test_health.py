@@ -36,6 +36,7 @@ from tests.support import (
     listeningSocket,
     nodeAvailable,
     reservedPort,
+    setHealthy,
 )
 
 
@@ -122,7 +123,7 @@ def test_fall_consecutive_failures_mark_a_backend_down():
 def test_rise_consecutive_successes_bring_a_backend_back():
     loop = Loop("interval = 2\nrise = 3")
     member = loop.member()
-    member.healthy = False
+    setHealthy(member, False)
     loop.start()
     # Not up: checked at once, not one interval later.
     assert loop.probe.count() == 1
@@ -255,7 +256,7 @@ def test_sync_starts_loops_for_new_members_and_stops_removed_ones():
     # A reload adds c (not up until it passes checks) and removes b.
     c = Member(settingsFor([("c", "ws://127.0.0.1:3")]).backend("c"), healthy=False)
     loop.pool.members["c"] = c
-    loop.member("b").removed = True
+    loop.member("b").admin.remove()
     loop.checker.sync()
     assert loop.checker.checking() == [loop.member("a"), c]
     assert loop.probe.cancelled == ["b"]

@@ -16,7 +16,7 @@ from lbws.events import Events
 from lbws.history import SAMPLES, History, HistorySampler
 from lbws.metrics import Counters
 from lbws.pool import Pool
-from tests.support import configText
+from tests.support import configText, setActive
 
 TWO = [("a", "ws://h:1"), ("b", "ws://h:2")]
 
@@ -28,6 +28,30 @@ def world(backends=TWO, size=SAMPLES, interval=2.0):
     counters = Counters()
     sampler = HistorySampler(clock, pool, counters, interval=interval, size=size)
     return clock, pool, counters, sampler
+
+
+def traffic(member, active, total, messagesIn, messagesOut, bytesIn, bytesOut, failed):
+    """
+    Give C{member} these counts the way the relay does: connections opened,
+    accepted and closed, messages relayed, connects failed.
+    """
+    for n in range(total):
+        connection = member.opened()
+        connection.established()
+        if n >= active:
+            connection.close()
+        else:
+            held.append(connection)
+    for _ in range(messagesIn):
+        member.traffic.message(True, bytesIn // messagesIn)
+    for _ in range(messagesOut):
+        member.traffic.message(False, bytesOut // messagesOut)
+    for _ in range(failed):
+        member.traffic.failure()
+
+
+# Connections the tests keep open.
+held = []
 
 
 def test_samples_every_interval_on_the_clock_and_stops():
@@ -48,8 +72,7 @@ def test_rates_come_from_the_counters_between_samples():
     clock, pool, counters, sampler = world()
     a, b = pool["a"], pool["b"]
     sampler.startService()
-    a.active, a.total = 3, 10
-    a.messagesIn, a.messagesOut, a.bytesIn, a.bytesOut, a.failed = 40, 20, 4000, 2000, 1
+    traffic(a, active=3, total=10, messagesIn=40, messagesOut=20, bytesIn=4000, bytesOut=2000, failed=1)
     counters.handshakes.update(ok=10, no_backend=2, backend_refused=1)
     clock.advance(2)
     view = sampler.view(3600)
@@ -71,7 +94,10 @@ def test_rates_come_from_the_counters_between_samples():
     assert total["failures"] == [None, 1.5]  # client handshakes that were not ok
     assert total["up"] == [2, 2]
     # A late tick (the reactor was busy) divides by the time really passed.
-    a.total += 8
+    for _ in range(8):
+        connection = a.opened()
+        connection.established()
+        connection.close()
     clock.advance(4)
     assert sampler.view(3600)["backends"][0]["connections"][-1] == 2.0
 
@@ -80,7 +106,8 @@ def test_workers_counts_are_in_the_sums():
     clock, pool, counters, sampler = world()
     sampler.startService()
     # What lbws.workers keeps of two workers' reports.
-    pool["a"].remote = {1: {"active": 2, "total": 4}, 2: {"active": 1, "total": 6}}
+    pool["a"].traffic.report(1, {"active": 2, "total": 4})
+    pool["a"].traffic.report(2, {"active": 1, "total": 6})
     counters.fromWorker(1, {"handshakes": {"ok": 10}, "closes": [], "protocolErrors": []})
     clock.advance(2)
     view = sampler.view(60)
@@ -101,7 +128,7 @@ def test_state_and_check_rtt():
     clock.advance(2)
     a.recordCheck(False, clock.seconds(), 2, 1, "connection refused")
     clock.advance(2)
-    a.drained = True
+    a.admin.drain()
     clock.advance(2)
     entry = sampler.view(3600)["backends"][0]
     assert entry["state"] == ["up", "up", "down", "draining"]
@@ -113,7 +140,7 @@ def test_the_ring_wraps_around_and_ranges_select_by_time():
     clock, pool, counters, sampler = world(size=5)
     sampler.startService()
     for n in range(11):
-        pool["a"].active = n + 1
+        setActive(pool["a"], n + 1)
         clock.advance(2)
     history = sampler.history
     assert history.count == 5
@@ -152,8 +179,10 @@ def test_memory_stays_the_same_however_long_it_runs():
     try:
         before = tracemalloc.get_traced_memory()[0]
         for n in range(3 * SAMPLES):
-            pool["a"].total += n
-            pool["b"].messagesIn += 2 * n
+            connection = pool["a"].opened()
+            connection.established()
+            connection.close()
+            pool["b"].traffic.message(True, n)
             clock.advance(2)
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
@@ -252,7 +281,7 @@ def test_a_backend_going_down_and_up_is_an_event_with_its_error():
 
 def test_a_reload_records_what_joined_and_what_drains():
     clock, pool, counters, sampler = world()
-    pool["b"].active = 1
+    setActive(pool["b"], 1)
     pool.update(parseConfig(configText([TWO[0], ("c", "ws://h:3")]), "t.ini"))
     got = Counter((e["kind"], e["source"], e["backend"]) for e in pool.events.recent())
     assert got == {("enable", "reload", "c"): 1, ("drain", "reload", "b"): 1}

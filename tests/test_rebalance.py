@@ -20,6 +20,7 @@ from lbws.rebalance import (
     mostOverloaded,
 )
 from tests import support
+from tests.support import setActive, setHealthy
 
 
 def settingsFor(backends, lbws=""):
@@ -85,7 +86,7 @@ class World:
             self._keys += 1
             k = key if key is not None else f"k{self._keys}"
             member = self.pool.choose(k)
-            member.active += 1
+            setActive(member, member.active + 1)
             tunnel = FakeTunnel(self, member, k)
             self.tunnels.add(tunnel)
             opened.append(tunnel)
@@ -99,7 +100,7 @@ class World:
 
     def ended(self, tunnel):
         tunnel.done = True
-        tunnel.member.active -= 1
+        setActive(tunnel.member, tunnel.member.active - 1)
         self.tunnels.discard(tunnel)
         self.connect(1, key=tunnel.info.key)
 
@@ -120,10 +121,9 @@ def recovered(backends=THREE, lbws=GRADUAL, connections=200, down="c"):
     C{down} was down while C{connections} clients connected; it is up again.
     """
     world = World(settingsFor(backends, lbws))
-    world.pool[down].healthy = False
+    setHealthy(world.pool[down], False)
     world.connect(connections)
-    world.pool[down].healthy = True
-    world.pool[down].changed = world.clock.seconds()
+    world.pool[down].health.follow(True, world.clock.seconds())
     world.rebalancer.startService()
     return world
 
@@ -207,7 +207,7 @@ def test_nothing_moves_while_lbws_stops():
 
 def test_down_and_draining_members_keep_their_connections():
     world = recovered()
-    world.pool["a"].drained = True
+    world.pool["a"].admin.drain()
     world.run(20)
     assert {name for _, name, _ in world.moves} == {"b"}
     assert world.counts()["a"] == 100
@@ -218,9 +218,9 @@ def test_tolerance_leaves_a_near_even_spread_alone():
     world.connect(99)
     extra = world.connect(2)  # 35, 33, 33 (share 33.7, tolerance 3.4)
     for tunnel in extra:
-        tunnel.member.active -= 1
+        setActive(tunnel.member, tunnel.member.active - 1)
         tunnel.member = world.pool["a"]
-        tunnel.member.active += 1
+        setActive(tunnel.member, tunnel.member.active + 1)
     assert world.counts() == {"a": 35, "b": 33, "c": 33}
     world.rebalancer.startService()
     world.run(10)
@@ -229,10 +229,11 @@ def test_tolerance_leaves_a_near_even_spread_alone():
     shares = {m.name: round(share, 2) for m, _, share in fairShares(world.pool)}
     assert shares == {"a": 33.67, "b": 33.67, "c": 33.67}
     # 39, 33, 33: a is 4 over a share of 35 (tolerance 3.5).
-    world.pool["a"].active = 39
+    setActive(world.pool["a"], 39)
     assert mostOverloaded(world.pool) is world.pool["a"]
     # 36, 36, 30: c is 4 under; a connection of a (first of the largest) moves.
-    world.pool["a"].active, world.pool["b"].active, world.pool["c"].active = 36, 36, 30
+    for name, count in (("a", 36), ("b", 36), ("c", 30)):
+        setActive(world.pool[name], count)
     assert mostOverloaded(world.pool) is world.pool["a"]
 
 

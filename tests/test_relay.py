@@ -19,6 +19,7 @@ from tests.support import (
     eventually,
     handshakeRequest,
     roundTrip,
+    setHealthy,
     silentFactory,
 )
 
@@ -221,7 +222,7 @@ async def refusal(url, **kwargs):
 async def test_no_backend_up_gives_503(harness):
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)])
-    lbws.pool["a"].healthy = False
+    setHealthy(lbws.pool["a"], False)
     failed = await refusal(lbws.url)
     assert failed.status == 503
     assert lbws.counters.handshakes["no_backend"] == 1

@@ -14,7 +14,7 @@ from lbws.config import loadConfig, parseConfig
 from lbws.pool import DOWN, DRAINING, UP, Pool
 from lbws.service import makeLbws
 from tests import support
-from tests.support import started
+from tests.support import setActive, started
 
 
 def settingsFor(backends, lbws="", health=""):
@@ -28,7 +28,7 @@ class TestPoolUpdate:
         after passing its health checks; the others keep their state.
         """
         pool = Pool(settingsFor([("a", "ws://h:1")]))
-        pool["a"].active = 2
+        setActive(pool["a"], 2)
         pool.update(settingsFor([("a", "ws://h:1"), ("b", "ws://h:2")]))
         assert list(pool.members) == ["a", "b"]
         assert pool["a"].state == UP and pool["a"].active == 2
@@ -45,15 +45,15 @@ class TestPoolUpdate:
         """
         pool = Pool(settingsFor([("a", "ws://h:1"), ("b", "ws://h:2"), ("c", "ws://h:3")]))
         a = pool["a"]
-        a.active = 2
+        setActive(a, 2)
         pool.update(settingsFor([("c", "ws://h:3")]))
         assert list(pool.members) == ["c", "a"]
         assert a.removed and a.state == DRAINING
         assert pool.choose() is pool["c"]
-        a.active -= 1
+        setActive(a, a.active - 1)
         pool.leaveIfIdle(a)
         assert "a" in pool.members
-        a.active -= 1
+        setActive(a, a.active - 1)
         pool.leaveIfIdle(a)
         assert list(pool.members) == ["c"]
 
@@ -64,12 +64,12 @@ class TestPoolUpdate:
         """
         pool = Pool(settingsFor([("a", "ws://h:1"), ("b", "ws://h:2")]))
         a = pool["a"]
-        a.active = 1
+        setActive(a, 1)
         pool.update(settingsFor([("b", "ws://h:2")]))
         pool.update(settingsFor([("a", "ws://h:1"), ("b", "ws://h:2")]))
         assert pool["a"] is a
         assert not a.removed and a.state == DOWN and a.active == 1
-        a.active -= 1
+        setActive(a, a.active - 1)
         pool.leaveIfIdle(a)
         assert pool["a"] is a
 
@@ -91,8 +91,8 @@ class TestPoolUpdate:
         """
         backends = [("a", "ws://h:1"), ("b", "ws://h:2", "weight = 3")]
         pool = Pool(settingsFor(backends))
-        pool["b"].active = 6
-        pool["a"].active = 1
+        setActive(pool["b"], 6)
+        setActive(pool["a"], 1)
         assert pool.choose() is pool["a"]
         pool.update(settingsFor(backends, lbws="balance = round_robin"))
         picks = [pool.choose().name for _ in range(4)]
@@ -347,7 +347,7 @@ async def test_removedBackendLeavesAfterFailedDial(tmp_path, backends, silentBac
     service = await startFromFile(config)
     try:
         silent = service.pool["silent"]
-        service.pool["a"].drained = True
+        service.pool["a"].admin.drain()
         attempt = defer.ensureDeferred(support.connect(service.url))
         await support.eventually(lambda: silent.active == 1)
         writeConfig(config, [("a", a.url)])

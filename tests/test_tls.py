@@ -20,7 +20,7 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lbws import dial
+from lbws.backend import _tlsOptions
 from lbws.config import ConfigError, parseConfig
 from lbws.listen import listenEndpoint
 from tests.support import (
@@ -344,8 +344,8 @@ def test_backend_tls_context_is_built_once_and_again_for_a_replaced_ca(pki, tmp_
     ca.write_bytes(pki["ca"].read_bytes())
     settings = parseConfig(f"[backend:a]\nurl = wss://127.0.0.1:1\nca = {ca}\n")
     (backend,) = settings.backends
-    first = dial._tlsOptions(backend)
-    assert dial._tlsOptions(backend) is first
+    first = _tlsOptions(backend)
+    assert _tlsOptions(backend) is first
     ca.write_bytes(pki["stranger"].read_bytes())
     os.utime(ca, ns=(0, ca.stat().st_mtime_ns + 1_000_000))
-    assert dial._tlsOptions(backend) is not first
+    assert _tlsOptions(backend) is not first

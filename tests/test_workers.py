@@ -66,8 +66,15 @@ async def test_workers_relay_and_the_dashboard_sums_them(lbws):
         await echo(client, b"hello %d" % i)
 
     def summed(status):
+        # Workers report every STATS_INTERVAL: a report may come between
+        # the connects and the echoes, so wait for the message counts too.
         workers = status["workers"]
-        return len(workers) == 2 and sum(w["connections"] for w in workers) == 40
+        (member,) = status["backends"]
+        return (
+            len(workers) == 2
+            and sum(w["connections"] for w in workers) == 40
+            and member["messages_in"] == member["messages_out"] == 40
+        )
 
     status = {}
 

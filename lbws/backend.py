@@ -1,0 +1,432 @@
+"""
+Connections from lbws to a backend, for the relay and the health probes
+alike: the endpoint (TCP, or TLS verified), Autobahn's client side with
+lbws's options, and one L{Attempt} per connection with its timeouts, its
+cancellation and the reason it failed.
+
+An answer other than 101 is read whole (see L{lbws.answers}) and the
+attempt fails with L{BackendRefused}: the application said no, which is
+not a backend failure. Everything else that stops a handshake (a refused
+or timed-out connect, a reset, a malformed answer, a TLS failure) fails it
+with a reason a person can read. lbws's own lack of resources (file
+descriptors, buffers, memory) is told apart by L{localShortage}: it is not
+the backend's fault.
+"""
+
+import errno
+import functools
+import os
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+
+from lbws.compat import received, setRequestTarget, takeReceived, uncleanReason
+from lbws.answers import MAX_HEAD, BodyReader, MalformedAnswer, parseHead
+from lbws.sockets import setNoDelay
+from lbws.tlserrors import describeTlsFailure
+from lbws.wsoptions import PASSTHROUGH
+
+_log = Logger()
+
+# Errors of lbws's own process or host, not of a backend: out of file
+# descriptors (per process, system-wide), of socket buffers, of memory.
+LOCAL_SHORTAGES = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
+
+
+class BackendHandshakeError(Exception):
+    """
+    The backend did not open a WebSocket, through its own fault.
+    """
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class OpeningError(Exception):
+    """
+    lbws could not even start connecting (a CA file gone, a bug): its own
+    failure, not the backend's.
+    """
+
+
+class BackendRefused(Exception):
+    """
+    The backend answered the handshake with something other than 101.
+
+    @ivar head: its L{lbws.answers.Head}.
+    @ivar body: its body, up to L{lbws.answers.MAX_BODY}.
+    """
+
+    def __init__(self, head, body):
+        reason = head.reason.decode("latin-1")
+        super().__init__(f"backend answered HTTP {head.status} {reason}".strip())
+        self.head = head
+        self.body = body
+
+
+def localShortage(failure):
+    """
+    The errno name if C{failure} is lbws running out of a resource of its
+    own (EMFILE, ENFILE, ENOBUFS, ENOMEM), else None.
+    """
+    value = failure.value
+    code = getattr(value, "osError", None)
+    if code is None and isinstance(value, OSError):
+        code = value.errno
+    if code in LOCAL_SHORTAGES:
+        return errno.errorcode[code]
+    return None
+
+
+class Shortages:
+    """
+    Says in the log when lbws runs out of its own resources: once per
+    burst (the first shortage after L{QUIET} seconds without one), not
+    once per client or probe.
+    """
+
+    QUIET = 10.0
+
+    def __init__(self, clock, what):
+        self._clock = clock
+        self._what = what
+        self._last = None
+
+    def note(self, why):
+        now = self._clock.seconds()
+        if self._last is None or now - self._last > self.QUIET:
+            _log.error(
+                "lbws is out of resources ({why}) {what}; backends are not counted"
+                " as failed",
+                why=why,
+                what=self._what,
+            )
+        self._last = now
+
+
+def hostForUrl(host):
+    """
+    A host as it stands in a URL and a Host header: IPv6 in brackets.
+    """
+    return f"[{host}]" if ":" in host else host
+
+
+def _tlsOptions(backend):
+    if not backend.verify:
+        _log.warn(
+            "backend {backend}: TLS certificate NOT verified (verify = false)",
+            backend=backend.name,
+        )
+        return _unverifiedOptions()
+    # The CA file's modification time is part of the key, so a replaced file
+    # is read again; otherwise every connection and probe shares one context.
+    stamp = os.stat(backend.ca).st_mtime_ns if backend.ca else None
+    return _verifiedOptions(backend.host, backend.ca, stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _unverifiedOptions():
+    return CertificateOptions(verify=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _verifiedOptions(host, ca, stamp):
+    """
+    TLS options checking C{host} against C{ca} (or the system's CAs):
+    reading the CA file and building an OpenSSL context is far dearer than
+    a connection, so it is done once per host, file and file version.
+    """
+    if ca:
+        with open(ca, "rb") as f:
+            trust = trustRootFromCertificates([Certificate.loadPEM(f.read())])
+    else:
+        trust = platformTrust()
+    return optionsForClientTLS(host, trustRoot=trust)
+
+
+def backendEndpoint(reactor, backend, timeout, tls=True):
+    """
+    The client endpoint for a backend: TCP, or TLS with its name verified
+    (unless C{tls} is False: the tcp probe).
+    """
+    # A member found by DNS discovery connects to its address; its host
+    # name stays for the Host header and the TLS name check.
+    host = backend.address or backend.host
+    if isIPAddress(host):
+        endpoint = TCP4ClientEndpoint(reactor, host, backend.port, timeout)
+    elif isIPv6Address(host):
+        endpoint = TCP6ClientEndpoint(reactor, host, backend.port, timeout)
+    else:
+        # Names are resolved for each connection, so DNS changes are followed.
+        endpoint = HostnameEndpoint(reactor, host, backend.port, timeout=timeout)
+    if tls and backend.secure:
+        endpoint = wrapClientTLS(_tlsOptions(backend), endpoint)
+    return endpoint
+
+
+class BackendProtocol(WebSocketClientProtocol):
+    """
+    lbws's WebSocket to a backend. Autobahn does the opening handshake;
+    lbws reads the answer head first, and an answer other than 101 whole.
+
+    @ivar connection: the member's L{lbws.pool.Connection} this counts as,
+        if any; closed when the connection is lost.
+    @ivar head: the backend's answer head (L{lbws.answers.Head}), once
+        read.
+    """
+
+    connection = None
+    head = None
+    attempt = None
+    _body = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        setNoDelay(self.transport)
+
+    def processHandshake(self):
+        data = received(self)
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_HEAD:
+                self._malformed(f"answer head longer than {MAX_HEAD} bytes")
+            return None
+        try:
+            head = parseHead(data[: end + 4])
+        except MalformedAnswer as e:
+            self._malformed(str(e))
+            return None
+        self.head = head
+        if head.status == 101:
+            return super().processHandshake()
+        if head.status < 200:
+            self._malformed(f"interim answer {head.status} to a WebSocket handshake")
+            return None
+        rest = takeReceived(self)[end + 4 :]
+        try:
+            self._body = BodyReader(head)
+        except MalformedAnswer as e:
+            self._malformed(str(e))
+            return None
+        self._readBody(rest)
+        return None
+
+    def _malformed(self, why):
+        self.attempt.failed(BackendHandshakeError(f"malformed answer from backend: {why}"))
+        self.transport.loseConnection()
+
+    def dataReceived(self, data):
+        if self._body is not None:
+            self._readBody(data)
+        else:
+            super().dataReceived(data)
+
+    def _readBody(self, data):
+        try:
+            done = self._body.feed(data)
+        except MalformedAnswer as e:
+            self._malformed(str(e))
+            return
+        if done:
+            self.refused()
+
+    def refused(self):
+        """
+        The refusal is read (or its time is up): hand it on, and close the
+        connection normally.
+        """
+        if self._body is not None:
+            body, self._body = self._body, None
+            self.attempt.failed(BackendRefused(self.head, body.body))
+            self.transport.loseConnection()
+
+    def onOpen(self):
+        self.attempt.opened(self)
+
+    def connectionLost(self, reason):
+        if self._body is not None and self._body.end():
+            self.refused()
+        if self.connection is not None:
+            self.connection.close()
+        self.attempt.lost(self, reason)
+        super().connectionLost(reason)
+
+
+class _Factory(WebSocketClientFactory):
+    noisy = False
+
+    def __init__(self, attempt, protocol, **kwargs):
+        super().__init__(**kwargs)
+        self.attempt = attempt
+        self.protocol = protocol
+        self.setProtocolOptions(
+            **PASSTHROUGH,
+            perMessageCompressionOffers=[],
+            serverConnectionDropTimeout=0,
+        )
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        protocol.attempt = self.attempt
+        protocol.connection = self.attempt.connection
+        self.attempt.protocol = protocol
+        return protocol
+
+
+class Attempt:
+    """
+    One connection to one backend, from connect to the backend's answer.
+
+    L{result} fires with the open L{BackendProtocol} once the backend
+    accepted the WebSocket, or fails with L{BackendRefused},
+    L{BackendHandshakeError}, the connect error (an C{OSError}, a
+    C{ConnectError}), L{OpeningError} or C{CancelledError}. Cancelling it cuts the
+    connection. Once it failed, its C{connection} no longer counts.
+
+    @param resource: the request target on the backend (path and query).
+    @param protocol: the L{BackendProtocol} class to speak.
+    @param handshakeTimeout: seconds from connect to the answer; 0 = none
+        (the caller bounds the attempt, as the health checks do).
+    @param connection: the member's L{lbws.pool.Connection}, or None.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        backend,
+        resource,
+        protocol,
+        connectTimeout,
+        handshakeTimeout=0,
+        connection=None,
+        protocols=None,
+        headers=None,
+        useragent=None,
+        origin=None,
+    ):
+        self._reactor = reactor
+        self._backend = backend
+        self._connectTimeout = connectTimeout
+        self._handshakeTimeout = handshakeTimeout
+        self.connection = connection
+        self.protocol = None
+        self._connecting = None
+        self._timer = None
+        self.result = Deferred(self._cancel)
+        scheme = "wss" if backend.secure else "ws"
+        self._factory = _Factory(
+            self,
+            protocol,
+            url=f"{scheme}://{hostForUrl(backend.host)}:{backend.port}/",
+            protocols=protocols,
+            headers=headers,
+            useragent=useragent,
+            origin=origin,
+            reactor=reactor,
+        )
+        # The Host header: Autobahn writes host:port, so an IPv6 address
+        # needs its brackets.
+        setRequestTarget(self._factory, hostForUrl(backend.host), resource)
+
+    def start(self):
+        """
+        Connect; returns L{result}.
+        """
+        try:
+            endpoint = backendEndpoint(self._reactor, self._backend, self._connectTimeout)
+            connecting = self._connecting = endpoint.connect(self._factory)
+        except Exception as e:
+            self.failed(OpeningError(f"{type(e).__name__}: {e}"))
+            return self.result
+        connecting.addTimeout(self._connectTimeout, self._reactor)
+        connecting.addCallbacks(self._connected, self._connectFailed)
+        return self.result
+
+    def _connected(self, protocol):
+        self._connecting = None
+        if self._handshakeTimeout and not self.result.called:
+            self._timer = self._reactor.callLater(self._handshakeTimeout, self._timedOut)
+
+    def _connectFailed(self, failure):
+        self._connecting = None
+        if failure.check(CancelledError):
+            return None
+        if failure.check(TimeoutError):
+            failure = BackendHandshakeError(f"connect timed out after {self._connectTimeout:g}s")
+        self.failed(failure)
+        return None
+
+    def _timedOut(self):
+        self._timer = None
+        protocol = self.protocol
+        if protocol._body is not None:
+            # The refusal's head came: the client gets what there is of it.
+            protocol.refused()
+            return
+        self.failed(
+            BackendHandshakeError(
+                f"backend handshake timed out after {self._handshakeTimeout:g}s"
+            )
+        )
+        protocol.transport.abortConnection()
+
+    def opened(self, protocol):
+        if not self.result.called:
+            self._settled()
+            if self.connection is not None:
+                self.connection.established()
+            self.result.callback(protocol)
+
+    def failed(self, error):
+        if not self.result.called:
+            self._settled()
+            if self.connection is not None:
+                self.connection.close()
+            self.result.errback(error)
+
+    def lost(self, protocol, reason):
+        """
+        The connection ended before the answer was complete.
+        """
+        if self.result.called:
+            return
+        tls = describeTlsFailure(reason, protocol.transport)
+        if tls is not None:
+            why = tls
+        elif uncleanReason(protocol):
+            why = f"backend handshake failed: {uncleanReason(protocol)}"
+        else:
+            why = f"backend closed during handshake: {reason.getErrorMessage()}"
+        self.failed(BackendHandshakeError(why))
+
+    def _settled(self):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _cancel(self, result):
+        self._settled()
+        if self.connection is not None:
+            self.connection.close()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        protocol = self.protocol
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.abortConnection()
