@@ -3,10 +3,17 @@ The command line: C{twistd lbws --config FILE [--check] [--log-format json]}.
 """
 
 import sys
+from contextlib import contextmanager
 
+from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
+from lbws import fdlimit
 from lbws.config import ConfigError, loadConfig, summary
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -36,7 +43,7 @@ class Options(usage.Options):
             sys.stderr.write(f"lbws: {e}\n")
             raise SystemExit(1)
         if self["check"]:
-            sys.stdout.write(summary(self.settings) + "\n")
+            sys.stdout.write(summary(self.settings) + "\n" + _startNotes(self.settings))
             raise SystemExit(0)
         if self["log-format"] == "json" and self.parent is not None:
             from lbws.logs import useJson
@@ -47,6 +54,77 @@ class Options(usage.Options):
             )
 
 
+def _startNotes(settings):
+    """
+    What C{--check} says beyond the config itself: the file descriptor
+    limit lbws will run with, and the warnings lbws logs at start (too few
+    descriptors, a dashboard beyond loopback).
+    """
+    from lbws.dashboard import exposureWarning
+
+    soft, limit = fdlimit.reachable()
+    text = (
+        f"file descriptors: limit {limit}"
+        + (f" (soft limit {soft}, raised at start)" if limit > soft else "")
+        + f"; needs 2 x max_connections + {fdlimit.MARGIN} = {fdlimit.needed(settings)}\n"
+    )
+    for problem in (fdlimit.shortfall(settings, limit), exposureWarning(settings)):
+        if problem:
+            text += f"warning: {problem}\n"
+    return text
+
+
+class CommandLineService(MultiService):
+    """
+    lbws as a process (under twistd): the process-wide parts that an
+    in-process L{lbws.service.LbwsService} leaves alone.
+
+      - The soft file descriptor limit is raised to the hard one, with a
+        warning when that is still too low (L{lbws.fdlimit}).
+      - A C{listen} or C{dashboard} endpoint that cannot listen (a port
+        already in use, a privileged port) ends the process with one line,
+        C{lbws: cannot listen on ENDPOINT: REASON}, and exit status 1,
+        instead of a traceback: the dashboard listens when twistd starts
+        the services with privileges, the relay when it starts them.
+    """
+
+    def __init__(self, service, settings, daemon=False):
+        super().__init__()
+        self.settings = settings
+        self.daemon = daemon
+        service.setServiceParent(self)
+
+    def privilegedStartService(self):
+        before, after = fdlimit.raiseSoftLimit()
+        if after > before:
+            _log.info(
+                "raised the file descriptor limit from {before} to {after}",
+                before=before,
+                after=after,
+            )
+        problem = fdlimit.shortfall(self.settings, after)
+        if problem:
+            _log.warn("{problem}", problem=problem, limit=after)
+        with self._listening(self.settings.dashboard):
+            super().privilegedStartService()
+
+    def startService(self):
+        with self._listening(self.settings.listen):
+            super().startService()
+
+    @contextmanager
+    def _listening(self, endpoint):
+        try:
+            yield
+        except CannotListenError as e:
+            why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            message = f"lbws: cannot listen on {endpoint}: {why[:1].lower()}{why[1:]}"
+            if self.daemon:
+                # A daemon's stderr is gone: say it in the log file.
+                _log.critical("{message}", message=message)
+            raise SystemExit(message) from None
+
+
 def makeService(options):
     import os
 
@@ -55,9 +133,12 @@ def makeService(options):
     from lbws import systemd
     from lbws.service import LbwsService
 
-    return LbwsService(
+    settings = options.settings
+    service = LbwsService(
         reactor,
-        options.settings,
+        settings,
         handleSignals=True,
         notifier=systemd.fromEnvironment(os.environ),
     )
+    daemon = options.parent is not None and not options.parent.get("nodaemon")
+    return CommandLineService(service, settings, daemon)

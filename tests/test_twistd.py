@@ -16,7 +16,7 @@ from tests import support
 TWISTD = str(support.TWISTD)
 
 
-def run(*args, cwd=None, env=None):
+def run(*args, cwd=None, env=None, preexec_fn=None):
     return subprocess.run(
         [TWISTD, "-n", "--pidfile=", "lbws", *args],
         capture_output=True,
@@ -24,6 +24,7 @@ def run(*args, cwd=None, env=None):
         timeout=60,
         cwd=cwd,
         env=env,
+        preexec_fn=preexec_fn,
     )
 
 
