@@ -66,6 +66,6 @@ def shortfall(settings, limit):
         f"the file descriptor limit {limit} is below 2 x max_connections"
         f" + {MARGIN} = {need}: lbws would run out of descriptors before"
         f" {settings.max_connections} connections; raise the hard limit"
-        " (LimitNOFILE= in the systemd unit, ulimit -Hn) or lower"
+        " (ulimit -Hn, or LimitNOFILE= for a service) or lower"
         " max_connections"
     )
