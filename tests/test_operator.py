@@ -17,6 +17,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.web.client import Agent
+from twisted.web.http_headers import Headers
 
 from lbws.listen import BACKLOG
 from tests import support
@@ -55,12 +56,14 @@ def test_check_refuses_what_would_fail_at_run_time(tmp_path, lbws, health, backe
         assert "battery" not in result.stderr
 
 
-async def unixGet(path, resource):
+async def unixGet(path, resource, method=b"GET", token=None):
     """
-    GET C{resource} from an HTTP server on the UNIX socket C{path}.
+    GET (or C{method}) C{resource} from an HTTP server on the UNIX socket
+    C{path}, with C{token} as a bearer token if given.
     """
     agent = Agent.usingEndpointFactory(reactor, _UnixEndpoints(path))
-    response = await agent.request(b"GET", b"http://localhost" + resource)
+    headers = Headers({"Authorization": [f"Bearer {token}"]} if token else {})
+    response = await agent.request(method, b"http://localhost" + resource, headers)
     body = defer.Deferred()
     response.deliverBody(BodyReader(body))
     return response.code, (await body).decode("utf-8")
@@ -120,6 +123,44 @@ async def test_credentials_in_a_backend_url_are_never_shown(tmp_path, backend):
     finally:
         assert process.stop() == 0
     assert "hunter2" not in "".join(process.lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_limits_themselves_pass_check_and_run(tmp_path, backend):
+    """
+    The edges of what `--check` accepts run: the largest weight with
+    balance = hash, the shortest intervals, a probe path with a query, and
+    a token holding ';' and '#' (not after a space, so not a comment).
+    """
+    dashboard = tmp_path / "dashboard.sock"
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        support.configText(
+            [("a", backend.url, "weight = 1000000")],
+            lbws="balance = hash\nhash_key = header:X-User\nping_interval = 0.1\nadmin_token = a;b#c",
+            health="interval = 0.1\ntimeout = 0.1\npath = /health?probe=1",
+            probe="websocket",
+            dashboard=f"unix:{dashboard}",
+        )
+    )
+    check = run("--config", str(config), "--check")
+    assert check.returncode == 0, check.stderr
+    process = support.LbwsProcess(config)
+    try:
+        client = await support.connect(process.url, headers={"X-User": "7"})
+        for i in range(3):
+            client.sendMessage(b"m%d" % i)
+            assert await client.messages.get().addTimeout(10, reactor) == (b"m%d" % i, False)
+            await support.deferLater(0.15)  # pings at 0.1 s are answered
+        code, metrics = await unixGet(str(dashboard), b"/metrics")
+        assert code == 200 and 'lbws_backend_weight{backend="a"} 1e+06' in metrics
+        assert any(c.request.path == "/health" for c in backend.connections)
+        code, _ = await unixGet(str(dashboard), b"/reload", method=b"POST", token="a;b#c")
+        assert code == 200
+        client.sendClose(1000)
+        assert (await client.closed.addTimeout(10, reactor))[0] == 1000
+    finally:
+        assert process.stop() == 0
 
 
 @pytest.mark.parametrize("key", ["listen", "dashboard"])
