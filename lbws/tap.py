@@ -118,11 +118,21 @@ class CommandLineService(MultiService):
             yield
         except CannotListenError as e:
             why = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            message = f"lbws: cannot listen on {endpoint}: {why[:1].lower()}{why[1:]}"
-            if self.daemon:
-                # A daemon's stderr is gone: say it in the log file.
-                _log.critical("{message}", message=message)
-            raise SystemExit(message) from None
+            problem = f"cannot listen on {endpoint}: {why[:1].lower()}{why[1:]}"
+            if not self.daemon:
+                raise SystemExit(f"lbws: {problem}") from None
+            # A daemon's stderr is gone: the line goes to the log file, and
+            # an exception (not SystemExit) makes twistd tell the waiting
+            # parent through its status pipe, which then exits 1.
+            _log.critical("lbws: {problem}", problem=problem)
+            raise CannotStart(problem) from None
+
+
+class CannotStart(Exception):
+    """
+    lbws cannot start as a daemon; the message says why (twistd's parent
+    process prints it).
+    """
 
 
 def makeService(options):

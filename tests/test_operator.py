@@ -11,6 +11,7 @@ import resource
 import select
 import signal
 import socket
+import subprocess
 
 import pytest
 import pytest_twisted
@@ -181,6 +182,32 @@ def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, key):
     lines = [line for line in output.splitlines() if "cannot listen" in line]
     assert len(lines) == 1, output
     assert lines[0].endswith(f"lbws: cannot listen on {endpoint}: address already in use")
+
+
+def test_a_port_in_use_ends_a_daemon_with_a_line_in_its_log(tmp_path):
+    """
+    As a daemon, lbws's stderr is gone: the line goes to the log file (as
+    a critical event, before the traceback twistd writes there), and the
+    parent twistd, which waits for the daemon's start, says why and exits
+    1 instead of waiting forever.
+    """
+    taken = support.listeningSocket()
+    try:
+        endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        config = tmp_path / "lbws.ini"
+        config.write_text(support.configText([("a", "ws://127.0.0.1:1")], listen=endpoint))
+        log = tmp_path / "lbws.log"
+        result = subprocess.run(
+            [str(support.TWISTD), f"--pidfile={tmp_path / 'lbws.pid'}", f"--logfile={log}",
+             "lbws", "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert "cannot listen on tcp:" in result.stderr
+    lines = [line for line in log.read_text().splitlines() if "#critical] lbws: cannot" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"lbws: cannot listen on {endpoint}: address already in use")
 
 
 def nofile(soft, hard):
