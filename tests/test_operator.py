@@ -20,7 +20,8 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
-from lbws.listen import BACKLOG
+from lbws import fdlimit
+from lbws.listen import BACKLOG, withBacklog
 from tests import support
 from tests.test_dashboard import BodyReader
 from tests.test_twistd import run
@@ -287,3 +288,60 @@ def test_the_listen_backlog_is_511_unless_the_endpoint_sets_one(tmp_path, extra,
             client.close()
         process.signal(signal.SIGCONT)
         assert process.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ("tcp:8020", "tcp:8020:backlog=511"),
+        ("haproxy:tcp:8020:interface=10.0.0.5", "haproxy:tcp:8020:interface=10.0.0.5:backlog=511"),
+        ("unix:/run/lbws.sock", "unix:/run/lbws.sock:backlog=511"),
+        ("ssl:8443:privateKey=k.pem", "ssl:8443:privateKey=k.pem:backlog=511"),
+        ("tcp6:8020:interface=\\:\\:1", "tcp6:8020:interface=\\:\\:1:backlog=511"),
+        ("tcp:8020:backlog=64", "tcp:8020:backlog=64"),
+        ("haproxy:tcp:8020:backlog=64", "haproxy:tcp:8020:backlog=64"),
+        # A path that merely contains the words is not a backlog argument.
+        ("unix:/tmp/a\\:backlog=x", "unix:/tmp/a\\:backlog=x:backlog=511"),
+        # Endpoint types without a backlog argument are left alone.
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_the_backlog_is_added_only_where_it_applies_and_is_not_set(description, expected):
+    assert withBacklog(description) == expected
+
+
+class FakeLimits:
+    """
+    The part of the C{resource} module that L{lbws.fdlimit} uses.
+    """
+
+    RLIMIT_NOFILE = resource.RLIMIT_NOFILE
+    RLIM_INFINITY = resource.RLIM_INFINITY
+
+    def __init__(self, soft, hard, refuse=False):
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, which):
+        return self.limits
+
+    def setrlimit(self, which, limits):
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+@pytest.mark.parametrize(
+    "soft, hard, refuse, result",
+    [
+        (1024, 65536, False, (1024, 65536)),
+        (65536, 65536, False, (65536, 65536)),
+        # Raising to "unlimited" fails on Linux (nr_open): the soft one stays.
+        (1024, resource.RLIM_INFINITY, False, (1024, 1024)),
+        (1024, 65536, True, (1024, 1024)),
+    ],
+)
+def test_raising_the_soft_fd_limit(soft, hard, refuse, result):
+    limits = FakeLimits(soft, hard, refuse)
+    assert fdlimit.raiseSoftLimit(limits) == result
+    assert limits.limits == (result[1], hard)
