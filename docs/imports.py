@@ -23,7 +23,9 @@ SVG = ROOT / "docs" / "imports.svg"
 # The parts of lbws (docs/architecture.md); a module not listed here is
 # drawn outside any part, so a new one shows up until it is placed.
 PARTS = {
-    "composition": ("tap", "service", "core", "signals", "listen", "workers", "worker", "config"),
+    "composition": (
+        "tap", "service", "core", "signals", "listen", "fdlimit", "workers", "worker", "config",
+    ),
     "data path": ("relay", "server", "tunnel", "frames", "sockets", "wsoptions"),
     "backends": (
         "pool", "balance", "dial", "backend", "answers", "headers", "health", "discovery",

@@ -20,6 +20,37 @@ BACKEND_PREFIX = "backend:"
 BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SRV_NAME = re.compile(r"^_[A-Za-z0-9-]+\._(tcp|udp)(\.[A-Za-z0-9_-]+)+\.?$", re.I)
 
+# The smallest interval or timeout, in seconds: below it lbws would spend a
+# core on timers (ping_interval = 1e-6 and a health interval of 0.0001 did).
+MIN_SECONDS = 0.1
+# The largest backend weight: weights are balanced as numbers, and a huge
+# one (10^400) overflowed the hash's floating-point score on every
+# handshake; a million to one is more spread than any pool needs.
+MAX_WEIGHT = 1_000_000
+# An inline comment starts with ';' or '#' after whitespace (or as the
+# whole value): see L{_Reader.raw}.
+_INLINE_COMMENT = re.compile(r"(?:^|\s)([;#])")
+# Keys whose value is a secret: never shown in an error, and never followed
+# by an inline comment (the secret itself may contain " ;").
+_SECRET_KEYS = ("admin_token",)
+# RFC 9110 token characters, for the websocket probe's subprotocol.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# A health check path: visible ASCII, so it goes onto the request line as
+# is (spaces and control characters would break it); no fragment.
+_REQUEST_PATH = re.compile(r"^/[\x21-\x22\x24-\x7e]*$")
+# The userinfo of a URL ("user:pass@"), whatever else the URL holds.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def maskUrl(url):
+    """
+    C{url} with its userinfo (C{user:password@}) replaced by C{***@}: lbws
+    shows and logs backend URLs (dashboard, status.json, C{--check}, log
+    lines) and never sends a URL's credentials anywhere, so they are not
+    kept at all.
+    """
+    return _USERINFO.sub(r"\1***@", url)
+
 
 class ConfigError(Exception):
     """
@@ -145,8 +176,41 @@ class _Reader:
         return ConfigError(self.path, self.section, key, problem)
 
     def raw(self, key, default):
+        """
+        The value of C{key} without its inline comment.
+
+        An inline comment starts with C{;} after whitespace, as in
+        etc/lbws.ini. A value that would be cut by one is refused rather
+        than silently shortened where that is ambiguous: C{#} after
+        whitespace (C{admin_token = correct horse #battery staple}), and
+        any comment after a secret. A comment as the whole value
+        (C{admin_token =   ; none}) leaves the value empty, as before.
+        """
         self._used.add(key)
-        return self._values.get(key, default)
+        if key not in self._values:
+            return default
+        text = self._values[key]
+        comment = _INLINE_COMMENT.search(text)
+        if comment is None:
+            return text
+        value = text[: comment.start(1)].rstrip()
+        if not value:
+            return ""
+        shown = "the value" if key in _SECRET_KEYS else repr(text)
+        if comment.group(1) == "#":
+            raise self.error(
+                key,
+                f"'#' after a space in {shown} would cut the value short:"
+                " inline comments start with ' ;' and '#' comments go on"
+                " their own line",
+            )
+        if key in _SECRET_KEYS:
+            raise self.error(
+                key,
+                "a ';' after a space in the value would cut it short: put"
+                " the comment on its own line (a secret cannot contain ' ;')",
+            )
+        return value
 
     def string(self, key, default=""):
         return self.raw(key, default).strip()
@@ -159,7 +223,7 @@ class _Reader:
             )
         return value
 
-    def number(self, key, default, kind, minimum, exclusive=False):
+    def number(self, key, default, kind, minimum, exclusive=False, maximum=None):
         text = self.string(key, str(default))
         try:
             value = kind(text)
@@ -171,6 +235,22 @@ class _Reader:
         if value < minimum or (exclusive and value == minimum):
             bound = "greater than" if exclusive else "at least"
             raise self.error(key, f"{text!r} must be {bound} {minimum}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"{text!r} must be at most {maximum}")
+        return value
+
+    def seconds(self, key, default, off=False):
+        """
+        A duration of at least L{MIN_SECONDS}; with C{off}, 0 (turned off)
+        is allowed too.
+        """
+        value = self.number(key, default, float, 0)
+        if value < MIN_SECONDS and not (off and value == 0):
+            text = self.string(key, str(default))
+            allowed = f"at least {MIN_SECONDS:g} seconds"
+            raise self.error(
+                key, f"{text!r} must be {'0 (off) or ' if off else ''}{allowed}"
+            )
         return value
 
     def boolean(self, key, default):
@@ -231,7 +311,7 @@ def _parseBackend(path, parser, section):
             f"backend name {name!r} must be letters, digits, '.', '_' or '-'",
         )
     srv = reader.string("srv")
-    resolve = reader.number("resolve", 0, float, 0)
+    resolve = reader.seconds("resolve", 0, off=True)
     url = reader.string("url")
     if srv:
         if url:
@@ -247,18 +327,19 @@ def _parseBackend(path, parser, section):
         raise reader.error(
             "url", "missing: give the backend's ws:// or wss:// URL (or an srv name)"
         )
+    shown = maskUrl(url)
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise reader.error("url", f"{url!r} is not a URL: {e}") from None
+        raise reader.error("url", f"{shown!r} is not a URL: {e}") from None
     if parts.scheme not in ("ws", "wss"):
-        raise reader.error("url", f"{url!r} must start with ws:// or wss://")
+        raise reader.error("url", f"{shown!r} must start with ws:// or wss://")
     if not parts.hostname:
-        raise reader.error("url", f"{url!r} has no host")
-    _checkHost(reader, url, parts)
+        raise reader.error("url", f"{shown!r} has no host")
+    _checkHost(reader, shown, parts)
     if parts.query or parts.fragment:
-        raise reader.error("url", f"{url!r} must not have a query or fragment")
+        raise reader.error("url", f"{shown!r} must not have a query or fragment")
     if resolve and not srv and (
         isIPAddress(parts.hostname) or isIPv6Address(parts.hostname)
     ):
@@ -275,12 +356,12 @@ def _parseBackend(path, parser, section):
             raise reader.error("ca", f"cannot read {ca!r}: {e.strerror}") from None
     backend = BackendSettings(
         name=name,
-        url=url,
+        url=shown,
         secure=secure,
         host=parts.hostname,
         port=port or (443 if secure else 80),
         path=parts.path.rstrip("/"),
-        weight=reader.number("weight", 1, int, 0),
+        weight=reader.number("weight", 1, int, 0, maximum=MAX_WEIGHT),
         ca=ca,
         verify=reader.boolean("verify", True),
         srv=srv,
@@ -318,8 +399,8 @@ def _checkHost(reader, url, parts):
 def _parseHealth(path, parser):
     reader = _Reader(path, parser, SECTION_HEALTH)
     health = HealthSettings(
-        interval=reader.number("interval", 2, float, 0, exclusive=True),
-        timeout=reader.number("timeout", 1, float, 0, exclusive=True),
+        interval=reader.seconds("interval", 2),
+        timeout=reader.seconds("timeout", 1),
         fall=reader.number("fall", 2, int, 1),
         rise=reader.number("rise", 2, int, 1),
         probe=reader.choice("probe", "websocket", ("tcp", "websocket", "http")),
@@ -328,6 +409,18 @@ def _parseHealth(path, parser):
     )
     if not health.path.startswith("/"):
         raise reader.error("path", f"{health.path!r} must start with /")
+    if not _REQUEST_PATH.match(health.path):
+        raise reader.error(
+            "path",
+            f"{health.path!r} must be printable ASCII without spaces or '#':"
+            " percent-encode the rest (a space is %20)",
+        )
+    if health.subprotocol and not _TOKEN.match(health.subprotocol):
+        raise reader.error(
+            "subprotocol",
+            f"{health.subprotocol!r} is not a subprotocol name (an HTTP token:"
+            " letters, digits and !#$%&'*+.^_`|~-)",
+        )
     reader.checkUnknown()
     return health
 
@@ -347,13 +440,11 @@ def _parseMain(path, parser, backends, health):
         ),
         balance=balance,
         hash_key=_parseHashKey(reader),
-        handshake_timeout=reader.number(
-            "handshake_timeout", 10, float, 0, exclusive=True
-        ),
-        connect_timeout=reader.number("connect_timeout", 5, float, 0, exclusive=True),
+        handshake_timeout=reader.seconds("handshake_timeout", 10),
+        connect_timeout=reader.seconds("connect_timeout", 5),
         retries=reader.number("retries", 2, int, 0),
-        idle_timeout=reader.number("idle_timeout", 0, float, 0),
-        ping_interval=reader.number("ping_interval", 30, float, 0),
+        idle_timeout=reader.seconds("idle_timeout", 0, off=True),
+        ping_interval=reader.seconds("ping_interval", 30, off=True),
         max_message_size=reader.number("max_message_size", 16777216, int, 1),
         max_connections=reader.number("max_connections", 10000, int, 1),
         drain_timeout=reader.number("drain_timeout", 30, float, 0),
@@ -390,10 +481,15 @@ def parseConfig(text, path="<config>"):
     """
     parser = configparser.ConfigParser(
         interpolation=None,
-        inline_comment_prefixes=(";", "#"),
+        # Inline comments are taken off by _Reader.raw, which refuses the
+        # ambiguous ones instead of cutting a value silently.
+        inline_comment_prefixes=None,
         strict=True,
         default_section="\0no defaults",
     )
+    # A UTF-8 byte order mark, as some editors on Windows write, is not
+    # part of the first line.
+    text = text.removeprefix("\ufeff")
     try:
         parser.read_string(text, source=str(path))
     except configparser.DuplicateSectionError as e:

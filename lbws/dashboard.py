@@ -18,6 +18,17 @@ C{dashboard} endpoint.
 
 Everything is read through a L{lbws.status.StatusView} at request time,
 so a reload that replaces settings or members shows at once.
+
+Every request is checked first (L{DashboardSite.getResourceFor}), see the
+README's "Security" section:
+
+  - Its C{Host} must be an IP address or C{localhost} (with any port), else
+    421: a web page cannot make a browser read the dashboard through a DNS
+    name rebound to it (DNS rebinding), which needs a name it controls.
+    C{/healthz} is exempt (it tells nothing but up or down).
+  - A client that failed the admin token L{FailedTokens.LIMIT} times in
+    L{FailedTokens.WINDOW} seconds gets 429 to its admin requests until the
+    window ends, with one log line instead of one per attempt.
 """
 
 import base64
@@ -32,9 +43,11 @@ from prometheus_client.exposition import choose_encoder
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.web.server import NOT_DONE_YET, Site
 
 from lbws.history import MAX_RANGE
+from lbws.listen import beyondLoopback
 from lbws.metrics import metricsRegistry
 
 _log = Logger()
@@ -413,22 +426,170 @@ def dashboardResource(service, reload=None):
     return root
 
 
+# Host names a browser may use for the dashboard besides IP addresses.
+LOCAL_NAMES = ("localhost",)
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:[0-9]{1,5})?$")
+
+
+def allowedHost(header):
+    """
+    Whether a request with this C{Host} header may read the dashboard: no
+    header (not a browser), an IP address or C{localhost}, each with or
+    without a port. A name an attacker controls, rebound to the
+    dashboard's address, is refused.
+    """
+    if header is None:
+        return True
+    match = _HOST.match(header.decode("latin-1").strip())
+    if match is None:
+        return False
+    host = match.group(1).lower().rstrip(".")
+    if host.startswith("["):
+        return isIPv6Address(host[1:-1])
+    return host in LOCAL_NAMES or isIPAddress(host)
+
+
+class FailedTokens:
+    """
+    Failed admin token attempts per client address, in a window that
+    starts with the first failure: after L{LIMIT} of them the client's
+    admin requests are refused until the window ends. Memory is bounded:
+    at most L{CLIENTS} addresses are remembered (the oldest windows go
+    first).
+    """
+
+    LIMIT = 10
+    WINDOW = 60.0
+    CLIENTS = 10000
+
+    def __init__(self, clock):
+        self._clock = clock
+        # address -> [window start, failures]
+        self._clients = {}
+
+    def wait(self, address):
+        """
+        Seconds until C{address} may try again, or 0.
+        """
+        entry = self._current(address)
+        if entry is None or entry[1] < self.LIMIT:
+            return 0
+        return entry[0] + self.WINDOW - self._clock.seconds()
+
+    def failed(self, address):
+        """
+        Count a failed attempt.
+
+        @return: True when this failure reached the limit (log it, once).
+        """
+        entry = self._current(address)
+        if entry is None:
+            while len(self._clients) >= self.CLIENTS:
+                del self._clients[next(iter(self._clients))]
+            entry = self._clients[address] = [self._clock.seconds(), 0]
+        entry[1] += 1
+        return entry[1] == self.LIMIT
+
+    def _current(self, address):
+        entry = self._clients.get(address)
+        if entry is not None and self._clock.seconds() >= entry[0] + self.WINDOW:
+            del self._clients[address]
+            return None
+        return entry
+
+
+class _Refused(_Leaf):
+    """
+    What a request that failed the site's checks gets, whatever its path.
+    """
+
+    def __init__(self, code, message, retryAfter=None):
+        super().__init__()
+        self._code = code
+        self._message = message
+        self._retryAfter = retryAfter
+
+    def render(self, request):
+        if self._retryAfter is not None:
+            request.setHeader(b"retry-after", b"%d" % max(1, round(self._retryAfter)))
+        return _json(request, {"error": self._message}, self._code)
+
+
 class DashboardSite(Site):
     """
     The dashboard's site. It writes no access log: a page polling every 2
     seconds and Prometheus scraping would drown the relay's log; the POST
     actions log what they did (and refused) themselves.
+
+    @ivar startWarning: what to log when it starts listening, or None.
     """
 
     displayTracebacks = False
     noisy = False
+    startWarning = None
+
+    def __init__(self, resource, reactor):
+        super().__init__(resource, reactor=reactor)
+        self.failedTokens = FailedTokens(reactor)
+
+    def startFactory(self):
+        super().startFactory()
+        if self.startWarning:
+            _log.warn("{warning}", warning=self.startWarning)
+
+    def getResourceFor(self, request):
+        if request.path != b"/healthz" and not allowedHost(request.getHeader(b"host")):
+            return _Refused(
+                421,
+                "this dashboard answers requests for its IP address or"
+                " localhost only (the Host header names another host)",
+            )
+        if request.method == b"POST":
+            peer = _peer(request)
+            wait = self.failedTokens.wait(peer)
+            if wait > 0:
+                return _Refused(
+                    429, "too many failed token attempts: try again later", wait
+                )
+            request.notifyFinish().addBoth(lambda _: self._answered(request, peer))
+        return super().getResourceFor(request)
+
+    def _answered(self, request, peer):
+        if request.code == 401 and self.failedTokens.failed(peer):
+            _log.warn(
+                "dashboard: {peer} failed the admin token {count} times within"
+                " {window:g}s: its admin requests get 429 for the rest of that time",
+                peer=peer,
+                count=FailedTokens.LIMIT,
+                window=FailedTokens.WINDOW,
+            )
 
     def log(self, request):
         pass
+
+
+def exposureWarning(settings):
+    """
+    The warning for a dashboard that listens beyond loopback, or None.
+    """
+    if not settings.dashboard or not beyondLoopback(settings.dashboard):
+        return None
+    admin = (
+        "its admin actions need admin_token"
+        if settings.admin_token
+        else "its admin actions are off (no admin_token)"
+    )
+    return (
+        f"the dashboard listens beyond loopback ({settings.dashboard}):"
+        f" whoever reaches it reads status.json and /metrics, and {admin};"
+        " bind it to 127.0.0.1 or keep it behind a firewall"
+    )
 
 
 def dashboardSite(service, reload=None):
     """
     The twisted.web site to serve on the C{dashboard} endpoint.
     """
-    return DashboardSite(dashboardResource(service, reload), reactor=service.reactor)
+    site = DashboardSite(dashboardResource(service, reload), reactor=service.reactor)
+    site.startWarning = exposureWarning(service.settings)
+    return site

@@ -358,7 +358,7 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
     # then checks start for added members (which join after `rise` of
     # them) and stop for removed ones.
     service.followers += [discovery.sync, lambda settings: health.sync(settings.health)]
-    listener = Listener(listenEndpoint(reactor, settings.listen), core.factory())
+    listener = Listener(listenEndpoint(reactor, settings.listen), core.factory(), settings.listen)
     workers = None
     if settings.workers > 1:
         workers = Workers(reactor, core, listener, settings.workers)
@@ -371,6 +371,7 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
         service.dashboard = Listener(
             listenEndpoint(reactor, settings.dashboard),
             dashboardSite(view, service.reload),
+            settings.dashboard,
         )
         service.dashboard.setServiceParent(service)
     service.frontend = Frontend(reactor, core, listener, workers)

@@ -434,13 +434,14 @@ class LbwsProcess:
     line without blocking the reactor, L{exited} for the process to end.
     """
 
-    def __init__(self, configPath, *args, env=None, timeout=30):
+    def __init__(self, configPath, *args, env=None, timeout=30, preexec_fn=None):
         self.process = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "lbws", "--config", str(configPath), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            preexec_fn=preexec_fn,
         )
         self.pid = self.process.pid
         self.lines = []

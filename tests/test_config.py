@@ -103,7 +103,19 @@ verify = false
         ("[lbws]\nbalance = random\n" + MINIMAL, "lbws", "balance", "round_robin"),
         ("[lbws]\nretries = two\n" + MINIMAL, "lbws", "retries", "whole number"),
         ("[lbws]\nretries = -1\n" + MINIMAL, "lbws", "retries", "at least 0"),
-        ("[lbws]\nhandshake_timeout = 0\n" + MINIMAL, "lbws", "handshake_timeout", "greater than 0"),
+        ("[lbws]\nhandshake_timeout = 0\n" + MINIMAL, "lbws", "handshake_timeout", "at least 0.1 seconds"),
+        ("[lbws]\nping_interval = 1e-6\n" + MINIMAL, "lbws", "ping_interval", "0 (off) or at least 0.1"),
+        ("[lbws]\nidle_timeout = 0.01\n" + MINIMAL, "lbws", "idle_timeout", "0 (off) or at least 0.1"),
+        ("[health]\ninterval = 0.0001\n" + MINIMAL, "health", "interval", "at least 0.1 seconds"),
+        ("[health]\ntimeout = 0.05\n" + MINIMAL, "health", "timeout", "at least 0.1 seconds"),
+        ("[health]\npath = /a b\n" + MINIMAL, "health", "path", "without spaces"),
+        ("[health]\npath = /a\x01b\n" + MINIMAL, "health", "path", "printable ASCII"),
+        ("[health]\nsubprotocol = a,b\n" + MINIMAL, "health", "subprotocol", "HTTP token"),
+        ("[backend:a]\nurl = ws://h\nweight = 1" + "0" * 400 + "\n", "backend:a", "weight", "at most 1000000"),
+        ("[backend:a]\nurl = ws://h\nresolve = 0.001\n", "backend:a", "resolve", "0 (off) or at least 0.1"),
+        ("[lbws]\nadmin_token = correct horse #battery staple\n" + MINIMAL, "lbws", "admin_token", "inline comments start with ' ;'"),
+        ("[lbws]\nadmin_token = s3cret ; note\n" + MINIMAL, "lbws", "admin_token", "own line"),
+        ("[lbws]\nbalance = hash # note\n" + MINIMAL, "lbws", "balance", "'#' after a space"),
         ("[lbws]\nconnect_timeout = nan\n" + MINIMAL, "lbws", "connect_timeout", "finite"),
         ("[lbws]\nmax_message_size = 0\n" + MINIMAL, "lbws", "max_message_size", "at least 1"),
         ("[lbws]\nlisten = bogus:1\n" + MINIMAL, "lbws", "listen", "endpoint"),
@@ -149,6 +161,33 @@ def test_mistakes_name_file_section_and_key(text, section, key, words):
     assert (e.path, e.section, e.key) == ("lbws.ini", section, key)
     assert words in str(e)
     assert str(e).startswith("lbws.ini")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line():
+    assert parseConfig("\ufeff[lbws]\nretries = 1\n" + MINIMAL).retries == 1
+
+
+def test_inline_comments_after_a_space_and_semicolon_are_taken_off():
+    settings = parseConfig(
+        "[lbws]\nbalance = hash   ; comment\nhash_key = header:X;Y\nadmin_token =   ; none\n"
+        "dashboard = # off\n" + MINIMAL
+    )
+    assert (settings.balance, str(settings.hash_key)) == ("hash", "header:X;Y")
+    assert (settings.admin_token, settings.dashboard) == ("", "")
+
+
+def test_a_secret_is_never_shown_in_an_error():
+    message = str(error("[lbws]\nadmin_token = correct horse #battery staple\n" + MINIMAL))
+    assert "horse" not in message and "battery" not in message
+
+
+def test_credentials_in_a_backend_url_are_masked():
+    settings = parseConfig("[backend:a]\nurl = ws://user:p%40ss@h:81/app\n")
+    (backend,) = settings.backends
+    assert backend.url == "ws://***@h:81/app"
+    assert (backend.host, backend.port, backend.path) == ("h", 81, "/app")
+    assert "p%40ss" not in summary(settings)
+    assert "p%40ss" not in str(error("[backend:a]\nurl = http://user:p%40ss@h\n"))
 
 
 def test_not_an_ini_file():

@@ -74,8 +74,10 @@ class Response:
         return json.loads(self.body)
 
 
-async def request(method, url, token=None, authorization=None, accept=None):
+async def request(method, url, token=None, authorization=None, accept=None, host=None):
     headers = Headers()
+    if host is not None:
+        headers.addRawHeader(b"host", host.encode())
     if accept is not None:
         headers.addRawHeader(b"accept", accept.encode())
     if token is not None:

@@ -16,7 +16,7 @@ from tests import support
 TWISTD = str(support.TWISTD)
 
 
-def run(*args, cwd=None, env=None):
+def run(*args, cwd=None, env=None, preexec_fn=None):
     return subprocess.run(
         [TWISTD, "-n", "--pidfile=", "lbws", *args],
         capture_output=True,
@@ -24,6 +24,7 @@ def run(*args, cwd=None, env=None):
         timeout=60,
         cwd=cwd,
         env=env,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -112,28 +113,3 @@ def test_wheel_gives_a_working_plugin(tmp_path):
     result = run("--config", str(support.ROOT / "etc" / "lbws.ini"), "--check", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert "2 backend(s)" in result.stdout
-
-
-@pytest.mark.parametrize("key", ["listen", "dashboard"])
-def test_a_port_in_use_stops_twistd_at_start(tmp_path, key):
-    """
-    lbws does not run without its ports: when one is taken, twistd exits
-    non-zero at once, saying which address.
-    """
-    holder = support.listeningSocket()
-    try:
-        port = holder.getsockname()[1]
-        endpoint = f"tcp:{port}:interface=127.0.0.1"
-        config = tmp_path / "lbws.ini"
-        config.write_text(
-            support.configText(
-                [("a", "ws://127.0.0.1:9")],
-                **({"listen": endpoint} if key == "listen" else {"dashboard": endpoint}),
-            )
-        )
-        result = run("--config", str(config))
-    finally:
-        holder.close()
-    assert result.returncode == 1
-    assert f"Couldn't listen on 127.0.0.1:{port}" in result.stdout + result.stderr
-    assert "lbws listening on" not in result.stdout + result.stderr

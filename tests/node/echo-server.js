@@ -32,6 +32,12 @@ const server = new WebSocketServer({
 const prefix = option('prefix', null);
 
 server.on('connection', (ws, request) => {
+  // A client's bad frame (invalid UTF-8, too many fragments, an oversized
+  // message) is an 'error' on its socket: ws closes that connection; without
+  // a listener node would throw it and the whole server would die.
+  ws.on('error', (err) => {
+    process.stderr.write(`connection error: ${err.code || ''} ${err.message}\n`);
+  });
   ws.on('message', (data, isBinary) => {
     if (!isBinary && data.toString() === '__request__') {
       ws.send(JSON.stringify({
@@ -45,6 +51,12 @@ server.on('connection', (ws, request) => {
   });
 });
 if (httpServer !== null) httpServer.listen({ fd: Number(fd) });
+// The listening socket failing (its port taken, say) ends the process with
+// a line saying why, not an uncaught exception.
+server.on('error', (err) => {
+  process.stderr.write(`server error: ${err.message}\n`);
+  process.exit(1);
+});
 server.on('listening', () => {
   process.stdout.write('listening ' + server.address().port + '\n');
 });

@@ -20,6 +20,12 @@ const server = new WebSocketServer({
 });
 
 server.on('connection', (ws) => {
+  // A client's bad frame (invalid UTF-8, too many fragments, an oversized
+  // message) is an 'error' on its socket: ws closes that connection; without
+  // a listener node would throw it and the whole server would die.
+  ws.on('error', (err) => {
+    process.stderr.write(`connection error: ${err.code || ''} ${err.message}\n`);
+  });
   let expected = 0;
   let received = 0;
   let bytes = 0;
@@ -42,6 +48,12 @@ server.on('connection', (ws) => {
     expected = seq + 1;
     ws.send(data, { binary: isBinary });
   });
+});
+// The listening socket failing (its port taken, say) ends the process with
+// a line saying why, not an uncaught exception.
+server.on('error', (err) => {
+  process.stderr.write(`server error: ${err.message}\n`);
+  process.exit(1);
 });
 server.on('listening', () => {
   process.stdout.write('listening ' + server.address().port + '\n');
