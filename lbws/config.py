@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
+from lbws.frames import DEFAULT_MAX_FRAMES
+
 SECTION_MAIN = "lbws"
 SECTION_HEALTH = "health"
 BACKEND_PREFIX = "backend:"
@@ -120,6 +122,9 @@ class Settings:
     rebalance: str = "off"
     rebalance_rate: float = 5.0
     workers: int = 1
+    max_frames_per_message: int = DEFAULT_MAX_FRAMES
+    max_connections_per_ip: int = 0
+    max_message_rate: int = 0
 
     def backend(self, name):
         for backend in self.backends:
@@ -340,6 +345,11 @@ def _parseMain(path, parser, backends, health):
         rebalance=reader.choice("rebalance", "off", ("off", "gradual")),
         rebalance_rate=reader.number("rebalance_rate", 5, float, 0, exclusive=True),
         workers=reader.number("workers", 1, int, 1),
+        max_frames_per_message=reader.number(
+            "max_frames_per_message", DEFAULT_MAX_FRAMES, int, 1
+        ),
+        max_connections_per_ip=reader.number("max_connections_per_ip", 0, int, 0),
+        max_message_rate=reader.number("max_message_rate", 0, int, 0),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
