@@ -139,17 +139,17 @@ def parseFrames(data):
         frames.append(frame)
 
 
-async def rawConnect(url):
+async def rawConnect(url, protocolClass=RawWebSocket):
     host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
-    factory = protocol.Factory.forProtocol(RawWebSocket)
+    factory = protocol.Factory.forProtocol(protocolClass)
     return await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
 
 
-async def rawOpen(url, path="/", timeout=10):
+async def rawOpen(url, path="/", timeout=10, protocolClass=RawWebSocket):
     """
     A raw client past a successful opening handshake.
     """
-    client = await rawConnect(url)
+    client = await rawConnect(url, protocolClass)
     client.send(handshakeRequest(path))
     response = await client.response.addTimeout(timeout, reactor)
     assert response.startswith("HTTP/1.1 101"), response
