@@ -539,6 +539,15 @@ async def connect(url, protocols=None, headers=None, path="/", useragent="lbws-t
     return await factory.opened
 
 
+async def roundTrip(client, payload, isBinary=False, timeout=10):
+    """
+    Send a message on a L{RecordingClient} and wait (with a deadline) for
+    the next message it gets: the echo, from an echo backend.
+    """
+    client.sendMessage(payload, isBinary)
+    return await client.messages.get().addTimeout(timeout, reactor)
+
+
 def handshakeRequest(path="/", host="127.0.0.1", extra=""):
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"

@@ -13,13 +13,8 @@ from twisted.internet import reactor
 from lbws.frames import OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT
 from lbws.tunnel import CONTROL_FRAMES_PER_SECOND
 from tests import wire
-from tests.support import deferLater, eventually, handshakeRequest
+from tests.support import deferLater, eventually, handshakeRequest, roundTrip
 from tests.test_proxy_protocol import proxyV1
-
-
-async def roundTrip(client, payload, timeout=10):
-    client.sendMessage(payload)
-    return await client.messages.get().addTimeout(timeout, reactor)
 
 
 def fragments(opcode, count, size):

@@ -12,12 +12,7 @@ from twisted.internet import reactor, task
 
 from lbws.frames import OP_BINARY, OP_PING, OP_PONG
 from tests import wire
-from tests.support import deferLater
-
-
-async def roundTrip(client, payload, timeout=10):
-    client.sendMessage(payload)
-    return await client.messages.get().addTimeout(timeout, reactor)
+from tests.support import deferLater, roundTrip
 
 
 def drip(transport, data, pieces, every):
