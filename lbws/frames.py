@@ -72,11 +72,13 @@ class FrameScanner:
     C{handler.boundary()} is called at each frame boundary the stream
     reaches, so that the handler can put in frames of its own.
 
-    Rate limits cost one subtraction per message, none per frame or read:
-    C{messageBudget} and C{controlBudget} count down with each message
-    begun and each ping or pong; when one runs out, C{handler.messageBudgetSpent()} or
-    C{handler.controlBudgetSpent()} sets it again or raises
-    L{ProtocolViolation}, which ends the stream before that frame.
+    Per-client rate limits cost one subtraction per message and none per
+    read: C{messageBudget} and C{controlBudget} count down with each
+    message begun and each ping or pong; when one runs out,
+    C{handler.messageBudgetSpent()} or C{handler.controlBudgetSpent()}
+    sets it again or raises L{ProtocolViolation}, which ends the stream
+    before that frame. Continuation frames are counted against
+    C{maxFrames} (close 1009, like an oversize message).
 
     @ivar atBoundary: True between frames: the only place where another
         frame may be put into the stream this scanner feeds.
