@@ -136,8 +136,7 @@ class Relay:
         """
         self.stopping = True
         for tunnel in list(self.tunnels):
-            tunnel.client.abort()
-            tunnel.backend.abort()
+            tunnel.abort()
 
     def stop(self, timeout):
         """

@@ -666,6 +666,14 @@ class Tunnel:
         """
         self.close(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "lbws is stopping", "lbws", timeout=timeout)
 
+    def abort(self):
+        """
+        Cut both connections now, without closing handshakes: lbws is told
+        to stop at once.
+        """
+        self.client.abort()
+        self.backend.abort()
+
     def endedWith(self):
         """
         Who ended the tunnel and with which close, for the access log: the

@@ -524,3 +524,20 @@ def test_too_many_frames_in_one_message():
     assert tunnel.backend.state == OPEN  # four frames: allowed
     tunnel.client.received(fromClient(OP_TEXT, b"a", fin=False) + fromClient(0, b"b", fin=False) * 4)
     assert backend.closes() == [(1001, "client error: message of more than 4 frames")]
+
+
+@pytest.mark.parametrize("name", ["OPEN", "CLOSE_RECEIVED", "CLOSING", "LOST"])
+def test_abort_in_each_state(name):
+    """
+    A second stop signal: Tunnel.abort cuts whatever is not finished yet
+    (any state -> FINISHED), and the tunnel ends once both are lost.
+    """
+    relay, tunnel, client, backend = make()
+    reachState(tunnel, name)
+    tunnel.abort()
+    for leg in (tunnel.client, tunnel.backend):
+        assert leg.state in (FINISHED, LOST)
+        assert leg.transport.ended == ("abort" if name != "LOST" or leg is tunnel.backend else None)
+    lose(tunnel, *[leg for leg in (tunnel.client, tunnel.backend) if leg.state != LOST])
+    assert len(relay.ended) == 1
+    assert relay.pool["a"].active == 0
