@@ -82,6 +82,8 @@ FINISHED = 4
 LOST = 5
 STATE_NAMES = ("OPEN", "CLOSE_RECEIVED", "CLOSE_SENT", "CLOSING", "FINISHED", "LOST")
 
+_NOT_YET = object()
+
 # What Leg.send did with a frame.
 WRITTEN = "written"
 HELD = "held"  # until the stream reaches a frame boundary
@@ -96,11 +98,11 @@ class _Rate:
 
     __slots__ = ("clock", "limit", "reason", "_start")
 
-    def __init__(self, clock, limit, reason):
+    def __init__(self, clock, limit, reason, start):
         self.clock = clock
         self.limit = limit
         self.reason = reason
-        self._start = clock.seconds()
+        self._start = start
 
     def renew(self):
         """
@@ -149,11 +151,9 @@ class Leg:
         "_held",
         "_closeHeld",
         "_timer",
-        "_messageRate",
-        "_controlRate",
     )
 
-    def __init__(self, tunnel, protocol, isClient, settings, messageRate=None, controlRate=None):
+    def __init__(self, tunnel, protocol, isClient, settings, messageBudget, controlBudget):
         self.tunnel = tunnel
         self.protocol = protocol
         self.transport = protocol.transport
@@ -163,10 +163,8 @@ class Leg:
         self.scanner = FrameScanner(
             self, isClient, settings.max_message_size, settings.max_frames_per_message
         )
-        self._messageRate = messageRate
-        self._controlRate = controlRate
-        self.scanner.messageBudget = messageRate.limit if messageRate else UNLIMITED
-        self.scanner.controlBudget = controlRate.limit if controlRate else UNLIMITED
+        self.scanner.messageBudget = messageBudget
+        self.scanner.controlBudget = controlBudget
         self.other = None
         self.state = OPEN
         self.accepting = True
@@ -200,12 +198,10 @@ class Leg:
         self.other.flushHeld()
 
     def messageBudgetSpent(self):
-        rate = self._messageRate
-        self.scanner.messageBudget = rate.renew() if rate else UNLIMITED
+        self.scanner.messageBudget = self.tunnel.messageBudgetSpent(self)
 
     def controlBudgetSpent(self):
-        rate = self._controlRate
-        self.scanner.controlBudget = rate.renew() if rate else UNLIMITED
+        self.scanner.controlBudget = self.tunnel.controlBudgetSpent(self)
 
     # Receiving.
 
@@ -438,6 +434,9 @@ class Tunnel:
         "_idleProgress",
         "_pingInterval",
         "_idleTimeout",
+        "_maxMessageRate",
+        "_messageRate",
+        "_controlRate",
     )
 
     def __init__(self, relay, clientProtocol, backendProtocol, member, info):
@@ -448,20 +447,18 @@ class Tunnel:
         settings = relay.settings
         self.started = reactor.seconds()
         self.lastActivity = self.started
-        messageRate = None
-        if settings.max_message_rate:
-            messageRate = _Rate(
-                reactor,
-                settings.max_message_rate,
-                f"more than {settings.max_message_rate} messages a second",
-            )
-        controlRate = _Rate(
-            reactor,
+        self._maxMessageRate = settings.max_message_rate
+        self._messageRate = None  # made when the first budget is spent
+        self._controlRate = None
+        self.client = Leg(
+            self,
+            clientProtocol,
+            True,
+            settings,
+            self._maxMessageRate or UNLIMITED,
             CONTROL_FRAMES_PER_SECOND,
-            f"more than {CONTROL_FRAMES_PER_SECOND} pings and pongs a second",
         )
-        self.client = Leg(self, clientProtocol, True, settings, messageRate, controlRate)
-        self.backend = Leg(self, backendProtocol, False, settings)
+        self.backend = Leg(self, backendProtocol, False, settings, UNLIMITED, UNLIMITED)
         self.client.other = self.backend
         self.backend.other = self.client
         self.owed = None
@@ -480,12 +477,10 @@ class Tunnel:
         self._backendProducer = PeerProducer(self.backend.transport)
         self.client.transport.registerProducer(self._backendProducer, True)
         self.backend.transport.registerProducer(PeerProducer(self.client.transport), True)
-        self._traffic = None
+        self._traffic = _NOT_YET  # looked up at the first ping tick
         self._lastTraffic = None
         self._lastTick = self.started
         if self._pingInterval:
-            self._traffic = tcpTraffic(self.client.transport)
-            self._lastTraffic = self._clientTraffic()
             self._pingCall = reactor.callLater(self._pingInterval, self._ping)
         if self._idleTimeout:
             self._idleCall = reactor.callLater(self._idleTimeout, self._idleCheck)
@@ -606,6 +601,33 @@ class Tunnel:
             other.close(CLOSE_INTERNAL_ERROR, "backend connection lost")
         else:
             other.close(CLOSE_BAD_GATEWAY, "backend never answered")
+
+    def messageBudgetSpent(self, leg):
+        """
+        A leg's scanner has counted its message budget down: the new
+        budget, or a L{ProtocolViolation} for a client over
+        C{max_message_rate}. Backends are not limited.
+        """
+        limit = self._maxMessageRate if leg.isClient else 0
+        if not limit:
+            return UNLIMITED
+        if self._messageRate is None:
+            reason = f"more than {limit} messages a second"
+            self._messageRate = _Rate(self.reactor, limit, reason, self.started)
+        return self._messageRate.renew()
+
+    def controlBudgetSpent(self, leg):
+        """
+        The same for pings and pongs: at most L{CONTROL_FRAMES_PER_SECOND}
+        from a client.
+        """
+        if not leg.isClient:
+            return UNLIMITED
+        if self._controlRate is None:
+            limit = CONTROL_FRAMES_PER_SECOND
+            reason = f"more than {limit} pings and pongs a second"
+            self._controlRate = _Rate(self.reactor, limit, reason, self.started)
+        return self._controlRate.renew()
 
     def heldWritten(self, leg):
         if leg.isClient and self._pingPayload is not None and self._pingWrittenAt is None:
@@ -729,6 +751,9 @@ class Tunnel:
         if not client.accepting:
             return
         now = self.reactor.seconds()
+        if self._traffic is _NOT_YET:
+            # Not at the start: short connections never pay for it.
+            self._traffic = tcpTraffic(client.transport)
         traffic = self._clientTraffic()
         moved = traffic != self._lastTraffic
         self._lastTraffic = traffic
