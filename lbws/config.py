@@ -12,7 +12,10 @@ import re
 from urllib.parse import urlsplit
 
 import attrs
+import idna
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+from lbws.frames import DEFAULT_MAX_FRAMES
 
 SECTION_MAIN = "lbws"
 SECTION_HEALTH = "health"
@@ -152,6 +155,9 @@ class Settings:
     rebalance: str = "off"
     rebalance_rate: float = 5.0
     workers: int = 1
+    max_frames_per_message: int = DEFAULT_MAX_FRAMES
+    max_connections_per_ip: int = 0
+    max_message_rate: int = 0
 
     def backend(self, name):
         for backend in self.backends:
@@ -337,7 +343,9 @@ def _parseBackend(path, parser, section):
         raise reader.error("url", f"{shown!r} must start with ws:// or wss://")
     if not parts.hostname:
         raise reader.error("url", f"{shown!r} has no host")
-    _checkHost(reader, shown, parts)
+    if not srv:
+        # An SRV name (checked above) is looked up, not connected to.
+        _checkHost(reader, shown, parts)
     if parts.query or parts.fragment:
         raise reader.error("url", f"{shown!r} must not have a query or fragment")
     if resolve and not srv and (
@@ -392,6 +400,14 @@ def _checkHost(reader, url, parts):
         raise reader.error(
             "url", f"{url!r}: write the host name {host!r} in its ASCII (xn--) form"
         )
+    elif not isIPAddress(host):
+        # What Twisted's HostnameEndpoint checks before it resolves a name
+        # (IDNA 2008: e.g. "--" in a label's third and fourth characters is
+        # reserved for xn--): a name it would refuse is refused here.
+        try:
+            idna.encode(host)
+        except (idna.IDNAError, UnicodeError) as e:
+            raise reader.error("url", f"{url!r}: {host!r} is not a valid host name ({e})") from None
     if parts.port == 0:
         raise reader.error("url", f"{url!r}: port 0 cannot be connected to")
 
@@ -454,6 +470,11 @@ def _parseMain(path, parser, backends, health):
         rebalance=reader.choice("rebalance", "off", ("off", "gradual")),
         rebalance_rate=reader.number("rebalance_rate", 5, float, 0, exclusive=True),
         workers=reader.number("workers", 1, int, 1),
+        max_frames_per_message=reader.number(
+            "max_frames_per_message", DEFAULT_MAX_FRAMES, int, 1
+        ),
+        max_connections_per_ip=reader.number("max_connections_per_ip", 0, int, 0),
+        max_message_rate=reader.number("max_message_rate", 0, int, 0),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):

@@ -130,18 +130,6 @@ def placement(pool, key, now=None):
     return best
 
 
-def _movable(tunnel):
-    client = tunnel.client
-    return not (
-        tunnel.done
-        or client.finished
-        or client.closeSent is not None
-        or client.closeReceived is not None
-        or tunnel.backend.closeSent is not None
-        or tunnel.backend.closeReceived is not None
-    )
-
-
 class Rebalancer(Service):
     """
     Moves surplus connections of a relay at a bounded, jittered rate.
@@ -236,7 +224,7 @@ class Rebalancer(Service):
             return None
         oldest = None
         for tunnel in self.relay.tunnels:
-            if tunnel.member is member and tunnel not in self._closing and _movable(tunnel):
+            if tunnel.member is member and tunnel not in self._closing and tunnel.movable:
                 if oldest is None or tunnel.started < oldest.started:
                     oldest = tunnel
         return oldest
@@ -259,7 +247,7 @@ class Rebalancer(Service):
             if (
                 tunnel in self.relay.tunnels
                 and tunnel not in self._closing
-                and _movable(tunnel)
+                and tunnel.movable
                 and placement(self.pool, tunnel.info.key, now) is not tunnel.member
             ):
                 return tunnel
@@ -303,7 +291,10 @@ class Rebalancer(Service):
             active=member.active,
             age=self.reactor.seconds() - tunnel.started,
         )
-        if tunnel.closedFirstBy is None:
-            tunnel.closedFirstBy = "lbws"
-        tunnel.client.close(CLOSE_SERVICE_RESTART, REASON)
-        tunnel.backend.close(CLOSE_GOING_AWAY, f"client moved by {REASON}")
+        tunnel.close(
+            CLOSE_SERVICE_RESTART,
+            CLOSE_GOING_AWAY,
+            REASON,
+            "lbws",
+            backendReason=f"client moved by {REASON}",
+        )

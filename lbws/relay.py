@@ -30,6 +30,7 @@ class Relay:
         self.counters = counters
         self.tunnels = set()
         self.clients = 0  # client connections past admission, open or pending
+        self.perPeer = {}  # the same, by client address (PROXY protocol's if used)
         self.opening = {}  # client protocol -> its backend attempt, until settled
         self.stopping = False
         self._drained = None
@@ -49,8 +50,11 @@ class Relay:
         if self.clients >= self.settings.max_connections:
             self.counters.handshakes["over_capacity"] += 1
             return fail(ConnectionDeny(503, "Service Unavailable: too many connections"))
-        self.clients += 1
-        protocol.admitted = True
+        perIp = self.settings.max_connections_per_ip
+        if perIp and self.perPeer.get(info.peer, 0) >= perIp:
+            self.counters.handshakes["over_ip_limit"] += 1
+            return fail(ConnectionDeny(503, "Service Unavailable: too many connections"))
+        self._admit(protocol, info.peer)
         if self.settings.balance == "hash":
             # Gradual rebalancing moves connections whose key maps elsewhere.
             info.keySource = str(self.settings.hash_key)
@@ -76,16 +80,27 @@ class Relay:
     def tunnelStarted(self, tunnel):
         self.tunnels.add(tunnel)
 
+    def _admit(self, protocol, peer):
+        """
+        Count a client in, in total and per address, until L{clientGone}.
+        """
+        self.clients += 1
+        self.perPeer[peer] = self.perPeer.get(peer, 0) + 1
+        protocol.admitted = peer
+
     def clientGone(self, protocol):
-        if getattr(protocol, "admitted", False):
-            protocol.admitted = False
+        peer = getattr(protocol, "admitted", None)
+        if peer is not None:
+            protocol.admitted = None
             self.clients -= 1
+            left = self.perPeer.pop(peer) - 1
+            if left:
+                self.perPeer[peer] = left
 
     def tunnelEnded(self, tunnel):
         self.tunnels.discard(tunnel)
         client = tunnel.client
-        code, reason = _firstClose(tunnel)
-        side = tunnel.closedFirstBy or "lbws"
+        side, code, reason = tunnel.endedWith()
         self.counters.closes[(side, code)] += 1
         _log.info(
             "{peer} {target} via {backend}: {duration:.3f}s,"
@@ -119,8 +134,7 @@ class Relay:
         """
         self.stopping = True
         for tunnel in list(self.tunnels):
-            tunnel.client.abort()
-            tunnel.backend.abort()
+            tunnel.abort()
 
     def stop(self, timeout):
         """
@@ -141,17 +155,3 @@ class Relay:
             tunnel.shutdown(timeout)
         return self._drained
 
-
-def _firstClose(tunnel):
-    """
-    The close code and reason that ended the connection, for the access
-    log: the client's own if it closed first, else the one it was sent.
-    """
-    client = tunnel.client
-    if tunnel.closedFirstBy == "client" and client.closeReceived is not None:
-        return client.closeReceived
-    if client.closeSent is not None:
-        return client.closeSent
-    if client.closeReceived is not None:
-        return client.closeReceived
-    return 1006, "connection dropped"

@@ -4,13 +4,40 @@ opening handshakes are done.
 
 Bytes are forwarded as they arrive, frames unchanged, while a
 L{FrameScanner} per direction watches frame headers for what lbws must see:
-message counts and sizes, C{max_message_size}, framing errors, and closes,
-which it passes on and maps. lbws puts frames of its own (pings, closes)
-into a stream only at frame boundaries.
+message counts and sizes, the limits of the README's configuration table,
+framing errors, and closes, which it passes on and maps. lbws puts frames
+of its own (pings, closes) into a stream only at frame boundaries.
 
 Each leg's transport is paused and resumed by the other through a
 L{PeerProducer}, so a reader that does not keep up pauses the writer
 instead of making lbws buffer.
+
+The close state machine
+=======================
+
+Each leg is in one of these states, changed only by L{Leg}'s transition
+methods (named in brackets); the L{Tunnel} decides which transition to take
+and owns the tunnel-wide state (who closed first, the close a client that
+broke the protocol is owed):
+
+  - C{OPEN}: no close either way. Frames are relayed to it.
+  - C{CLOSE_RECEIVED}: it sent a close, which went on to the other side
+    (or lbws answers it); frames are still relayed to it.
+    [L{Leg.closeFrame} from OPEN]
+  - C{CLOSE_SENT}: the other side's close was passed on to it; its answer
+    will be passed back. [L{Leg.passClose} from OPEN]
+  - C{CLOSING}: lbws's own close went to it (or lbws took over a close in
+    flight); its answer ends the leg and is not passed on.
+    [L{Leg.close} from OPEN or CLOSE_SENT]
+  - C{FINISHED}: its closing handshake is over, or it was failed or cut;
+    its TCP connection is ending. [L{Leg.closeFrame} from CLOSE_SENT or
+    CLOSING; L{Leg.passClose} or L{Leg.close} from CLOSE_RECEIVED;
+    L{Leg.fail}; L{Leg.abort}, also when an answer does not come in time]
+  - C{LOST}: its TCP connection is gone. [L{Leg.connectionLost}]
+
+The tunnel ends when both legs are LOST. Every close lbws decides on
+itself (stop, idle timeout, a client that stopped answering pings,
+rebalancing, a protocol violation) goes through L{Tunnel.close}.
 """
 
 from twisted.internet.interfaces import IPushProducer
@@ -23,9 +50,11 @@ from lbws.frames import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
+    UNLIMITED,
     FrameScanner,
     ProtocolViolation,
     buildFrame,
@@ -33,45 +62,128 @@ from lbws.frames import (
     closeViolation,
     parseClosePayload,
 )
-from lbws.sockets import writerFor
+from lbws.sockets import tcpTraffic, writerFor
 
 _log = Logger()
 
 # Seconds a peer gets to answer a close before its TCP connection is cut.
 CLOSE_TIMEOUT = 5.0
 
+# Pings and pongs a client may send per second (see the README's Security
+# section); beyond, it is closed with 1008. Normal use is a few a minute.
+CONTROL_FRAMES_PER_SECOND = 100
+
+# Leg states, ordered: a leg moves only to a larger one.
+OPEN = 0
+CLOSE_RECEIVED = 1
+CLOSE_SENT = 2
+CLOSING = 3
+FINISHED = 4
+LOST = 5
+STATE_NAMES = ("OPEN", "CLOSE_RECEIVED", "CLOSE_SENT", "CLOSING", "FINISHED", "LOST")
+
+_NOT_YET = object()
+
+# What Leg.send did with a frame.
+WRITTEN = "written"
+HELD = "held"  # until the stream reaches a frame boundary
+IMPOSSIBLE = "impossible"  # that boundary will never come
+
+
+class _Rate:
+    """
+    At most C{limit} events in each one-second window (fixed windows): the
+    refill of a scanner budget.
+    """
+
+    __slots__ = ("clock", "limit", "reason", "_start")
+
+    def __init__(self, clock, limit, reason, start):
+        self.clock = clock
+        self.limit = limit
+        self.reason = reason
+        self._start = start
+
+    def renew(self):
+        """
+        The budget has run out: start a new window, counting the event that
+        spent it.
+
+        @return: what is left of the new window's budget.
+        @raise ProtocolViolation: 1008, if the window is not over yet.
+        """
+        now = self.clock.seconds()
+        if now - self._start < 1.0:
+            raise ProtocolViolation(CLOSE_POLICY_VIOLATION, self.reason)
+        self._start = now
+        return self.limit - 1
+
 
 class Leg:
     """
-    One side of a tunnel. Its scanner reads the frames this side sends; the
+    One side of a tunnel, and its half of the close state machine (see the
+    module docstring). Its scanner reads the frames this side sends; the
     frames this side receives come from the other leg's scanner, or from
     lbws itself at frame boundaries.
+
+    @ivar state: one of C{OPEN} ... C{LOST}.
+    @ivar accepting: whether frames are relayed to this side (C{OPEN} or
+        C{CLOSE_RECEIVED}), kept with C{state} for the per-frame path.
+    @ivar closeSent: C{(code, reason)} of the close this side was sent.
+    @ivar closeReceived: C{(code, reason)} of the close it sent.
     """
 
-    def __init__(self, tunnel, protocol, isClient, maxMessageSize):
+    __slots__ = (
+        "tunnel",
+        "protocol",
+        "transport",
+        "write",
+        "isClient",
+        "name",
+        "scanner",
+        "other",
+        "state",
+        "accepting",
+        "closeSent",
+        "closeReceived",
+        "messages",
+        "bytes",
+        "_held",
+        "_closeHeld",
+        "_timer",
+    )
+
+    def __init__(self, tunnel, protocol, isClient, settings, messageBudget, controlBudget):
         self.tunnel = tunnel
         self.protocol = protocol
         self.transport = protocol.transport
         self.write = writerFor(protocol.transport)
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
-        self.scanner = FrameScanner(self, isClient, maxMessageSize)
+        self.scanner = FrameScanner(
+            self, isClient, settings.max_message_size, settings.max_frames_per_message
+        )
+        self.scanner.messageBudget = messageBudget
+        self.scanner.controlBudget = controlBudget
         self.other = None
-        self.closeSent = None  # (code, reason) of the close this side got
-        self.closeReceived = None  # (code, reason) of the close it sent
-        self.closedByLbws = False
-        self.lost = False
-        self.finished = False
+        self.state = OPEN
+        self.accepting = True
+        self.closeSent = None
+        self.closeReceived = None
         self.messages = 0
         self.bytes = 0
         self._held = []
+        self._closeHeld = False  # lbws's close waits in _held
         self._timer = None
+
+    def __repr__(self):
+        return f"<Leg {self.name} {STATE_NAMES[self.state]}>"
 
     # FrameScanner's handler: frames this side sent.
 
     def forward(self, data):
         other = self.other
-        if other.closeSent is None:
+        if other.accepting:
             other.write(data)
 
     def messageEnd(self, opcode, size):
@@ -85,6 +197,12 @@ class Leg:
     def boundary(self):
         self.other.flushHeld()
 
+    def messageBudgetSpent(self):
+        self.scanner.messageBudget = self.tunnel.messageBudgetSpent(self)
+
+    def controlBudgetSpent(self):
+        self.scanner.controlBudget = self.tunnel.controlBudgetSpent(self)
+
     # Receiving.
 
     def received(self, data):
@@ -93,56 +211,71 @@ class Leg:
         except ProtocolViolation as violation:
             self.tunnel.violationFrom(self, violation)
 
-    def connectionLost(self, reason):
-        self.lost = True
-        self.finished = True
-        self._cancelTimer()
-        self.tunnel.legLost(self)
+    # Transitions.
 
-    # Sending frames of lbws's own.
+    def _enter(self, state):
+        self.state = state
+        # A close of lbws's own held behind a frame in flight: the rest of
+        # that frame still has to go through.
+        self.accepting = state <= CLOSE_RECEIVED or self._closeHeld
 
-    def send(self, frame):
+    def closeFrame(self, record):
         """
-        Put a frame of lbws's own into this side's stream, now if the stream
-        is between frames, else at the next boundary.
+        This side's close frame arrived.
 
-        @return: False if that boundary will never come (the other side is
-            gone in the middle of a frame).
+        @return: the state the leg was in.
         """
-        source = self.other.scanner
-        if source.atBoundary:
-            self.transport.write(frame)
-        elif self.other.lost or source.stopped:
-            return False
+        prior = self.state
+        self.closeReceived = record
+        self.scanner.stopped = True
+        if prior == OPEN:
+            self._enter(CLOSE_RECEIVED)
+        elif prior in (CLOSE_SENT, CLOSING):
+            self.finish()
+        return prior
+
+    def passClose(self, raw, record):
+        """
+        The other side's close frame C{raw} goes on to this side, which
+        must be accepting.
+        """
+        self.transport.write(raw)
+        self.closeSent = record
+        if self.state == CLOSE_RECEIVED:
+            self.finish()
         else:
-            self._held.append(frame)
-            source.boundaryWanted = True
-        return True
-
-    def flushHeld(self):
-        self.other.scanner.boundaryWanted = False
-        held, self._held = self._held, []
-        for frame in held:
-            self.transport.write(frame)
+            self._enter(CLOSE_SENT)
+            self.expectWithin(CLOSE_TIMEOUT)
 
     def close(self, code, reason, timeout=CLOSE_TIMEOUT):
         """
         lbws closes this side: send a close frame (unless one went already)
         and wait up to C{timeout} for the answer, which is not forwarded.
         """
-        if self.finished:
+        state = self.state
+        if state >= FINISHED:
             return
-        self.closedByLbws = True
-        if self.closeSent is None:
+        if self.accepting and self.closeSent is None:
             frame = buildFrame(OP_CLOSE, closePayload(code, reason), masked=not self.isClient)
-            if not self.send(frame):
+            sent = self.send(frame)
+            if sent is IMPOSSIBLE:
                 self.abort()
                 return
+            self._closeHeld = sent is HELD
             self.closeSent = (code, reason)
-        if self.closeReceived is not None:
+        if state == CLOSE_RECEIVED:
             self.finish()
         else:
+            self._enter(CLOSING)
             self.expectWithin(timeout)
+
+    def answer(self):
+        """
+        Answer this side's close with its own code (1005, no code, becomes
+        1000), as the other side would have.
+        """
+        code, reason = self.closeReceived
+        self.close(code if code != CLOSE_NO_STATUS else CLOSE_NORMAL, reason)
 
     def fail(self, code, reason):
         """
@@ -159,7 +292,7 @@ class Leg:
         (or an earlier deadline already set: lbws stopping with a short
         C{drain_timeout} shortens a close's wait, never lengthens it).
         """
-        if self.finished:
+        if self.state >= FINISHED:
             return
         reactor = self.tunnel.reactor
         if self._timer is None:
@@ -172,17 +305,59 @@ class Leg:
         The closing handshake on this side is over: end its TCP connection
         once what is queued for it is written.
         """
-        if not self.finished:
-            self.finished = True
-            # A TLS transport holds its close back while it has a producer.
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
+        if self.state < FINISHED:
+            self._enter(FINISHED)
+            if not self._closeHeld:
+                self._endConnection()
+
+    def _endConnection(self):
+        # A TLS transport holds its close back while it has a producer.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def abort(self):
         self._cancelTimer()
-        self.finished = True
-        if not self.lost:
+        if self.state < FINISHED:
+            self._closeHeld = False
+            self._enter(FINISHED)
             self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self._enter(LOST)
+        self._cancelTimer()
+        self.tunnel.legLost(self)
+
+    # Sending frames of lbws's own.
+
+    def send(self, frame):
+        """
+        Put a frame of lbws's own into this side's stream, now if the stream
+        is between frames, else at the next boundary.
+
+        @return: L{WRITTEN}, L{HELD}, or L{IMPOSSIBLE} if that boundary will
+            never come (the other side is gone in the middle of a frame).
+        """
+        source = self.other.scanner
+        if source.atBoundary:
+            self.transport.write(frame)
+            return WRITTEN
+        if self.other.state == LOST or source.stopped:
+            return IMPOSSIBLE
+        self._held.append(frame)
+        source.boundaryWanted = True
+        return HELD
+
+    def flushHeld(self):
+        self.other.scanner.boundaryWanted = False
+        held, self._held = self._held, []
+        for frame in held:
+            self.transport.write(frame)
+        if self._closeHeld:
+            self._closeHeld = False
+            self._enter(self.state)
+            if self.state == FINISHED:
+                self._endConnection()
+        self.tunnel.heldWritten(self)
 
     def _cancelTimer(self):
         if self._timer is not None:
@@ -201,15 +376,22 @@ class PeerProducer:
     moment the other side's connection is lost (it stops a consumer's
     producer first), before the relay could send its close frame and wait
     for the answer; ending connections is left to the relay.
+
+    @ivar paused: whether the other side is holding this one back now.
     """
+
+    __slots__ = ("_transport", "paused")
 
     def __init__(self, transport):
         self._transport = transport
+        self.paused = False
 
     def pauseProducing(self):
+        self.paused = True
         self._transport.pauseProducing()
 
     def resumeProducing(self):
+        self.paused = False
         self._transport.resumeProducing()
 
     def stopProducing(self):
@@ -219,38 +401,89 @@ class PeerProducer:
 class Tunnel:
     """
     A client WebSocket joined to its backend WebSocket after both opening
-    handshakes.
+    handshakes: the owner of the tunnel's close state (see the module
+    docstring) and of its timers (keep-alive pings, idle timeout).
+
+    @ivar closedFirstBy: C{"client"}, C{"backend"} or C{"lbws"}: who
+        started the end of the tunnel, for the access log and metrics.
+    @ivar owed: C{(code, reason)} the client gets once its backend leg is
+        over, when the client broke the protocol.
     """
+
+    __slots__ = (
+        "relay",
+        "reactor",
+        "member",
+        "info",
+        "started",
+        "lastActivity",
+        "client",
+        "backend",
+        "owed",
+        "closedFirstBy",
+        "done",
+        "_backendProducer",
+        "_traffic",
+        "_lastTraffic",
+        "_lastTick",
+        "_pingPayload",
+        "_pingWrittenAt",
+        "_pingSeq",
+        "_pingCall",
+        "_idleCall",
+        "_idleProgress",
+        "_pingInterval",
+        "_idleTimeout",
+        "_maxMessageRate",
+        "_messageRate",
+        "_controlRate",
+    )
 
     def __init__(self, relay, clientProtocol, backendProtocol, member, info):
         self.relay = relay
-        self.reactor = relay.reactor
+        reactor = self.reactor = relay.reactor
         self.member = member
         self.info = info
         settings = relay.settings
-        self.started = self.reactor.seconds()
+        self.started = reactor.seconds()
         self.lastActivity = self.started
-        self.client = Leg(self, clientProtocol, True, settings.max_message_size)
-        self.backend = Leg(self, backendProtocol, False, settings.max_message_size)
+        self._maxMessageRate = settings.max_message_rate
+        self._messageRate = None  # made when the first budget is spent
+        self._controlRate = None
+        self.client = Leg(
+            self,
+            clientProtocol,
+            True,
+            settings,
+            self._maxMessageRate or UNLIMITED,
+            CONTROL_FRAMES_PER_SECOND,
+        )
+        self.backend = Leg(self, backendProtocol, False, settings, UNLIMITED, UNLIMITED)
         self.client.other = self.backend
         self.backend.other = self.client
-        self.failure = None  # the close code and reason the client is owed
+        self.owed = None
         self.closedFirstBy = None
         self.done = False
         self._pingPayload = None
+        self._pingWrittenAt = None
         self._pingSeq = 0
         self._pingCall = None
         self._idleCall = None
+        self._idleProgress = (None, None)
         self._pingInterval = settings.ping_interval
         self._idleTimeout = settings.idle_timeout
         clientProtocol.leg = self.client
         backendProtocol.leg = self.backend
-        self.client.transport.registerProducer(PeerProducer(self.backend.transport), True)
+        self._backendProducer = PeerProducer(self.backend.transport)
+        self.client.transport.registerProducer(self._backendProducer, True)
         self.backend.transport.registerProducer(PeerProducer(self.client.transport), True)
+        self._traffic = _NOT_YET  # looked up at the first ping tick
+        self._lastTraffic = None
+        self._lastTick = self.started
         if self._pingInterval:
-            self._pingCall = self.reactor.callLater(self._pingInterval, self._ping)
+            self._pingCall = reactor.callLater(self._pingInterval, self._ping)
         if self._idleTimeout:
-            self._idleCall = self.reactor.callLater(self._idleTimeout, self._idleCheck)
+            self._idleCall = reactor.callLater(self._idleTimeout, self._idleCheck)
 
     def start(self, clientEarly, backendEarly):
         """
@@ -260,6 +493,16 @@ class Tunnel:
             self.backend.received(backendEarly)
         if clientEarly:
             self.client.received(clientEarly)
+
+    @property
+    def movable(self):
+        """
+        Whether rebalancing may move this connection: nobody has started
+        to close it.
+        """
+        return not self.done and self.client.state == OPEN and self.backend.state == OPEN
+
+    # What the legs report.
 
     def messageFrom(self, leg, size):
         self.member.traffic.message(leg.isClient, size)
@@ -272,41 +515,30 @@ class Tunnel:
             self._closeFrom(leg, payload, raw)
         elif leg.isClient and opcode == OP_PONG and payload == self._pingPayload:
             self._pingPayload = None
-        elif other.closeSent is None and not other.lost:
+        elif other.accepting:
             # Pings and pongs pass through; the backend answers the client's.
             other.transport.write(raw)
 
     def _closeFrom(self, leg, payload, raw):
-        other = leg.other
-        leg.closeReceived = parseClosePayload(payload)
-        leg.scanner.stopped = True
-        if self.closedFirstBy is None:
-            self.closedFirstBy = leg.name
-        if leg.isClient and not leg.closedByLbws:
+        self._first(leg.name)
+        prior = leg.closeFrame(parseClosePayload(payload))
+        if leg.isClient and prior != CLOSING:
             violation = closeViolation(payload)
             if violation is not None:
                 self.violationFrom(leg, violation)
                 return
-        if leg.closedByLbws:
+        if prior == CLOSING:
             # The answer to lbws's own close is not passed on.
-            leg.finish()
-            self._closeOwed()
-            return
-        if other.closeSent is None and not other.lost and not other.closedByLbws:
-            other.transport.write(raw)
-            other.closeSent = leg.closeReceived
-            other.expectWithin(CLOSE_TIMEOUT)
-        elif leg.closeSent is None:
-            # Nobody left to pass it to: lbws answers it, echoing the code.
-            code, reason = leg.closeReceived
-            leg.close(code if code != CLOSE_NO_STATUS else CLOSE_NORMAL, reason)
-        for side in (leg, other):
-            if side.closeSent is not None and side.closeReceived is not None:
-                side.finish()
+            self._payOwed()
+        elif leg.other.accepting:
+            leg.other.passClose(raw, leg.closeReceived)
+        elif prior == OPEN:
+            # Nobody left to pass it to: lbws answers it.
+            leg.answer()
 
     def violationFrom(self, leg, violation):
         """
-        A side broke the framing rules or sent a message over the limit.
+        A side broke the framing rules or went over a limit.
 
         For a client, lbws closes the backend leg first and keeps relaying
         what the backend already sent, so that the client gets every reply
@@ -320,89 +552,242 @@ class Tunnel:
             code=violation.code,
             reason=violation.reason,
         )
-        if self.closedFirstBy is None:
-            self.closedFirstBy = leg.name
         if leg.isClient:
-            self.failure = (violation.code, violation.reason)
-            self.backend.close(CLOSE_GOING_AWAY, f"client error: {violation.reason}")
-            self._closeOwed()
+            self.close(
+                violation.code,
+                CLOSE_GOING_AWAY,
+                violation.reason,
+                "client",
+                backendReason=f"client error: {violation.reason}",
+                failed=leg,
+            )
         else:
-            self.backend.fail(violation.code, violation.reason)
-            self.client.close(CLOSE_INTERNAL_ERROR, f"backend error: {violation.reason}")
+            self.close(
+                CLOSE_INTERNAL_ERROR,
+                violation.code,
+                f"backend error: {violation.reason}",
+                "backend",
+                backendReason=violation.reason,
+                failed=leg,
+            )
 
     def legLost(self, leg):
         other = leg.other
-        if other.lost:
+        if other.state == LOST:
             self._end()
             return
-        if self.closedFirstBy is None:
-            self.closedFirstBy = leg.name
-        if leg.isClient:
-            if other.closeSent is None:
-                other.close(CLOSE_GOING_AWAY, "client went away")
-            elif other.closeReceived is not None:
-                other.finish()
-            else:
-                other.expectWithin(CLOSE_TIMEOUT)
-        elif self.failure is not None:
-            self._closeOwed()
-        elif other.closeSent is None:
-            if other.closeReceived is not None:
-                # The client's close went to a backend that left without
-                # answering: lbws answers it, as the backend should have.
-                code, reason = other.closeReceived
-                other.close(code if code != CLOSE_NO_STATUS else CLOSE_NORMAL, reason)
-            elif leg.messages or leg.closeReceived is not None:
-                other.close(CLOSE_INTERNAL_ERROR, "backend connection lost")
-            else:
-                other.close(CLOSE_BAD_GATEWAY, "backend never answered")
-        elif other.closeReceived is not None:
-            other.finish()
-        else:
+        self._first(leg.name)
+        if not leg.isClient and self.owed is not None:
+            self._payOwed()
+            return
+        state = other.state
+        if state == FINISHED:
+            return
+        if state >= CLOSE_SENT:
             other.expectWithin(CLOSE_TIMEOUT)
+        elif leg.isClient:
+            other.close(CLOSE_GOING_AWAY, "client went away")
+        elif state == CLOSE_RECEIVED:
+            # The client's close went to a backend that left without
+            # answering: lbws answers it, as the backend should have.
+            other.answer()
+        elif leg.messages or leg.closeReceived is not None:
+            other.close(CLOSE_INTERNAL_ERROR, "backend connection lost")
+        else:
+            other.close(CLOSE_BAD_GATEWAY, "backend never answered")
 
-    def _closeOwed(self):
+    def messageBudgetSpent(self, leg):
         """
-        Once the backend leg is over, give the client the close it is owed.
+        A leg's scanner has counted its message budget down: the new
+        budget, or a L{ProtocolViolation} for a client over
+        C{max_message_rate}. Backends are not limited.
         """
-        if self.failure is not None and (self.backend.finished or self.backend.lost):
-            self.client.fail(*self.failure)
+        limit = self._maxMessageRate if leg.isClient else 0
+        if not limit:
+            return UNLIMITED
+        if self._messageRate is None:
+            reason = f"more than {limit} messages a second"
+            self._messageRate = _Rate(self.reactor, limit, reason, self.started)
+        return self._messageRate.renew()
+
+    def controlBudgetSpent(self, leg):
+        """
+        The same for pings and pongs: at most L{CONTROL_FRAMES_PER_SECOND}
+        from a client.
+        """
+        if not leg.isClient:
+            return UNLIMITED
+        if self._controlRate is None:
+            limit = CONTROL_FRAMES_PER_SECOND
+            reason = f"more than {limit} pings and pongs a second"
+            self._controlRate = _Rate(self.reactor, limit, reason, self.started)
+        return self._controlRate.renew()
+
+    def heldWritten(self, leg):
+        if leg.isClient and self._pingPayload is not None and self._pingWrittenAt is None:
+            self._pingWrittenAt = self.reactor.seconds()
+
+    # lbws's own decisions.
+
+    def close(
+        self,
+        clientCode,
+        backendCode,
+        reason,
+        by,
+        backendReason=None,
+        failed=None,
+        timeout=CLOSE_TIMEOUT,
+    ):
+        """
+        lbws ends the tunnel: the one path for stopping, timeouts,
+        rebalancing and protocol violations.
+
+        @param clientCode: the close code for the client, or None to cut
+            its connection without a close frame (it stopped answering).
+        @param backendCode: the close code for the backend.
+        @param reason: the close reason for the client, and for the backend
+            unless C{backendReason} is given.
+        @param by: who caused it: C{"lbws"}, or the side that broke the
+            protocol.
+        @param failed: the leg that broke the protocol, if one did. A
+            backend is failed at once (RFC 6455 7.1.7); a client only once
+            its backend leg is over, so that it gets the replies to what it
+            sent before.
+        @param timeout: seconds each side gets to answer its close.
+        """
+        self._first(by)
+        if backendReason is None:
+            backendReason = reason
+        client, backend = self.client, self.backend
+        if failed is client:
+            self.owed = (clientCode, reason)
+            backend.close(backendCode, backendReason, timeout)
+            self._payOwed()
+            return
+        if failed is backend:
+            backend.fail(backendCode, backendReason)
+            client.close(clientCode, reason, timeout)
+            return
+        if clientCode is None:
+            client.abort()
+        else:
+            client.close(clientCode, reason, timeout)
+        backend.close(backendCode, backendReason, timeout)
 
     def shutdown(self, timeout):
         """
         lbws is stopping: close the client with 1001 and its backend
         cleanly, giving each up to C{timeout} to answer.
         """
+        self.close(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "lbws is stopping", "lbws", timeout=timeout)
+
+    def abort(self):
+        """
+        Cut both connections now, without closing handshakes: lbws is told
+        to stop at once.
+        """
+        self.client.abort()
+        self.backend.abort()
+
+    def endedWith(self):
+        """
+        Who ended the tunnel and with which close, for the access log: the
+        client's own close if it closed first, else the one it was sent.
+
+        @return: C{(side, code, reason)}.
+        """
+        client = self.client
+        side = self.closedFirstBy or "lbws"
+        if self.closedFirstBy == "client" and client.closeReceived is not None:
+            return (side, *client.closeReceived)
+        for record in (client.closeSent, client.closeReceived):
+            if record is not None:
+                return (side, *record)
+        return side, 1006, "connection dropped"
+
+    def _first(self, by):
         if self.closedFirstBy is None:
-            self.closedFirstBy = "lbws"
-        self.client.close(CLOSE_GOING_AWAY, "lbws is stopping", timeout)
-        self.backend.close(CLOSE_GOING_AWAY, "lbws is stopping", timeout)
+            self.closedFirstBy = by
+
+    def _payOwed(self):
+        """
+        Once the backend leg is over, give the client the close it is owed.
+        """
+        if self.owed is not None and self.backend.state >= FINISHED:
+            self.client.fail(*self.owed)
+
+    # Keep-alive pings and the idle timeout.
+
+    def _clientTraffic(self):
+        """
+        A value that changes whenever the client takes or sends bytes: its
+        TCP counters where the kernel has them (bytes it acknowledged, so a
+        slow reader counts as alive while it reads), else how far its own
+        frames got.
+        """
+        if self._traffic is not None:
+            traffic = self._traffic()
+            if traffic is not None:
+                return traffic
+        return self.client.messages, self.client.scanner.progress
 
     def _ping(self):
+        """
+        Each C{ping_interval}: ping the client; cut it if a ping written
+        at least one interval ago is unanswered and the client has neither
+        taken nor sent a byte since the last tick. A ping held behind a
+        backend frame in flight does not count until it is written, unless
+        the client is not reading that frame.
+        """
         self._pingCall = None
-        if self.client.closeSent is not None or self.client.finished:
+        client = self.client
+        if not client.accepting:
             return
+        now = self.reactor.seconds()
+        if self._traffic is _NOT_YET:
+            # Not at the start: short connections never pay for it.
+            self._traffic = tcpTraffic(client.transport)
+        traffic = self._clientTraffic()
+        moved = traffic != self._lastTraffic
+        self._lastTraffic = traffic
         if self._pingPayload is not None:
-            _log.info("client {peer} did not answer a ping", peer=self.info.peer)
-            if self.closedFirstBy is None:
-                self.closedFirstBy = "lbws"
-            self.client.abort()
-            return
-        self._pingSeq += 1
-        self._pingPayload = b"lbws-%d" % (self._pingSeq,)
-        self.client.send(buildFrame(OP_PING, self._pingPayload))
+            writtenAt = self._pingWrittenAt
+            if writtenAt is None:
+                stuck = self._backendProducer.paused
+            else:
+                stuck = writtenAt <= self._lastTick
+            if stuck and not moved:
+                _log.info("client {peer} did not answer a ping", peer=self.info.peer)
+                self.close(None, CLOSE_GOING_AWAY, "client went away", "lbws")
+                return
+        else:
+            self._pingSeq += 1
+            self._pingPayload = b"lbws-%d" % (self._pingSeq,)
+            sent = client.send(buildFrame(OP_PING, self._pingPayload))
+            self._pingWrittenAt = now if sent is WRITTEN else None
+        self._lastTick = now
         self._pingCall = self.reactor.callLater(self._pingInterval, self._ping)
 
     def _idleCheck(self):
+        """
+        Each C{idle_timeout}: close both sides with 1001 if no message went
+        either way for that long. Bytes of a message still in progress
+        count: such a message moved if its scanner got further since the
+        last check.
+        """
         self._idleCall = None
-        idle = self.reactor.seconds() - self.lastActivity
+        now = self.reactor.seconds()
+        progress = (self.client.scanner.progress, self.backend.scanner.progress)
+        if progress != self._idleProgress:
+            if progress != (None, None):
+                self.lastActivity = now
+            self._idleProgress = progress
+        idle = now - self.lastActivity
         if idle < self._idleTimeout:
             self._idleCall = self.reactor.callLater(self._idleTimeout - idle, self._idleCheck)
             return
-        if self.closedFirstBy is None:
-            self.closedFirstBy = "lbws"
-        self.client.close(CLOSE_GOING_AWAY, "idle timeout")
-        self.backend.close(CLOSE_GOING_AWAY, "idle timeout")
+        self.close(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout", "lbws")
 
     def _end(self):
         if self.done:

@@ -29,6 +29,8 @@ def test_defaults():
     assert settings.ping_interval == 30
     assert settings.max_message_size == 16777216
     assert settings.max_connections == 10000
+    assert (settings.max_frames_per_message, settings.max_connections_per_ip) == (131072, 0)
+    assert settings.max_message_rate == 0
     assert settings.drain_timeout == 30
     assert settings.stop_delay == 0
     assert settings.admin_token == ""
@@ -118,6 +120,9 @@ verify = false
         ("[lbws]\nbalance = hash # note\n" + MINIMAL, "lbws", "balance", "'#' after a space"),
         ("[lbws]\nconnect_timeout = nan\n" + MINIMAL, "lbws", "connect_timeout", "finite"),
         ("[lbws]\nmax_message_size = 0\n" + MINIMAL, "lbws", "max_message_size", "at least 1"),
+        ("[lbws]\nmax_frames_per_message = 0\n" + MINIMAL, "lbws", "max_frames_per_message", "at least 1"),
+        ("[lbws]\nmax_connections_per_ip = -1\n" + MINIMAL, "lbws", "max_connections_per_ip", "at least 0"),
+        ("[lbws]\nmax_message_rate = 2.5\n" + MINIMAL, "lbws", "max_message_rate", "whole number"),
         ("[lbws]\nlisten = bogus:1\n" + MINIMAL, "lbws", "listen", "endpoint"),
         ("[lbws]\nlisten =\n" + MINIMAL, "lbws", "listen", "required"),
         ("[lbws]\nhash_key = body\n" + MINIMAL, "lbws", "hash_key", "header:NAME"),

@@ -220,7 +220,14 @@ class _AnyName:
 )
 def test_backend_urls_round_trip_through_config_and_dial(scheme, host, port, path, target):
     url = f"{scheme}://{host}{'' if port is None else f':{port}'}{path}"
-    backend = parseConfig(f"[backend:a]\nurl = {url}\n").backend("a")
+    try:
+        backend = parseConfig(f"[backend:a]\nurl = {url}\n").backend("a")
+    except ConfigError as refused:
+        # Only a name that Twisted would not resolve either (IDNA 2008:
+        # "--" as a label's third and fourth characters) is refused.
+        assert "is not a valid host name" in str(refused)
+        assert "--" in host
+        return
     assert backend.port == (port or (443 if scheme == "wss" else 80))
     assert backend.path == path.rstrip("/")
     reactor = MemoryReactorClock()

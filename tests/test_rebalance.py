@@ -60,6 +60,16 @@ class FakeTunnel:
         self.client = FakeLeg(self, True)
         self.backend = FakeLeg(self, False)
 
+    @property
+    def movable(self):
+        return not self.done and self.client.closeSent is None
+
+    def close(self, clientCode, backendCode, reason, by, backendReason=None):
+        if self.closedFirstBy is None:
+            self.closedFirstBy = by
+        self.client.close(clientCode, reason)
+        self.backend.close(backendCode, backendReason or reason)
+
 
 class World:
     """

@@ -61,30 +61,11 @@ class RawWebSocket(protocol.Protocol):
             self.frames.put(frame)
 
     def _parse(self):
-        data = self._buffer
-        if len(data) < 2:
+        parsed = parseFrame(self._buffer)
+        if parsed is None:
             return None
-        first, second = data[0], data[1]
-        length = second & 0x7F
-        pos = 2
-        if length == 126:
-            if len(data) < 4:
-                return None
-            (length,) = struct.unpack_from("!H", data, 2)
-            pos = 4
-        elif length == 127:
-            if len(data) < 10:
-                return None
-            (length,) = struct.unpack_from("!Q", data, 2)
-            pos = 10
-        masked = bool(second & 0x80)
-        if masked:
-            pos += 4
-        if len(data) < pos + length:
-            return None
-        payload = data[pos : pos + length]
-        self._buffer = data[pos + length :]
-        return Frame(bool(first & 0x80), first & 0x0F, payload, masked)
+        frame, self._buffer = parsed
+        return frame
 
     def connectionLost(self, reason):
         if not self.response.called:
@@ -113,17 +94,62 @@ class RawWebSocket(protocol.Protocol):
                 return frame
 
 
-async def rawConnect(url):
+def parseFrame(data):
+    """
+    The first whole frame of C{data} (its payload unmasked) and the bytes
+    after it, or None if C{data} does not hold a whole frame yet.
+    """
+    if len(data) < 2:
+        return None
+    first, second = data[0], data[1]
+    length = second & 0x7F
+    pos = 2
+    if length == 126:
+        if len(data) < 4:
+            return None
+        (length,) = struct.unpack_from("!H", data, 2)
+        pos = 4
+    elif length == 127:
+        if len(data) < 10:
+            return None
+        (length,) = struct.unpack_from("!Q", data, 2)
+        pos = 10
+    masked = bool(second & 0x80)
+    key = data[pos : pos + 4] if masked else None
+    if masked:
+        pos += 4
+    if len(data) < pos + length:
+        return None
+    payload = data[pos : pos + length]
+    if masked:
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return Frame(bool(first & 0x80), first & 0x0F, payload, masked), data[pos + length :]
+
+
+def parseFrames(data):
+    """
+    Every whole frame in C{data}, and what is left over.
+    """
+    frames = []
+    while True:
+        parsed = parseFrame(data)
+        if parsed is None:
+            return frames, data
+        frame, data = parsed
+        frames.append(frame)
+
+
+async def rawConnect(url, protocolClass=RawWebSocket):
     host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
-    factory = protocol.Factory.forProtocol(RawWebSocket)
+    factory = protocol.Factory.forProtocol(protocolClass)
     return await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
 
 
-async def rawOpen(url, path="/", timeout=10):
+async def rawOpen(url, path="/", timeout=10, protocolClass=RawWebSocket):
     """
     A raw client past a successful opening handshake.
     """
-    client = await rawConnect(url)
+    client = await rawConnect(url, protocolClass)
     client.send(handshakeRequest(path))
     response = await client.response.addTimeout(timeout, reactor)
     assert response.startswith("HTTP/1.1 101"), response
