@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
+from lbws.origins import AllowedOrigins, OriginError, parseOrigins
+
 SECTION_MAIN = "lbws"
 SECTION_HEALTH = "health"
 BACKEND_PREFIX = "backend:"
@@ -120,6 +122,7 @@ class Settings:
     rebalance: str = "off"
     rebalance_rate: float = 5.0
     workers: int = 1
+    allowed_origins: AllowedOrigins = AllowedOrigins()
 
     def backend(self, name):
         for backend in self.backends:
@@ -217,6 +220,13 @@ def _parseHashKey(reader):
         "hash_key",
         f"{text!r} is not one of ip, path, header:NAME, cookie:NAME, query:NAME",
     )
+
+
+def _parseOrigins(reader):
+    try:
+        return parseOrigins(reader.string("allowed_origins"))
+    except OriginError as e:
+        raise reader.error("allowed_origins", str(e)) from None
 
 
 def _parseBackend(path, parser, section):
@@ -340,6 +350,7 @@ def _parseMain(path, parser, backends, health):
         rebalance=reader.choice("rebalance", "off", ("off", "gradual")),
         rebalance_rate=reader.number("rebalance_rate", 5, float, 0, exclusive=True),
         workers=reader.number("workers", 1, int, 1),
+        allowed_origins=_parseOrigins(reader),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):

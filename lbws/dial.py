@@ -26,8 +26,10 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 
+from lbws.autobahn import OctetRequest
 from lbws.balance import hashKeyOf
 from lbws.headers import forwardedHeaders
+from lbws.request import joinTarget
 from lbws.sockets import setNoDelay
 from lbws.tlserrors import describeTlsFailure
 
@@ -47,7 +49,7 @@ class BackendHandshakeError(Exception):
         self.status = status
 
 
-class BackendProtocol(WebSocketClientProtocol):
+class BackendProtocol(OctetRequest, WebSocketClientProtocol):
     """
     lbws's WebSocket to a backend. Autobahn does the opening handshake;
     after that the relay takes the bytes over (see L{lbws.relay}).
@@ -314,7 +316,7 @@ class Dialer:
             origin=origin,
             reactor=reactor,
         )
-        factory.resource = backend.path + target if backend.path else target
+        factory.resource = joinTarget(backend.path, target)
 
         def connected(protocol):
             state["connecting"] = None

@@ -61,6 +61,34 @@ class Counters:
         return handshakes, closes, errors
 
 
+# Close codes with a series of their own in lbws_closes_total: those IANA
+# registered (1004 is reserved). Application codes are counted as "3xxx"
+# (registered with IANA by libraries and frameworks) and "4xxx" (private),
+# anything else as "other", so that clients cannot add series at will.
+REGISTERED_CLOSE_CODES = frozenset(range(1000, 1016)) - {1004}
+
+
+def closeLabel(code):
+    """
+    The C{code} label of a close code in C{lbws_closes_total}.
+    """
+    if code in REGISTERED_CLOSE_CODES:
+        return str(code)
+    if isinstance(code, int) and 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
+
+
+def closeSeries(counts):
+    """
+    C{{(side, label): count}} of the C{{(side, code): count}} counters.
+    """
+    series = Counter()
+    for (side, code), count in counts.items():
+        series[(side, closeLabel(code))] += count
+    return series
+
+
 # Upper bounds, in seconds, of the health check duration buckets.
 CHECK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -232,11 +260,12 @@ class LbwsCollector:
         closes = CounterMetricFamily(
             "lbws_closes",
             "Relayed connections ended, by the side that closed first"
-            " (client, backend, lbws) and the close code the client saw.",
+            " (client, backend, lbws) and the close code the client saw"
+            " (application codes as 3xxx and 4xxx, unregistered ones as other).",
             labels=["side", "code"],
         )
-        for (side, code), count in sorted(closeCounts.items(), key=str):
-            closes.add_metric([side, str(code)], count)
+        for (side, code), count in sorted(closeSeries(closeCounts).items()):
+            closes.add_metric([side, code], count)
         errors = CounterMetricFamily(
             "lbws_protocol_errors",
             "WebSocket protocol violations, by the side that broke the protocol"
