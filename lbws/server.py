@@ -212,10 +212,12 @@ class FrontendProtocol(WebSocketServerProtocol):
         self._stopHandshakeTimer()
         if self.leg is not None:
             self.leg.connectionLost(reason)
-        elif self._pending is not None:
-            self._pending.cancel()
         self.factory.relay.clientGone(self)
         super().connectionLost(reason)
+        if self._pending is not None:
+            # After Autobahn saw the connection closed, so that failing the
+            # handshake logs one info line, not a warning about dropping it.
+            self._pending.cancel()
 
     def _stopHandshakeTimer(self):
         if self._handshakeTimer is not None:
