@@ -22,7 +22,8 @@ class Counters:
         (503, nothing up), C{backend_failed} (502, every try failed),
         C{backend_refused} (the backend answered 4xx, passed on),
         C{over_capacity} (503, max_connections), C{timeout} (the client did
-        not finish its request in time).
+        not finish its request in time), C{forbidden_origin} (403, see
+        C{allowed_origins}).
     @ivar closes: closes by C{(side, code)}, where side says who closed
         first: C{client}, C{backend} or C{lbws}.
     """
@@ -252,7 +253,7 @@ class LbwsCollector:
         handshakes = CounterMetricFamily(
             "lbws_handshakes",
             "Client opening handshakes by result (ok, no_backend, backend_failed,"
-            " backend_refused, over_capacity, timeout).",
+            " backend_refused, over_capacity, timeout, forbidden_origin).",
             labels=["result"],
         )
         for result, count in sorted(handshakeCounts.items()):
