@@ -28,17 +28,18 @@ _EOL = rb"\r?\n"
 _REQUEST_LINE = _TOKEN + rb" [\x21-\x7e]+ HTTP/[0-9]\.[0-9]"
 _FIELD_LINE = _TOKEN + rb":" + _VALUE
 _HEAD = re.compile(_REQUEST_LINE + _EOL + rb"(?:" + _FIELD_LINE + _EOL + rb")*" + _EOL)
-# Where the head ends: the first empty line.
-_END = re.compile(rb"\n\r?\n")
 
 
 def headEnd(data):
     """
     The length of the request head at the start of C{data} (up to and
-    including its empty line), or -1 while it is incomplete.
+    including its first empty line), or -1 while it is incomplete.
+
+    Called for every read until the head is complete, so it searches with
+    C{bytes.find} (as Autobahn does) rather than a regular expression.
     """
-    match = _END.search(data)
-    return match.end() if match else -1
+    ends = [i + n for i, n in ((data.find(b"\n\n"), 2), (data.find(b"\n\r\n"), 3)) if i >= 0]
+    return min(ends) if ends else -1
 
 
 def checkHead(head):

@@ -15,9 +15,9 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import ISSLTransport
 
+from lbws.headers import parseFields
 from lbws.logs import printable
 from lbws.request import BadTarget, checkHead, headEnd, headProblem, normaliseTarget
-from lbws.headers import parseFields
 from lbws.sockets import setNoDelay
 from lbws.tunnel import Tunnel
 
@@ -106,7 +106,6 @@ class FrontendProtocol(WebSocketServerProtocol):
         raw = self.data[:end]
         head = checkHead(raw)
         if head is None:
-            self._stopHandshakeTimer()
             self.failHandshake(f"Bad Request: {headProblem(raw)}", 400)
             return
         if _OBS_TEXT.search(head) is not None:
@@ -199,7 +198,6 @@ class FrontendProtocol(WebSocketServerProtocol):
             return
         if not self._headSeen:
             # Still reading the request head.
-            self._stopHandshakeTimer()
             self.failHandshake("Request Header Fields Too Large", 431)
         elif self._pending is not None and not self._paused:
             # Frames sent ahead while the backend is being opened: read no
