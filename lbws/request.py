@@ -27,6 +27,7 @@ _EOL = rb"\r?\n"
 # otherwise).
 _REQUEST_LINE = _TOKEN + rb" [\x21-\x7e]+ HTTP/[0-9]\.[0-9]"
 _FIELD_LINE = _TOKEN + rb":" + _VALUE
+_TOKEN_TEXT = re.compile(_TOKEN.decode())
 _HEAD = re.compile(_REQUEST_LINE + _EOL + rb"(?:" + _FIELD_LINE + _EOL + rb")*" + _EOL)
 
 
@@ -40,6 +41,14 @@ def headEnd(data):
     """
     ends = [i + n for i, n in ((data.find(b"\n\n"), 2), (data.find(b"\n\r\n"), 3)) if i >= 0]
     return min(ends) if ends else -1
+
+
+def isToken(text):
+    """
+    Whether C{text} is an RFC 9110 token, as a subprotocol name must be
+    (RFC 6455 4.1).
+    """
+    return _TOKEN_TEXT.fullmatch(text) is not None
 
 
 def checkHead(head):

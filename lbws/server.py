@@ -17,7 +17,14 @@ from twisted.internet.interfaces import ISSLTransport
 
 from lbws.headers import parseFields
 from lbws.logs import printable
-from lbws.request import BadTarget, checkHead, headEnd, headProblem, normaliseTarget
+from lbws.request import (
+    BadTarget,
+    checkHead,
+    headEnd,
+    headProblem,
+    isToken,
+    normaliseTarget,
+)
 from lbws.sockets import setNoDelay
 from lbws.tunnel import Tunnel
 
@@ -129,6 +136,10 @@ class FrontendProtocol(WebSocketServerProtocol):
             normaliseTarget(target)
         except BadTarget as e:
             raise ConnectionDeny(400, f"Bad Request: {e}") from None
+        for subprotocol in request.protocols:
+            # They go to the backend in its request: tokens only.
+            if not isToken(subprotocol):
+                raise ConnectionDeny(400, f"Bad Request: subprotocol {subprotocol!r}")
         origin = request.headers.get("origin")
         if origin is not None and not relay.settings.allowed_origins.allows(origin):
             relay.counters.handshakes["forbidden_origin"] += 1

@@ -208,6 +208,18 @@ async def test_a_head_breaking_field_syntax_gets_400(harness, extra):
     assert not backend.connections
 
 
+@pytest.mark.parametrize("offered", [b"chat\x85", b"chat, two words", b"a/b"])
+@pytest_twisted.ensureDeferred
+async def test_subprotocols_that_are_not_tokens_get_400(harness, offered):
+    backend = await wire.rawBackend(harness)
+    lbws = await harness.lbws([("a", backend.url)], health="interval = 60")
+    request = handshakeRequest()[:-2] + b"Sec-WebSocket-Protocol: " + offered + b"\r\n\r\n"
+    response, client = await answer(lbws.url, request)
+    assert statusLine(response).startswith("HTTP/1.1 400 Bad Request"), response
+    await closedWithin(client, 5)
+    assert not backend.connections
+
+
 # 3. The backend's path prefix confines client targets
 
 CONFINED = {
