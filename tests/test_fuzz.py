@@ -49,7 +49,8 @@ async def _start(harness):
     lbws = await harness.lbws(
         [("a", backend.url)],
         health="interval = 60",
-        lbws=f"max_message_size = {MAX_MESSAGE}\nhandshake_timeout = 2",
+        # The raw bystander answers no ping: lbws pings no one.
+        lbws=f"max_message_size = {MAX_MESSAGE}\nhandshake_timeout = 2\nping_interval = 0",
     )
     lbws.bystander = await wire.rawOpen(lbws.url)
     await eventually(lambda: opened(backend))
