@@ -1,8 +1,7 @@
 """
 Where lbws relies on Autobahn's non-public behaviour: its eager debug
-formatting, made lazy, and how its client writes the opening handshake.
-
-One adjustment to Autobahn for connection-heavy loads.
+formatting, made lazy for connection-heavy loads, and how its client writes
+the opening handshake (L{OctetRequest}).
 
 Autobahn formats its per-connection debug messages eagerly: every new
 WebSocket (client or server side) pretty-prints all of its protocol options
@@ -55,7 +54,8 @@ class OctetRequest:
     UTF-8.)
 
     Relies on Autobahn keeping the request it is about to send in
-    C{http_request_data} (tested in tests/test_headers.py).
+    C{http_request_data} (tests/test_request.py
+    test_autobahn_client_keeps_its_request_in_http_request_data).
     """
 
     def sendData(self, data, sync=False, chopsize=None):
