@@ -26,7 +26,7 @@ PARTS = {
     "composition": (
         "tap", "service", "core", "signals", "listen", "fdlimit", "workers", "worker", "config",
     ),
-    "data path": ("relay", "server", "tunnel", "frames", "sockets", "wsoptions"),
+    "data path": ("relay", "server", "request", "origins", "tunnel", "frames", "sockets", "wsoptions"),
     "backends": (
         "pool", "balance", "dial", "backend", "answers", "headers", "health", "discovery",
         "rebalance", "tlserrors",

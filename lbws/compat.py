@@ -180,3 +180,39 @@ def answerRefusal(protocol, answer):
     """
     protocol.sendData(answer)
 
+
+def replaceReceived(protocol, data):
+    """
+    Put C{data} in the place of the bytes an Autobahn protocol has read and
+    not consumed (its C{data}): lbws hands Autobahn a checked request head.
+    """
+    protocol.data = data
+
+
+class OctetRequest:
+    """
+    A mixin for a C{WebSocketClientProtocol} whose opening handshake
+    request goes out with one byte per character (ISO-8859-1), not as
+    UTF-8.
+
+    Autobahn decodes a client's request head as ISO-8859-1 but encodes the
+    request it sends as UTF-8, so a header value byte 0x80-0xFF the client
+    sent would reach the backend as two bytes. lbws forwards the client's
+    values, whose characters are all below 256, and writes everything else
+    in ASCII, so the ISO-8859-1 bytes are the client's own. (A request with
+    other characters, from a config file's non-ASCII url path, stays
+    UTF-8.)
+
+    Relies on Autobahn keeping the request it is about to send in
+    C{http_request_data} (tests/test_compat.py test_OctetRequest).
+    """
+
+    def sendData(self, data, sync=False, chopsize=None):
+        if isConnecting(self) and data is getattr(
+            self, "http_request_data", None
+        ):
+            try:
+                data = self.http_request_data = data.decode("utf-8").encode("latin-1")
+            except UnicodeEncodeError:
+                pass
+        return super().sendData(data, sync, chopsize)

@@ -16,6 +16,7 @@ import idna
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
 from lbws.frames import DEFAULT_MAX_FRAMES
+from lbws.origins import AllowedOrigins, OriginError, parseOrigins
 
 SECTION_MAIN = "lbws"
 SECTION_HEALTH = "health"
@@ -158,6 +159,7 @@ class Settings:
     max_frames_per_message: int = DEFAULT_MAX_FRAMES
     max_connections_per_ip: int = 0
     max_message_rate: int = 0
+    allowed_origins: AllowedOrigins = AllowedOrigins()
 
     def backend(self, name):
         for backend in self.backends:
@@ -304,6 +306,13 @@ def _parseHashKey(reader):
         "hash_key",
         f"{text!r} is not one of ip, path, header:NAME, cookie:NAME, query:NAME",
     )
+
+
+def _parseOrigins(reader):
+    try:
+        return parseOrigins(reader.string("allowed_origins"))
+    except OriginError as e:
+        raise reader.error("allowed_origins", str(e)) from None
 
 
 def _parseBackend(path, parser, section):
@@ -475,6 +484,7 @@ def _parseMain(path, parser, backends, health):
         ),
         max_connections_per_ip=reader.number("max_connections_per_ip", 0, int, 0),
         max_message_rate=reader.number("max_message_rate", 0, int, 0),
+        allowed_origins=_parseOrigins(reader),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):

@@ -27,8 +27,9 @@ from lbws.backend import (
     Shortages,
     localShortage,
 )
-from lbws.compat import takeReceived
+from lbws.compat import OctetRequest, takeReceived
 from lbws.headers import forwardedHeaders
+from lbws.request import joinTarget
 
 _log = Logger()
 
@@ -43,7 +44,7 @@ class Refused(ConnectionDeny):
         self.answer = render(refusal.head, refusal.body)
 
 
-class RelayProtocol(BackendProtocol):
+class RelayProtocol(OctetRequest, BackendProtocol):
     """
     A backend WebSocket the relay takes over once it is open: its bytes go
     to its L{lbws.tunnel.Leg}.
@@ -147,7 +148,7 @@ class _ClientDial:
         attempt = Attempt(
             self._dialer._reactor,
             backend,
-            backend.path + self._target if backend.path else self._target,
+            joinTarget(backend.path, self._target),
             RelayProtocol,
             settings.connect_timeout,
             settings.handshake_timeout,

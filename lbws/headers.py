@@ -1,6 +1,10 @@
 """
 Which of the client's handshake headers go on to the backend, and the
 X-Forwarded-* headers lbws adds.
+
+Header values are text decoded as ISO-8859-1, one character per byte, as
+Autobahn decodes them; the backend gets them back byte for byte (see
+L{lbws.compat.OctetRequest}).
 """
 
 # Headers of the handshake itself or of this hop: lbws's own handshake with
@@ -67,3 +71,22 @@ def forwardedHeaders(request, peerHost, secure):
         headers["X-Forwarded-Host"] = clientHeaders["host"]
     headers["X-Real-IP"] = peerHost
     return headers, clientHeaders.get("user-agent"), clientHeaders.get("origin")
+
+
+def parseFields(head):
+    """
+    The header fields of a request head that passed
+    L{lbws.request.checkHead}, as Autobahn's C{ConnectionRequest.headers}
+    has them: lower-case names, values decoded as ISO-8859-1 without the
+    spaces and tabs around them (RFC 9110 5.5), repeats joined with ", ".
+
+    Unlike Autobahn's parser this splits lines at line ends only, and
+    trims spaces and tabs only.
+    """
+    fields = {}
+    for line in head.decode("latin-1").split("\r\n")[1:-2]:
+        name, _, value = line.partition(":")
+        name = name.lower()
+        value = value.strip(" \t")
+        fields[name] = f"{fields[name]}, {value}" if name in fields else value
+    return fields

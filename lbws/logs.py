@@ -1,5 +1,6 @@
 """
-Log output for log shippers: C{--log-format json} writes one JSON object
+Client-controlled text made safe for the text log (L{printable}), and log
+output for log shippers: C{--log-format json} writes one JSON object
 per event, with every structured field of the event.
 
 twistd takes its C{--logger} as the dotted name of a factory and imports it
@@ -7,9 +8,25 @@ after the lbws options are parsed, so the options say where the log goes
 (L{useJson}) and twistd is given the name of L{jsonObserver}.
 """
 
+import re
 import sys
 
 from twisted.logger import jsonFileLogObserver
+
+# C0 controls but tab, DEL, and C1 controls (0x85 is a line break to some
+# readers, 0x9B a terminal's CSI).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text):
+    """
+    C{text} with its control characters escaped (C{\\x1b}, C{\\x00},
+    ...), for text that quotes what a client sent: the text log shows it
+    on one line, and no escape sequence reaches a terminal.
+    """
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 # Where jsonObserver writes: set by useJson from twistd's options.
 _destination = {"logfile": None, "nodaemon": True}

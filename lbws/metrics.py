@@ -23,7 +23,8 @@ class Counters:
         C{backend_refused} (the backend answered other than 101, passed
         on), C{over_capacity} (503, max_connections or lbws out of
         resources), C{timeout} (the client did
-        not finish its request in time).
+        not finish its request in time), C{forbidden_origin} (403, see
+        C{allowed_origins}), C{over_ip_limit} (503, see C{max_connections_per_ip}).
     @ivar closes: closes by C{(side, code)}, where side says who closed
         first: C{client}, C{backend} or C{lbws}.
     """
@@ -72,6 +73,34 @@ class Counters:
             closes.update({(side, code): n for side, code, n in snapshot["closes"]})
             errors.update({(side, code): n for side, code, n in snapshot["protocolErrors"]})
         return handshakes, closes, errors
+
+
+# Close codes with a series of their own in lbws_closes_total: those IANA
+# registered (1004 is reserved). Application codes are counted as "3xxx"
+# (registered with IANA by libraries and frameworks) and "4xxx" (private),
+# anything else as "other", so that clients cannot add series at will.
+REGISTERED_CLOSE_CODES = frozenset(range(1000, 1016)) - {1004}
+
+
+def closeLabel(code):
+    """
+    The C{code} label of a close code in C{lbws_closes_total}.
+    """
+    if code in REGISTERED_CLOSE_CODES:
+        return str(code)
+    if isinstance(code, int) and 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
+
+
+def closeSeries(counts):
+    """
+    C{{(side, label): count}} of the C{{(side, code): count}} counters.
+    """
+    series = Counter()
+    for (side, code), count in counts.items():
+        series[(side, closeLabel(code))] += count
+    return series
 
 
 # Upper bounds, in seconds, of the health check duration buckets.
@@ -236,7 +265,7 @@ class LbwsCollector:
         handshakes = CounterMetricFamily(
             "lbws_handshakes",
             "Client opening handshakes by result (ok, no_backend, backend_failed,"
-            " backend_refused, over_capacity, timeout).",
+            " backend_refused, over_capacity, timeout, forbidden_origin).",
             labels=["result"],
         )
         for result, count in sorted(handshakeCounts.items()):
@@ -244,11 +273,12 @@ class LbwsCollector:
         closes = CounterMetricFamily(
             "lbws_closes",
             "Relayed connections ended, by the side that closed first"
-            " (client, backend, lbws) and the close code the client saw.",
+            " (client, backend, lbws) and the close code the client saw"
+            " (application codes as 3xxx and 4xxx, unregistered ones as other).",
             labels=["side", "code"],
         )
-        for (side, code), count in sorted(closeCounts.items(), key=str):
-            closes.add_metric([side, str(code)], count)
+        for (side, code), count in sorted(closeSeries(closeCounts).items()):
+            closes.add_metric([side, code], count)
         errors = CounterMetricFamily(
             "lbws_protocol_errors",
             "WebSocket protocol violations, by the side that broke the protocol"

@@ -7,7 +7,12 @@ backend cannot be had gets an HTTP error instead. After the handshake the
 connection's bytes go to its L{Tunnel}.
 """
 
+import re
+from http import HTTPStatus
+
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import ISSLTransport
 
 from lbws.answers import acceptedHeaders
@@ -16,10 +21,21 @@ from lbws.compat import (
     isConnecting,
     received,
     refuseHandshake,
+    replaceReceived,
     requestTarget,
     takeReceived,
 )
 from lbws.dial import Refused
+from lbws.headers import parseFields
+from lbws.logs import printable
+from lbws.request import (
+    BadTarget,
+    checkHead,
+    headEnd,
+    headProblem,
+    isToken,
+    normaliseTarget,
+)
 from lbws.sockets import setNoDelay
 from lbws.tunnel import Tunnel
 from lbws.wsoptions import PASSTHROUGH
@@ -29,6 +45,11 @@ from lbws.wsoptions import PASSTHROUGH
 # client streaming headers that never end is buffered until
 # handshake_timeout.
 MAX_REQUEST_HEAD = 64 * 1024
+
+# Seconds a refused client (400, 408, 431, 5xx...) gets to read its answer
+# before its connection is cut: a graceful close waits for the peer (a TLS
+# connection for its handshake), which a hostile one never lets end.
+LINGER = 2.0
 
 
 class ClientInfo:
@@ -54,6 +75,9 @@ class FrontendProtocol(WebSocketServerProtocol):
     _pending = None
     _paused = False
     _handshakeTimer = None
+    _headSeen = False
+    _fields = None
+    _lost = False
 
     def connectionMade(self):
         super().connectionMade()
@@ -64,16 +88,76 @@ class FrontendProtocol(WebSocketServerProtocol):
         )
 
     def _handshakeTimedOut(self):
+        """
+        The client did not send its request head in time: wherever it is
+        stuck (TLS handshake, PROXY header, HTTP head), its TCP connection
+        goes. A client that sent part of a request is told 408 first, but
+        gets only L{LINGER} seconds to take it.
+        """
+        relay = self.factory.relay
         self._handshakeTimer = None
-        self.factory.relay.counters.handshakes["timeout"] += 1
+        relay.counters.handshakes["timeout"] += 1
+        if not received(self):
+            # Nothing of a request arrived, so there is nobody to answer:
+            # abort, as a graceful close of a TLS connection would wait
+            # for the handshake the client never finishes.
+            self.transport.abortConnection()
+            return
         refuseHandshake(self, "Request Timeout: handshake not completed in time", 408)
+
+    def processHandshake(self):
+        """
+        Check the raw request head before Autobahn parses it (see
+        L{lbws.request}): a head that breaks the field syntax gets 400.
+        Autobahn reads a head with bare LF line ends as one with CRLF, and
+        lbws forwards the headers it parsed itself when a value has bytes
+        above 0x7F, which Autobahn's parser would split (at 0x85) or trim
+        (0x85, 0xA0).
+        """
+        if self._headSeen:
+            # The head went to Autobahn already: what follows are frames
+            # sent ahead, for the tunnel (Autobahn would look for a head
+            # in them).
+            return
+        data = received(self)
+        end = headEnd(data)
+        if end < 0:
+            return
+        self._headSeen = True
+        raw = data[:end]
+        head = checkHead(raw)
+        if head is None:
+            refuseHandshake(self, f"Bad Request: {headProblem(raw)}", 400)
+            return
+        if _OBS_TEXT.search(head) is not None:
+            self._fields = parseFields(head)
+            # Autobahn's splitlines breaks lines at 0x85 (NEL in latin-1):
+            # NUL, which no valid head has, takes its place there.
+            head = head.replace(b"\x85", b"\x00")
+        if head is not raw:
+            replaceReceived(self, head + data[end:])
+        super().processHandshake()
 
     def onConnect(self, request):
         self._stopHandshakeTimer()
         relay = self.factory.relay
+        if self._fields is not None:
+            request.headers = self._fields
         peer = self.transport.getPeer()
         peerHost = getattr(peer, "host", None) or str(peer)
         target = requestTarget(self)
+        try:
+            normaliseTarget(target)
+        except BadTarget as e:
+            raise ConnectionDeny(400, f"Bad Request: {e}") from None
+        for subprotocol in request.protocols:
+            # They go to the backend in its request: tokens only.
+            if not isToken(subprotocol):
+                raise ConnectionDeny(400, f"Bad Request: subprotocol {subprotocol!r}")
+        origin = request.headers.get("origin")
+        if origin is not None and not relay.settings.allowed_origins.allows(origin):
+            relay.counters.handshakes["forbidden_origin"] += 1
+            raise ConnectionDeny(403, f"Forbidden: origin {origin!r} is not allowed")
         secure = ISSLTransport.providedBy(self.transport)
         self.info = ClientInfo(peerHost, target, secure)
         d = self._pending = relay.openBackend(self, request, self.info)
@@ -86,13 +170,48 @@ class FrontendProtocol(WebSocketServerProtocol):
                 acceptedHeaders(self._backend.head),
             )
 
-        def refused(failure):
+        def failed(failure):
+            self._pending = None
             if failure.check(Refused):
-                # Written instead of Autobahn's error answer, see below.
+                # Written instead of Autobahn's error answer, see
+                # sendHttpErrorResponse.
                 self._answer = failure.value.answer
+            elif failure.check(CancelledError):
+                # The client left while its backend was being opened: an
+                # everyday event, which Autobahn logs in one info line.
+                raise ConnectionDeny(499, "client left before its backend was open")
             return failure
 
-        return d.addCallbacks(opened, refused)
+        return d.addCallbacks(opened, failed)
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """
+        Answer with an HTTP error and close; a client that does not take
+        the answer within L{LINGER} seconds is cut off.
+        """
+        # Reasons can quote the client's request: escaped for the log.
+        super().failHandshake(printable(reason), code, responseHeaders)
+        if not self._lost:
+            self._stopHandshakeTimer()
+            self._handshakeTimer = self.factory.relay.reactor.callLater(
+                LINGER, self.transport.abortConnection
+            )
+
+    def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
+        """
+        A backend's refusal reaches the client as lbws rebuilt it (status,
+        end-to-end headers, body); Autobahn's own error answer has neither
+        arbitrary headers nor a body. lbws's own 5xx tells the client only
+        its standard reason: the details (a backend's name, TLS names, an
+        exception) are for the log, where Autobahn's failHandshake and
+        lbws's dialer put them.
+        """
+        if self._answer is not None:
+            answerRefusal(self, self._answer)
+            return
+        if code >= 500:
+            reason = _PHRASES.get(code, "Server Error")
+        super().sendHttpErrorResponse(code, reason, responseHeaders)
 
     def onOpen(self):
         if self._paused:
@@ -112,9 +231,8 @@ class FrontendProtocol(WebSocketServerProtocol):
         super().dataReceived(data)
         if not isConnecting(self) or len(received(self)) <= MAX_REQUEST_HEAD:
             return
-        if self._handshakeTimer is not None:
-            # Still reading the request head (onConnect stops the timer).
-            self._stopHandshakeTimer()
+        if not self._headSeen:
+            # Still reading the request head.
             refuseHandshake(self, "Request Header Fields Too Large", 431)
         elif self._pending is not None and not self._paused:
             # Frames sent ahead while the backend is being opened: read no
@@ -123,30 +241,26 @@ class FrontendProtocol(WebSocketServerProtocol):
             self.transport.pauseProducing()
 
     def connectionLost(self, reason):
+        self._lost = True
         self._stopHandshakeTimer()
         if self.leg is not None:
             self.leg.connectionLost(reason)
-        elif self._pending is not None:
-            self._pending.cancel()
         self.factory.relay.clientGone(self)
         super().connectionLost(reason)
-
-    def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
-        """
-        A backend's refusal reaches the client as lbws rebuilt it (status,
-        end-to-end headers, body); Autobahn's own error answer has neither
-        arbitrary headers nor a body.
-        """
-        if self._answer is not None:
-            answerRefusal(self, self._answer)
-        else:
-            super().sendHttpErrorResponse(code, reason, responseHeaders)
+        if self._pending is not None:
+            # After Autobahn saw the connection closed, so that failing the
+            # handshake logs one info line, not a warning about dropping it.
+            self._pending.cancel()
 
     def _stopHandshakeTimer(self):
         if self._handshakeTimer is not None:
             if self._handshakeTimer.active():
                 self._handshakeTimer.cancel()
             self._handshakeTimer = None
+
+
+_OBS_TEXT = re.compile(rb"[\x80-\xff]")
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 class FrontendFactory(WebSocketServerFactory):

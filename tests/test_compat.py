@@ -28,7 +28,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.address import IPv4Address
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from lbws import compat
 from tests.support import handshakeRequest
@@ -272,3 +272,28 @@ def test_processHandshake_sees_the_whole_head_in_received():
     proto.dataReceived(answer[:10])
     proto.dataReceived(answer[10:])
     assert seen[-1] == answer
+
+
+class _OctetClient(compat.OctetRequest, WebSocketClientProtocol):
+    pass
+
+
+def test_OctetRequest():
+    """
+    L{OctetRequest} relies on Autobahn's client writing its opening
+    handshake from C{http_request_data}: values decoded as ISO-8859-1 go
+    out as the bytes they came from.
+    """
+    factory = WebSocketClientFactory(
+        "ws://backend.example:8010/x",
+        headers={"x-bytes": "\xa0\xff\xe9\x85"},
+        origin="https://\xe9.example",
+        reactor=MemoryReactorClock(),
+    )
+    factory.protocol = _OctetClient
+    client = factory.buildProtocol(None)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    sent = transport.value()
+    assert b"x-bytes: \xa0\xff\xe9\x85\r\n" in sent
+    assert b"Origin: https://\xe9.example\r\n" in sent

@@ -49,8 +49,8 @@ async def test_out_of_file_descriptors_sheds_clients_and_blames_no_backend(harne
         for _ in range(5):
             with pytest.raises(support.HandshakeFailed) as refused:
                 await support.connect(lbws.url)
-            assert refused.value.status == 503
-            assert "out of resources" in refused.value.statusLine
+            # Only the standard reason: why is for the log (below).
+            assert refused.value.statusLine == "HTTP/1.1 503 Service Unavailable"
         # Health checks ran meanwhile, and failed the same way.
         await lbws.waitForLine(r"out of resources \(EMFILE\) running health checks", mark)
     finally:

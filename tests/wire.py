@@ -4,7 +4,10 @@ put up with: unmasked or oversized frames, invalid UTF-8, a handshake cut
 short, or never answering a ping or a close.
 """
 
+import base64
+import hashlib
 import os
+import re
 import struct
 
 from twisted.internet import defer, protocol, reactor
@@ -182,3 +185,58 @@ def frame(opcode, payload, fin=True, masked=True, rsv=0):
         return header + payload
     key = header[-4:]
     return header + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+class RawBackend(RawWebSocket):
+    """
+    A backend at the byte level, for checking exactly what lbws sends it:
+    C{head} is the request head it got (bytes), C{received} every byte.
+    It accepts every handshake, records frames without answering them, and
+    answers a close with a close and the end of the connection. Its
+    factory's C{connections} lists every connection made to it (lbws's tcp
+    health checks too: those have no C{head}).
+    """
+
+    head = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.factory.connections.append(self)
+        self.response.addCallback(self._accept)
+        self.frames.get().addCallback(self._frame)
+
+    def _accept(self, text):
+        if not text.endswith("\r\n\r\n"):
+            return  # lost before a whole head: a tcp health check
+        self.head = text.encode("latin-1")
+        key = re.search(rb"(?im)^sec-websocket-key:[ \t]*([^\r\n]*?)[ \t]*\r?$", self.head)
+        if key is None:
+            self.transport.abortConnection()
+            return
+        accept = base64.b64encode(hashlib.sha1(key.group(1) + _WS_GUID).digest())
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+
+    def _frame(self, frame):
+        if frame.opcode == OP_CLOSE:
+            self.sendFrame(OP_CLOSE, closePayload(1000), masked=False)
+            self.transport.loseConnection()
+        else:
+            self.frames.get().addCallback(self._frame)
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+async def rawBackend(harness, path=""):
+    """
+    A L{RawBackend} on 127.0.0.1, port 0, until the end of the test; its
+    factory's C{url} is C{ws://127.0.0.1:PORT} + C{path}.
+    """
+    factory = protocol.Factory.forProtocol(RawBackend)
+    factory.connections = []
+    port = await harness.listen(factory)
+    factory.url = f"ws://127.0.0.1:{port.getHost().port}{path}"
+    return factory

@@ -1,0 +1,155 @@
+"""
+The client's request head, checked before any parser splits it, and its
+request target confined to a backend's path prefix.
+
+Autobahn's handshake parser splits the head with Python's C{splitlines},
+which also breaks lines at C{\\x0b}, C{\\x0c}, C{\\x1c}-C{\\x1e} and C{\\x85},
+and it skips lines it cannot read. A header hidden behind one of those
+(C{X-Note: a\\x85Authorization: forged}) would reach the backend as a header
+of its own that a front proxy never saw. So the raw head is matched first
+against the field syntax of RFC 9112 (section 5) and RFC 9110 (section
+5.5), with one compiled regular expression, and refused with 400 when it
+does not match. See "Security" in the README.
+"""
+
+import re
+
+# RFC 9110 5.6.2: token characters, the only ones allowed in a method and a
+# field name (so no whitespace before the colon, and no obs-fold, whose
+# continuation line starts with a space or a tab).
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# RFC 9110 5.5: a field value is visible ASCII, obs-text (0x80-0xFF),
+# spaces and tabs; no other control character, and no CR or LF.
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
+# RFC 9112 2.2: lines end with CRLF, or with a bare LF.
+_EOL = rb"\r?\n"
+# RFC 9112 3.2: the request target is visible ASCII (percent-encoded
+# otherwise).
+_REQUEST_LINE = _TOKEN + rb" [\x21-\x7e]+ HTTP/[0-9]\.[0-9]"
+_FIELD_LINE = _TOKEN + rb":" + _VALUE
+_TOKEN_TEXT = re.compile(_TOKEN.decode())
+_HEAD = re.compile(_REQUEST_LINE + _EOL + rb"(?:" + _FIELD_LINE + _EOL + rb")*" + _EOL)
+
+
+def headEnd(data):
+    """
+    The length of the request head at the start of C{data} (up to and
+    including its first empty line), or -1 while it is incomplete.
+
+    Called for every read until the head is complete, so it searches with
+    C{bytes.find} (as Autobahn does) rather than a regular expression.
+    """
+    ends = [i + n for i, n in ((data.find(b"\n\n"), 2), (data.find(b"\n\r\n"), 3)) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def isToken(text):
+    """
+    Whether C{text} is an RFC 9110 token, as a subprotocol name must be
+    (RFC 6455 4.1).
+    """
+    return _TOKEN_TEXT.fullmatch(text) is not None
+
+
+def checkHead(head):
+    """
+    Whether C{head} (a whole request head, as cut by L{headEnd}) keeps to
+    the field syntax, and the same head with CRLF line ends.
+
+    @return: C{None} for a head to refuse, else the head with every bare
+        LF made CRLF (the same object when it has none), which is what
+        Autobahn's parser reads.
+    """
+    if _HEAD.fullmatch(head) is None:
+        return None
+    if head.count(b"\n") == head.count(b"\r\n"):
+        return head
+    return head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def headProblem(head):
+    """
+    Why L{checkHead} refused C{head}, for the log: the first line that
+    breaks the syntax, escaped.
+    """
+    lines = re.split(_EOL, head)
+    if not re.fullmatch(_REQUEST_LINE, lines[0]):
+        return f"bad request line {_shown(lines[0])}"
+    for line in lines[1:-2]:
+        if not re.fullmatch(_FIELD_LINE, line):
+            return f"bad header line {_shown(line)}"
+    return "bad line end (a CR without LF)"
+
+
+def _shown(line, limit=80):
+    text = repr(line[:limit])[1:]
+    return text + ("..." if len(line) > limit else "")
+
+
+class BadTarget(ValueError):
+    """
+    A request target lbws does not forward (answered with 400).
+    """
+
+
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+_DOT_SEGMENT = re.compile(r"(?:\.|%2[eE]){1,2}")
+
+
+def normaliseTarget(target):
+    """
+    The origin-form of a client's request target with its dot segments
+    resolved, so that no target can climb out of a backend's path prefix.
+
+    An absolute-form target (C{http://host/path?query}) is reduced to its
+    path and query, as RFC 9112 (3.2.2) has a proxy do; a target that does
+    not then start with C{/} (C{*}, authority-form, a bare word) is refused.
+    Dot segments, plain or percent-encoded (C{%2e}, C{%2E}), are removed
+    as in RFC 3986 (5.2.4). The query is kept byte for byte.
+
+    @raise BadTarget: for a target that is not origin-form or
+        absolute-form, or has a fragment.
+    """
+    absolute = _ABSOLUTE.match(target)
+    if absolute is not None:
+        target = target[absolute.end():]
+        if not target.startswith("/"):
+            target = "/" + target
+    if not target.startswith("/"):
+        raise BadTarget(f"request target {target[:80]!r} does not start with /")
+    path, mark, query = target.partition("?")
+    if "#" in path:
+        raise BadTarget("request target has a fragment")
+    if "." in path or "%" in path:
+        path = _removeDotSegments(path)
+    return path + mark + query
+
+
+def _removeDotSegments(path):
+    """
+    RFC 3986 5.2.4 for an absolute path, with C{%2e} read as C{.}: a
+    segment of one dot is dropped, one of two dots drops the one before.
+    """
+    segments = path.split("/")
+    kept = []
+    for segment in segments[1:]:
+        if _DOT_SEGMENT.fullmatch(segment) is None:
+            kept.append(segment)
+        elif segment.count(".") + segment.lower().count("%2e") == 2 and kept:
+            kept.pop()
+    last = segments[-1]
+    if _DOT_SEGMENT.fullmatch(last):
+        # "/a/.." and "/a/." name the directory: keep the trailing slash.
+        kept.append("")
+    return "/" + "/".join(kept)
+
+
+def joinTarget(prefix, target):
+    """
+    The resource to ask a backend for: its url's path prefix (no trailing
+    slash) and the client's target, normalised by L{normaliseTarget}, so
+    that the result is C{prefix + "/..."} whatever the client sent.
+
+    @raise BadTarget: see L{normaliseTarget}.
+    """
+    return prefix + normaliseTarget(target)
