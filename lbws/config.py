@@ -120,6 +120,11 @@ class Settings:
     rebalance: str = "off"
     rebalance_rate: float = 5.0
     workers: int = 1
+    # Plain HTTP on the listener (README "Plain HTTP and long-polling").
+    http: str = "proxy"
+    http_timeout: float = 60.0
+    max_body_size: int = 1024 * 1024
+    sticky_cookie: str = ""
 
     def backend(self, name):
         for backend in self.backends:
@@ -217,6 +222,20 @@ def _parseHashKey(reader):
         "hash_key",
         f"{text!r} is not one of ip, path, header:NAME, cookie:NAME, query:NAME",
     )
+
+
+# RFC 6265 cookie-name: an RFC 9110 token.
+_COOKIE_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _parseCookieName(reader):
+    name = reader.string("sticky_cookie")
+    if name and not _COOKIE_NAME.match(name):
+        raise reader.error(
+            "sticky_cookie",
+            f"{name!r} is not a cookie name (letters, digits and !#$%&'*+.^_`|~-)",
+        )
+    return name
 
 
 def _parseBackend(path, parser, section):
@@ -340,6 +359,10 @@ def _parseMain(path, parser, backends, health):
         rebalance=reader.choice("rebalance", "off", ("off", "gradual")),
         rebalance_rate=reader.number("rebalance_rate", 5, float, 0, exclusive=True),
         workers=reader.number("workers", 1, int, 1),
+        http=reader.choice("http", "proxy", ("proxy", "refuse")),
+        http_timeout=reader.number("http_timeout", 60, float, 0, exclusive=True),
+        max_body_size=reader.number("max_body_size", 1048576, int, 0),
+        sticky_cookie=_parseCookieName(reader),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):

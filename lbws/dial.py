@@ -207,13 +207,15 @@ class Dialer:
         self._counters = counters
         self._endpointFor = endpointFor or backendEndpoint
 
-    def dial(self, request, target, peerHost, secure):
+    def dial(self, request, target, peerHost, secure, prefer=None):
         """
         Open a WebSocket to a healthy member on behalf of a client.
 
         @param request: the client's Autobahn C{ConnectionRequest}.
         @param target: the client's request target (path and query) exactly
             as it sent it.
+        @param prefer: the member to try first (the one the client's
+            C{sticky_cookie} names), else the balancer chooses.
         @return: a Deferred firing with C{(member, BackendProtocol)}, or
             failing with C{ConnectionDeny} carrying the HTTP status the
             client should get. Cancelling it closes any backend attempt.
@@ -230,7 +232,10 @@ class Dialer:
         result = Deferred(cancel)
 
         def attempt():
-            member = self._pool.choose(key, exclude=tried)
+            if prefer is not None and not tried:
+                member = prefer
+            else:
+                member = self._pool.choose(key, exclude=tried)
             if member is None:
                 if tried:
                     self._counters.handshakes["backend_failed"] += 1

@@ -10,6 +10,8 @@ connection's bytes go to its L{Tunnel}.
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import ISSLTransport
 
+from lbws import httpproxy, sticky
+from lbws.http1 import isWebSocketUpgrade
 from lbws.sockets import setNoDelay
 from lbws.tunnel import Tunnel
 
@@ -56,6 +58,18 @@ class FrontendProtocol(WebSocketServerProtocol):
         self.factory.relay.counters.handshakes["timeout"] += 1
         self.failHandshake("Request Timeout: handshake not completed in time", 408)
 
+    def processHandshake(self):
+        # A request that is not a WebSocket upgrade is plain HTTP: the
+        # HTTP proxy takes the connection over (README, "Plain HTTP").
+        if self.leg is None:
+            end = self.data.find(b"\r\n\r\n")
+            if end >= 0 and not isWebSocketUpgrade(self.data[:end]):
+                self._stopHandshakeTimer()
+                data, self.data = self.data, b""
+                self.leg = httpproxy.takeOver(self, data)
+                return
+        super().processHandshake()
+
     def onConnect(self, request):
         self._stopHandshakeTimer()
         relay = self.factory.relay
@@ -69,10 +83,13 @@ class FrontendProtocol(WebSocketServerProtocol):
         def opened(result):
             self._pending = None
             self._member, self._backend = result
-            return (
-                self._backend.websocket_protocol_in_use,
-                _backendResponseHeaders(self._backend),
+            headers = _backendResponseHeaders(self._backend)
+            cookie = sticky.setCookie(
+                relay.settings.sticky_cookie, self._member, request.headers.get("cookie")
             )
+            if cookie is not None:
+                headers.setdefault("Set-Cookie", []).append(cookie)
+            return (self._backend.websocket_protocol_in_use, headers)
 
         return d.addCallback(opened)
 
