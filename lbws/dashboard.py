@@ -74,6 +74,7 @@ def status(service):
     """
     now = service.reactor.seconds()
     backends = []
+    httpRequests = service.counters.httpMerged()
     for member in service.pool:
         backends.append(
             {
@@ -98,6 +99,11 @@ def status(service):
                 "effective_weight": service.pool.effectiveWeight(member, now),
                 "rebalanced": member.rebalanced,
                 "group": member.group,
+                "http_requests": {
+                    codeClass: n
+                    for (name, codeClass), n in sorted(httpRequests.items())
+                    if name == member.name
+                },
             }
         )
     workers = service.workers
