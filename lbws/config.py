@@ -464,6 +464,14 @@ def summary(settings):
             if settings.rebalance != "off"
             else ""
         ),
+        f"http {settings.http}"
+        + (
+            f" (http_timeout {settings.http_timeout:g}s,"
+            f" max_body_size {settings.max_body_size or 'unlimited'})"
+            if settings.http == "proxy"
+            else ""
+        )
+        + f"; sticky_cookie {settings.sticky_cookie or 'off'}",
         f"{len(settings.backends)} backend(s):",
     ]
     for backend in settings.backends:
