@@ -31,6 +31,7 @@ from lbws.headers import PROXY_HEADERS, proxyHeaders
 from lbws.http1 import (
     BadMessage,
     BodyReader,
+    isWebSocketUpgrade,
     parseRequestHead,
     parseResponseHead,
     requestFraming,
@@ -162,6 +163,7 @@ class HttpFront:
     def __init__(self, relay, protocol):
         self.relay = relay
         self.reactor = relay.reactor
+        self.protocol = protocol
         self.transport = protocol.transport
         self.write = writerFor(self.transport)
         peer = self.transport.getPeer()
@@ -209,6 +211,9 @@ class HttpFront:
             return
         self._stopTimer()
         head, rest = self.buffer[:end], self.buffer[end + 4 :]
+        if isWebSocketUpgrade(head):
+            self._handBack()
+            return
         self.buffer = b""
         try:
             request = parseRequestHead(head)
@@ -230,6 +235,22 @@ class HttpFront:
         self.exchange.start()
         if rest:
             self.received(rest)
+
+    def _handBack(self):
+        """
+        A WebSocket upgrade after plain HTTP requests on one connection:
+        the connection goes back to the WebSocket handshake, which reads
+        this request as if it were the first.
+        """
+        self.gone = True
+        self.relay.http.discard(self)
+        if self._pauses:
+            self._pauses.clear()
+            self.transport.resumeProducing()
+        protocol = self.protocol
+        protocol.leg = None
+        protocol.data, self.buffer = self.buffer, b""
+        protocol.consumeData()
 
     def _timedOut(self):
         self._timer = None
@@ -393,8 +414,13 @@ class Exchange:
         if limit and kind == "length" and length > limit:
             self.fail(413, f"request body larger than {limit} bytes")
             return
-        if self.relay.stopping:
+        relay = self.relay
+        if relay.stopping:
             self.fail(503, "lbws is stopping")
+            return
+        if relay.clients + len(relay.http) > self.settings.max_connections:
+            # HTTP connections count towards max_connections with WebSockets.
+            self.fail(503, "too many connections")
             return
         self.attempt()
 

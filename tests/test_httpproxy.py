@@ -14,7 +14,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from lbws import sticky
-from tests import support
+from lbws.frames import OP_TEXT
+from tests import support, wire
 from tests.support import eventually
 
 
@@ -401,3 +402,47 @@ async def test_sticky_cookie_on_websocket_101(harness):
         again = await harness.client(lbws.url, headers={"Cookie": cookie.split(";")[0]})
         assert "set-cookie" not in again.response.headers
     assert len(first.connections) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_upgrade_after_plain_requests_on_one_connection(harness):
+    ws = await harness.backend("ws")
+    lbws = await harness.lbws([("ws", ws.url)])
+    raw = await wire.rawConnect(lbws.url)
+    # A plain GET first: the Autobahn backend answers it itself.
+    raw.send(b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: sum(lbws.counters.httpRequests.values()) == 1)
+    assert raw.received.startswith(b"HTTP/1.1 ")
+    first = len(raw.received)
+    raw.send(support.handshakeRequest("/chat"))
+    await eventually(lambda: b"\r\n\r\n" in raw.received[first:])
+    assert raw.received[first:].startswith(b"HTTP/1.1 101 ")
+    raw.send(wire.frame(OP_TEXT, b"hello"))
+    await eventually(lambda: raw.received.endswith(b"\x81\x05hello"))
+    assert [c.request.path for c in ws.connections] == ["/chat"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_connections_count_towards_max_connections(harness):
+    backend = await _httpBackend(harness)
+    ws = await harness.backend("ws")
+    lbws = await harness.lbws([("a", backend.url)], lbws="max_connections = 1")
+    [(status, _, _)], _ = await exchange(_hostPort(lbws.url), [("GET", "/echo", None, None)])
+    assert status == 200
+    held = await wire.rawConnect(lbws.url)
+    held.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: b"\r\n\r\n" in held.received)
+    [(status, _, body)], _ = await exchange(_hostPort(lbws.url), [("GET", "/echo", None, None)])
+    assert status == 503
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_idle_keep_alive_connections(harness):
+    backend = await _httpBackend(harness)
+    lbws = await harness.lbws([("a", backend.url)])
+    raw = await wire.rawConnect(lbws.url)
+    raw.send(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: b'"backend"' in raw.received)
+    await lbws.stopService()
+    received = await raw.closed.addTimeout(10, reactor)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
