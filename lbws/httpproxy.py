@@ -20,6 +20,7 @@ without upstream keepalive).
 
 from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -405,6 +406,7 @@ class Exchange:
         self._connecting = None
         self._timer = None
         self._producing = False
+        self._lastFailure = 502
 
     # The request
 
@@ -438,7 +440,9 @@ class Exchange:
             member = pool.choose(key, exclude=self.tried)
         if member is None:
             if self.tried:
-                self.fail(502, "no backend could be reached")
+                # Every backend tried failed: the last one's failure (504
+                # when it timed out) is the client's answer.
+                self.fail(self._lastFailure, "no backend could be reached")
             else:
                 self.fail(503, "no healthy backend")
             return
@@ -466,7 +470,9 @@ class Exchange:
         self._connecting = None
         if self.finished:
             return  # finish() cancelled the attempt
-        if failure.check(TimeoutError, CancelledError):
+        # addTimeout cancels the endpoint's attempt: TCP endpoints report
+        # that as ConnectingCancelledError, not as the TimeoutError.
+        if failure.check(TimeoutError, CancelledError, ConnectingCancelledError):
             why = f"connect timed out after {self.settings.connect_timeout:g}s"
             self._backendFailed(why, retry=True, status=504)
         else:
@@ -687,6 +693,7 @@ class Exchange:
         body did not go out yet) or an error for the client.
         """
         member = self.member
+        self._lastFailure = status
         member.failed += 1
         health = self.settings.health
         member.recordCheck(False, self.reactor.seconds(), health.rise, health.fall, why)
