@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.web.resource import Resource
@@ -446,3 +447,24 @@ async def test_stop_closes_idle_keep_alive_connections(harness):
     await lbws.stopService()
     received = await raw.closed.addTimeout(10, reactor)
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize(
+    "balance", ["round_robin", "least_conn", "hash\nhash_key = header:X-User"]
+)
+@pytest_twisted.ensureDeferred
+async def test_sticky_cookie_combines_with_every_balance(harness, balance):
+    backends = [await _httpBackend(harness, name) for name in ("alpha", "bravo", "charlie")]
+    lbws = await harness.lbws(
+        [(b.name, b.url) for b in backends],
+        lbws=f"balance = {balance}\nsticky_cookie = S",
+        health="interval = 3600",
+    )
+    address = _hostPort(lbws.url)
+    for name in ("alpha", "bravo", "charlie"):
+        cookie = {"Cookie": f"S={sticky.stickyId(lbws.pool[name])}"}
+        requests = [
+            ("GET", "/echo", None, {**cookie, "X-User": f"user{i}"}) for i in range(6)
+        ]
+        answers, _ = await exchange(address, requests)
+        assert {json.loads(body)["backend"] for _, _, body in answers} == {name}
