@@ -449,8 +449,14 @@ class Exchange:
         self.tried.append(member)
         self.member = self._holding = member
         member.active += 1
-        endpoint = backendEndpoint(self.reactor, member.settings, settings.connect_timeout)
-        d = self._connecting = endpoint.connect(_BackendFactory(self))
+        try:
+            endpoint = backendEndpoint(self.reactor, member.settings, settings.connect_timeout)
+            d = self._connecting = endpoint.connect(_BackendFactory(self))
+        except Exception as e:
+            # E.g. a CA file that became unreadable: this backend fails,
+            # with its active count given back, like a refused connect.
+            self._backendFailed(f"cannot connect: {e}", retry=True)
+            return
         d.addTimeout(settings.connect_timeout, self.reactor)
         d.addCallbacks(self._connected, self._connectFailed)
 
@@ -464,7 +470,18 @@ class Exchange:
         self.earlyBytes = 0
         self.front.resume("early")
         protocol.transport.registerProducer(_Pause(self.front, "backend"), True)
-        self._timer = self.reactor.callLater(self.settings.http_timeout, self._headTimedOut)
+        if self.requestRead:
+            self._requestSent()
+
+    def _requestSent(self):
+        """
+        The whole request went out: the backend has C{http_timeout} to
+        start its answer (an upload as slow as the client may take longer).
+        """
+        if self._timer is None and self.response is None:
+            self._timer = self.reactor.callLater(
+                self.settings.http_timeout, self._headTimedOut
+            )
 
     def _connectFailed(self, failure):
         self._connecting = None
@@ -533,6 +550,8 @@ class Exchange:
                     self.front.pause("early")
         if self.body.done:
             self.requestRead = True
+            if self.backend is not None:
+                self._requestSent()
         return rest
 
     # The response
@@ -661,6 +680,7 @@ class Exchange:
 
     def backendLost(self, reason):
         self.backend = None
+        self.front.resume("backend")
         if self.finished:
             return
         if self.response is None:

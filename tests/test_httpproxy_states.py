@@ -153,3 +153,15 @@ def test_http10_client_gets_a_chunked_body_decoded_then_close():
     )
     assert proxy.answer() == "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc"
     assert proxy.client.disconnecting
+
+
+def test_http_timeout_counts_from_the_end_of_a_slow_upload():
+    proxy = Proxy("http_timeout = 3")
+    proxy.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+    transport, _ = proxy.backend()
+    proxy.reactor.advance(10)  # the client is slow, not the backend
+    assert proxy.answer() == ""
+    proxy.send(b"67890")
+    assert transport.value().endswith(b"\r\n\r\n1234567890")
+    proxy.reactor.advance(3)
+    assert proxy.answer().startswith("HTTP/1.1 504 Gateway Timeout\r\n")
