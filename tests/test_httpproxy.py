@@ -468,3 +468,43 @@ async def test_sticky_cookie_combines_with_every_balance(harness, balance):
         ]
         answers, _ = await exchange(address, requests)
         assert {json.loads(body)["backend"] for _, _, body in answers} == {name}
+
+
+def _httpCells(profile, url):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_dashboard import Browser
+
+    browser = Browser(profile)
+    try:
+        browser.driver.get(url)
+        script = (
+            "const r = document.querySelector('#rows tr[data-backend]');"
+            " return r ? [r.cells[13].textContent, r.cells[13].title,"
+            " document.getElementById('tot-http').textContent] : null"
+        )
+        WebDriverWait(browser.driver, 10, poll_frequency=0.1).until(
+            lambda d: (d.execute_script(script) or [""])[0] == "3",
+            message="the HTTP request count never showed",
+        )
+        return browser.driver.execute_script(script), browser.problems()
+    finally:
+        browser.quit()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_page_shows_http_requests(harness, tmp_path):
+    from tests.test_dashboard import browserInstalled
+
+    browserInstalled()
+    backend = await _httpBackend(harness)
+    lbws = await harness.lbws([("a", backend.url)], dashboard="tcp:0:interface=127.0.0.1")
+    await exchange(
+        _hostPort(lbws.url),
+        [("GET", "/echo", None, None), ("GET", "/echo", None, None), ("POST", "/echo", b"x", None)],
+    )
+    cells, problems = await threads.deferToThread(
+        _httpCells, tmp_path / "chromium", lbws.dashboardUrl + "/"
+    )
+    assert cells == ["3", "2xx: 3", "3"]
+    assert problems == []
