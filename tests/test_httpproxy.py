@@ -4,6 +4,7 @@ real twisted.web backends, a real lbws, and Python's http.client (run in
 threads) as the client; every answer is compared with the backend's own.
 """
 
+import hashlib
 import http.client
 import json
 import socket
@@ -56,7 +57,7 @@ class _Backend(Resource):
                     for k, vs in request.requestHeaders.getAllRawHeaders()
                 },
                 "body": len(body),
-                "sha": __import__("hashlib").sha256(body).hexdigest(),
+                "sha": hashlib.sha256(body).hexdigest(),
             }
         ).encode()
 
@@ -207,7 +208,7 @@ async def test_chunked_upload_streams_to_the_backend(harness):
     assert status == 200
     seen = json.loads(body)
     assert seen["body"] == 3_000_000
-    assert seen["sha"] == __import__("hashlib").sha256(b"".join(payload)).hexdigest()
+    assert seen["sha"] == hashlib.sha256(b"".join(payload)).hexdigest()
 
 
 @pytest_twisted.ensureDeferred
