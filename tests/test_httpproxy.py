@@ -18,6 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from lbws import sticky
 from lbws.frames import OP_TEXT
 from tests import support, wire
+from tests.test_tls import pki  # noqa: F401 (a fixture)
 from tests.support import eventually
 
 
@@ -509,3 +510,42 @@ async def test_dashboard_page_shows_http_requests(harness, tmp_path):
     )
     assert cells == ["3", "2xx: 3", "3"]
     assert problems == []
+
+
+def _httpsExchange(port, caFile, path):
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(caFile))
+    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=20)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_client_and_wss_backend_url_as_https(harness, pki):
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.internet.ssl import PrivateCertificate
+
+    from tests.test_tls import sslListen
+
+    resource = _Backend("tls")
+    options = PrivateCertificate.loadPEM(pki["server-pem"]).options()
+    port = await harness.listen(
+        Site(resource), SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+    )
+    url = f"wss://localhost:{port.getHost().port}/app"
+    lbws = await harness.lbws(
+        [("tls", url, f"ca = {pki['ca']}")], listen=sslListen(pki), health="interval = 3600"
+    )
+    status, body = await threads.deferToThread(
+        _httpsExchange, int(lbws.url.rsplit(":", 1)[1]), pki["ca"], "/echo"
+    )
+    assert status == 200
+    seen = json.loads(body)
+    assert seen["uri"] == "/app/echo"
+    assert seen["headers"]["x-forwarded-proto"] == ["https"]
+    assert seen["headers"]["host"] == [f"localhost:{port.getHost().port}"]
