@@ -1,6 +1,7 @@
 # The README's two commands: `make run` and `make test`.
 # Both set up what they need on a fresh machine (a virtualenv in .venv,
-# node `ws` for the demo and test backends) and are safe to run again.
+# node `ws` and socket.io for the demo and test backends) and are safe to run
+# again.
 
 PYTHON ?= python3
 VENV := .venv

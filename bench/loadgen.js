@@ -9,7 +9,9 @@
 //   S3     N (20) workers loop connect + one round trip + close: connections/s
 //   S4     open N (2000) idle connections, report when all are open, hold them
 //          until stdin closes, SIGTERM/SIGINT, or --hold-timeout
+//   H1     plain HTTP: N (20) keep-alive connections loop small GETs: requests/s
 //   probe  one connect + round trip + close; exit status 0 if it worked
+//   hprobe one plain HTTP GET; exit status 0 if it got a 200
 //
 // Only 127.0.0.1 is ever connected to. Output is one JSON object per line on
 // stdout: {"event":"start"} and {"event":"stop"} bracket the measured window
@@ -218,6 +220,49 @@ async function idle(count, holdMs) {
   };
 }
 
+// H1: each of `concurrency` keep-alive connections sends the next GET as soon
+// as the last response ended; only 200s inside the window count.
+function httpGet(agent) {
+  const http = require('http');
+  return new Promise((resolve, reject) => {
+    const req = http.get({ host: '127.0.0.1', port, path: '/', agent }, (res) => {
+      res.resume();
+      res.on('end', () => (res.statusCode === 200 ? resolve()
+        : reject(new Error(`HTTP ${res.statusCode}`))));
+    });
+    req.setTimeout(CYCLE_TIMEOUT_MS, () => req.destroy(new Error('request timed out')));
+    req.on('error', reject);
+  });
+}
+
+async function httpGets(concurrency) {
+  const http = require('http');
+  const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency });
+  const latencies = [];
+  let errors = 0;
+  const end = Date.now() + durationMs;
+  const stop = measureWindow();
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    while (Date.now() < end) {
+      const t0 = process.hrtime.bigint();
+      try {
+        await httpGet(agent);
+        latencies.push(Number(process.hrtime.bigint() - t0) / 1e6);
+      } catch {
+        errors++;
+      }
+    }
+  }));
+  const window = stop();
+  agent.destroy();
+  latencies.sort((a, b) => a - b);
+  return {
+    ...window, requests: latencies.length, errors,
+    requests_per_s: latencies.length / window.seconds,
+    p50_ms: percentile(latencies, 0.5), p99_ms: percentile(latencies, 0.99),
+  };
+}
+
 async function main() {
   const text = 'x'.repeat(32);
   let result;
@@ -238,10 +283,19 @@ async function main() {
       result = await idle(Number(option('connections', '2000')),
         Number(option('hold-timeout', '300')) * 1000);
       break;
+    case 'H1':
+      result = await httpGets(Number(option('connections', '20')));
+      break;
     case 'probe':
       await cycle(text);
       result = { ok: true };
       break;
+    case 'hprobe': {
+      const http = require('http');
+      await httpGet(new http.Agent());
+      result = { ok: true };
+      break;
+    }
     default:
       throw new Error(`unknown scenario ${scenario}`);
   }

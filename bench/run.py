@@ -33,9 +33,10 @@ REPO = BENCH.parent
 RESULTS = BENCH / "results"
 LOADGEN = BENCH / "loadgen.js"
 ECHO_SERVER = REPO / "tests" / "node" / "echo-server.js"
+HTTP_BACKEND = BENCH / "http-backend.js"
 TWISTD = REPO / ".venv" / "bin" / "twistd"
 
-SCENARIOS = ("S1", "S2", "S3", "S4")
+SCENARIOS = ("S1", "S2", "S3", "S4", "H1")
 TARGETS = ("direct", "nginx", "haproxy", "lbws", "lbws-w2")
 READY_TIMEOUT = 30.0      # seconds for a target to accept and echo
 STOP_TIMEOUT = 5.0        # seconds for a process to exit on SIGTERM before SIGKILL
@@ -47,8 +48,9 @@ OTHER_LOAD = 0.15         # CPU share of unrelated processes worth a warning
 
 # What each scenario is judged by; for S4 lower is better.
 HEADLINE = {"S1": "round_trips_per_s", "S2": "mb_per_s", "S3": "connections_per_s",
-            "S4": "bytes_per_conn"}
-UNIT = {"S1": "round trips/s", "S2": "MB/s", "S3": "conn/s", "S4": "bytes/conn"}
+            "S4": "bytes_per_conn", "H1": "requests_per_s"}
+UNIT = {"S1": "round trips/s", "S2": "MB/s", "S3": "conn/s", "S4": "bytes/conn",
+        "H1": "req/s"}
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -249,7 +251,7 @@ def target_command(name, workdir, port, backend_port, lbws_extra):
     return [TWISTD, "-n", "--pidfile=", "lbws", "--config", ini]
 
 
-def wait_ready(proc, port, log):
+def wait_ready(proc, port, log, probe="probe"):
     """Wait until `port` accepts TCP, then until a WebSocket echo goes through it.
 
     A proxy may accept before it can reach the backend (lbws waits for its
@@ -267,11 +269,11 @@ def wait_ready(proc, port, log):
         except OSError:
             time.sleep(0.1)
             continue
-        probe = subprocess.run(["node", LOADGEN, "--port", str(port), "--scenario", "probe"],
-                               capture_output=True, text=True, timeout=30)
-        if probe.returncode == 0:
+        done = subprocess.run(["node", LOADGEN, "--port", str(port), "--scenario", probe],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode == 0:
             return
-        problem = probe.stdout.strip() or probe.stderr.strip()
+        problem = done.stdout.strip() or done.stderr.strip()
         time.sleep(0.5)
     raise BenchError(f"not ready within {READY_TIMEOUT:.0f} s ({problem})\n{log_tail(log)}")
 
@@ -321,8 +323,8 @@ def run_scenario(procs, scenario, port, measured, backend, args):
     return result
 
 
-def bench_target(procs, name, workdir, backend, backend_port, args):
-    """Start `name` fresh, run the scenarios against it, stop it."""
+def bench_target(procs, name, workdir, backend, backend_port, args, scenarios):
+    """Start `name` fresh, run `scenarios` against it, stop it."""
     outcome = {"scenarios": {}}
     proc = None
     try:
@@ -334,8 +336,9 @@ def bench_target(procs, name, workdir, backend, backend_port, args):
             argv = target_command(name, workdir, port, backend_port, args.lbws_config_extra)
             with log.open("w") as out:
                 proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        wait_ready(proc, port, workdir / f"{name}.log")
-        for scenario in args.scenarios:
+        wait_ready(proc, port, workdir / f"{name}.log",
+                   "hprobe" if scenarios == ["H1"] else "probe")
+        for scenario in scenarios:
             try:
                 result = run_scenario(procs, scenario, port, proc or backend, backend, args)
             except BenchError as error:
@@ -512,8 +515,8 @@ def parse_args():
                         help="2 s per scenario, S4 with 200 connections, writes results/smoke.json only")
     parser.add_argument("--targets", type=names(TARGETS), default="direct,nginx,haproxy,lbws",
                         help=f"comma-separated, from {','.join(TARGETS)}")
-    parser.add_argument("--scenarios", type=names(SCENARIOS), default="S1,S2,S3,S4",
-                        help="comma-separated, from S1,S2,S3,S4")
+    parser.add_argument("--scenarios", type=names(SCENARIOS), default="S1,S2,S3,S4,H1",
+                        help="comma-separated, from S1,S2,S3,S4,H1 (H1: plain HTTP GETs)")
     parser.add_argument("--lbws-config-extra", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="extra [lbws] key for the lbws targets (repeatable)")
     args = parser.parse_args()
@@ -523,20 +526,36 @@ def parse_args():
     return args
 
 
-def run(args, procs, workdir):
-    backend = procs.start(["node", ECHO_SERVER, "--port", "0"], stdout=subprocess.PIPE, text=True)
+def start_backend(procs, script):
+    backend = procs.start(["node", script, "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
-        backend_port = int(Lines(backend.stdout).next(time.monotonic() + READY_TIMEOUT).split()[1])
+        port = int(Lines(backend.stdout).next(time.monotonic() + READY_TIMEOUT).split()[1])
     except BenchError as error:
-        raise SystemExit(f"echo backend did not start: {error} (did bench/setup.sh run?)") from None
+        raise SystemExit(f"{script.name} did not start: {error} (did bench/setup.sh run?)") from None
+    return backend, port
+
+
+def run(args, procs, workdir):
+    """WebSocket scenarios against the echo backend, then H1 against the
+    plain HTTP one (each target started fresh for each)."""
     report = {"started": datetime.now().astimezone().isoformat(timespec="seconds"),
               "duration": args.duration, "smoke": args.smoke,
               "idle_connections": args.idle_connections, "scenarios": args.scenarios,
               "lbws_config_extra": dict(args.lbws_config_extra), "versions": tool_versions(),
               "targets": {}}
-    for name in args.targets:
-        print(f"{name} ...", file=sys.stderr)
-        report["targets"][name] = bench_target(procs, name, workdir, backend, backend_port, args)
+    passes = [(ECHO_SERVER, [s for s in args.scenarios if s != "H1"]),
+              (HTTP_BACKEND, [s for s in args.scenarios if s == "H1"])]
+    for script, scenarios in passes:
+        if not scenarios:
+            continue
+        backend, backend_port = start_backend(procs, script)
+        for name in args.targets:
+            print(f"{name} {','.join(scenarios)} ...", file=sys.stderr)
+            outcome = bench_target(procs, name, workdir, backend, backend_port, args, scenarios)
+            merged = report["targets"].setdefault(name, {"scenarios": {}})
+            merged["scenarios"].update(outcome.pop("scenarios"))
+            merged.update(outcome)
+        procs.stop(backend)
     report["ratios_to_nginx"] = ratios_to_nginx(report["targets"])
     return report
 

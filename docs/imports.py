@@ -26,7 +26,10 @@ PARTS = {
     "composition": (
         "tap", "service", "core", "signals", "listen", "fdlimit", "workers", "worker", "config",
     ),
-    "data path": ("relay", "server", "request", "origins", "tunnel", "frames", "sockets", "wsoptions"),
+    "data path": (
+        "relay", "server", "request", "origins", "tunnel", "frames", "sockets", "wsoptions",
+    ),
+    "plain HTTP": ("httpproxy", "http1", "sticky"),
     "backends": (
         "pool", "balance", "dial", "backend", "answers", "headers", "health", "discovery",
         "rebalance", "tlserrors",

@@ -181,6 +181,15 @@ def answerRefusal(protocol, answer):
     protocol.sendData(answer)
 
 
+def processReceived(protocol):
+    """
+    Have an Autobahn protocol parse what it has received (its
+    C{consumeData}), as after new bytes: for a head put back with
+    L{replaceReceived}.
+    """
+    protocol.consumeData()
+
+
 def replaceReceived(protocol, data):
     """
     Put C{data} in the place of the bytes an Autobahn protocol has read and

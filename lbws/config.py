@@ -160,6 +160,11 @@ class Settings:
     max_connections_per_ip: int = 0
     max_message_rate: int = 0
     allowed_origins: AllowedOrigins = AllowedOrigins()
+    # Plain HTTP on the listener (README "Plain HTTP and long-polling").
+    http: str = "proxy"
+    http_timeout: float = 60.0
+    max_body_size: int = 1024 * 1024
+    sticky_cookie: str = ""
 
     def backend(self, name):
         for backend in self.backends:
@@ -313,6 +318,20 @@ def _parseOrigins(reader):
         return parseOrigins(reader.string("allowed_origins"))
     except OriginError as e:
         raise reader.error("allowed_origins", str(e)) from None
+
+
+# RFC 6265 cookie-name: an RFC 9110 token.
+_COOKIE_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _parseCookieName(reader):
+    name = reader.string("sticky_cookie")
+    if name and not _COOKIE_NAME.match(name):
+        raise reader.error(
+            "sticky_cookie",
+            f"{name!r} is not a cookie name (letters, digits and !#$%&'*+.^_`|~-)",
+        )
+    return name
 
 
 def _parseBackend(path, parser, section):
@@ -485,6 +504,10 @@ def _parseMain(path, parser, backends, health):
         max_connections_per_ip=reader.number("max_connections_per_ip", 0, int, 0),
         max_message_rate=reader.number("max_message_rate", 0, int, 0),
         allowed_origins=_parseOrigins(reader),
+        http=reader.choice("http", "proxy", ("proxy", "refuse")),
+        http_timeout=reader.number("http_timeout", 60, float, 0, exclusive=True),
+        max_body_size=reader.number("max_body_size", 1048576, int, 0),
+        sticky_cookie=_parseCookieName(reader),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
@@ -614,6 +637,14 @@ def summary(settings):
             if settings.rebalance != "off"
             else ""
         ),
+        f"http {settings.http}"
+        + (
+            f" (http_timeout {settings.http_timeout:g}s,"
+            f" max_body_size {settings.max_body_size or 'unlimited'})"
+            if settings.http == "proxy"
+            else ""
+        )
+        + f"; sticky_cookie {settings.sticky_cookie or 'off'}",
         f"{len(settings.backends)} backend(s):",
     ]
     for backend in settings.backends:

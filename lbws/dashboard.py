@@ -98,6 +98,7 @@ def status(service):
     """
     now = service.seconds()
     backends = []
+    httpRequests = service.httpRequests()
     for member in service.members():
         backends.append(
             {
@@ -122,6 +123,11 @@ def status(service):
                 "effective_weight": service.effectiveWeight(member, now),
                 "rebalanced": member.rebalanced,
                 "group": member.group,
+                "http_requests": {
+                    codeClass: n
+                    for (name, codeClass), n in sorted(httpRequests.items())
+                    if name == member.name
+                },
             }
         )
     return {

@@ -83,7 +83,7 @@ class Dialer:
         self._counters = counters
         self.shortages = Shortages(reactor, "opening backend connections: new clients get 503")
 
-    def dial(self, request, target, peerHost, secure, key=None):
+    def dial(self, request, target, peerHost, secure, key=None, prefer=None):
         """
         Open a WebSocket to a healthy member on behalf of a client.
 
@@ -91,12 +91,14 @@ class Dialer:
         @param target: the client's request target (path and query) exactly
             as it sent it.
         @param key: the client's hash key (C{balance = hash}), or None.
+        @param prefer: the member to try first (the one the client's
+            C{sticky_cookie} names), else the balancer chooses.
         @return: a Deferred firing with C{(member, RelayProtocol)}, or
             failing with C{ConnectionDeny} carrying the HTTP status the
             client should get (L{Refused} with the backend's own answer).
             Cancelling it closes any backend attempt.
         """
-        return _ClientDial(self, request, target, peerHost, secure, key).next()
+        return _ClientDial(self, request, target, peerHost, secure, key, prefer).next()
 
 
 class _ClientDial:
@@ -104,8 +106,9 @@ class _ClientDial:
     One client's way to a backend: members tried in turn until one opens.
     """
 
-    def __init__(self, dialer, request, target, peerHost, secure, key):
+    def __init__(self, dialer, request, target, peerHost, secure, key, prefer=None):
         self._dialer = dialer
+        self._prefer = prefer
         self._settings = dialer.settings
         self._request = request
         self._target = target
@@ -122,7 +125,10 @@ class _ClientDial:
 
     def next(self):
         dialer = self._dialer
-        member = dialer._pool.choose(self._key, exclude=self._tried)
+        if self._prefer is not None and not self._tried:
+            member = self._prefer
+        else:
+            member = dialer._pool.choose(self._key, exclude=self._tried)
         if member is None:
             if self._tried:
                 dialer._counters.handshakes["backend_failed"] += 1

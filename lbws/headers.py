@@ -64,13 +64,31 @@ def forwardedHeaders(request, peerHost, secure):
             # Cookie is the one header whose repeats join with "; ".
             value = "; ".join(part.strip() for part in value.split(", "))
         headers[name] = value
+    headers.update(proxyHeaders(clientHeaders, peerHost, secure))
+    return headers, clientHeaders.get("user-agent"), clientHeaders.get("origin")
+
+
+# The names of the headers L{proxyHeaders} sets: a client's own copies of
+# them are not passed on.
+PROXY_HEADERS = frozenset(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"])
+
+
+def proxyHeaders(clientHeaders, peerHost, secure):
+    """
+    X-Forwarded-For (appended to the client's), X-Forwarded-Proto,
+    X-Forwarded-Host and X-Real-IP, for the backend: the same for a
+    WebSocket handshake and for a plain HTTP request.
+
+    @param clientHeaders: the client's headers, lower-case names.
+    """
+    headers = {}
     earlier = clientHeaders.get("x-forwarded-for")
     headers["X-Forwarded-For"] = f"{earlier}, {peerHost}" if earlier else peerHost
     headers["X-Forwarded-Proto"] = "https" if secure else "http"
     if "host" in clientHeaders:
         headers["X-Forwarded-Host"] = clientHeaders["host"]
     headers["X-Real-IP"] = peerHost
-    return headers, clientHeaders.get("user-agent"), clientHeaders.get("origin")
+    return headers
 
 
 def parseFields(head):

@@ -33,6 +33,9 @@ class Counters:
         self.handshakes = Counter()
         self.closes = Counter()
         self.protocolErrors = Counter()
+        # Plain HTTP requests by (backend, status class "2xx"...), backend
+        # "-" for those lbws answered itself before choosing one.
+        self.httpRequests = Counter()
         # With workers = N: each worker's last L{snapshot}, by worker index.
         self._remote = {}
 
@@ -45,6 +48,10 @@ class Counters:
             "closes": [[side, code, n] for (side, code), n in self.closes.items()],
             "protocolErrors": [
                 [side, code, n] for (side, code), n in self.protocolErrors.items()
+            ],
+            "httpRequests": [
+                [backend, codeClass, n]
+                for (backend, codeClass), n in self.httpRequests.items()
             ],
         }
 
@@ -59,6 +66,17 @@ class Counters:
         Worker C{index} ended: its counts leave the totals.
         """
         self._remote.pop(index, None)
+
+    def httpMerged(self):
+        """
+        L{httpRequests} of this process and its workers together.
+        """
+        requests = Counter(self.httpRequests)
+        for snapshot in self._remote.values():
+            requests.update(
+                {(b, c): n for b, c, n in snapshot.get("httpRequests", ())}
+            )
+        return requests
 
     def merged(self):
         """
@@ -288,6 +306,15 @@ class LbwsCollector:
         for (side, code), count in sorted(errorCounts.items(), key=str):
             errors.add_metric([side, str(code)], count)
 
+        httpRequests = CounterMetricFamily(
+            "lbws_http_requests",
+            "Plain HTTP requests (not WebSocket) by backend and status class"
+            " (2xx...); backend \"-\" for those lbws answered before choosing one.",
+            labels=["backend", "code_class"],
+        )
+        for (backend, codeClass), count in sorted(service.httpRequests().items()):
+            httpRequests.add_metric([backend, codeClass], count)
+
         connections = GaugeMetricFamily(
             "lbws_connections_active",
             "Client connections open (or being opened) on all backends.",
@@ -306,7 +333,7 @@ class LbwsCollector:
         return [
             up, state, weight, active, total, failed, messages, payload, checks,
             durations, rtt, lastCheck, handshakes, closes, errors, connections,
-            started, effective, rebalanced, maxConnections,
+            started, effective, rebalanced, maxConnections, httpRequests,
         ]
 
 

@@ -10,6 +10,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
+from lbws import sticky
 from lbws.balance import hashKeyOf
 from lbws.server import FrontendFactory
 
@@ -32,6 +33,7 @@ class Relay:
         self.clients = 0  # client connections past admission, open or pending
         self.perPeer = {}  # the same, by client address (PROXY protocol's if used)
         self.opening = {}  # client protocol -> its backend attempt, until settled
+        self.http = set()  # client connections speaking plain HTTP (lbws.httpproxy)
         self.stopping = False
         self._drained = None
 
@@ -59,8 +61,11 @@ class Relay:
             # Gradual rebalancing moves connections whose key maps elsewhere.
             info.keySource = str(self.settings.hash_key)
             info.key = hashKeyOf(self.settings.hash_key, info.peer, request)
+        prefer = sticky.preferred(
+            self.pool, self.settings.sticky_cookie, request.headers.get("cookie")
+        )
         d = self.opening[protocol] = self.dialer.dial(
-            request, info.target, info.peer, info.secure, info.key
+            request, info.target, info.peer, info.secure, info.key, prefer
         )
 
         def opened(result):
@@ -148,6 +153,9 @@ class Relay:
         # finish, they would open after the drain and be cut at exit.
         for attempt in list(self.opening.values()):
             attempt.cancel()
+        # Plain HTTP connections close once their response in progress is out.
+        for front in list(self.http):
+            front.stop()
         if not self.tunnels:
             return succeed(None)
         self._drained = Deferred()

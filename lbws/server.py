@@ -15,10 +15,12 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import ISSLTransport
 
+from lbws import httpproxy, sticky
 from lbws.answers import acceptedHeaders
 from lbws.compat import (
     answerRefusal,
     isConnecting,
+    processReceived,
     received,
     refuseHandshake,
     replaceReceived,
@@ -26,6 +28,7 @@ from lbws.compat import (
     takeReceived,
 )
 from lbws.dial import Refused
+from lbws.http1 import isWebSocketUpgrade
 from lbws.headers import parseFields
 from lbws.logs import printable
 from lbws.request import (
@@ -108,7 +111,8 @@ class FrontendProtocol(WebSocketServerProtocol):
     def processHandshake(self):
         """
         Check the raw request head before Autobahn parses it (see
-        L{lbws.request}): a head that breaks the field syntax gets 400.
+        L{lbws.request}): a head that breaks the field syntax gets 400, one
+        that is not a WebSocket upgrade goes to the HTTP proxy.
         Autobahn reads a head with bare LF line ends as one with CRLF, and
         lbws forwards the headers it parsed itself when a value has bytes
         above 0x7F, which Autobahn's parser would split (at 0x85) or trim
@@ -129,6 +133,13 @@ class FrontendProtocol(WebSocketServerProtocol):
         if head is None:
             refuseHandshake(self, f"Bad Request: {headProblem(raw)}", 400)
             return
+        if not isWebSocketUpgrade(head):
+            # Plain HTTP: the HTTP proxy takes the connection over (README,
+            # "Plain HTTP and long-polling").
+            self._stopHandshakeTimer()
+            takeReceived(self)
+            self.leg = httpproxy.takeOver(self, head + data[end:])
+            return
         if _OBS_TEXT.search(head) is not None:
             self._fields = parseFields(head)
             # Autobahn's splitlines breaks lines at 0x85 (NEL in latin-1):
@@ -137,6 +148,17 @@ class FrontendProtocol(WebSocketServerProtocol):
         if head is not raw:
             replaceReceived(self, head + data[end:])
         super().processHandshake()
+
+    def resumeHandshake(self, data):
+        """
+        The HTTP proxy hands the connection back (a WebSocket upgrade after
+        plain requests on it): C{data}, starting with that request's head,
+        is read as if it were the first.
+        """
+        self.leg = None
+        self._headSeen = False
+        replaceReceived(self, data)
+        processReceived(self)
 
     def onConnect(self, request):
         self._stopHandshakeTimer()
@@ -165,10 +187,19 @@ class FrontendProtocol(WebSocketServerProtocol):
         def opened(result):
             self._pending = None
             self._member, self._backend = result
+            headers = acceptedHeaders(self._backend.head)
+            cookie = sticky.setCookie(
+                relay.settings.sticky_cookie, self._member, request.headers.get("cookie")
+            )
+            if cookie is not None:
+                headers.setdefault("Set-Cookie", []).append(cookie)
             return (
                 self._backend.websocket_protocol_in_use,
-                acceptedHeaders(self._backend.head),
+                headers,
             )
+            if cookie is not None:
+                headers.setdefault("Set-Cookie", []).append(cookie)
+            return (self._backend.websocket_protocol_in_use, headers)
 
         def failed(failure):
             self._pending = None

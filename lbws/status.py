@@ -80,6 +80,13 @@ class StatusView:
         """
         return self._core.counters.merged()
 
+    def httpRequests(self):
+        """
+        Plain HTTP requests by C{(backend, status class)}, of this process
+        and its workers together.
+        """
+        return self._core.counters.httpMerged()
+
     def workerConnections(self):
         """
         Client connections of each worker process, by worker index; empty

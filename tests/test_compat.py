@@ -297,3 +297,52 @@ def test_OctetRequest():
     sent = transport.value()
     assert b"x-bytes: \xa0\xff\xe9\x85\r\n" in sent
     assert b"Origin: https://\xe9.example\r\n" in sent
+
+
+def test_replaceReceived_and_processReceived():
+    # lbws.server hands Autobahn a checked head in place of the raw one,
+    # and the HTTP proxy hands a connection back to the handshake.
+    connected = []
+
+    class Holding(WebSocketServerProtocol):
+        def processHandshake(self):
+            if not connected and b"\r\n\r\n" in compat.received(self):
+                connected.append("held")
+                return
+            return super().processHandshake()
+
+        def onConnect(self, request):
+            connected.append(request.path)
+
+    proto = serverProtocol(Holding)
+    proto.dataReceived(b"GET /raw HTTP/1.1\r\n\r\n")
+    compat.replaceReceived(proto, handshakeRequest("/checked"))
+    compat.processReceived(proto)
+    assert connected == ["held", "/checked"]
+    assert proto.transport.value().startswith(b"HTTP/1.1 101 ")
+
+
+def test_answerRefusal():
+    # lbws.server overrides sendHttpErrorResponse, which Autobahn's
+    # failHandshake ends in, to write a backend's refusal instead.
+    answer = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno"
+
+    class Refusing(WebSocketServerProtocol):
+        def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
+            compat.answerRefusal(self, answer)
+
+    proto = serverProtocol(Refusing)
+    proto.dataReceived(handshakeRequest()[:30])
+    compat.refuseHandshake(proto, "Unauthorized", 401)
+    assert proto.transport.value() == answer
+
+
+def test_setRequestTarget():
+    factory = WebSocketClientFactory("ws://127.0.0.1:9/", reactor=reactor)
+    compat.setRequestTarget(factory, "[::1]", "/app/x?y=1")
+    factory.protocol = WebSocketClientProtocol
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
+    proto.makeConnection(Transport())
+    head = proto.transport.value()
+    assert head.startswith(b"GET /app/x?y=1 HTTP/1.1\r\n")
+    assert b"Host: [::1]:9\r\n" in head

@@ -50,7 +50,10 @@ async def _start(harness):
         [("a", backend.url)],
         health="interval = 60",
         # The raw bystander answers no ping: lbws pings no one.
-        lbws=f"max_message_size = {MAX_MESSAGE}\nhandshake_timeout = 2\nping_interval = 0",
+        # Heads that are not WebSocket upgrades get 426: the recording
+        # backend speaks no plain HTTP.
+        lbws=f"max_message_size = {MAX_MESSAGE}\nhandshake_timeout = 2\nping_interval = 0"
+        "\nhttp = refuse",
     )
     lbws.bystander = await wire.rawOpen(lbws.url)
     await eventually(lambda: opened(backend))
@@ -229,8 +232,8 @@ async def _answered(lbws, backend, head, expected, before, client):
         assert len(opened(backend)) == before, head
     elif not handshakeIntact(expected) or b"#" in head.split(b" ")[1]:
         # Valid field syntax, but not a WebSocket handshake (a handshake
-        # line ran into another), or a target with a fragment: Autobahn
-        # refuses it.
+        # line ran into another: 426 with http = refuse), or a target with
+        # a fragment: refused.
         assert status.startswith("HTTP/1.1 4"), (head, response)
         await client.closed.addTimeout(5, reactor)
         assert len(opened(backend)) == before, head

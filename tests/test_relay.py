@@ -363,11 +363,15 @@ async def test_bad_frames_get_their_close_code_after_earlier_replies(harness, ba
 @pytest_twisted.ensureDeferred
 async def test_not_a_websocket_handshake_is_refused(harness):
     backend = await harness.backend()
-    lbws = await harness.lbws([("a", backend.url)])
+    lbws = await harness.lbws([("a", backend.url)], lbws="http = refuse")
     raw = await wire.rawConnect(lbws.url)
     raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     received = await raw.closed
-    assert received.startswith(b"HTTP/1.1 4")
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nUpgrade: websocket\r\n" in head + b"\r\n"
+    assert b"\r\nConnection: Upgrade\r\n" in head + b"\r\n"
+    assert body == b"426 Upgrade Required: this service speaks WebSocket only\n"
     junk = await wire.rawConnect(lbws.url)
     junk.send(b"\x00\x01garbage\r\n\r\n")
     assert (await junk.closed).startswith(b"HTTP/1.1 4")
