@@ -197,9 +197,7 @@ class _ClientDial:
             self._fail(ConnectionDeny(503, "Service Unavailable: lbws is out of resources"))
             return
         why = failure.getErrorMessage()
-        member.traffic.failure()
-        health = self._settings.health
-        member.recordCheck(False, dialer._reactor.seconds(), health.rise, health.fall, why)
+        member.connectionFailed(why, dialer._reactor.seconds(), self._settings.health)
         _log.warn(
             "backend {backend} failed for {peer}: {why}",
             backend=member.name,

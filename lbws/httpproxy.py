@@ -697,9 +697,7 @@ class Exchange:
         """
         member = self.member
         self._lastFailure = status
-        member.traffic.failure()
-        health = self.settings.health
-        member.recordCheck(False, self.reactor.seconds(), health.rise, health.fall, why)
+        member.connectionFailed(why, self.reactor.seconds(), self.settings.health)
         _log.warn(
             "backend {backend} failed for {peer} (HTTP): {why}",
             backend=member.name,

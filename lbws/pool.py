@@ -335,6 +335,17 @@ class Member:
             )
         return changed
 
+    def connectionFailed(self, why, when, health):
+        """
+        A real connection to this backend failed through the backend's
+        fault (connect error, timeout, reset, malformed answer): counted,
+        and a failed check (passive ejection, as nginx's C{max_fails}).
+
+        @param health: the C{[health]} settings (C{rise}, C{fall}).
+        """
+        self.traffic.failure()
+        return self.recordCheck(False, when, health.rise, health.fall, why)
+
     def follow(self, healthy, drained, changed):
         """
         A worker takes its parent's state of this member.
