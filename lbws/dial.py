@@ -26,6 +26,7 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 
+from lbws import extensions
 from lbws.balance import hashKeyOf
 from lbws.headers import forwardedHeaders
 from lbws.sockets import setNoDelay
@@ -55,6 +56,8 @@ class BackendProtocol(WebSocketClientProtocol):
 
     leg = None
     httpStatus = None
+    # lbws checks the backend's Sec-WebSocket-Extensions answer itself.
+    _parseExtensionsHeader = extensions.unparsedExtensions
 
     def connectionMade(self):
         super().connectionMade()
@@ -103,6 +106,7 @@ class BackendFactory(WebSocketClientFactory):
         super().__init__(**kwargs)
         self.opened = opened
         self.protocolInstance = None
+        self.extensionOffer = None  # what the backend was offered
         self.setProtocolOptions(
             openHandshakeTimeout=0,
             closeHandshakeTimeout=0,
@@ -120,8 +124,15 @@ class BackendFactory(WebSocketClientFactory):
         return self.protocolInstance
 
     def handshakeDone(self, protocol):
-        if not self.opened.called:
+        if self.opened.called:
+            return
+        answer = extensions.accepted(protocol.http_headers)
+        why = extensions.answerProblem(answer, self.extensionOffer)
+        if why is None:
             self.opened.callback(protocol)
+        else:
+            self.opened.errback(BackendHandshakeError(f"backend handshake failed: {why}"))
+            protocol.transport.loseConnection()
 
     def lostBeforeRelay(self, protocol, reason):
         if self.opened.called:
@@ -305,6 +316,9 @@ class Dialer:
 
         opened = Deferred(cancel)
         headers, useragent, origin = forwardedHeaders(request, peerHost, secure)
+        offer = extensions.forwardedOffer(request.headers, settings.compression)
+        if offer is not None:
+            headers["Sec-WebSocket-Extensions"] = offer
         factory = BackendFactory(
             opened,
             url=f"{'wss' if backend.secure else 'ws'}://{backend.host}:{backend.port}/",
@@ -315,6 +329,7 @@ class Dialer:
             reactor=reactor,
         )
         factory.resource = backend.path + target if backend.path else target
+        factory.extensionOffer = offer
 
         def connected(protocol):
             state["connecting"] = None

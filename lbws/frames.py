@@ -21,6 +21,7 @@ OP_PING = 0x9
 OP_PONG = 0xA
 
 _DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
+_MESSAGE_OPCODES = (OP_TEXT, OP_BINARY)  # the first frame of a message
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
 CLOSE_NORMAL = 1000
@@ -67,13 +68,17 @@ class FrameScanner:
         frame may be put into the stream this scanner feeds.
     """
 
-    def __init__(self, handler, masked, maxMessageSize):
+    def __init__(self, handler, masked, maxMessageSize, deflate=False):
         """
         @param masked: whether frames in this direction must be masked
             (client to server) or must not be (server to client).
+        @param deflate: whether permessage-deflate was negotiated: then RSV1
+            marks a compressed message, on its first frame only (RFC 7692
+            section 6). Sizes stay those of the frames, compressed.
         """
         self._handler = handler
         self._maskBit = 0x80 if masked else 0
+        self._compressedBit = 0x40 if deflate else 0
         self._maxMessageSize = maxMessageSize
         self._pending = b""  # an incomplete header or control frame
         self._remaining = 0  # payload bytes of the current data frame
@@ -177,7 +182,9 @@ class FrameScanner:
             headerLength += 4
         if end - pos < headerLength:
             return None
-        if first & 0x70:
+        if first & 0x70 and not (
+            first & 0x70 == self._compressedBit and opcode in _MESSAGE_OPCODES
+        ):
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set")
         if (second & 0x80) != self._maskBit:
             raise ProtocolViolation(

@@ -10,6 +10,7 @@ connection's bytes go to its L{Tunnel}.
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.interfaces import ISSLTransport
 
+from lbws import extensions
 from lbws.sockets import setNoDelay
 from lbws.tunnel import Tunnel
 
@@ -42,6 +43,9 @@ class FrontendProtocol(WebSocketServerProtocol):
     _pending = None
     _paused = False
     _handshakeTimer = None
+    _deflate = False
+    # lbws answers Sec-WebSocket-Extensions with the backend's answer.
+    _parseExtensionsHeader = extensions.unparsedExtensions
 
     def connectionMade(self):
         super().connectionMade()
@@ -69,10 +73,12 @@ class FrontendProtocol(WebSocketServerProtocol):
         def opened(result):
             self._pending = None
             self._member, self._backend = result
-            return (
-                self._backend.websocket_protocol_in_use,
-                _backendResponseHeaders(self._backend),
-            )
+            headers = _backendResponseHeaders(self._backend)
+            agreed = extensions.accepted(self._backend.http_headers)
+            if agreed is not None:
+                headers["Sec-WebSocket-Extensions"] = agreed
+                self._deflate = True
+            return self._backend.websocket_protocol_in_use, headers
 
         return d.addCallback(opened)
 
@@ -83,7 +89,9 @@ class FrontendProtocol(WebSocketServerProtocol):
         early, self.data = self.data, b""
         backend = self._backend
         del self._backend
-        tunnel = Tunnel(self.factory.relay, self, backend, self._member, self.info)
+        tunnel = Tunnel(
+            self.factory.relay, self, backend, self._member, self.info, self._deflate
+        )
         self.factory.relay.tunnelStarted(tunnel)
         tunnel.start(early, backend.early)
 
@@ -150,6 +158,5 @@ class FrontendFactory(WebSocketServerFactory):
             utf8validateIncoming=False,
             maxFramePayloadSize=0,
             maxMessagePayloadSize=0,
-            perMessageCompressionAccept=lambda offers: None,
             tcpNoDelay=True,
         )

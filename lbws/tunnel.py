@@ -48,14 +48,14 @@ class Leg:
     lbws itself at frame boundaries.
     """
 
-    def __init__(self, tunnel, protocol, isClient, maxMessageSize):
+    def __init__(self, tunnel, protocol, isClient, maxMessageSize, deflate=False):
         self.tunnel = tunnel
         self.protocol = protocol
         self.transport = protocol.transport
         self.write = writerFor(protocol.transport)
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
-        self.scanner = FrameScanner(self, isClient, maxMessageSize)
+        self.scanner = FrameScanner(self, isClient, maxMessageSize, deflate)
         self.other = None
         self.closeSent = None  # (code, reason) of the close this side got
         self.closeReceived = None  # (code, reason) of the close it sent
@@ -222,7 +222,11 @@ class Tunnel:
     handshakes.
     """
 
-    def __init__(self, relay, clientProtocol, backendProtocol, member, info):
+    def __init__(self, relay, clientProtocol, backendProtocol, member, info, deflate=False):
+        """
+        @param deflate: whether the backend accepted the client's
+            permessage-deflate offer, so that compressed frames pass.
+        """
         self.relay = relay
         self.reactor = relay.reactor
         self.member = member
@@ -230,8 +234,9 @@ class Tunnel:
         settings = relay.settings
         self.started = self.reactor.seconds()
         self.lastActivity = self.started
-        self.client = Leg(self, clientProtocol, True, settings.max_message_size)
-        self.backend = Leg(self, backendProtocol, False, settings.max_message_size)
+        size = settings.max_message_size
+        self.client = Leg(self, clientProtocol, True, size, deflate)
+        self.backend = Leg(self, backendProtocol, False, size, deflate)
         self.client.other = self.backend
         self.backend.other = self.client
         self.failure = None  # the close code and reason the client is owed
