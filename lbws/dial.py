@@ -56,7 +56,8 @@ class BackendProtocol(WebSocketClientProtocol):
 
     leg = None
     httpStatus = None
-    # lbws checks the backend's Sec-WebSocket-Extensions answer itself.
+    # Autobahn seam (see extensions.unparsedExtensions): lbws checks the
+    # backend's Sec-WebSocket-Extensions answer itself.
     _parseExtensionsHeader = extensions.unparsedExtensions
 
     def connectionMade(self):

@@ -44,7 +44,8 @@ class FrontendProtocol(WebSocketServerProtocol):
     _paused = False
     _handshakeTimer = None
     _deflate = False
-    # lbws answers Sec-WebSocket-Extensions with the backend's answer.
+    # Autobahn seam (see extensions.unparsedExtensions): the client gets the
+    # backend's Sec-WebSocket-Extensions answer, not Autobahn's.
     _parseExtensionsHeader = extensions.unparsedExtensions
 
     def connectionMade(self):
