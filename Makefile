@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow setup conformance bench bench-smoke check clean
+.PHONY: run test test-slow setup conformance conformance-full bench bench-smoke check clean
 
 setup: $(STAMP) tests/node/node_modules/.installed $(VENV)/.system-deps
 
@@ -61,9 +61,15 @@ test-slow: setup
 check: setup
 	$(BIN)/twistd -n lbws --config etc/lbws.ini --check
 
+# Cases 1-10 and a subset of the permessage-deflate groups 12-13 (CI);
+# conformance-full runs every case of 12-13 too (much slower).
 conformance: setup
 	bash tests/conformance/setup.sh
 	$(BIN)/python tests/conformance/run.py
+
+conformance-full: setup
+	bash tests/conformance/setup.sh
+	$(BIN)/python tests/conformance/run.py --full --timeout 7200
 
 bench: setup
 	bash bench/setup.sh

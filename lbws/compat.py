@@ -225,3 +225,17 @@ class OctetRequest:
             except UnicodeEncodeError:
                 pass
         return super().sendData(data, sync, chopsize)
+
+
+def unparsedExtensions(protocol, header, removeQuotes=True):
+    """
+    Stands in for Autobahn's private C{WebSocketProtocol._parseExtensionsHeader}
+    on lbws's protocols (assigned as that method): Autobahn then sees no
+    extension at all. Autobahn would parse C{Sec-WebSocket-Extensions}
+    itself, check permessage-deflate parameters against its own limits (it
+    refuses window bits of 8, which RFC 7692 allows) and set up a
+    compressor; lbws passes the extension through instead, negotiating from
+    the raw headers (L{lbws.extensions}).
+    """
+    return []
+

@@ -148,6 +148,7 @@ class Settings:
     idle_timeout: float = 0.0
     ping_interval: float = 30.0
     max_message_size: int = 16 * 1024 * 1024
+    compression: str = "passthrough"
     max_connections: int = 10000
     drain_timeout: float = 30.0
     stop_delay: float = 0.0
@@ -490,6 +491,7 @@ def _parseMain(path, parser, backends, health):
         idle_timeout=reader.seconds("idle_timeout", 0, off=True),
         ping_interval=reader.seconds("ping_interval", 30, off=True),
         max_message_size=reader.number("max_message_size", 16777216, int, 1),
+        compression=reader.choice("compression", "passthrough", ("passthrough", "off")),
         max_connections=reader.number("max_connections", 10000, int, 1),
         drain_timeout=reader.number("drain_timeout", 30, float, 0),
         stop_delay=reader.number("stop_delay", 0, float, 0),

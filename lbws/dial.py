@@ -17,17 +17,20 @@ its log once per burst.
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from lbws import extensions
 from lbws.answers import render
 from lbws.backend import (
     Attempt,
+    BackendHandshakeError,
     BackendProtocol,
     BackendRefused,
     OpeningError,
     Shortages,
     localShortage,
 )
-from lbws.compat import OctetRequest, takeReceived
+from lbws.compat import OctetRequest, takeReceived, unparsedExtensions
 from lbws.headers import forwardedHeaders
 from lbws.request import joinTarget
 
@@ -51,6 +54,11 @@ class RelayProtocol(OctetRequest, BackendProtocol):
     """
 
     leg = None
+    # lbws checks the backend's Sec-WebSocket-Extensions answer itself
+    # (lbws.extensions); Autobahn sees none (compat.unparsedExtensions).
+    _parseExtensionsHeader = unparsedExtensions
+    # The Sec-WebSocket-Extensions answer both legs agreed on, or None.
+    extensions = None
 
     def onOpen(self):
         # Bytes that came right behind the handshake belong to the relay.
@@ -109,6 +117,8 @@ class _ClientDial:
     def __init__(self, dialer, request, target, peerHost, secure, key, prefer=None):
         self._dialer = dialer
         self._prefer = prefer
+        # The client's permessage-deflate offer, as the backend gets it.
+        self._offer = extensions.forwardedOffer(request.headers, dialer.settings.compression)
         self._settings = dialer.settings
         self._request = request
         self._target = target
@@ -151,6 +161,8 @@ class _ClientDial:
         settings = self._settings
         backend = member.settings
         headers, useragent, origin = forwardedHeaders(self._request, self._peer, self._secure)
+        if self._offer is not None:
+            headers["Sec-WebSocket-Extensions"] = self._offer
         attempt = Attempt(
             self._dialer._reactor,
             backend,
@@ -168,6 +180,16 @@ class _ClientDial:
 
     def _opened(self, protocol, member):
         self._attempt = None
+        answer = extensions.answerIn(protocol.head)
+        why = extensions.answerProblem(answer, self._offer)
+        if why is not None:
+            # Not what the client offered: a backend that breaks the
+            # handshake, closed normally, counted, and the next one tried.
+            protocol.connection.close()
+            protocol.transport.loseConnection()
+            self._failed(Failure(BackendHandshakeError(f"backend handshake failed: {why}")), member)
+            return
+        protocol.extensions = answer
         self.result.callback((member, protocol))
 
     def _failed(self, failure, member):

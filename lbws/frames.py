@@ -21,6 +21,7 @@ OP_PING = 0x9
 OP_PONG = 0xA
 
 _DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
+_MESSAGE_OPCODES = (OP_TEXT, OP_BINARY)  # the first frame of a message
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
 CLOSE_NORMAL = 1000
@@ -87,6 +88,7 @@ class FrameScanner:
     __slots__ = (
         "_handler",
         "_maskBit",
+        "_compressedBit",
         "_maxMessageSize",
         "_maxFrames",
         "_pending",
@@ -102,15 +104,21 @@ class FrameScanner:
         "controlBudget",
     )
 
-    def __init__(self, handler, masked, maxMessageSize, maxFrames=DEFAULT_MAX_FRAMES):
+    def __init__(
+        self, handler, masked, maxMessageSize, maxFrames=DEFAULT_MAX_FRAMES, deflate=False
+    ):
         """
         @param masked: whether frames in this direction must be masked
             (client to server) or must not be (server to client).
         @param maxFrames: the most frames one message may have (its first
             and its continuations).
+        @param deflate: whether permessage-deflate was negotiated: then RSV1
+            marks a compressed message, on its first frame only (RFC 7692
+            section 6). Sizes stay those of the frames, compressed.
         """
         self._handler = handler
         self._maskBit = 0x80 if masked else 0
+        self._compressedBit = 0x40 if deflate else 0
         self._maxMessageSize = maxMessageSize
         self._maxFrames = maxFrames
         self._pending = b""  # an incomplete header or control frame
@@ -237,7 +245,9 @@ class FrameScanner:
             headerLength += 4
         if end - pos < headerLength:
             return None
-        if first & 0x70:
+        if first & 0x70 and not (
+            first & 0x70 == self._compressedBit and opcode in _MESSAGE_OPCODES
+        ):
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set")
         if (second & 0x80) != self._maskBit:
             raise ProtocolViolation(

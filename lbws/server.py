@@ -26,6 +26,7 @@ from lbws.compat import (
     replaceReceived,
     requestTarget,
     takeReceived,
+    unparsedExtensions,
 )
 from lbws.dial import Refused
 from lbws.http1 import isWebSocketUpgrade
@@ -81,6 +82,10 @@ class FrontendProtocol(WebSocketServerProtocol):
     _headSeen = False
     _fields = None
     _lost = False
+    _deflate = False
+    # lbws answers the client with the backend's Sec-WebSocket-Extensions
+    # (lbws.extensions); Autobahn sees none (compat.unparsedExtensions).
+    _parseExtensionsHeader = unparsedExtensions
 
     def connectionMade(self):
         super().connectionMade()
@@ -193,12 +198,9 @@ class FrontendProtocol(WebSocketServerProtocol):
             )
             if cookie is not None:
                 headers.setdefault("Set-Cookie", []).append(cookie)
-            return (
-                self._backend.websocket_protocol_in_use,
-                headers,
-            )
-            if cookie is not None:
-                headers.setdefault("Set-Cookie", []).append(cookie)
+            if self._backend.extensions is not None:
+                headers["Sec-WebSocket-Extensions"] = [self._backend.extensions]
+                self._deflate = True
             return (self._backend.websocket_protocol_in_use, headers)
 
         def failed(failure):
@@ -251,7 +253,9 @@ class FrontendProtocol(WebSocketServerProtocol):
         early = takeReceived(self)
         backend = self._backend
         del self._backend
-        tunnel = Tunnel(self.factory.relay, self, backend, self._member, self.info)
+        tunnel = Tunnel(
+            self.factory.relay, self, backend, self._member, self.info, self._deflate
+        )
         self.factory.relay.tunnelStarted(tunnel)
         tunnel.start(early, backend.early)
 
@@ -308,5 +312,4 @@ class FrontendFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             **PASSTHROUGH,
             webStatus=False,
-            perMessageCompressionAccept=lambda offers: None,
         )

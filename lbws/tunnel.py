@@ -153,7 +153,9 @@ class Leg:
         "_timer",
     )
 
-    def __init__(self, tunnel, protocol, isClient, settings, messageBudget, controlBudget):
+    def __init__(
+        self, tunnel, protocol, isClient, settings, messageBudget, controlBudget, deflate=False
+    ):
         self.tunnel = tunnel
         self.protocol = protocol
         self.transport = protocol.transport
@@ -161,7 +163,7 @@ class Leg:
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
         self.scanner = FrameScanner(
-            self, isClient, settings.max_message_size, settings.max_frames_per_message
+            self, isClient, settings.max_message_size, settings.max_frames_per_message, deflate
         )
         self.scanner.messageBudget = messageBudget
         self.scanner.controlBudget = controlBudget
@@ -439,7 +441,11 @@ class Tunnel:
         "_controlRate",
     )
 
-    def __init__(self, relay, clientProtocol, backendProtocol, member, info):
+    def __init__(self, relay, clientProtocol, backendProtocol, member, info, deflate=False):
+        """
+        @param deflate: whether the backend accepted the client's
+            permessage-deflate offer, so that compressed frames pass.
+        """
         self.relay = relay
         reactor = self.reactor = relay.reactor
         self.member = member
@@ -457,8 +463,11 @@ class Tunnel:
             settings,
             self._maxMessageRate or UNLIMITED,
             CONTROL_FRAMES_PER_SECOND,
+            deflate,
         )
-        self.backend = Leg(self, backendProtocol, False, settings, UNLIMITED, UNLIMITED)
+        self.backend = Leg(
+            self, backendProtocol, False, settings, UNLIMITED, UNLIMITED, deflate
+        )
         self.client.other = self.backend
         self.backend.other = self.client
         self.owed = None

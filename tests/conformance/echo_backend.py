@@ -7,7 +7,9 @@ PORT 0 lets the OS choose; the port actually bound is printed on stdout as a
 line ``PORT <n>`` (flushed) once the server listens. Every message is echoed
 back unchanged (text as text, binary as binary). Options are set for the
 Autobahn fuzzingclient: failByDrop=False, large frame/message limits so the
-9.x cases fit, no permessage-deflate (compression offers are declined).
+9.x cases fit, and the first permessage-deflate offer accepted as offered
+(the compression cases 12.x and 13.x need a deflate-capable backend; no
+other case offers compression).
 SIGTERM / SIGINT stop the reactor.
 """
 
@@ -15,6 +17,7 @@ import argparse
 import sys
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from twisted.internet import reactor
 
 # 9.x sends messages up to 16 MiB; leave plenty of headroom.
@@ -24,6 +27,14 @@ MAX_PAYLOAD = 64 * 1024 * 1024
 class EchoProtocol(WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         self.sendMessage(payload, isBinary)
+
+
+def accept_deflate(offers):
+    """Accept the first permessage-deflate offer, as wstest's own echo server does."""
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
 
 
 def make_factory():
@@ -37,7 +48,7 @@ def make_factory():
         utf8validateIncoming=True,
         openHandshakeTimeout=10,
         closeHandshakeTimeout=2,
-        # No perMessageCompressionAccept: compression offers are declined.
+        perMessageCompressionAccept=accept_deflate,
     )
     return factory
 

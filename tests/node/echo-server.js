@@ -1,6 +1,7 @@
 // A node `ws` echo server like the seed's backend, for tests and benchmarks.
 //
 // Usage: node echo-server.js [--port N] [--host H] [--fd N] [--prefix TEXT]
+//                            [--deflate JSON]
 // Port 0 (the default) asks the OS for a free port; the chosen port is
 // printed on stdout as "listening PORT" once the server accepts connections.
 // Every message is echoed back unchanged (text stays text, binary stays
@@ -8,6 +9,9 @@
 // as PREFIX + message, like the seed's "Server received from client: ".
 // Each connection's upgrade request is available by sending the text message
 // "__request__": the reply is a JSON object with url, headers and protocol.
+// --deflate accepts permessage-deflate offers, with the given ws
+// perMessageDeflate options (e.g. '{"serverNoContextTakeover": true}');
+// without it compression offers are declined.
 'use strict';
 const { WebSocketServer } = require('ws');
 
@@ -26,7 +30,7 @@ const server = new WebSocketServer({
     ? { host: option('host', '127.0.0.1'), port: Number(option('port', '0')) }
     : { server: httpServer }),
   maxPayload: 256 * 1024 * 1024,
-  perMessageDeflate: false,
+  perMessageDeflate: JSON.parse(option('deflate', 'false')),
   handleProtocols: (protocols) => protocols.values().next().value || false,
 });
 const prefix = option('prefix', null);
