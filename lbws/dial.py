@@ -29,7 +29,8 @@ from lbws.backend import (
 )
 from lbws.compat import OctetRequest, takeReceived
 from lbws.headers import forwardedHeaders
-from lbws.request import joinTarget
+from lbws.request import joinTarget, normaliseTarget
+from lbws.routes import forwardTarget
 
 _log = Logger()
 
@@ -83,7 +84,7 @@ class Dialer:
         self._counters = counters
         self.shortages = Shortages(reactor, "opening backend connections: new clients get 503")
 
-    def dial(self, request, target, peerHost, secure, key=None, prefer=None):
+    def dial(self, request, target, peerHost, secure, key=None, prefer=None, route=None):
         """
         Open a WebSocket to a healthy member on behalf of a client.
 
@@ -93,12 +94,19 @@ class Dialer:
         @param key: the client's hash key (C{balance = hash}), or None.
         @param prefer: the member to try first (the one the client's
             C{sticky_cookie} names), else the balancer chooses.
+        @param route: the client's L{lbws.config.RouteSettings}: its
+            members are tried, its target rule applies (C{strip_prefix});
+            None for every member and the target as it is.
         @return: a Deferred firing with C{(member, RelayProtocol)}, or
             failing with C{ConnectionDeny} carrying the HTTP status the
             client should get (L{Refused} with the backend's own answer).
             Cancelling it closes any backend attempt.
         """
-        return _ClientDial(self, request, target, peerHost, secure, key, prefer).next()
+        if route is not None:
+            target = forwardTarget(route, normaliseTarget(target))
+        return _ClientDial(
+            self, request, target, peerHost, secure, key, prefer, route
+        ).next()
 
 
 class _ClientDial:
@@ -106,8 +114,9 @@ class _ClientDial:
     One client's way to a backend: members tried in turn until one opens.
     """
 
-    def __init__(self, dialer, request, target, peerHost, secure, key, prefer=None):
+    def __init__(self, dialer, request, target, peerHost, secure, key, prefer=None, route=None):
         self._dialer = dialer
+        self._route = route
         self._prefer = prefer
         self._settings = dialer.settings
         self._request = request
@@ -128,7 +137,7 @@ class _ClientDial:
         if self._prefer is not None and not self._tried:
             member = self._prefer
         else:
-            member = dialer._pool.choose(self._key, exclude=self._tried)
+            member = dialer._pool.choose(self._key, exclude=self._tried, route=self._route)
         if member is None:
             if self._tried:
                 dialer._counters.handshakes["backend_failed"] += 1

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from lbws import sticky
 from lbws.balance import hashKeyOf
+from lbws.routes import RouteTable
 from lbws.server import FrontendFactory
 
 _log = Logger()
@@ -37,6 +38,17 @@ class Relay:
         self.stopping = False
         self._drained = None
 
+    @property
+    def settings(self):
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings):
+        # The route table goes with the settings: new clients follow the
+        # new table, open connections keep the route they were matched to.
+        self._settings = settings
+        self.routes = RouteTable.of(settings)
+
     def factory(self):
         return FrontendFactory(self)
 
@@ -57,15 +69,16 @@ class Relay:
             self.counters.handshakes["over_ip_limit"] += 1
             return fail(ConnectionDeny(503, "Service Unavailable: too many connections"))
         self._admit(protocol, info.peer)
-        if self.settings.balance == "hash":
+        route = info.route
+        if route.balance == "hash":
             # Gradual rebalancing moves connections whose key maps elsewhere.
-            info.keySource = str(self.settings.hash_key)
-            info.key = hashKeyOf(self.settings.hash_key, info.peer, request)
+            info.keySource = str(route.hash_key)
+            info.key = hashKeyOf(route.hash_key, info.peer, request)
         prefer = sticky.preferred(
-            self.pool, self.settings.sticky_cookie, request.headers.get("cookie")
+            self.pool, route.sticky_cookie, request.headers.get("cookie"), route
         )
         d = self.opening[protocol] = self.dialer.dial(
-            request, info.target, info.peer, info.secure, info.key, prefer
+            request, info.target, info.peer, info.secure, info.key, prefer, route
         )
 
         def opened(result):
@@ -108,13 +121,14 @@ class Relay:
         side, code, reason = tunnel.endedWith()
         self.counters.closes[(side, code)] += 1
         _log.info(
-            "{peer} {target} via {backend}: {duration:.3f}s,"
+            "{peer} {target} via {route}/{backend}: {duration:.3f}s,"
             " {messagesIn} msgs/{bytesIn} B in, {messagesOut} msgs/{bytesOut} B out,"
             " close {code} by {side}",
             log_format_access=True,
             peer=tunnel.info.peer,
             target=tunnel.info.target,
             backend=tunnel.member.name,
+            route=tunnel.info.route.name,
             subprotocol=client.protocol.websocket_protocol_in_use,
             duration=self.reactor.seconds() - tunnel.started,
             messagesIn=client.messages,

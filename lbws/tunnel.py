@@ -153,7 +153,9 @@ class Leg:
         "_timer",
     )
 
-    def __init__(self, tunnel, protocol, isClient, settings, messageBudget, controlBudget):
+    def __init__(
+        self, tunnel, protocol, isClient, settings, maxMessageSize, messageBudget, controlBudget
+    ):
         self.tunnel = tunnel
         self.protocol = protocol
         self.transport = protocol.transport
@@ -161,7 +163,7 @@ class Leg:
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
         self.scanner = FrameScanner(
-            self, isClient, settings.max_message_size, settings.max_frames_per_message
+            self, isClient, maxMessageSize, settings.max_frames_per_message
         )
         self.scanner.messageBudget = messageBudget
         self.scanner.controlBudget = controlBudget
@@ -439,12 +441,14 @@ class Tunnel:
         "_controlRate",
     )
 
-    def __init__(self, relay, clientProtocol, backendProtocol, member, info):
+    def __init__(self, relay, clientProtocol, backendProtocol, member, info, route=None):
         self.relay = relay
         reactor = self.reactor = relay.reactor
         self.member = member
         self.info = info
         settings = relay.settings
+        # The client's route may have its own max_message_size.
+        maxMessageSize = (route or settings).max_message_size
         self.started = reactor.seconds()
         self.lastActivity = self.started
         self._maxMessageRate = settings.max_message_rate
@@ -455,10 +459,13 @@ class Tunnel:
             clientProtocol,
             True,
             settings,
+            maxMessageSize,
             self._maxMessageRate or UNLIMITED,
             CONTROL_FRAMES_PER_SECOND,
         )
-        self.backend = Leg(self, backendProtocol, False, settings, UNLIMITED, UNLIMITED)
+        self.backend = Leg(
+            self, backendProtocol, False, settings, maxMessageSize, UNLIMITED, UNLIMITED
+        )
         self.client.other = self.backend
         self.backend.other = self.client
         self.owed = None
