@@ -81,6 +81,7 @@ LINGER = 5.0
 _REASONS = {
     400: "Bad Request",
     408: "Request Timeout",
+    404: "Not Found",
     413: "Content Too Large",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
