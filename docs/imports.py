@@ -27,7 +27,8 @@ PARTS = {
         "tap", "service", "core", "signals", "listen", "fdlimit", "workers", "worker", "config",
     ),
     "data path": (
-        "relay", "server", "request", "origins", "tunnel", "frames", "sockets", "wsoptions",
+        "relay", "server", "routes", "request", "origins", "tunnel", "frames", "sockets",
+        "wsoptions",
     ),
     "plain HTTP": ("httpproxy", "http1", "sticky"),
     "backends": (
