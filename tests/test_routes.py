@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -20,6 +21,7 @@ from lbws.routes import RouteTable, forwardTarget, requestHost
 from lbws.service import makeLbws
 from tests import support, wire
 from tests.support import HandshakeFailed, eventually, handshakeRequest, roundTrip
+from tests.test_dashboard import get
 from tests.test_httpproxy import _hostPort, _httpBackend, exchange
 
 # Backends "a" and "b" behind the routes of each test.
@@ -29,12 +31,10 @@ async def _two(harness):
     return await harness.backend("a"), await harness.backend("b")
 
 
-async def _routed(harness, routes, lbws="", backends=None):
+async def _routed(harness, routes, backends=None, **kwargs):
     if backends is None:
         backends = await _two(harness)
-    service = await harness.lbws(
-        [(f.name, f.url) for f in backends], lbws=lbws, routes=routes
-    )
+    service = await harness.lbws([(f.name, f.url) for f in backends], routes=routes, **kwargs)
     return service, backends
 
 
@@ -348,6 +348,51 @@ async def test_reload_adds_a_route_while_another_streams(harness, tmp_path):
     for client in clients:
         assert (await roundTrip(client, b"still"))[0] == b"still"
     assert await _refused(service, path="/chat") == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_json_metrics_and_access_log_name_the_route(harness):
+    logged = harness.logged()
+    service, backends = await _routed(
+        harness,
+        """
+        [route:chat]
+        path = /chat
+        strip_prefix = true
+        backends = a
+        [route:rest]
+        backends = a b
+        """,
+        dashboard="tcp:0:interface=127.0.0.1",
+    )
+    staying = await harness.client(service.url, path="/chat/1")
+    for i in range(3):
+        await roundTrip(staying, b"m%d" % i)
+    ended = await harness.client(service.url, path="/chat/2")
+    await roundTrip(ended, b"x")
+    ended.sendClose(1000)
+    await ended.closed.addTimeout(10, reactor)
+    await eventually(lambda: len(service.core.relay.tunnels) == 1)
+
+    routes = (await get(service, "/status.json")).json()["routes"]
+    assert [r["name"] for r in routes] == ["chat", "rest"]
+    chat, rest = routes
+    assert (chat["path"], chat["strip_prefix"], chat["backends"]) == ("/chat", True, ["a"])
+    assert (chat["connections"], chat["handshakes_ok"]) == (1, 2)
+    assert (chat["messages_to_backend"], chat["messages_to_client"]) == (4, 4)
+    assert (rest["host"], rest["backends"], rest["connections"]) == ("", ["a", "b"], 0)
+
+    samples = {}
+    text = (await get(service, "/metrics")).body.decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("lbws_route_connections_active", (("route", "chat"),))] == 1
+    assert samples[("lbws_route_handshakes_total", (("result", "ok"), ("route", "chat")))] == 2
+    key = ("lbws_route_messages_total", (("direction", "to_backend"), ("route", "chat")))
+    assert samples[key] == 4
+    access = [e for e in logged if e.get("log_format_access")]
+    assert [(e["route"], e["backend"]) for e in access] == [("chat", "a")]
 
 
 class _Probed(Resource):
