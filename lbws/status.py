@@ -101,6 +101,7 @@ class StatusView:
             routes.append(
                 {
                     "name": name,
+                    "implicit": core.relay.routes.implicit,
                     "host": route.host,
                     "path": route.path,
                     "subprotocol": route.subprotocol,

@@ -11,7 +11,7 @@ import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -21,7 +21,7 @@ from lbws.routes import RouteTable, forwardTarget, requestHost
 from lbws.service import makeLbws
 from tests import support, wire
 from tests.support import HandshakeFailed, eventually, handshakeRequest, roundTrip
-from tests.test_dashboard import get
+from tests.test_dashboard import Browser, browserInstalled, get
 from tests.test_httpproxy import _hostPort, _httpBackend, exchange
 
 # Backends "a" and "b" behind the routes of each test.
@@ -393,6 +393,50 @@ async def test_status_json_metrics_and_access_log_name_the_route(harness):
     assert samples[key] == 4
     access = [e for e in logged if e.get("log_format_access")]
     assert [(e["route"], e["backend"]) for e in access] == [("chat", "a")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_dashboard_page_groups_backends_by_route(harness, tmp_path):
+    browserInstalled()
+    service, backends = await _routed(
+        harness,
+        """
+        [route:chat]
+        host = *.example.com
+        path = /chat
+        backends = a
+        [route:rest]
+        backends = a b
+        """,
+        dashboard="tcp:0:interface=127.0.0.1",
+    )
+    client = await harness.client(service.url, path="/chat", host="x.example.com")
+    await roundTrip(client, b"hi")
+    service.pool["b"].admin.drain()
+    browser = await threads.deferToThread(Browser, tmp_path / "chromium-profile")
+    try:
+        await threads.deferToThread(browser.driver.get, service.dashboardUrl + "/")
+        script = (
+            "return Array.from(document.querySelectorAll('#route-rows tr'))"
+            ".map(r => Array.from(r.cells).map(c => c.innerText.replace(/\\s+/g, ' ').trim()))"
+        )
+        await threads.deferToThread(
+            browser.waitFor, script + ".length === 2 && true", "the routes table"
+        )
+        await threads.deferToThread(
+            browser.waitFor,
+            "return document.querySelector('#route-rows .pill.draining') !== null",
+            "b draining in its route",
+        )
+        rows = await threads.deferToThread(browser.driver.execute_script, script)
+        # (The pills are shown in capitals.)
+        assert [[cell.lower() for cell in row] for row in rows] == [
+            ["chat host *.example.com, path /chat", "a", "1", "1", "0", "1", "1"],
+            ["rest any host, any path", "a b", "0", "0", "0", "0", "0"],
+        ]
+        assert await threads.deferToThread(browser.problems) == []
+    finally:
+        await threads.deferToThread(browser.quit)
 
 
 class _Probed(Resource):
