@@ -255,8 +255,8 @@ async def test_unmatched_request_gets_404_websocket_and_http(harness):
 @pytest_twisted.ensureDeferred
 async def test_per_route_settings(harness):
     """
-    A route's own max_message_size, sticky_cookie and http apply to its
-    clients only.
+    A route's own max_message_size, sticky_cookie, http, allowed_origins,
+    balance and hash_key apply to its clients only.
     """
     service, backends = await _routed(
         harness,
@@ -265,12 +265,30 @@ async def test_per_route_settings(harness):
         path = /small
         max_message_size = 100
         http = refuse
+        allowed_origins = https://app.example.com
         backends = a
+        [route:users]
+        path = /users
+        balance = hash
+        hash_key = header:x-user
+        backends = a b
         [route:big]
         backends = a b
+        balance = round_robin
         sticky_cookie = LB
         """,
     )
+    origin = {"Origin": "https://evil.example.com"}
+    assert await _refused(service, path="/small", headers=origin) == 403
+    assert (await _reaches(service, backends, path="/big", headers=origin))[0] in ("a", "b")
+    # hash: each user stays on one backend; round robin alternates.
+    for user in ("u1", "u2", "u3", "u4"):
+        places = {
+            (await _reaches(service, backends, path="/users", headers={"X-User": user}))[0]
+            for _ in range(3)
+        }
+        assert len(places) == 1
+    assert {(await _reaches(service, backends, path="/big"))[0] for _ in range(2)} == {"a", "b"}
     small = await support.connect(service.url, path="/small")
     small.sendMessage(b"x" * 101)
     code, _ = await small.closed.addTimeout(10, reactor)
