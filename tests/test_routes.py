@@ -23,6 +23,7 @@ from tests import support, wire
 from tests.support import HandshakeFailed, eventually, handshakeRequest, roundTrip
 from tests.test_dashboard import Browser, browserInstalled, get
 from tests.test_httpproxy import _hostPort, _httpBackend, exchange
+from tests.test_workers import dashboardStatus, workerPids
 
 # Backends "a" and "b" behind the routes of each test.
 
@@ -678,3 +679,40 @@ def test_matcher_against_reference(routes, host, port, path, offered, upper):
     shown = (host.upper() if upper else host) + port
     table = RouteTable(routes)
     assert table.match(shown, path, offered) == _reference(routes, shown, path, offered)
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_route_and_the_dashboard_sums_their_routes(tmp_path, harness):
+    """
+    With workers = 2 every worker matches routes as one process does, and
+    status.json adds up what the workers report per route.
+    """
+    a, b = await _two(harness)
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        support.configText(
+            [("a", a.url), ("b", b.url)],
+            lbws="workers = 2\nping_interval = 0\ndrain_timeout = 5",
+            dashboard="tcp:0:interface=127.0.0.1",
+            routes="[route:chat]\npath = /chat\nbackends = a\n"
+            "[route:notify]\npath = /notify\nbackends = b\n",
+        )
+    )
+    process = support.LbwsProcess(config)
+    harness.atEnd(process.stop)
+    await eventually(lambda: len(workerPids(process)) == 2)
+    for path, factory in (("/chat", a), ("/notify", b)):
+        for i in range(6):
+            client = await harness.client(process.url, path=f"{path}/{i}")
+            assert (await roundTrip(client, b"hi"))[0] == b"hi"
+        assert len(factory.connections) == 6
+    assert await _refused(process, path="/other") == 404
+    status = {}
+
+    async def summed():
+        status.update(await dashboardStatus(process))
+        counts = [(r["name"], r["connections"], r["messages_to_backend"]) for r in status["routes"]]
+        # In match order: the longer path first.
+        return counts == [("notify", 6, 6), ("chat", 6, 6)]
+
+    await eventually(summed, timeout=10, step=0.1)
