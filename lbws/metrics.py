@@ -24,7 +24,8 @@ class Counters:
         on), C{over_capacity} (503, max_connections or lbws out of
         resources), C{timeout} (the client did
         not finish its request in time), C{forbidden_origin} (403, see
-        C{allowed_origins}), C{over_ip_limit} (503, see C{max_connections_per_ip}).
+        C{allowed_origins}), C{over_ip_limit} (503, see C{max_connections_per_ip}),
+        C{no_route} (404: no [route:NAME] matched).
     @ivar closes: closes by C{(side, code)}, where side says who closed
         first: C{client}, C{backend} or C{lbws}.
     """
