@@ -298,7 +298,7 @@ class LbwsCollector:
         handshakeCounts, closeCounts, errorCounts = service.counters()
         handshakes = CounterMetricFamily(
             "lbws_handshakes",
-            "Client opening handshakes by result (ok, no_backend, backend_failed,"
+            "Client opening handshakes by result (ok, no_route, no_backend, backend_failed,"
             " backend_refused, over_capacity, timeout, forbidden_origin).",
             labels=["result"],
         )
