@@ -15,7 +15,7 @@ from twisted.internet import reactor, threads
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from lbws.config import ConfigError, RouteSettings, parseConfig, summary
+from lbws.config import ConfigError, RouteSettings, loadConfig, parseConfig, summary
 from lbws.pool import DOWN, UP
 from lbws.routes import RouteTable, forwardTarget, requestHost
 from lbws.service import makeLbws
@@ -329,8 +329,7 @@ async def test_reload_adds_a_route_while_another_streams(harness, tmp_path):
     chat = "[route:chat]\npath = /chat\nbackends = a\n"
     config = tmp_path / "lbws.ini"
     config.write_text(support.configText(backends, lbws="ping_interval = 0", routes=chat))
-    service = await harness.start(makeLbws(reactor, parseConfig(config.read_text(), config)))
-    service.configPath = str(config)
+    service = await harness.start(makeLbws(reactor, loadConfig(config)))
     clients = [await harness.client(service.url, path=f"/chat/{i}") for i in range(5)]
     assert await _refused(service, path="/notify") == 404
     sent = 0
