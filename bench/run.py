@@ -221,7 +221,22 @@ def log_tail(path, lines=15):
         return ""
 
 
-def target_command(name, workdir, port, backend_port, lbws_extra):
+def route_sections(count):
+    """`count` [route:NAME] sections for the lbws targets (`--lbws-routes`):
+    count - 1 that the load never matches (hosts, wildcards, paths,
+    subprotocols), then a catch-all to the echo backend, so that every
+    handshake goes through the whole table."""
+    lines = []
+    for i in range(count - 1):
+        lines += ["", f"[route:r{i}]", "backends = echo"]
+        lines += [[f"host = app{i}.example.com", f"host = *.t{i}.example.com",
+                   f"path = /service{i}", f"path = /v{i}\nsubprotocol = p{i}"][i % 4]]
+    if count:
+        lines += ["", "[route:all]", "backends = echo"]
+    return lines
+
+
+def target_command(name, workdir, port, backend_port, lbws_extra, routes=0):
     """Write the target's config under `workdir`; return the argv that runs it."""
     if name == "nginx":
         conf = workdir / "nginx.conf"
@@ -247,7 +262,8 @@ def target_command(name, workdir, port, backend_port, lbws_extra):
         "[lbws]", f"listen = tcp:{port}:interface=127.0.0.1", "dashboard =",
         *(f"{key} = {value}" for key, value in settings.items()),
         "", "[health]", "probe = tcp",
-        "", "[backend:echo]", f"url = ws://127.0.0.1:{backend_port}", ""]))
+        "", "[backend:echo]", f"url = ws://127.0.0.1:{backend_port}",
+        *route_sections(routes), ""]))
     return [TWISTD, "-n", "--pidfile=", "lbws", "--config", ini]
 
 
@@ -333,7 +349,8 @@ def bench_target(procs, name, workdir, backend, backend_port, args, scenarios):
         else:
             port = free_port()
             log = workdir / f"{name}.log"
-            argv = target_command(name, workdir, port, backend_port, args.lbws_config_extra)
+            argv = target_command(name, workdir, port, backend_port, args.lbws_config_extra,
+                                  args.lbws_routes)
             with log.open("w") as out:
                 proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         wait_ready(proc, port, workdir / f"{name}.log",
@@ -519,6 +536,9 @@ def parse_args():
                         help="comma-separated, from S1,S2,S3,S4,H1 (H1: plain HTTP GETs)")
     parser.add_argument("--lbws-config-extra", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="extra [lbws] key for the lbws targets (repeatable)")
+    parser.add_argument("--lbws-routes", type=int, default=0, metavar="N",
+                        help="give the lbws targets N [route:NAME] sections, the last the"
+                        " one every client matches (0: none, the default)")
     args = parser.parse_args()
     args.idle_connections = 2000
     if args.smoke:
@@ -541,7 +561,8 @@ def run(args, procs, workdir):
     report = {"started": datetime.now().astimezone().isoformat(timespec="seconds"),
               "duration": args.duration, "smoke": args.smoke,
               "idle_connections": args.idle_connections, "scenarios": args.scenarios,
-              "lbws_config_extra": dict(args.lbws_config_extra), "versions": tool_versions(),
+              "lbws_config_extra": dict(args.lbws_config_extra),
+              "lbws_routes": args.lbws_routes, "versions": tool_versions(),
               "targets": {}}
     passes = [(ECHO_SERVER, [s for s in args.scenarios if s != "H1"]),
               (HTTP_BACKEND, [s for s in args.scenarios if s == "H1"])]

@@ -27,8 +27,8 @@ PARTS = {
         "tap", "service", "core", "signals", "listen", "fdlimit", "workers", "worker", "config",
     ),
     "data path": (
-        "relay", "server", "request", "origins", "extensions", "tunnel", "frames",
-        "sockets", "wsoptions",
+        "relay", "server", "routes", "request", "origins", "extensions", "tunnel",
+        "frames", "sockets", "wsoptions",
     ),
     "plain HTTP": ("httpproxy", "http1", "sticky"),
     "backends": (

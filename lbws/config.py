@@ -17,10 +17,16 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 
 from lbws.frames import DEFAULT_MAX_FRAMES
 from lbws.origins import AllowedOrigins, OriginError, parseOrigins
+from lbws.routes import RouteTable, describe
 
 SECTION_MAIN = "lbws"
 SECTION_HEALTH = "health"
 BACKEND_PREFIX = "backend:"
+ROUTE_PREFIX = "route:"
+PROBES = ("tcp", "websocket", "http")
+# A route's host: a name or address, or *. and a name (any of its
+# subdomains); an IPv6 address in brackets.
+_ROUTE_HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
 BACKEND_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SRV_NAME = re.compile(r"^_[A-Za-z0-9-]+\._(tcp|udp)(\.[A-Za-z0-9_-]+)+\.?$", re.I)
 
@@ -108,6 +114,11 @@ class BackendSettings:
     # stays the name, for the Host header and TLS), and its template.
     address: str = ""
     group: str = ""
+    # [health] probe, path and subprotocol for this backend; empty: as in
+    # [health] (see L{healthFor}).
+    health_probe: str = ""
+    health_path: str = ""
+    health_subprotocol: str = ""
 
     @property
     def discovered(self):
@@ -126,6 +137,44 @@ class HealthSettings:
     probe: str = "websocket"
     path: str = "/"
     subprotocol: str = ""
+
+
+@attrs.frozen
+class RouteSettings:
+    """
+    One C{[route:NAME]} section: what requests it matches (C{host},
+    C{path}, C{subprotocol}; empty matches any) and where they go
+    (C{backends}, or None for every backend: the implicit route of a
+    configuration without routes), with the per-route balancing and
+    admission settings, which default to those of [lbws]. See
+    L{lbws.routes} for matching.
+    """
+
+    name: str
+    host: str = ""
+    path: str = ""
+    subprotocol: str = ""
+    backends: tuple = None
+    balance: str = "least_conn"
+    hash_key: HashKey = HashKey("ip")
+    sticky_cookie: str = ""
+    max_message_size: int = 16 * 1024 * 1024
+    allowed_origins: AllowedOrigins = AllowedOrigins()
+    http: str = "proxy"
+    strip_prefix: bool = False
+
+
+# The name of the one route of a configuration without [route:NAME].
+IMPLICIT_ROUTE = "default"
+# The [lbws] keys a [route:NAME] section may override.
+ROUTE_OVERRIDES = (
+    "balance",
+    "hash_key",
+    "sticky_cookie",
+    "max_message_size",
+    "allowed_origins",
+    "http",
+)
 
 
 @attrs.frozen
@@ -166,6 +215,18 @@ class Settings:
     http_timeout: float = 60.0
     max_body_size: int = 1024 * 1024
     sticky_cookie: str = ""
+    # The [route:NAME] sections in file order; none: one implicit route.
+    routes: tuple = ()
+
+    def implicitRoute(self):
+        """
+        The one route of a configuration without [route:NAME] sections:
+        every backend, with the [lbws] settings.
+        """
+        return RouteSettings(
+            name=IMPLICIT_ROUTE,
+            **{key: getattr(self, key) for key in ROUTE_OVERRIDES},
+        )
 
     def backend(self, name):
         for backend in self.backends:
@@ -275,6 +336,9 @@ class _Reader:
             return False
         raise self.error(key, f"{text!r} is not true or false")
 
+    def has(self, key):
+        return key in self._values
+
     def checkUnknown(self):
         for key in self._values:
             if key not in self._used:
@@ -301,8 +365,8 @@ def _parseEndpoint(reader, key, default, allowEmpty):
     return description
 
 
-def _parseHashKey(reader):
-    text = reader.string("hash_key", "ip")
+def _parseHashKey(reader, default="ip"):
+    text = reader.string("hash_key", default)
     source, _, name = text.partition(":")
     if source in ("ip", "path") and not name:
         return HashKey(source)
@@ -314,9 +378,9 @@ def _parseHashKey(reader):
     )
 
 
-def _parseOrigins(reader):
+def _parseOrigins(reader, default=""):
     try:
-        return parseOrigins(reader.string("allowed_origins"))
+        return parseOrigins(reader.string("allowed_origins", default))
     except OriginError as e:
         raise reader.error("allowed_origins", str(e)) from None
 
@@ -325,14 +389,75 @@ def _parseOrigins(reader):
 _COOKIE_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
-def _parseCookieName(reader):
-    name = reader.string("sticky_cookie")
+def _parseCookieName(reader, default=""):
+    name = reader.string("sticky_cookie", default)
     if name and not _COOKIE_NAME.match(name):
         raise reader.error(
             "sticky_cookie",
             f"{name!r} is not a cookie name (letters, digits and !#$%&'*+.^_`|~-)",
         )
     return name
+
+
+def _parseOverrides(reader, base):
+    """
+    The keys of L{ROUTE_OVERRIDES} in C{reader}'s section, those not given
+    taken from C{base} (the [lbws] settings for a route, the defaults for
+    [lbws] itself).
+    """
+    values = {
+        "balance": reader.choice(
+            "balance", base.balance, ("round_robin", "least_conn", "hash")
+        ),
+        "hash_key": _parseHashKey(reader, str(base.hash_key)),
+        "sticky_cookie": _parseCookieName(reader, base.sticky_cookie),
+        "max_message_size": reader.number(
+            "max_message_size", base.max_message_size, int, 1
+        ),
+        "http": reader.choice("http", base.http, ("proxy", "refuse")),
+    }
+    if reader.has("allowed_origins"):
+        values["allowed_origins"] = _parseOrigins(reader)
+    else:
+        reader.raw("allowed_origins", "")
+        values["allowed_origins"] = base.allowed_origins
+    return values
+
+
+def _checkProbePath(reader, key, value):
+    if not value.startswith("/"):
+        raise reader.error(key, f"{value!r} must start with /")
+    if not _REQUEST_PATH.match(value):
+        raise reader.error(
+            key,
+            f"{value!r} must be printable ASCII without spaces or '#':"
+            " percent-encode the rest (a space is %20)",
+        )
+
+
+def _checkSubprotocol(reader, key, value):
+    if value and not _TOKEN.match(value):
+        raise reader.error(
+            key,
+            f"{value!r} is not a subprotocol name (an HTTP token:"
+            " letters, digits and !#$%&'*+.^_`|~-)",
+        )
+
+
+def healthFor(health, backend):
+    """
+    The health check settings for C{backend}: those of [health] with the
+    backend's own C{probe}, C{path} and C{subprotocol} where it gives them
+    (a socket.io backend and a plain one behind the same lbws).
+    """
+    changes = {}
+    if backend.health_probe:
+        changes["probe"] = backend.health_probe
+    if backend.health_path:
+        changes["path"] = backend.health_path
+    if backend.health_subprotocol:
+        changes["subprotocol"] = backend.health_subprotocol
+    return attrs.evolve(health, **changes) if changes else health
 
 
 def _parseBackend(path, parser, section):
@@ -403,7 +528,17 @@ def _parseBackend(path, parser, section):
         verify=reader.boolean("verify", True),
         srv=srv,
         resolve=resolve,
+        health_probe=reader.string("probe"),
+        health_path=reader.string("path"),
+        health_subprotocol=reader.string("subprotocol"),
     )
+    if backend.health_probe and backend.health_probe not in PROBES:
+        raise reader.error(
+            "probe", f"{backend.health_probe!r} is not one of {', '.join(PROBES)}"
+        )
+    if backend.health_path:
+        _checkProbePath(reader, "path", backend.health_path)
+    _checkSubprotocol(reader, "subprotocol", backend.health_subprotocol)
     if srv:
         backend = attrs.evolve(backend, url=srv, host=srv, port=0)
     if not secure and (ca or not backend.verify):
@@ -448,33 +583,18 @@ def _parseHealth(path, parser):
         timeout=reader.seconds("timeout", 1),
         fall=reader.number("fall", 2, int, 1),
         rise=reader.number("rise", 2, int, 1),
-        probe=reader.choice("probe", "websocket", ("tcp", "websocket", "http")),
+        probe=reader.choice("probe", "websocket", PROBES),
         path=reader.string("path", "/"),
         subprotocol=reader.string("subprotocol"),
     )
-    if not health.path.startswith("/"):
-        raise reader.error("path", f"{health.path!r} must start with /")
-    if not _REQUEST_PATH.match(health.path):
-        raise reader.error(
-            "path",
-            f"{health.path!r} must be printable ASCII without spaces or '#':"
-            " percent-encode the rest (a space is %20)",
-        )
-    if health.subprotocol and not _TOKEN.match(health.subprotocol):
-        raise reader.error(
-            "subprotocol",
-            f"{health.subprotocol!r} is not a subprotocol name (an HTTP token:"
-            " letters, digits and !#$%&'*+.^_`|~-)",
-        )
+    _checkProbePath(reader, "path", health.path)
+    _checkSubprotocol(reader, "subprotocol", health.subprotocol)
     reader.checkUnknown()
     return health
 
 
 def _parseMain(path, parser, backends, health):
     reader = _Reader(path, parser, SECTION_MAIN)
-    balance = reader.choice(
-        "balance", "least_conn", ("round_robin", "least_conn", "hash")
-    )
     settings = Settings(
         path=str(path),
         backends=backends,
@@ -483,14 +603,12 @@ def _parseMain(path, parser, backends, health):
         dashboard=_parseEndpoint(
             reader, "dashboard", "tcp:8021:interface=127.0.0.1", True
         ),
-        balance=balance,
-        hash_key=_parseHashKey(reader),
+        **_parseOverrides(reader, RouteSettings("")),
         handshake_timeout=reader.seconds("handshake_timeout", 10),
         connect_timeout=reader.seconds("connect_timeout", 5),
         retries=reader.number("retries", 2, int, 0),
         idle_timeout=reader.seconds("idle_timeout", 0, off=True),
         ping_interval=reader.seconds("ping_interval", 30, off=True),
-        max_message_size=reader.number("max_message_size", 16777216, int, 1),
         compression=reader.choice("compression", "passthrough", ("passthrough", "off")),
         max_connections=reader.number("max_connections", 10000, int, 1),
         drain_timeout=reader.number("drain_timeout", 30, float, 0),
@@ -505,11 +623,8 @@ def _parseMain(path, parser, backends, health):
         ),
         max_connections_per_ip=reader.number("max_connections_per_ip", 0, int, 0),
         max_message_rate=reader.number("max_message_rate", 0, int, 0),
-        allowed_origins=_parseOrigins(reader),
-        http=reader.choice("http", "proxy", ("proxy", "refuse")),
         http_timeout=reader.number("http_timeout", 60, float, 0, exclusive=True),
         max_body_size=reader.number("max_body_size", 1048576, int, 0),
-        sticky_cookie=_parseCookieName(reader),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
@@ -557,15 +672,19 @@ def parseConfig(text, path="<config>"):
         raise ConfigError(path, None, None, f"not an INI file: {problem}") from None
 
     backends = []
+    routeSections = []
     for section in parser.sections():
         if section.startswith(BACKEND_PREFIX):
             backends.append(_parseBackend(path, parser, section))
+        elif section.startswith(ROUTE_PREFIX):
+            routeSections.append(section)
         elif section not in (SECTION_MAIN, SECTION_HEALTH):
             raise ConfigError(
                 path,
                 section,
                 None,
-                "unknown section (allowed: [lbws], [health], [backend:NAME])",
+                "unknown section (allowed: [lbws], [health], [backend:NAME],"
+                " [route:NAME])",
             )
     names = [b.name for b in backends]
     for name in names:
@@ -578,7 +697,92 @@ def parseConfig(text, path="<config>"):
             path, None, None, "no backend: add a [backend:NAME] section with a url"
         )
     health = _parseHealth(path, parser)
-    return _parseMain(path, parser, tuple(backends), health)
+    settings = _parseMain(path, parser, tuple(backends), health)
+    if not routeSections:
+        return settings
+    routes = _parseRoutes(path, parser, routeSections, settings)
+    if settings.rebalance != "off":
+        raise ConfigError(
+            path,
+            SECTION_MAIN,
+            "rebalance",
+            f"{settings.rebalance!r} is not supported yet with [route:NAME]"
+            " sections: set rebalance = off",
+        )
+    return attrs.evolve(settings, routes=routes)
+
+
+def _parseRoutes(path, parser, sections, settings):
+    """
+    The [route:NAME] sections, in file order; two routes that match the
+    same requests are refused, naming both.
+    """
+    routes = []
+    seen = {}
+    for section in sections:
+        route = _parseRoute(path, parser, section, settings)
+        match = (route.host, route.path, route.subprotocol)
+        if match in seen:
+            raise ConfigError(
+                path,
+                section,
+                None,
+                f"matches the same requests as [{ROUTE_PREFIX}{seen[match]}]"
+                " (same host, path and subprotocol)",
+            )
+        seen[match] = route.name
+        routes.append(route)
+    return tuple(routes)
+
+
+def _parseRoute(path, parser, section, settings):
+    reader = _Reader(path, parser, section)
+    name = section[len(ROUTE_PREFIX):].strip()
+    if not BACKEND_NAME.match(name):
+        raise ConfigError(
+            path, section, None,
+            f"route name {name!r} must be letters, digits, '.', '_' or '-'",
+        )
+    host = reader.string("host").lower().rstrip(".")
+    if host and not _ROUTE_HOST.match(host):
+        raise reader.error(
+            "host",
+            f"{host!r} is not a host name, an address or *.NAME (a name's"
+            " subdomains)",
+        )
+    prefix = reader.string("path")
+    if prefix:
+        _checkProbePath(reader, "path", prefix)
+        segments = prefix.split("/")
+        if "?" in prefix or "." in segments or ".." in segments:
+            raise reader.error(
+                "path", f"{prefix!r} must be a path prefix without '?', '.' or '..'"
+            )
+        prefix = prefix.rstrip("/")
+    subprotocol = reader.string("subprotocol")
+    _checkSubprotocol(reader, "subprotocol", subprotocol)
+    names = tuple(n for n in re.split(r"[\s,]+", reader.string("backends")) if n)
+    if not names:
+        raise reader.error(
+            "backends", "missing: name the [backend:NAME] sections this route uses"
+        )
+    known = {b.name for b in settings.backends}
+    for backend in names:
+        if backend not in known:
+            raise reader.error(
+                "backends", f"{backend!r} is not a [backend:NAME] section"
+            )
+    route = RouteSettings(
+        name=name,
+        host=host,
+        path=prefix,
+        subprotocol=subprotocol,
+        backends=tuple(dict.fromkeys(names)),
+        strip_prefix=reader.boolean("strip_prefix", False),
+        **_parseOverrides(reader, settings),
+    )
+    reader.checkUnknown()
+    return route
 
 
 def loadConfig(path):
@@ -656,7 +860,21 @@ def summary(settings):
             where = f"{backend.url} (re-resolved every {backend.resolve:g}s)"
         else:
             where = backend.url
-        lines.append(f"  {backend.name}: {where} weight {backend.weight}")
+        line = f"  {backend.name}: {where} weight {backend.weight}"
+        probe = healthFor(settings.health, backend)
+        if probe != settings.health:
+            line += f"; health {probe.probe} {probe.path}" + (
+                f" subprotocol {probe.subprotocol}" if probe.subprotocol else ""
+            )
+        lines.append(line)
+    if settings.routes:
+        lines.append(f"{len(settings.routes)} route(s), in match order:")
+        for route in RouteTable.of(settings).routes:
+            lines.append(
+                f"  {route.name}: {describe(route)}"
+                + (" (strip_prefix)" if route.strip_prefix else "")
+                + f" -> {', '.join(route.backends)}; balance {route.balance}"
+            )
     return "\n".join(lines)
 
 

@@ -132,6 +132,7 @@ def status(service):
         )
     return {
         "backends": backends,
+        "routes": service.routes(),
         "connections": sum(b["active"] for b in backends),
         "workers": [
             {"index": i, "connections": n}

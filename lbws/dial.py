@@ -32,7 +32,8 @@ from lbws.backend import (
 )
 from lbws.compat import OctetRequest, takeReceived, unparsedExtensions
 from lbws.headers import forwardedHeaders
-from lbws.request import joinTarget
+from lbws.request import joinTarget, normaliseTarget
+from lbws.routes import forwardTarget
 
 _log = Logger()
 
@@ -91,7 +92,7 @@ class Dialer:
         self._counters = counters
         self.shortages = Shortages(reactor, "opening backend connections: new clients get 503")
 
-    def dial(self, request, target, peerHost, secure, key=None, prefer=None):
+    def dial(self, request, target, peerHost, secure, key=None, prefer=None, route=None):
         """
         Open a WebSocket to a healthy member on behalf of a client.
 
@@ -101,12 +102,19 @@ class Dialer:
         @param key: the client's hash key (C{balance = hash}), or None.
         @param prefer: the member to try first (the one the client's
             C{sticky_cookie} names), else the balancer chooses.
+        @param route: the client's L{lbws.config.RouteSettings}: its
+            members are tried, its target rule applies (C{strip_prefix});
+            None for every member and the target as it is.
         @return: a Deferred firing with C{(member, RelayProtocol)}, or
             failing with C{ConnectionDeny} carrying the HTTP status the
             client should get (L{Refused} with the backend's own answer).
             Cancelling it closes any backend attempt.
         """
-        return _ClientDial(self, request, target, peerHost, secure, key, prefer).next()
+        if route is not None:
+            target = forwardTarget(route, normaliseTarget(target))
+        return _ClientDial(
+            self, request, target, peerHost, secure, key, prefer, route
+        ).next()
 
 
 class _ClientDial:
@@ -114,8 +122,9 @@ class _ClientDial:
     One client's way to a backend: members tried in turn until one opens.
     """
 
-    def __init__(self, dialer, request, target, peerHost, secure, key, prefer=None):
+    def __init__(self, dialer, request, target, peerHost, secure, key, prefer=None, route=None):
         self._dialer = dialer
+        self._route = route
         self._prefer = prefer
         # The client's permessage-deflate offer, as the backend gets it.
         self._offer = extensions.forwardedOffer(request.headers, dialer.settings.compression)
@@ -138,7 +147,7 @@ class _ClientDial:
         if self._prefer is not None and not self._tried:
             member = self._prefer
         else:
-            member = dialer._pool.choose(self._key, exclude=self._tried)
+            member = dialer._pool.choose(self._key, exclude=self._tried, route=self._route)
         if member is None:
             if self._tried:
                 dialer._counters.handshakes["backend_failed"] += 1

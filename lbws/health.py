@@ -51,6 +51,7 @@ from lbws.backend import (
     localShortage,
 )
 from lbws.compat import isClosing, uncleanReason
+from lbws.config import healthFor
 from lbws.tlserrors import describeTlsFailure
 
 _log = Logger()
@@ -326,7 +327,8 @@ class _MemberCheck:
     def _probe(self):
         checker = self._checker
         reactor = checker.reactor
-        health = checker.health
+        # A backend may have its own probe, path and subprotocol.
+        health = healthFor(checker.health, self.member.settings)
         probe = checker.probes[health.probe]
         started = self.started = reactor.seconds()
         d = maybeDeferred(probe, reactor, self.member.settings, health)

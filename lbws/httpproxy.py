@@ -30,6 +30,7 @@ from lbws.balance import hashKeyOf
 from lbws.backend import backendEndpoint, localShortage
 from lbws.headers import PROXY_HEADERS, proxyHeaders
 from lbws.request import BadTarget, joinTarget, normaliseTarget
+from lbws.routes import forwardTarget
 from lbws.http1 import (
     BadMessage,
     BodyReader,
@@ -80,6 +81,7 @@ LINGER = 5.0
 _REASONS = {
     400: "Bad Request",
     408: "Request Timeout",
+    404: "Not Found",
     413: "Content Too Large",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
@@ -202,7 +204,13 @@ class HttpFront:
             _log.info("bad HTTP request from {peer}: {why}", peer=self.peer, why=str(e))
             self.reject(400, "bad request")
             return
-        if self.relay.settings.http == "refuse":
+        route = self.relay.routes.match(
+            request.headers.get("host"), request.target.partition("?")[0]
+        )
+        if route is None:
+            self.reject(404, "no route for this request", request)
+            return
+        if route.http == "refuse":
             self.reject(
                 426,
                 "this service speaks WebSocket only",
@@ -210,7 +218,7 @@ class HttpFront:
                 headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")],
             )
             return
-        self.exchange = Exchange(self, request, framing)
+        self.exchange = Exchange(self, request, framing, route)
         self.exchange.start()
         if rest:
             self.received(rest)
@@ -330,9 +338,9 @@ def _codeClass(status):
     return f"{status // 100}xx"
 
 
-def _logAccess(front, request, status, backend, duration, bytesIn, bytesOut):
+def _logAccess(front, request, status, backend, duration, bytesIn, bytesOut, route="-"):
     _log.info(
-        '{peer} "{method} {target}" {status} via {backend}: {duration:.3f}s,'
+        '{peer} "{method} {target}" {status} via {route}/{backend}: {duration:.3f}s,'
         " {bytesIn} B in, {bytesOut} B out",
         log_format_access=True,
         peer=front.peer,
@@ -343,6 +351,7 @@ def _logAccess(front, request, status, backend, duration, bytesIn, bytesOut):
         duration=duration,
         bytesIn=bytesIn,
         bytesOut=bytesOut,
+        route=route,
     )
 
 
@@ -353,8 +362,9 @@ class Exchange:
     relayed back, both streamed.
     """
 
-    def __init__(self, front, request, framing):
+    def __init__(self, front, request, framing, route):
         self.front = front
+        self.route = route
         self.relay = front.relay
         self.settings = front.relay.settings
         self.reactor = front.reactor
@@ -405,15 +415,16 @@ class Exchange:
     def attempt(self):
         pool = self.relay.pool
         settings = self.settings
+        route = self.route
         request = self.request
         member = None
         if not self.tried:
             member = sticky.preferred(
-                pool, settings.sticky_cookie, request.headers.get("cookie")
+                pool, route.sticky_cookie, request.headers.get("cookie"), route
             )
         if member is None:
-            key = hashKeyOf(settings.hash_key, self.front.peer, request)
-            member = pool.choose(key, exclude=self.tried)
+            key = hashKeyOf(route.hash_key, self.front.peer, request)
+            member = pool.choose(key, exclude=self.tried, route=route)
         if member is None:
             if self.tried:
                 # Every backend tried failed: the last one's failure (504
@@ -483,7 +494,9 @@ class Exchange:
         request = self.request
         listed = set(request.tokens("connection"))
         lines = [
-            f"{request.method} {joinTarget(backend.path, request.target)} HTTP/1.1",
+            f"{request.method}"
+            f" {joinTarget(backend.path, forwardTarget(self.route, request.target))}"
+            " HTTP/1.1",
             f"Host: {hostHeader(backend)}",
         ]
         for name, value in request.fields:
@@ -626,7 +639,7 @@ class Exchange:
         if (kind == "chunked" and not self.dechunk) or self.rechunk:
             lines.append("Transfer-Encoding: chunked")
         cookie = sticky.setCookie(
-            self.settings.sticky_cookie, self.member, request.headers.get("cookie")
+            self.route.sticky_cookie, self.member, request.headers.get("cookie")
         )
         if cookie is not None:
             lines.append(f"Set-Cookie: {cookie}")
@@ -762,6 +775,7 @@ class Exchange:
             self.reactor.seconds() - self.started,
             self.body.payload,
             self.bytesOut,
+            self.route.name,
         )
         if abort and not self.front.gone:
             self.front.closing = True

@@ -24,7 +24,8 @@ class Counters:
         on), C{over_capacity} (503, max_connections or lbws out of
         resources), C{timeout} (the client did
         not finish its request in time), C{forbidden_origin} (403, see
-        C{allowed_origins}), C{over_ip_limit} (503, see C{max_connections_per_ip}).
+        C{allowed_origins}), C{over_ip_limit} (503, see C{max_connections_per_ip}),
+        C{no_route} (404: no [route:NAME] matched).
     @ivar closes: closes by C{(side, code)}, where side says who closed
         first: C{client}, C{backend} or C{lbws}.
     """
@@ -36,6 +37,11 @@ class Counters:
         # Plain HTTP requests by (backend, status class "2xx"...), backend
         # "-" for those lbws answered itself before choosing one.
         self.httpRequests = Counter()
+        # Per route (README "Routes"), by (route, what): handshakes_ok,
+        # handshakes_failed, and the messages of ended connections
+        # (messages_to_backend, messages_to_client); open connections are
+        # added when read (L{lbws.relay.Relay.routeCounts}).
+        self.routes = Counter()
         # With workers = N: each worker's last L{snapshot}, by worker index.
         self._remote = {}
 
@@ -77,6 +83,16 @@ class Counters:
                 {(b, c): n for b, c, n in snapshot.get("httpRequests", ())}
             )
         return requests
+
+    def routesMerged(self, local):
+        """
+        The per-route counts C{local} of this process (see
+        L{lbws.relay.Relay.routeCounts}) with those its workers reported.
+        """
+        routes = Counter(local)
+        for snapshot in self._remote.values():
+            routes.update({(r, what): n for r, what, n in snapshot.get("routes", ())})
+        return routes
 
     def merged(self):
         """
@@ -282,7 +298,7 @@ class LbwsCollector:
         handshakeCounts, closeCounts, errorCounts = service.counters()
         handshakes = CounterMetricFamily(
             "lbws_handshakes",
-            "Client opening handshakes by result (ok, no_backend, backend_failed,"
+            "Client opening handshakes by result (ok, no_route, no_backend, backend_failed,"
             " backend_refused, over_capacity, timeout, forbidden_origin).",
             labels=["result"],
         )
@@ -325,6 +341,29 @@ class LbwsCollector:
             "The max_connections setting: client connections beyond it get 503.",
             value=service.settings.max_connections,
         )
+        routeConnections = GaugeMetricFamily(
+            "lbws_route_connections_active",
+            "Client WebSocket connections open, by the route they came by.",
+            labels=["route"],
+        )
+        routeHandshakes = CounterMetricFamily(
+            "lbws_route_handshakes",
+            "Client opening handshakes past route matching, by route and"
+            " result (ok, failed).",
+            labels=["route", "result"],
+        )
+        routeMessages = CounterMetricFamily(
+            "lbws_route_messages",
+            "WebSocket messages relayed, by route and direction.",
+            labels=["route", "direction"],
+        )
+        for route in service.routes():
+            name = route["name"]
+            routeConnections.add_metric([name], route["connections"])
+            for result in ("ok", "failed"):
+                routeHandshakes.add_metric([name, result], route[f"handshakes_{result}"])
+            for direction in ("to_backend", "to_client"):
+                routeMessages.add_metric([name, direction], route[f"messages_{direction}"])
         started = GaugeMetricFamily(
             "lbws_start_time_seconds",
             "When this lbws started, Unix time.",
@@ -334,6 +373,7 @@ class LbwsCollector:
             up, state, weight, active, total, failed, messages, payload, checks,
             durations, rtt, lastCheck, handshakes, closes, errors, connections,
             started, effective, rebalanced, maxConnections, httpRequests,
+            routeConnections, routeHandshakes, routeMessages,
         ]
 
 

@@ -410,6 +410,9 @@ class Pool:
         self.clock = clock
         self.events = events if events is not None else Events(clock)
         self._strategy = STRATEGIES[settings.balance]()
+        # Each [route:NAME]'s own strategy, by route name and balance: the
+        # balancing state of one route does not move another's.
+        self._routeStrategies = {}
         for backend in settings.backends:
             if not backend.discovered:
                 self.members[backend.name] = Member(backend, events=self.events)
@@ -439,6 +442,10 @@ class Pool:
             members.setdefault(name, member)
         if settings.balance != self.settings.balance:
             self._strategy = STRATEGIES[settings.balance]()
+        kept = {(r.name, r.balance) for r in settings.routes}
+        for key in list(self._routeStrategies):
+            if key not in kept:
+                del self._routeStrategies[key]
         self.settings = settings
         self.members.clear()
         self.members.update(members)
@@ -539,21 +546,42 @@ class Pool:
     def __getitem__(self, name):
         return self.members[name]
 
-    def choose(self, key=None, exclude=()):
+    def serving(self, route=None):
         """
-        The member a new connection should go to, or None if no member that
-        is up and was not excluded has a weight above zero.
+        The members of C{route} (a L{lbws.config.RouteSettings}): those of
+        the backends it names, a DNS template's members with it. Without a
+        route, or for the implicit one (no C{backends}), every member.
+        """
+        if route is None or route.backends is None:
+            return self.members.values()
+        names = route.backends
+        return [m for m in self.members.values() if m.name in names or m.group in names]
+
+    def choose(self, key=None, exclude=(), route=None):
+        """
+        The member of C{route} (all members without one) a new connection
+        should go to, or None if no member that is up and was not excluded
+        has a weight above zero.
         """
         candidates = [
             m
-            for m in self.members.values()
+            for m in self.serving(route)
             if m.state == UP and m.weight > 0 and m not in exclude
         ]
         if not candidates:
             return None
         now = self.clock.seconds() if self.clock is not None else None
         weights = [self.effectiveWeight(m, now) for m in candidates]
-        return self._strategy.pick(candidates, key, weights)
+        return self._strategyOf(route).pick(candidates, key, weights)
+
+    def _strategyOf(self, route):
+        if route is None or route.backends is None:
+            return self._strategy
+        key = (route.name, route.balance)
+        strategy = self._routeStrategies.get(key)
+        if strategy is None:
+            strategy = self._routeStrategies[key] = STRATEGIES[route.balance]()
+        return strategy
 
     def effectiveWeight(self, member, now=None):
         """

@@ -6,12 +6,15 @@ The client's protocol lives in L{lbws.server}, a joined client and backend
 in L{lbws.tunnel}.
 """
 
+from collections import Counter
+
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
 from lbws import sticky
 from lbws.balance import hashKeyOf
+from lbws.routes import RouteTable
 from lbws.server import FrontendFactory
 
 _log = Logger()
@@ -37,6 +40,17 @@ class Relay:
         self.stopping = False
         self._drained = None
 
+    @property
+    def settings(self):
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings):
+        # The route table goes with the settings: new clients follow the
+        # new table, open connections keep the route they were matched to.
+        self._settings = settings
+        self.routes = RouteTable.of(settings)
+
     def factory(self):
         return FrontendFactory(self)
 
@@ -47,40 +61,67 @@ class Relay:
         @return: Deferred firing with C{(member, RelayProtocol)} or
             failing with C{ConnectionDeny}.
         """
-        if self.stopping:
-            return fail(ConnectionDeny(503, "Service Unavailable: lbws is stopping"))
-        if self.clients >= self.settings.max_connections:
-            self.counters.handshakes["over_capacity"] += 1
-            return fail(ConnectionDeny(503, "Service Unavailable: too many connections"))
-        perIp = self.settings.max_connections_per_ip
-        if perIp and self.perPeer.get(info.peer, 0) >= perIp:
-            self.counters.handshakes["over_ip_limit"] += 1
-            return fail(ConnectionDeny(503, "Service Unavailable: too many connections"))
+        refused = self._refusal(info)
+        if refused is not None:
+            self.counters.routes[(info.route.name, "handshakes_failed")] += 1
+            return fail(refused)
+        route = info.route
         self._admit(protocol, info.peer)
-        if self.settings.balance == "hash":
+        if route.balance == "hash":
             # Gradual rebalancing moves connections whose key maps elsewhere.
-            info.keySource = str(self.settings.hash_key)
-            info.key = hashKeyOf(self.settings.hash_key, info.peer, request)
+            info.keySource = str(route.hash_key)
+            info.key = hashKeyOf(route.hash_key, info.peer, request)
         prefer = sticky.preferred(
-            self.pool, self.settings.sticky_cookie, request.headers.get("cookie")
+            self.pool, route.sticky_cookie, request.headers.get("cookie"), route
         )
         d = self.opening[protocol] = self.dialer.dial(
-            request, info.target, info.peer, info.secure, info.key, prefer
+            request, info.target, info.peer, info.secure, info.key, prefer, route
         )
 
         def opened(result):
             self.opening.pop(protocol, None)
             self.counters.handshakes["ok"] += 1
+            self.counters.routes[(route.name, "handshakes_ok")] += 1
             return result
 
         def failed(failure):
             self.opening.pop(protocol, None)
+            self.counters.routes[(route.name, "handshakes_failed")] += 1
             if self.stopping and failure.check(CancelledError):
                 # stop() gave up this attempt: tell the client why.
                 raise ConnectionDeny(503, "Service Unavailable: lbws is stopping")
             return failure
 
         return d.addCallbacks(opened, failed)
+
+    def _refusal(self, info):
+        """
+        Why a client cannot be admitted now (a C{ConnectionDeny}), or None.
+        """
+        if self.stopping:
+            return ConnectionDeny(503, "Service Unavailable: lbws is stopping")
+        if self.clients >= self.settings.max_connections:
+            self.counters.handshakes["over_capacity"] += 1
+            return ConnectionDeny(503, "Service Unavailable: too many connections")
+        perIp = self.settings.max_connections_per_ip
+        if perIp and self.perPeer.get(info.peer, 0) >= perIp:
+            self.counters.handshakes["over_ip_limit"] += 1
+            return ConnectionDeny(503, "Service Unavailable: too many connections")
+        return None
+
+    def routeCounts(self):
+        """
+        Per-route counts by C{(route, what)}: those of
+        L{lbws.metrics.Counters.routes}, with the open connections
+        (C{connections}) and their messages so far added.
+        """
+        counts = Counter(self.counters.routes)
+        for tunnel in self.tunnels:
+            name = tunnel.info.route.name
+            counts[(name, "connections")] += 1
+            counts[(name, "messages_to_backend")] += tunnel.client.messages
+            counts[(name, "messages_to_client")] += tunnel.backend.messages
+        return counts
 
     def tunnelStarted(self, tunnel):
         self.tunnels.add(tunnel)
@@ -107,14 +148,18 @@ class Relay:
         client = tunnel.client
         side, code, reason = tunnel.endedWith()
         self.counters.closes[(side, code)] += 1
+        route = tunnel.info.route.name
+        self.counters.routes[(route, "messages_to_backend")] += client.messages
+        self.counters.routes[(route, "messages_to_client")] += tunnel.backend.messages
         _log.info(
-            "{peer} {target} via {backend}: {duration:.3f}s,"
+            "{peer} {target} via {route}/{backend}: {duration:.3f}s,"
             " {messagesIn} msgs/{bytesIn} B in, {messagesOut} msgs/{bytesOut} B out,"
             " close {code} by {side}",
             log_format_access=True,
             peer=tunnel.info.peer,
             target=tunnel.info.target,
             backend=tunnel.member.name,
+            route=tunnel.info.route.name,
             subprotocol=client.protocol.websocket_protocol_in_use,
             duration=self.reactor.seconds() - tunnel.started,
             messagesIn=client.messages,

@@ -16,7 +16,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import ISSLTransport
 
 from lbws import httpproxy, sticky
-from lbws.answers import acceptedHeaders
+from lbws.answers import Head, acceptedHeaders, render
 from lbws.compat import (
     answerRefusal,
     isConnecting,
@@ -67,6 +67,7 @@ class ClientInfo:
         self.secure = secure
         self.key = None  # balance = hash: the client's key, and
         self.keySource = None  # the hash_key it was taken by
+        self.route = None  # its lbws.config.RouteSettings (lbws.routes)
 
 
 class FrontendProtocol(WebSocketServerProtocol):
@@ -174,19 +175,25 @@ class FrontendProtocol(WebSocketServerProtocol):
         peerHost = getattr(peer, "host", None) or str(peer)
         target = requestTarget(self)
         try:
-            normaliseTarget(target)
+            path = normaliseTarget(target).partition("?")[0]
         except BadTarget as e:
             raise ConnectionDeny(400, f"Bad Request: {e}") from None
         for subprotocol in request.protocols:
             # They go to the backend in its request: tokens only.
             if not isToken(subprotocol):
                 raise ConnectionDeny(400, f"Bad Request: subprotocol {subprotocol!r}")
+        route = relay.routes.match(request.headers.get("host"), path, request.protocols)
+        if route is None:
+            relay.counters.handshakes["no_route"] += 1
+            self._answer = NO_ROUTE
+            raise ConnectionDeny(404, "Not Found: no route for this request")
         origin = request.headers.get("origin")
-        if origin is not None and not relay.settings.allowed_origins.allows(origin):
+        if origin is not None and not route.allowed_origins.allows(origin):
             relay.counters.handshakes["forbidden_origin"] += 1
             raise ConnectionDeny(403, f"Forbidden: origin {origin!r} is not allowed")
         secure = ISSLTransport.providedBy(self.transport)
         self.info = ClientInfo(peerHost, target, secure)
+        self.info.route = route
         d = self._pending = relay.openBackend(self, request, self.info)
 
         def opened(result):
@@ -194,7 +201,7 @@ class FrontendProtocol(WebSocketServerProtocol):
             self._member, self._backend = result
             headers = acceptedHeaders(self._backend.head)
             cookie = sticky.setCookie(
-                relay.settings.sticky_cookie, self._member, request.headers.get("cookie")
+                route.sticky_cookie, self._member, request.headers.get("cookie")
             )
             if cookie is not None:
                 headers.setdefault("Set-Cookie", []).append(cookie)
@@ -254,7 +261,13 @@ class FrontendProtocol(WebSocketServerProtocol):
         backend = self._backend
         del self._backend
         tunnel = Tunnel(
-            self.factory.relay, self, backend, self._member, self.info, self._deflate
+            self.factory.relay,
+            self,
+            backend,
+            self._member,
+            self.info,
+            self.info.route,
+            self._deflate,
         )
         self.factory.relay.tunnelStarted(tunnel)
         tunnel.start(early, backend.early)
@@ -294,6 +307,12 @@ class FrontendProtocol(WebSocketServerProtocol):
             self._handshakeTimer = None
 
 
+# What a WebSocket handshake no route matches gets (plain HTTP gets the
+# same from lbws.httpproxy).
+NO_ROUTE = render(
+    Head(404, b"Not Found", [(b"Content-Type", b"text/plain; charset=utf-8")]),
+    b"404 Not Found: no route for this request\n",
+)
 _OBS_TEXT = re.compile(rb"[\x80-\xff]")
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 

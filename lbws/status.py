@@ -87,6 +87,36 @@ class StatusView:
         """
         return self._core.counters.httpMerged()
 
+    def routes(self):
+        """
+        The routes in match order (the implicit one without [route:NAME]
+        sections), each with its match, its backends' members and its
+        counts, of this process and its workers together.
+        """
+        core = self._core
+        counts = core.counters.routesMerged(core.relay.routeCounts())
+        routes = []
+        for route in core.relay.routes.routes:
+            name = route.name
+            routes.append(
+                {
+                    "name": name,
+                    "implicit": core.relay.routes.implicit,
+                    "host": route.host,
+                    "path": route.path,
+                    "subprotocol": route.subprotocol,
+                    "strip_prefix": route.strip_prefix,
+                    "balance": route.balance,
+                    "backends": [m.name for m in core.pool.serving(route)],
+                    "connections": counts[(name, "connections")],
+                    "handshakes_ok": counts[(name, "handshakes_ok")],
+                    "handshakes_failed": counts[(name, "handshakes_failed")],
+                    "messages_to_backend": counts[(name, "messages_to_backend")],
+                    "messages_to_client": counts[(name, "messages_to_client")],
+                }
+            )
+        return routes
+
     def workerConnections(self):
         """
         Client connections of each worker process, by worker index; empty

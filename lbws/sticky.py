@@ -47,18 +47,18 @@ def cookieValue(cookieHeader, name):
     return None
 
 
-def preferred(pool, name, cookieHeader):
+def preferred(pool, name, cookieHeader, route=None):
     """
-    The member the client's sticky cookie names, if that member takes new
-    connections (up, not draining, weight above 0); else None, and the
-    balancer picks as if there were no cookie.
+    The member of C{route} the client's sticky cookie names, if that
+    member takes new connections (up, not draining, weight above 0); else
+    None, and the balancer picks as if there were no cookie.
     """
     if not name:
         return None
     value = cookieValue(cookieHeader, name)
     if not value:
         return None
-    for member in pool:
+    for member in pool.serving(route):
         if stickyId(member) == value:
             return member if member.state == UP and member.weight > 0 else None
     return None

@@ -154,7 +154,15 @@ class Leg:
     )
 
     def __init__(
-        self, tunnel, protocol, isClient, settings, messageBudget, controlBudget, deflate=False
+        self,
+        tunnel,
+        protocol,
+        isClient,
+        settings,
+        maxMessageSize,
+        messageBudget,
+        controlBudget,
+        deflate=False,
     ):
         self.tunnel = tunnel
         self.protocol = protocol
@@ -163,7 +171,7 @@ class Leg:
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
         self.scanner = FrameScanner(
-            self, isClient, settings.max_message_size, settings.max_frames_per_message, deflate
+            self, isClient, maxMessageSize, settings.max_frames_per_message, deflate
         )
         self.scanner.messageBudget = messageBudget
         self.scanner.controlBudget = controlBudget
@@ -441,8 +449,12 @@ class Tunnel:
         "_controlRate",
     )
 
-    def __init__(self, relay, clientProtocol, backendProtocol, member, info, deflate=False):
+    def __init__(
+        self, relay, clientProtocol, backendProtocol, member, info, route=None, deflate=False
+    ):
         """
+        @param route: the client's route (its own C{max_message_size}), or
+            None for the settings' own.
         @param deflate: whether the backend accepted the client's
             permessage-deflate offer, so that compressed frames pass.
         """
@@ -451,6 +463,8 @@ class Tunnel:
         self.member = member
         self.info = info
         settings = relay.settings
+        # The client's route may have its own max_message_size.
+        maxMessageSize = (route or settings).max_message_size
         self.started = reactor.seconds()
         self.lastActivity = self.started
         self._maxMessageRate = settings.max_message_rate
@@ -461,12 +475,13 @@ class Tunnel:
             clientProtocol,
             True,
             settings,
+            maxMessageSize,
             self._maxMessageRate or UNLIMITED,
             CONTROL_FRAMES_PER_SECOND,
             deflate,
         )
         self.backend = Leg(
-            self, backendProtocol, False, settings, UNLIMITED, UNLIMITED, deflate
+            self, backendProtocol, False, settings, maxMessageSize, UNLIMITED, UNLIMITED, deflate
         )
         self.client.other = self.backend
         self.backend.other = self.client

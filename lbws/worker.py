@@ -41,7 +41,10 @@ def statsOf(core):
             }
             for member in pool
         },
-        "counters": counters.snapshot(),
+        "counters": {
+            **counters.snapshot(),
+            "routes": [[r, what, n] for (r, what), n in relay.routeCounts().items()],
+        },
         "clients": relay.clients,
     }
 

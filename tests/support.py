@@ -277,11 +277,13 @@ def configText(
     listen="tcp:0:interface=127.0.0.1",
     dashboard="",
     probe="tcp",
+    routes="",
 ):
     """
     An INI text for lbws in front of C{backends}: a list of C{(name, url)}
-    or C{(name, url, extra lines)}. The dashboard is off unless
-    C{dashboard} is an endpoint (e.g. C{tcp:0:interface=127.0.0.1}).
+    or C{(name, url, extra lines)}, and C{routes}, [route:NAME] sections
+    as text. The dashboard is off unless C{dashboard} is an endpoint (e.g.
+    C{tcp:0:interface=127.0.0.1}).
     """
     text = f"[lbws]\nlisten = {listen}\ndashboard = {dashboard}\n{textwrap.dedent(lbws)}\n"
     text += f"[health]\nprobe = {probe}\n{textwrap.dedent(health)}\n"
@@ -289,7 +291,7 @@ def configText(
         text += f"[backend:{name}]\nurl = {url}\n"
         for line in extra:
             text += textwrap.dedent(line) + "\n"
-    return text
+    return text + textwrap.dedent(routes)
 
 
 async def startLbws(backends, **kwargs):
@@ -602,16 +604,27 @@ class HandshakeFailed(Exception):
 
 
 async def connect(
-    url, protocols=None, headers=None, path="/", useragent="lbws-tests", timeout=30, **options
+    url,
+    protocols=None,
+    headers=None,
+    path="/",
+    useragent="lbws-tests",
+    timeout=30,
+    host=None,
+    **options,
 ):
     """
     Open a WebSocket to C{url + path}; fails with L{HandshakeFailed}, or
     with C{TimeoutError} when the handshake is not over within C{timeout}.
+    With C{host}, the request's Host header names it (with C{url}'s port)
+    while the connection still goes to C{url}'s address.
 
     @return: the open L{RecordingClient}.
     """
+    address, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    named = url if host is None else f"ws://{host}:{port}"
     factory = WebSocketClientFactory(
-        url.rstrip("/") + path,
+        named.rstrip("/") + path,
         protocols=protocols,
         headers=headers,
         useragent=useragent,
@@ -632,8 +645,7 @@ async def connect(
             **options,
         }
     )
-    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
-    await TCP4ClientEndpoint(reactor, host, int(port), timeout=5).connect(factory)
+    await TCP4ClientEndpoint(reactor, address, int(port), timeout=5).connect(factory)
     return await factory.opened.addTimeout(timeout, reactor)
 
 
