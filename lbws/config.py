@@ -701,14 +701,6 @@ def parseConfig(text, path="<config>"):
     if not routeSections:
         return settings
     routes = _parseRoutes(path, parser, routeSections, settings)
-    if settings.rebalance != "off":
-        raise ConfigError(
-            path,
-            SECTION_MAIN,
-            "rebalance",
-            f"{settings.rebalance!r} is not supported yet with [route:NAME]"
-            " sections: set rebalance = off",
-        )
     return attrs.evolve(settings, routes=routes)
 
 

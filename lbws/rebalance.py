@@ -38,7 +38,7 @@ C{lbws_rebalanced_total}, the dashboard's C{rebalanced} field).
 """
 
 import random as _random
-from collections import Counter
+from collections import Counter, defaultdict
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -65,29 +65,35 @@ TOLERANCE_FRACTION = 0.10
 HASH_SCAN_INTERVAL = 1.0
 
 
-def fairShares(pool, now=None):
+def fairShares(pool, now=None, members=None, counts=None):
     """
     Each member that is up, with its open connections and its fair share
     of the open connections on members that are up (by effective weight).
 
+    @param members: the members to balance over (a route's, see
+        L{lbws.pool.Pool.serving}); every member of C{pool} by default.
+    @param counts: member -> its open connections to count (a route's);
+        C{member.active}, all of them, by default.
     @return: a list of C{(member, active, share)}.
     """
-    up = [m for m in pool if m.state == UP and m.weight > 0]
+    up = [m for m in (pool if members is None else members) if m.state == UP and m.weight > 0]
     weights = [pool.effectiveWeight(m, now) for m in up]
-    total = sum(m.active for m in up)
+    active = [m.active if counts is None else counts.get(m, 0) for m in up]
+    total = sum(active)
     weightSum = sum(weights)
     if not up or weightSum <= 0:
         return []
-    return [(m, m.active, total * w / weightSum) for m, w in zip(up, weights)]
+    return [(m, n, total * w / weightSum) for m, n, w in zip(up, active, weights)]
 
 
 def tolerance(share):
     return max(TOLERANCE, TOLERANCE_FRACTION * share)
 
 
-def mostOverloaded(pool, now=None, closing=None, moving=False):
+def overload(pool, now=None, closing=None, moving=False, members=None, counts=None):
     """
-    The member to move a connection off, or None when the spread is even
+    The member to move a connection off and how far over its share it is
+    (its surplus divided by its share), or None when the spread is even
     enough.
 
     Moving starts when some member is over or under its fair share by more
@@ -98,30 +104,43 @@ def mostOverloaded(pool, now=None, closing=None, moving=False):
 
     @param closing: member -> connections already being moved off it,
         not counted as its own any more.
+    @param members: see L{fairShares}.
+    @param counts: see L{fairShares}.
+    @return: C{(member, relative surplus)} or None.
     """
     closing = closing or {}
     uneven = False
     short = False
-    worst, worstSurplus = None, 0.0
-    for member, active, share in fairShares(pool, now):
+    worst, worstSurplus, worstShare = None, 0.0, 0.0
+    for member, active, share in fairShares(pool, now, members, counts):
         surplus = active - closing.get(member, 0) - share
         if abs(surplus) > tolerance(share):
             uneven = True
         if surplus <= -1:
             short = True
         if surplus >= 1 and surplus > worstSurplus:
-            worst, worstSurplus = member, surplus
-    if uneven or (moving and short):
-        return worst
+            worst, worstSurplus, worstShare = member, surplus, share
+    if worst is not None and (uneven or (moving and short)):
+        return worst, worstSurplus / worstShare if worstShare > 0 else float("inf")
     return None
 
 
-def placement(pool, key, now=None):
+def mostOverloaded(pool, now=None, closing=None, moving=False):
     """
-    The member C{key} maps to now under rendezvous hashing, or None.
+    The member of the whole pool to move a connection off, or None (see
+    L{overload}).
+    """
+    found = overload(pool, now, closing, moving)
+    return None if found is None else found[0]
+
+
+def placement(pool, key, now=None, route=None):
+    """
+    The member C{key} maps to now under rendezvous hashing among the
+    members of C{route} (every member without one), or None.
     """
     best, bestScore = None, None
-    for member in pool:
+    for member in pool.serving(route):
         if member.state != UP or member.weight <= 0:
             continue
         value = score(key, member, pool.effectiveWeight(member, now))
@@ -152,9 +171,11 @@ class Rebalancer(Service):
         self.moved = 0
         self._call = None
         self._closing = set()
-        self._misplaced = []
+        self._misplacedTunnels = []
         self._scanned = None
-        self._moving = False  # a rebalancing started and is not over yet
+        # The routes (None: the whole pool) where a rebalancing started
+        # and is not over yet.
+        self._moving = set()
         self._burst = Counter()  # connections moved off each backend since it started
         self._burstStarted = None
 
@@ -198,11 +219,24 @@ class Rebalancer(Service):
         """
         Move one connection if the spread calls for it.
 
+        With [route:NAME] sections each route is balanced on its own (its
+        members, its own open connections, its C{balance} and
+        C{hash_key}); the rate stays one move per step across them all.
+        Misplaced connections of C{balance = hash} routes move first, then
+        the surplus of the route whose worst member is furthest over its
+        share, relative to that share.
+
         @return: True if a connection was moved.
         """
         self._closing = {t for t in self._closing if not t.done}
         now = self.reactor.seconds()
-        if self.relay.settings.balance == "hash":
+        routes = self.relay.settings.routes
+        if routes:
+            hashed = {r.name: r for r in routes if r.balance == "hash"}
+            tunnel = self._nextMisplaced(now, hashed) if hashed else None
+            if tunnel is None:
+                tunnel = self._nextSurplus(now, [r for r in routes if r.balance != "hash"])
+        elif self.relay.settings.balance == "hash":
             tunnel = self._nextMisplaced(now)
         else:
             tunnel = self._nextSurplus(now)
@@ -211,44 +245,115 @@ class Rebalancer(Service):
         self.move(tunnel)
         return True
 
-    def _closingCounts(self):
-        counts = {}
-        for tunnel in self._closing:
-            counts[tunnel.member] = counts.get(tunnel.member, 0) + 1
-        return counts
+    def _nextSurplus(self, now, routes=None):
+        """
+        The oldest movable connection of the most overloaded member.
 
-    def _nextSurplus(self, now):
-        member = mostOverloaded(self.pool, now, self._closingCounts(), self._moving)
-        self._moving = member is not None
-        if member is None:
-            return None
-        oldest = None
+        @param routes: the routes to balance, each over its own members
+            and counting only its own connections (by C{info.route}); or
+            None: the whole pool, counting C{member.active}.
+        """
+        counts = defaultdict(Counter)  # route name -> member -> tunnels
+        closing = defaultdict(Counter)
+        oldest = {}  # (route name, member) -> tunnel
         for tunnel in self.relay.tunnels:
-            if tunnel.member is member and tunnel not in self._closing and tunnel.movable:
-                if oldest is None or tunnel.started < oldest.started:
-                    oldest = tunnel
-        return oldest
+            name = None if routes is None else tunnel.info.route.name
+            member = tunnel.member
+            counts[name][member] += 1
+            if tunnel in self._closing:
+                closing[name][member] += 1
+            elif tunnel.movable:
+                current = oldest.get((name, member))
+                if current is None or tunnel.started < current.started:
+                    oldest[(name, member)] = tunnel
+        best = None
+        moving = set()
+        for route in (None,) if routes is None else routes:
+            name = None if route is None else route.name
+            found = overload(
+                self.pool,
+                now,
+                closing[name],
+                name in self._moving,
+                self.pool.serving(route),
+                None if route is None else counts[name],
+            )
+            if found is None:
+                continue
+            moving.add(name)
+            if route is not None and not self._reconnectLeaves(route, found[0], now):
+                continue
+            if best is None or found[1] > best[0]:
+                best = (found[1], name, found[0])
+        self._moving = moving
+        if best is None:
+            return None
+        return oldest.get(best[1:])
 
-    def _nextMisplaced(self, now):
+    def _reconnectLeaves(self, route, member, now):
+        """
+        Whether a connection moved off C{member} would reconnect to another
+        member of C{route}. With C{least_conn} it goes to the member with
+        the fewest open connections of all routes per weight (README,
+        "Routes": counts stay per backend), which for a backend shared
+        with another route may be C{member} again although the route's own
+        spread is uneven: moving then would only churn.
+        """
+        if route.balance != "least_conn":
+            return True
+        after = (member.active - 1) / self.pool.effectiveWeight(member, now)
+        return any(
+            other is not member
+            and other.state == UP
+            and other.weight > 0
+            and other.active / self.pool.effectiveWeight(other, now) < after
+            for other in self.pool.serving(route)
+        )
+
+    def _hashRoute(self, tunnel, routes):
+        """
+        The route whose placement C{tunnel} follows and its hash_key, or
+        None if it has none (its route was removed or is not hashed).
+        """
+        if routes is None:
+            return None, str(self.relay.settings.hash_key)
+        route = routes.get(tunnel.info.route.name)
+        if route is None:
+            return None
+        return route, str(route.hash_key)
+
+    def _misplaced(self, tunnel, routes, now):
+        """
+        Whether C{tunnel}'s key maps to another member of its route now.
+        """
+        found = self._hashRoute(tunnel, routes)
+        if found is None:
+            return False
+        route, hashKey = found
+        key = getattr(tunnel.info, "key", None)
+        if key is None or getattr(tunnel.info, "keySource", None) != hashKey:
+            return False
+        return placement(self.pool, key, now, route) is not tunnel.member
+
+    def _nextMisplaced(self, now, routes=None):
+        """
+        The oldest connection whose key maps elsewhere now.
+
+        @param routes: route name -> route, those with C{balance = hash};
+            or None: the whole pool with the [lbws] hash_key.
+        """
         if self._scanned is None or now - self._scanned >= HASH_SCAN_INTERVAL:
             self._scanned = now
-            hashKey = str(self.relay.settings.hash_key)
-            found = []
-            for tunnel in self.relay.tunnels:
-                key = getattr(tunnel.info, "key", None)
-                if key is None or getattr(tunnel.info, "keySource", None) != hashKey:
-                    continue
-                if placement(self.pool, key, now) is not tunnel.member:
-                    found.append(tunnel)
+            found = [t for t in self.relay.tunnels if self._misplaced(t, routes, now)]
             found.sort(key=lambda t: t.started)
-            self._misplaced = found
-        while self._misplaced:
-            tunnel = self._misplaced.pop(0)
+            self._misplacedTunnels = found
+        while self._misplacedTunnels:
+            tunnel = self._misplacedTunnels.pop(0)
             if (
                 tunnel in self.relay.tunnels
                 and tunnel not in self._closing
                 and tunnel.movable
-                and placement(self.pool, tunnel.info.key, now) is not tunnel.member
+                and self._misplaced(tunnel, routes, now)
             ):
                 return tunnel
         return None

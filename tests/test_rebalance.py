@@ -43,20 +43,22 @@ class FakeLeg:
 
 
 class FakeInfo:
-    def __init__(self, peer, key, keySource):
+    def __init__(self, peer, key, keySource, route=None):
         self.peer = peer
         self.key = key
         self.keySource = keySource
+        self.route = route
 
 
 class FakeTunnel:
-    def __init__(self, world, member, key):
+    def __init__(self, world, member, key, route=None):
         self.world = world
         self.member = member
         self.started = world.clock.seconds()
         self.done = False
         self.closedFirstBy = None
-        self.info = FakeInfo(f"client-{key}", key, str(world.pool.settings.hash_key))
+        hashKey = (route or world.pool.settings).hash_key
+        self.info = FakeInfo(f"client-{key}", key, str(hashKey), route)
         self.client = FakeLeg(self, True)
         self.backend = FakeLeg(self, False)
 
@@ -90,14 +92,14 @@ class World:
         self.rebalancer = Rebalancer(self.clock, self, self.pool, random.Random(seed))
         self._keys = 0
 
-    def connect(self, count, key=None):
+    def connect(self, count, key=None, route=None):
         opened = []
         for _ in range(count):
             self._keys += 1
             k = key if key is not None else f"k{self._keys}"
-            member = self.pool.choose(k)
+            member = self.pool.choose(k, route=route)
             setActive(member, member.active + 1)
-            tunnel = FakeTunnel(self, member, k)
+            tunnel = FakeTunnel(self, member, k, route)
             self.tunnels.add(tunnel)
             opened.append(tunnel)
             self.clock.advance(0.001)
@@ -112,7 +114,7 @@ class World:
         tunnel.done = True
         setActive(tunnel.member, tunnel.member.active - 1)
         self.tunnels.discard(tunnel)
-        self.connect(1, key=tunnel.info.key)
+        self.connect(1, key=tunnel.info.key, route=tunnel.info.route)
 
     def counts(self):
         return {m.name: m.active for m in self.pool}
@@ -312,3 +314,124 @@ def test_a_burst_of_moves_is_one_event():
     assert last < event["time"] <= last + CHECK_INTERVAL + 0.02
     assert event["seconds"] == event["time"] - world.moves[0][0]
     assert event["text"].startswith(f"rebalancing moved {len(world.moves)} connection(s) in ")
+
+
+# Routes: each route is rebalanced over its own members and connections.
+
+ROUTES = """
+[route:A]
+path = /a
+backends = a, b
+{a}
+[route:B]
+path = /b
+backends = b, c
+{b}
+"""
+
+
+def routed(a="", b="", lbws=GRADUAL):
+    """
+    Routes A (a, b) and B (b, c) sharing b: A's 100 clients connected
+    while b was down, so they are all on a; b came back and B's 60 clients
+    then spread evenly over b and c.
+    """
+    text = support.configText(THREE, lbws=lbws, routes=ROUTES.format(a=a, b=b))
+    world = World(parseConfig(text, "t.ini"))
+    routeA, routeB = world.settings.routes
+    setHealthy(world.pool["b"], False)
+    world.connect(100, route=routeA)
+    world.pool["b"].health.follow(True, world.clock.seconds())
+    world.connect(60, route=routeB)
+    world.rebalancer.startService()
+    return world, routeA, routeB
+
+
+def routeCounts(world, route):
+    return Counter(t.member.name for t in world.tunnels if t.info.route is route)
+
+
+def test_routes_move_only_the_uneven_routes_connections():
+    """
+    With round_robin on A its reconnects spread by A's own rotation: A ends
+    50/50 although b then carries more connections than a, and B, even on
+    its own, keeps every connection (a whole-pool rebalancer would move
+    B's clients off b).
+    """
+    world, routeA, routeB = routed(a="balance = round_robin")
+    assert routeCounts(world, routeA) == {"a": 100}
+    assert routeCounts(world, routeB) == {"b": 30, "c": 30}
+    world.run(60)
+    assert routeCounts(world, routeA) == {"a": 50, "b": 50}
+    assert routeCounts(world, routeB) == {"b": 30, "c": 30}
+    assert world.moves
+    assert {name for _, name, _ in world.moves} == {"a"}
+    assert {tunnel.info.route.name for _, _, tunnel in world.moves} == {"A"}
+    moved = len(world.moves)
+    world.run(30)
+    assert len(world.moves) == moved
+
+
+def test_least_conn_route_stops_where_a_reconnect_would_come_back():
+    """
+    least_conn sends a reconnect to the backend with the fewest connections
+    of all routes: A's moves stop once a and b carry as many, rather than
+    closing clients that would land on a again.
+    """
+    world, routeA, routeB = routed()
+    world.run(60)
+    assert routeCounts(world, routeA) == {"a": 65, "b": 35}
+    assert routeCounts(world, routeB) == {"b": 30, "c": 30}
+    assert len(world.moves) == 35
+    assert {tunnel.info.route.name for _, _, tunnel in world.moves} == {"A"}
+
+
+def test_the_route_furthest_over_its_share_moves_first_at_one_global_rate():
+    """
+    Both routes uneven: each step moves one connection, from the route
+    whose worst member is furthest over its share relative to that share,
+    and the rate is the one of the whole relay.
+    """
+    text = support.configText(
+        THREE,
+        lbws=GRADUAL,
+        routes=ROUTES.format(a="balance = round_robin", b="balance = round_robin"),
+    )
+    world = World(parseConfig(text, "t.ini"))
+    routeA, routeB = world.settings.routes
+    setHealthy(world.pool["b"], False)
+    world.connect(40, route=routeA)
+    world.connect(10, route=routeB)
+    world.pool["b"].health.follow(True, world.clock.seconds())
+    world.rebalancer.startService()
+    world.run(1.2)
+    # Surplus 20 of a share of 20 (A) against 5 of 5 (B): a tie broken by
+    # order, then each route in turn as moves shrink the other's surplus.
+    first = [tunnel.info.route.name for _, _, tunnel in world.moves]
+    assert first[0] == "A"
+    world.run(60)
+    assert routeCounts(world, routeA) == {"a": 20, "b": 20}
+    assert routeCounts(world, routeB) == {"b": 5, "c": 5}
+    times = [t for t, _, _ in world.moves]
+    assert min(y - x for x, y in zip(times, times[1:])) >= 1 / 10
+
+
+def test_hash_route_moves_only_its_misplaced_keys():
+    """
+    balance = hash on route A: a connection moves when its key maps to
+    another of A's members by A's hash_key; B (least_conn, even) keeps its
+    connections.
+    """
+    world, routeA, routeB = routed(a="balance = hash\nhash_key = header:X-User")
+    misplaced = {
+        t.info.key
+        for t in world.tunnels
+        if t.info.route is routeA and world.pool.choose(t.info.key, route=routeA).name == "b"
+    }
+    assert 30 <= len(misplaced) <= 70
+    world.run(30)
+    assert {tunnel.info.key for _, _, tunnel in world.moves} == misplaced
+    assert routeCounts(world, routeB) == {"b": 30, "c": 30}
+    for tunnel in world.tunnels:
+        if tunnel.info.route is routeA:
+            assert world.pool.choose(tunnel.info.key, route=routeA) is tunnel.member

@@ -595,12 +595,6 @@ def test_no_route_section_is_one_implicit_route_over_every_backend():
     assert "route" not in summary(settings)
 
 
-def test_rebalance_is_refused_with_routes():
-    assert "[lbws] rebalance: 'gradual' is not supported yet with [route:NAME]" in _error(
-        "[lbws]\nrebalance = gradual\n[route:x]\nbackends = a\n"
-    )
-
-
 def test_forward_target():
     route = RouteSettings("r", path="/chat", strip_prefix=True)
     assert forwardTarget(route, "/chat/a/b?x=/chat") == "/a/b?x=/chat"
