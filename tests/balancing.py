@@ -5,6 +5,7 @@ reconnect when lbws moves them with 1012, as a real application would.
 """
 
 import socket
+from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
@@ -70,8 +71,8 @@ class Fleet:
     """
 
     def __init__(self, url, headers=None):
-        host, port = url.split("//")[1].rsplit(":", 1)
-        self.endpoint = TCP4ClientEndpoint(reactor, host, int(port), timeout=5)
+        parsed = urlsplit(url)
+        self.endpoint = TCP4ClientEndpoint(reactor, parsed.hostname, parsed.port, timeout=5)
         self.factory = WebSocketClientFactory(url, headers=headers, reactor=reactor)
         self.factory.protocol = _FleetClient
         self.factory.fleet = self

@@ -6,6 +6,7 @@ long-lived connections after a backend comes back.
 """
 
 import json
+from collections import Counter
 
 import pytest
 import pytest_twisted
@@ -227,3 +228,71 @@ async def test_gradual_rebalancing_of_200_connections_after_a_backend_comes_back
     assert 'lbws_rebalanced_total{backend="c"} 0.0' in metrics
     assert f'lbws_closes_total{{code="1012",side="lbws"}} {float(moved)}' in metrics
     assert 'lbws_backend_effective_weight{backend="c"} 1.0' in metrics
+
+
+# rebalance = gradual with routes
+
+TWO_ROUTES = """
+[route:A]
+path = /a
+backends = a, b
+balance = round_robin
+[route:B]
+path = /b
+backends = b, c
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_gradual_rebalancing_is_per_route(harness, tmp_path):
+    """
+    Route A (a, b) got its 40 clients while b was down, so all are on a;
+    route B (b, c) got 20 after b came back, 10 on each. A reload turns
+    gradual rebalancing on: only A's clients get 1012, and A ends 20/20
+    while B keeps every connection (by the whole pool, b would then be the
+    busiest backend and B's clients would move too).
+    """
+    a, c = harness.backend("a"), harness.backend("c")
+    b = harness.backend("b", start=False)
+    path = tmp_path / "lbws.ini"
+
+    def write(rebalance):
+        path.write_text(
+            support.configText(
+                [(x.name, x.url) for x in (a, b, c)],
+                lbws=f"rebalance = {rebalance}\nrebalance_rate = {RATE}",
+                health=FAST_HEALTH,
+                routes=TWO_ROUTES,
+            )
+        )
+
+    write("off")
+    lbws = await harness.lbwsFromFile(path)
+    await eventually(lambda: lbws.pool["b"].state == "down")
+    fleetA = harness.fleet(lbws.url + "/a")
+    await fleetA.connect(40)
+    b.start()
+    await eventually(lambda: lbws.pool["b"].state == "up")
+    fleetB = harness.fleet(lbws.url + "/b")
+    await fleetB.connect(20)
+
+    def spread(route):
+        return Counter(
+            t.member.name for t in lbws.relay.tunnels if t.info.route.name == route
+        )
+
+    assert spread("A") == {"a": 40} and spread("B") == {"b": 10, "c": 10}
+    write("gradual")
+    assert lbws.reload()
+    await eventually(
+        lambda: spread("A") == {"a": 20, "b": 20}
+        and len(fleetA.open) == 40
+        and all(t.done for t in lbws.rebalancer._closing),
+        timeout=20,
+    )
+    assert fleetA.lost == [] and fleetB.lost == []
+    assert fleetB.moved == 0 and len(fleetB.open) == 20
+    assert spread("B") == {"b": 10, "c": 10}
+    assert fleetA.moved == lbws.rebalancer.moved == fleetA.reconnected >= 20
+    assert lbws.pool["a"].rebalanced == lbws.rebalancer.moved
+    assert lbws.pool["b"].rebalanced == lbws.pool["c"].rebalanced == 0
