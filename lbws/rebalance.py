@@ -21,12 +21,22 @@ What counts as surplus depends on C{balance}:
     move, and their reconnect lands where their key belongs. Clients
     without a key are never moved.
 
+With [route:NAME] sections (README, "Routes") each route is balanced on
+its own as above: over its own members, counting only its own connections
+(C{tunnel.info.route}), with its own C{balance} and C{hash_key}, so that
+evening out one route never moves the clients of another that shares a
+backend with it. A C{least_conn} route's reconnect goes to the member with
+the fewest connections of all routes, so a move is made only when it would
+land elsewhere (no churn on a backend shared with a busy route).
+
 Which connection: the oldest of the chosen member (or the oldest misplaced
 one). A client moved once reconnects as the newest connection, so it is the
 last to be moved again; spreading the disruption over clients this way
 beats moving random ones, which could hit a client that was just moved.
 
-Pace: at most C{rebalance_rate} connections a second. Successive moves are
+Pace: at most C{rebalance_rate} connections a second, across all routes:
+a move is taken from the route whose worst member is furthest over its
+share relative to that share, misplaced C{hash} connections first. Successive moves are
 spaced by C{1 / rebalance_rate} seconds plus a random 0-50% of that, so the
 rate is never exceeded, is about 80% of it on average, and moves (and the
 reconnects they cause) from several lbws instances do not fall in step.
