@@ -34,12 +34,13 @@ one). A client moved once reconnects as the newest connection, so it is the
 last to be moved again; spreading the disruption over clients this way
 beats moving random ones, which could hit a client that was just moved.
 
-Pace: at most C{rebalance_rate} connections a second, across all routes:
-a move is taken from the route whose worst member is furthest over its
-share relative to that share, misplaced C{hash} connections first. Successive moves are
-spaced by C{1 / rebalance_rate} seconds plus a random 0-50% of that, so the
-rate is never exceeded, is about 80% of it on average, and moves (and the
-reconnects they cause) from several lbws instances do not fall in step.
+Pace: at most C{rebalance_rate} connections a second, across all routes
+(a move is taken from the route whose worst member is furthest over its
+share relative to that share, misplaced C{hash} connections first).
+Successive moves are spaced by C{1 / rebalance_rate} seconds plus a random
+0-50% of that, so the rate is never exceeded, is about 80% of it on
+average, and moves (and the reconnects they cause) from several lbws
+instances do not fall in step.
 While there is nothing to move, the balance is checked every second.
 
 The backend side of a moved connection is closed cleanly with 1001.
@@ -86,7 +87,8 @@ def fairShares(pool, now=None, members=None, counts=None):
         C{member.active}, all of them, by default.
     @return: a list of C{(member, active, share)}.
     """
-    up = [m for m in (pool if members is None else members) if m.state == UP and m.weight > 0]
+    members = pool if members is None else members
+    up = [m for m in members if m.state == UP and m.weight > 0]
     weights = [pool.effectiveWeight(m, now) for m in up]
     active = [m.active if counts is None else counts.get(m, 0) for m in up]
     total = sum(active)
