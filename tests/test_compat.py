@@ -346,3 +346,29 @@ def test_setRequestTarget():
     head = proto.transport.value()
     assert head.startswith(b"GET /app/x?y=1 HTTP/1.1\r\n")
     assert b"Host: [::1]:9\r\n" in head
+
+
+def test_unparsedExtensions():
+    # lbws's protocols put it in the place of Autobahn's private
+    # _parseExtensionsHeader, which both of Autobahn's handshakes read
+    # Sec-WebSocket-Extensions through: Autobahn then negotiates nothing.
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    assert callable(WebSocketProtocol._parseExtensionsHeader)
+
+    class Offered(WebSocketServerProtocol):
+        _parseExtensionsHeader = compat.unparsedExtensions
+
+    factory = WebSocketServerFactory(reactor=reactor)
+    factory.setProtocolOptions(
+        openHandshakeTimeout=0,
+        closeHandshakeTimeout=0,
+        perMessageCompressionAccept=lambda offers: offers[0] if offers else None,
+    )
+    factory.protocol = Offered
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    proto.makeConnection(Transport())
+    proto.dataReceived(handshakeRequest(extra="Sec-WebSocket-Extensions: permessage-deflate\r\n"))
+    answer = proto.transport.value()
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    assert b"sec-websocket-extensions" not in answer.lower()
