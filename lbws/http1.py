@@ -179,7 +179,8 @@ def _framing(head, closeDelimited):
         if len(values) != 1:
             raise BadMessage("conflicting Content-Length values")
         value = values.pop()
-        if not value.isdigit() or len(value) > 18:
+        # ASCII digits only: str.isdigit() is also true of "²".
+        if not (value.isascii() and value.isdigit()) or len(value) > 18:
             raise BadMessage(f"bad Content-Length {value[:40]!r}")
         length = int(value)
         return ("length", length) if length else ("none", 0)

@@ -29,7 +29,7 @@ from lbws import sticky
 from lbws.balance import hashKeyOf
 from lbws.backend import backendEndpoint, localShortage
 from lbws.headers import PROXY_HEADERS, proxyHeaders
-from lbws.request import BadTarget, joinTarget, normaliseTarget
+from lbws.request import BadTarget, checkHead, headProblem, joinTarget, normaliseTarget
 from lbws.routes import forwardTarget
 from lbws.http1 import (
     BadMessage,
@@ -97,11 +97,11 @@ def takeOver(protocol, data):
     whose first request is not a WebSocket upgrade) a plain HTTP one.
 
     @param data: what the client sent so far, its first request head first.
-    @return: the L{HttpFront} that now gets the connection's bytes.
     """
-    front = HttpFront(protocol.factory.relay, protocol)
+    # The front is the connection's leg before it reads anything, so that
+    # however its first request ends, the connection's end reaches it.
+    front = protocol.leg = HttpFront(protocol.factory.relay, protocol)
     front.received(data)
-    return front
 
 
 def hostHeader(backend):
@@ -157,22 +157,38 @@ class HttpFront:
         self._pauses = set()
         self._timer = None
         self._receiving = False
+        self._more = b""  # bytes behind a request head, while one is read
         self.lingering = False
         relay.http.add(self)
 
     def received(self, data):
         if self.lingering:
             return
+        if self._receiving:
+            # Pipelined requests behind the one just read: taken in turn by
+            # the loop below, not by recursion (each answered at once, as a
+            # 503 is, would otherwise nest one call deeper).
+            self._more += data
+            return
         self._receiving = True
         try:
-            exchange = self.exchange
-            if exchange is not None and not exchange.requestRead:
-                data = exchange.requestData(data)
-            self.buffer += data
-            if self.exchange is None:
-                self._nextRequest()
-            elif len(self.buffer) > MAX_REQUEST_HEAD:
-                self.pause("pipelined")
+            while True:
+                exchange = self.exchange
+                if exchange is not None and not exchange.requestRead:
+                    data = exchange.requestData(data)
+                self.buffer += data
+                if self.exchange is None:
+                    self._nextRequest()
+                elif len(self.buffer) > MAX_REQUEST_HEAD:
+                    self.pause("pipelined")
+                data, self._more = self._more, b""
+                if not data or self.lingering or self.gone:
+                    break
+        except Exception:
+            # A bug must cost this connection only, never leave it open
+            # with nobody reading it.
+            _log.failure("plain HTTP connection from {peer} failed", peer=self.peer)
+            self.transport.abortConnection()
         finally:
             self._receiving = False
 
@@ -197,6 +213,10 @@ class HttpFront:
             return
         self.buffer = b""
         try:
+            if checkHead(head + b"\r\n\r\n") is None:
+                # Every request on the connection is checked as the first
+                # was (lbws.request), not only by the HTTP parser.
+                raise BadMessage(headProblem(head + b"\r\n\r\n"))
             request = parseRequestHead(head)
             framing = requestFraming(request)
             request.target = normaliseTarget(request.target)

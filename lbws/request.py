@@ -108,7 +108,7 @@ def normaliseTarget(target):
     as in RFC 3986 (5.2.4). The query is kept byte for byte.
 
     @raise BadTarget: for a target that is not origin-form or
-        absolute-form, or has a fragment.
+        absolute-form, or has a fragment, or a backslash in its path.
     """
     absolute = _ABSOLUTE.match(target)
     if absolute is not None:
@@ -120,6 +120,10 @@ def normaliseTarget(target):
     path, mark, query = target.partition("?")
     if "#" in path:
         raise BadTarget("request target has a fragment")
+    if "\\" in path:
+        # WHATWG URL parsers (Node's new URL(), browsers) read a backslash
+        # in an http path as "/": "/app/..\\admin" would climb out there.
+        raise BadTarget("request target has a backslash in its path")
     if "." in path or "%" in path:
         path = _removeDotSegments(path)
     return path + mark + query

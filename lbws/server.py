@@ -144,7 +144,7 @@ class FrontendProtocol(WebSocketServerProtocol):
             # "Plain HTTP and long-polling").
             self._stopHandshakeTimer()
             takeReceived(self)
-            self.leg = httpproxy.takeOver(self, head + data[end:])
+            httpproxy.takeOver(self, head + data[end:])
             return
         if _OBS_TEXT.search(head) is not None:
             self._fields = parseFields(head)

@@ -549,3 +549,84 @@ async def test_https_client_and_wss_backend_url_as_https(harness, pki):
     assert seen["uri"] == "/app/echo"
     assert seen["headers"]["x-forwarded-proto"] == ["https"]
     assert seen["headers"]["host"] == [f"localhost:{port.getHost().port}"]
+
+
+async def _rawAnswers(url, data, timeout=10):
+    """
+    Send C{data} on a new connection and wait until lbws ends it: all the
+    bytes it answered.
+    """
+    client = await wire.rawConnect(url)
+    client.send(data)
+    return await client.closed.addTimeout(timeout, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_content_length_of_non_ascii_digits_is_a_400_and_leaks_nothing(harness):
+    """
+    "²" is a digit to str.isdigit(); as a Content-Length it once raised out
+    of the proxy, and the connection stayed counted against
+    max_connections for good.
+    """
+    backend = await _httpBackend(harness)
+    lbws = await harness.lbws([("a", backend.url)], lbws="max_connections = 3")
+    for _ in range(5):
+        answer = await _rawAnswers(
+            lbws.url, b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: \xb2\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+    await eventually(lambda: not lbws.relay.http)
+    [(status, _, _)], _ = await exchange(_hostPort(lbws.url), [("GET", "/echo", None, None)])
+    assert status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_pipelined_requests_answered_at_once_do_not_nest(harness):
+    """
+    With no backend up each request is answered at once (503, keep-alive):
+    2,000 of them pipelined in one write are answered in turn, without a
+    call per request on the stack, and the connection leaves nothing
+    counted behind.
+    """
+    lbws = await harness.lbws(
+        [("a", harness.deadUrl())], lbws="retries = 0", health="interval = 3600\nfall = 1"
+    )
+    lbws.pool["a"].recordCheck(False, reactor.seconds(), 1, 1, "test")
+    request = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    answer = await _rawAnswers(
+        lbws.url, request * 2000 + b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.count(b"HTTP/1.1 503 ") == 2001
+    await eventually(lambda: not lbws.relay.http)
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_request_on_a_connection_is_checked_like_the_first(harness):
+    backend = await _httpBackend(harness)
+    lbws = await harness.lbws([("a", backend.url)])
+    answer = await _rawAnswers(
+        lbws.url,
+        b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n" + b"GET /echo/.\t./x HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.count(b"HTTP/1.1 400 ") == 1
+    assert [r.uri for r in backend.requests] == [b"/echo"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backslash_in_the_path_is_refused(harness):
+    """
+    WHATWG URL parsers (Node's new URL()) read "\\" in a path as "/", so
+    "/..\\admin" would climb out of the backend's prefix there.
+    """
+    backend = await _httpBackend(harness)
+    ws = await harness.backend("ws")
+    lbws = await harness.lbws([("a", backend.url + "/app")])
+    answer = await _rawAnswers(lbws.url, b"GET /..\\admin HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    socketLbws = await harness.lbws([("ws", ws.url + "/app")])
+    raw = await wire.rawConnect(socketLbws.url)
+    raw.send(support.handshakeRequest("/..\\admin"))
+    response = await raw.response.addTimeout(10, reactor)
+    assert response.startswith("HTTP/1.1 400 "), response
+    assert backend.requests == [] and ws.connections == []
