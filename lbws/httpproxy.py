@@ -29,7 +29,14 @@ from lbws import sticky
 from lbws.balance import hashKeyOf
 from lbws.backend import backendEndpoint, localShortage
 from lbws.headers import PROXY_HEADERS, proxyHeaders
-from lbws.request import BadTarget, checkHead, headProblem, joinTarget, normaliseTarget
+from lbws.request import (
+    BadTarget,
+    checkHead,
+    headProblem,
+    hostProblem,
+    joinTarget,
+    normaliseTarget,
+)
 from lbws.routes import forwardTarget
 from lbws.http1 import (
     BadMessage,
@@ -213,10 +220,14 @@ class HttpFront:
             return
         self.buffer = b""
         try:
-            if checkHead(head + b"\r\n\r\n") is None:
+            whole = head + b"\r\n\r\n"
+            if checkHead(whole) is None:
                 # Every request on the connection is checked as the first
                 # was (lbws.request), not only by the HTTP parser.
-                raise BadMessage(headProblem(head + b"\r\n\r\n"))
+                raise BadMessage(headProblem(whole))
+            problem = hostProblem(whole)
+            if problem is not None:
+                raise BadMessage(problem)
             request = parseRequestHead(head)
             framing = requestFraming(request)
             request.target = normaliseTarget(request.target)

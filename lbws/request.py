@@ -14,6 +14,8 @@ does not match. See "Security" in the README.
 
 import re
 
+from lbws.logs import printable
+
 # RFC 9110 5.6.2: token characters, the only ones allowed in a method and a
 # field name (so no whitespace before the colon, and no obs-fold, whose
 # continuation line starts with a space or a tab).
@@ -65,6 +67,35 @@ def checkHead(head):
     if head.count(b"\n") == head.count(b"\r\n"):
         return head
     return head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+# A Host field value lbws forwards and routes on: a DNS name or IPv4
+# address, or an IPv6 literal in brackets, with an optional port (RFC 9110
+# 7.2; narrower than RFC 3986's reg-name, whose sub-delims such as "," would
+# let "evil.com,x.example.com" pass for a subdomain of example.com).
+_HOST_VALUE = re.compile(
+    rb"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    # An IPv6 address without its brackets, as Autobahn's client writes it
+    # ("::1:8020"): invalid, but it cannot smuggle a name in either.
+    rb"|[0-9A-Fa-f:.]+"
+)
+_HOST_LINE = re.compile(rb"^host[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+
+
+def hostProblem(head):
+    """
+    What is wrong with the Host of a request head that passed L{checkHead},
+    or None: RFC 9112 (3.2) has a server answer 400 to an HTTP/1.1 request
+    with no Host, more than one, or one that is not a valid host[:port].
+    """
+    values = _HOST_LINE.findall(head.split(b"\n", 1)[1] if b"\n" in head else b"")
+    if len(values) > 1:
+        return "more than one Host header"
+    if not values:
+        return "no Host header" if head.split(b"\r\n", 1)[0].endswith(b"HTTP/1.1") else None
+    if _HOST_VALUE.fullmatch(values[0]) is None:
+        return f"invalid Host {printable(values[0].decode('latin-1'))[:80]!r}"
+    return None
 
 
 def headProblem(head):

@@ -37,6 +37,7 @@ from lbws.request import (
     checkHead,
     headEnd,
     headProblem,
+    hostProblem,
     isToken,
     normaliseTarget,
 )
@@ -138,6 +139,10 @@ class FrontendProtocol(WebSocketServerProtocol):
         head = checkHead(raw)
         if head is None:
             refuseHandshake(self, f"Bad Request: {headProblem(raw)}", 400)
+            return
+        problem = hostProblem(head)
+        if problem is not None:
+            refuseHandshake(self, f"Bad Request: {problem}", 400)
             return
         if not isWebSocketUpgrade(head):
             # Plain HTTP: the HTTP proxy takes the connection over (README,

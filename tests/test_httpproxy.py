@@ -630,3 +630,36 @@ async def test_a_backslash_in_the_path_is_refused(harness):
     response = await raw.response.addTimeout(10, reactor)
     assert response.startswith("HTTP/1.1 400 "), response
     assert backend.requests == [] and ws.connections == []
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        [b"evil.com", b"x.example.com"],  # two Host lines
+        [b"evil.com, x.example.com"],
+        [b"evil.com x.example.com"],
+        [b"evil.com/x.example.com"],
+        [],  # HTTP/1.1 without Host
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_request_without_exactly_one_valid_host_is_a_400(harness, hosts):
+    """
+    RFC 9112 3.2: lbws routes on Host (`*.example.com`) and forwards it as
+    X-Forwarded-Host, where applications trust its first value.
+    """
+    backend = await _httpBackend(harness)
+    ws = await harness.backend("ws")
+    lines = b"".join(b"Host: " + host + b"\r\n" for host in hosts)
+    lbws = await harness.lbws([("a", backend.url)])
+    answer = await _rawAnswers(lbws.url, b"GET /echo HTTP/1.1\r\n" + lines + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    socketLbws = await harness.lbws([("ws", ws.url)])
+    raw = await wire.rawConnect(socketLbws.url)
+    raw.send(
+        b"GET / HTTP/1.1\r\n" + lines + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    response = await raw.response.addTimeout(10, reactor)
+    assert response.startswith("HTTP/1.1 400 "), response
+    assert backend.requests == [] and ws.connections == []
