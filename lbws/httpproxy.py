@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from lbws import sticky
 from lbws.balance import hashKeyOf
-from lbws.backend import backendEndpoint, localShortage
+from lbws.backend import backendEndpoint, hostForUrl, localShortage
 from lbws.headers import PROXY_HEADERS, proxyHeaders
 from lbws.request import (
     BadTarget,
@@ -115,7 +115,7 @@ def hostHeader(backend):
     """
     The Host header for a backend, as nginx's C{proxy_pass} sends it.
     """
-    host = f"[{backend.host}]" if ":" in backend.host else backend.host
+    host = hostForUrl(backend.host)
     if backend.port == (443 if backend.secure else 80):
         return host
     return f"{host}:{backend.port}"
