@@ -13,6 +13,7 @@ Nothing here runs at import time: L{lazyAutobahnDebugFormatting} is
 installed by the service as it starts (L{lbws.service}).
 """
 
+import functools
 import pprint
 
 # Twisted
@@ -56,19 +57,21 @@ def hasQueuedWrites(transport):
 # Autobahn
 
 
-class _LazyPformat:
+class _Lazy:
     """
-    What C{pformat(value)} returns inside Autobahn once lazy: formatted only
-    if a log observer renders the event, so debug logs read the same.
+    What a formatting helper returns inside Autobahn once lazy: C{format}
+    runs only if a log observer renders the event, so debug logs read the
+    same.
     """
 
-    __slots__ = ("_value",)
+    __slots__ = ("_format", "_value")
 
-    def __init__(self, value):
+    def __init__(self, format, value):
+        self._format = format
         self._value = value
 
     def __str__(self):
-        return pprint.pformat(self._value)
+        return self._format(self._value)
 
     __repr__ = __str__
 
@@ -78,14 +81,44 @@ class _LazyPformat:
 
 def lazyAutobahnDebugFormatting():
     """
-    Autobahn pretty-prints every option of each new WebSocket for a debug
-    line that is nearly always discarded (40% of lbws's CPU under connection
-    churn, see the README's Benchmark section): make the C{pformat} its
-    protocol module calls lazy. Safe to call more than once.
+    Autobahn formats arguments for debug lines that are nearly always
+    discarded: it pretty-prints every option of each new WebSocket (40% of
+    lbws's CPU under connection churn) and builds highlighted type names
+    (C{hltype}, 17 calls per relayed connection, 5%, and C{hlval}; see
+    bench/README.md). Make the C{pformat}, C{hltype} and C{hlval} its
+    WebSocket modules call lazy. Safe to call more than once.
     """
+    import autobahn.twisted.websocket
+    import autobahn.util
     import autobahn.websocket.protocol
 
-    autobahn.websocket.protocol.pformat = _LazyPformat
+    lazyType = functools.partial(_Lazy, autobahn.util.hltype)
+    lazyValue = functools.partial(_Lazy, autobahn.util.hlval)
+    autobahn.websocket.protocol.pformat = functools.partial(_Lazy, pprint.pformat)
+    for module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
+        module.hltype = lazyType
+        module.hlval = lazyValue
+
+
+def handOver(protocol, successor):
+    """
+    Make C{successor} the protocol of C{protocol}'s connection: Twisted
+    delivers its bytes and its end to C{successor} from now on, and
+    C{protocol} can go.
+
+    The transport is a TCP connection (its C{protocol}, possibly the
+    wrapper an endpoint put around C{protocol}, which goes too) or a
+    wrapping protocol standing as the transport, TLS or the PROXY header's
+    (its C{wrappedProtocol}).
+    """
+    transport = protocol.transport
+    if getattr(transport, "wrappedProtocol", None) is protocol:
+        transport.wrappedProtocol = successor
+        return
+    current = transport.protocol
+    if current is not protocol and getattr(current, "_wrappedProtocol", None) is not protocol:
+        raise ValueError(f"{protocol!r} is not the protocol of {transport!r}")
+    transport.protocol = successor
 
 
 def received(protocol):
@@ -160,15 +193,21 @@ def uncleanReason(protocol):
     return protocol.wasNotCleanReason
 
 
-def setRequestTarget(factory, host, resource):
+def setRequest(factory, host, resource, protocols, headers, useragent, origin):
     """
-    The Host header and request target an Autobahn client factory writes
-    (its C{host} and C{resource}, otherwise taken from the URL it was
-    given): lbws sends the client's own target, and an IPv6 host with its
-    brackets.
+    The request an Autobahn client factory sends, but for its URL's scheme
+    and port: its Host header and request target (C{host} and
+    C{resource}, otherwise taken from the URL it was given: lbws sends the
+    client's own target, and an IPv6 host with its brackets), then the
+    session parameters C{setSessionParameters} would set without parsing
+    the URL again (a third of the cost of opening a backend's factory).
     """
     factory.host = host
     factory.resource = resource
+    factory.protocols = protocols or []
+    factory.headers = headers or {}
+    factory.useragent = useragent
+    factory.origin = origin
 
 
 def answerRefusal(protocol, answer):
@@ -225,6 +264,40 @@ class OctetRequest:
             except UnicodeEncodeError:
                 pass
         return super().sendData(data, sync, chopsize)
+
+
+class WriteThrough:
+    """
+    A mixin for an Autobahn protocol whose opening handshake's request (a
+    client's) or 101 answer (a server's) goes straight to the socket
+    (L{lbws.sockets.writerFor}) instead of through Twisted's write buffer,
+    which costs two epoll changes and a reactor turn per write. An error
+    answer still takes the buffer: Twisted then closes the connection in
+    the same turn it writes the answer.
+
+    Relies on Autobahn's C{sendData} writing C{data} with
+    C{transport.write} when neither C{sync} nor C{chopsize} is asked for
+    and its C{send_queue} is empty, and on a client keeping the request it
+    sends in C{http_request_data} (tests/test_compat.py
+    test_WriteThrough). The traffic statistics Autobahn keeps then, which
+    lbws does not read, are not kept.
+    """
+
+    def sendData(self, data, sync=False, chopsize=None):
+        if (
+            sync
+            or chopsize
+            or self.send_queue
+            or not (data is getattr(self, "http_request_data", None) or data.startswith(_SWITCHING))
+        ):
+            return super().sendData(data, sync, chopsize)
+        from lbws.sockets import writerFor  # lbws.sockets imports this module
+
+        writerFor(self.transport)(data)
+        return None
+
+
+_SWITCHING = b"HTTP/1.1 101 "
 
 
 def unparsedExtensions(protocol, header, removeQuotes=True):

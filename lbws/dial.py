@@ -50,11 +50,10 @@ class Refused(ConnectionDeny):
 
 class RelayProtocol(OctetRequest, BackendProtocol):
     """
-    A backend WebSocket the relay takes over once it is open: its bytes go
-    to its L{lbws.tunnel.Leg}.
+    A backend WebSocket for a client: once open, its connection is handed
+    over to the client's L{lbws.tunnel.Tunnel} (L{lbws.server}).
     """
 
-    leg = None
     # lbws checks the backend's Sec-WebSocket-Extensions answer itself
     # (lbws.extensions); Autobahn sees none (compat.unparsedExtensions).
     _parseExtensionsHeader = unparsedExtensions
@@ -65,19 +64,6 @@ class RelayProtocol(OctetRequest, BackendProtocol):
         # Bytes that came right behind the handshake belong to the relay.
         self.early = takeReceived(self)
         super().onOpen()
-
-    def dataReceived(self, data):
-        if self.leg is not None:
-            self.leg.received(data)
-        else:
-            super().dataReceived(data)
-
-    def connectionLost(self, reason):
-        if self.leg is not None:
-            # The member's count ends before the tunnel's bookkeeping.
-            self.connection.close()
-            self.leg.connectionLost(reason)
-        super().connectionLost(reason)
 
 
 class Dialer:

@@ -18,7 +18,9 @@ from twisted.internet.interfaces import ISSLTransport
 from lbws import httpproxy, sticky
 from lbws.answers import Head, acceptedHeaders, render
 from lbws.compat import (
+    WriteThrough,
     answerRefusal,
+    handOver,
     isConnecting,
     processReceived,
     received,
@@ -59,8 +61,11 @@ LINGER = 2.0
 
 class ClientInfo:
     """
-    What lbws knows of a client, for logs and balancing.
+    What lbws knows of a client, for logs and balancing; it outlives the
+    client's Autobahn protocol, which goes once the tunnel is joined.
     """
+
+    __slots__ = ("peer", "target", "secure", "key", "keySource", "route", "subprotocol", "admitted")
 
     def __init__(self, peer, target, secure):
         self.peer = peer
@@ -69,14 +74,17 @@ class ClientInfo:
         self.key = None  # balance = hash: the client's key, and
         self.keySource = None  # the hash_key it was taken by
         self.route = None  # its lbws.config.RouteSettings (lbws.routes)
+        self.subprotocol = None  # the one the backend chose
+        self.admitted = False  # counted by the relay (Relay.clientGone)
 
 
-class FrontendProtocol(WebSocketServerProtocol):
+class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
     """
     A client's WebSocket. Its opening handshake waits for the backend's.
     """
 
-    leg = None
+    leg = None  # the plain HTTP proxy's, once it took over (lbws.httpproxy)
+    info = None
     _answer = None
     _pending = None
     _paused = False
@@ -259,21 +267,31 @@ class FrontendProtocol(WebSocketServerProtocol):
         super().sendHttpErrorResponse(code, reason, responseHeaders)
 
     def onOpen(self):
+        """
+        Both handshakes are done: join the client to its backend in a
+        L{Tunnel}, whose legs take over both transports, and let both
+        Autobahn protocols go (an idle connection keeps only what the
+        tunnel needs, see the README's Benchmark section).
+        """
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
         early = takeReceived(self)
-        backend = self._backend
-        del self._backend
+        backend, self._backend = self._backend, None
+        info = self.info
+        info.subprotocol = backend.websocket_protocol_in_use
         tunnel = Tunnel(
             self.factory.relay,
-            self,
-            backend,
+            self.transport,
+            backend.transport,
             self._member,
-            self.info,
-            self.info.route,
+            backend.connection,
+            info,
+            info.route,
             self._deflate,
         )
+        handOver(self, tunnel.client)
+        handOver(backend, tunnel.backend)
         self.factory.relay.tunnelStarted(tunnel)
         tunnel.start(early, backend.early)
 
@@ -298,7 +316,8 @@ class FrontendProtocol(WebSocketServerProtocol):
         self._stopHandshakeTimer()
         if self.leg is not None:
             self.leg.connectionLost(reason)
-        self.factory.relay.clientGone(self)
+        if self.info is not None:
+            self.factory.relay.clientGone(self.info)
         super().connectionLost(reason)
         if self._pending is not None:
             # After Autobahn saw the connection closed, so that failing the

@@ -135,7 +135,6 @@ class Leg:
 
     __slots__ = (
         "tunnel",
-        "protocol",
         "transport",
         "write",
         "isClient",
@@ -156,7 +155,7 @@ class Leg:
     def __init__(
         self,
         tunnel,
-        protocol,
+        transport,
         isClient,
         settings,
         maxMessageSize,
@@ -165,9 +164,8 @@ class Leg:
         deflate=False,
     ):
         self.tunnel = tunnel
-        self.protocol = protocol
-        self.transport = protocol.transport
-        self.write = writerFor(protocol.transport)
+        self.transport = transport
+        self.write = writerFor(transport)
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
         self.scanner = FrameScanner(
@@ -213,13 +211,15 @@ class Leg:
     def controlBudgetSpent(self):
         self.scanner.controlBudget = self.tunnel.controlBudgetSpent(self)
 
-    # Receiving.
+    # Receiving: once both handshakes are done, the leg is its transport's
+    # protocol (see lbws.compat.handOver).
 
-    def received(self, data):
+    def dataReceived(self, data):
         try:
             self.scanner.feed(data)
         except ProtocolViolation as violation:
             self.tunnel.violationFrom(self, violation)
+
 
     # Transitions.
 
@@ -249,7 +249,7 @@ class Leg:
         The other side's close frame C{raw} goes on to this side, which
         must be accepting.
         """
-        self.transport.write(raw)
+        self.write(raw)
         self.closeSent = record
         if self.state == CLOSE_RECEIVED:
             self.finish()
@@ -349,7 +349,7 @@ class Leg:
         """
         source = self.other.scanner
         if source.atBoundary:
-            self.transport.write(frame)
+            self.write(frame)
             return WRITTEN
         if self.other.state == LOST or source.stopped:
             return IMPOSSIBLE
@@ -361,7 +361,7 @@ class Leg:
         self.other.scanner.boundaryWanted = False
         held, self._held = self._held, []
         for frame in held:
-            self.transport.write(frame)
+            self.write(frame)
         if self._closeHeld:
             self._closeHeld = False
             self._enter(self.state)
@@ -424,6 +424,7 @@ class Tunnel:
         "relay",
         "reactor",
         "member",
+        "connection",
         "info",
         "started",
         "lastActivity",
@@ -450,9 +451,24 @@ class Tunnel:
     )
 
     def __init__(
-        self, relay, clientProtocol, backendProtocol, member, info, route=None, deflate=False
+        self,
+        relay,
+        clientTransport,
+        backendTransport,
+        member,
+        connection,
+        info,
+        route=None,
+        deflate=False,
     ):
         """
+        @param clientTransport: the client's transport, its opening
+            handshake done; likewise C{backendTransport}. The legs become
+            their protocols (L{lbws.compat.handOver}).
+        @param connection: the L{lbws.pool.Connection} the backend leg
+            counts as on C{member}, closed when that leg is lost.
+        @param info: the client's L{lbws.server.ClientInfo}; the relay is
+            told the client is gone (L{Relay.clientGone}) with it.
         @param route: the client's route (its own C{max_message_size}), or
             None for the settings' own.
         @param deflate: whether the backend accepted the client's
@@ -461,6 +477,7 @@ class Tunnel:
         self.relay = relay
         reactor = self.reactor = relay.reactor
         self.member = member
+        self.connection = connection
         self.info = info
         settings = relay.settings
         # The client's route may have its own max_message_size.
@@ -472,7 +489,7 @@ class Tunnel:
         self._controlRate = None
         self.client = Leg(
             self,
-            clientProtocol,
+            clientTransport,
             True,
             settings,
             maxMessageSize,
@@ -481,7 +498,7 @@ class Tunnel:
             deflate,
         )
         self.backend = Leg(
-            self, backendProtocol, False, settings, maxMessageSize, UNLIMITED, UNLIMITED, deflate
+            self, backendTransport, False, settings, maxMessageSize, UNLIMITED, UNLIMITED, deflate
         )
         self.client.other = self.backend
         self.backend.other = self.client
@@ -496,8 +513,6 @@ class Tunnel:
         self._idleProgress = (None, None)
         self._pingInterval = settings.ping_interval
         self._idleTimeout = settings.idle_timeout
-        clientProtocol.leg = self.client
-        backendProtocol.leg = self.backend
         self._backendProducer = PeerProducer(self.backend.transport)
         self.client.transport.registerProducer(self._backendProducer, True)
         self.backend.transport.registerProducer(PeerProducer(self.client.transport), True)
@@ -514,9 +529,9 @@ class Tunnel:
         Relay whatever either side sent right behind its handshake.
         """
         if backendEarly:
-            self.backend.received(backendEarly)
+            self.backend.dataReceived(backendEarly)
         if clientEarly:
-            self.client.received(clientEarly)
+            self.client.dataReceived(clientEarly)
 
     @property
     def movable(self):
@@ -541,7 +556,7 @@ class Tunnel:
             self._pingPayload = None
         elif other.accepting:
             # Pings and pongs pass through; the backend answers the client's.
-            other.transport.write(raw)
+            other.write(raw)
 
     def _closeFrom(self, leg, payload, raw):
         self._first(leg.name)
@@ -596,6 +611,15 @@ class Tunnel:
             )
 
     def legLost(self, leg):
+        if leg.isClient:
+            self._legLost(leg)
+            self.relay.clientGone(self.info)
+        else:
+            # The member's count ends before the tunnel's bookkeeping.
+            self.connection.close()
+            self._legLost(leg)
+
+    def _legLost(self, leg):
         other = leg.other
         if other.state == LOST:
             self._end()

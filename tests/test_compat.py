@@ -27,6 +27,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -183,21 +184,149 @@ async def test_hasQueuedWrites():
 
 
 def test_lazyAutobahnDebugFormatting():
+    import autobahn.twisted.websocket as adapter
+    import autobahn.util
     import autobahn.websocket.protocol as module
 
     # Autobahn still formats its options through the module's pformat when
-    # a connection is made: that is the call made lazy.
+    # a connection is made, and its debug lines through the modules'
+    # hltype and hlval: those are the calls made lazy.
     assert "pformat(configAttrLog)" in inspect.getsource(
         module.WebSocketProtocol._connectionMade
     )
-    original = module.pformat
+    assert "hltype(self._connectionMade)" in inspect.getsource(
+        module.WebSocketClientProtocol._connectionMade
+    )
+    assert "hlval(self.peer)" in inspect.getsource(module.WebSocketProtocol.sendData)
+    assert "hltype(self.connectionMade)" in inspect.getsource(
+        adapter.WebSocketAdapterProtocol.connectionMade
+    )
+    saved = [(m, name, getattr(m, name)) for m in (module, adapter) for name in ("hltype", "hlval")]
+    saved.append((module, "pformat", module.pformat))
     try:
         compat.lazyAutobahnDebugFormatting()
         value = module.pformat({"b": [1, 2], "a": "x"})
         assert str(value) == pprint.pformat({"b": [1, 2], "a": "x"})
         assert f"{value}" == str(value)
+        for m in (module, adapter):
+            assert str(m.hltype(test_lazyAutobahnDebugFormatting)) == autobahn.util.hltype(
+                test_lazyAutobahnDebugFormatting
+            )
+            assert f"{m.hlval(7)}" == autobahn.util.hlval(7)
     finally:
-        module.pformat = original
+        for m, name, original in saved:
+            setattr(m, name, original)
+
+
+class _Successor(protocol.Protocol):
+    def __init__(self):
+        self.received = []
+        self.lost = []
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+@pytest_twisted.ensureDeferred
+async def test_handOver():
+    """
+    Over a real TCP connection, made through an endpoint (whose wrapping
+    protocol stands between the transport and the protocol) and as a plain
+    server protocol: after handOver, bytes and the end go to the
+    successor.
+    """
+    accepted = defer.Deferred()
+
+    class Server(protocol.Protocol):
+        def connectionMade(self):
+            accepted.callback(self)
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(Server)
+    )
+    try:
+        client = await TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port, timeout=5
+        ).connect(protocol.Factory.forProtocol(protocol.Protocol))
+        server = await accepted
+        # The endpoint's wrapper is the TCP transport's protocol.
+        assert client.transport.protocol is not client
+        pair = [_Successor(), _Successor()]
+        compat.handOver(client, pair[0])
+        compat.handOver(server, pair[1])
+        assert client.transport.protocol is pair[0]
+        got = defer.Deferred()
+        pair[1].dataReceived = got.callback
+        client.transport.write(b"to the server")
+        assert await got.addTimeout(5, reactor) == b"to the server"
+        ended = defer.Deferred()
+        pair[0].connectionLost = lambda reason: ended.callback(reason.value)
+        server.transport.loseConnection()
+        assert isinstance(await ended.addTimeout(5, reactor), ConnectionDone)
+        with pytest.raises(ValueError):
+            compat.handOver(_stranger(), pair[0])
+    finally:
+        await port.stopListening()
+
+
+def _stranger():
+    """
+    A protocol whose transport belongs to another protocol.
+    """
+    proto = protocol.Protocol()
+    proto.makeConnection(Transport())
+    proto.transport.protocol = protocol.Protocol()
+    return proto
+
+
+def test_handOver_wrapped():
+    """
+    A wrapping protocol standing as the transport (TLS, the PROXY header's
+    wrapper) delivers to the successor from then on.
+    """
+    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+    inner = protocol.Protocol()
+    wrapper = ProtocolWrapper(WrappingFactory(protocol.Factory()), inner)
+    wrapper.makeConnection(Transport())
+    assert inner.transport is wrapper
+    successor = _Successor()
+    compat.handOver(inner, successor)
+    wrapper.dataReceived(b"bytes")
+    assert successor.received == [b"bytes"]
+
+
+def test_WriteThrough():
+    import autobahn.websocket.protocol as module
+
+    source = inspect.getsource(module.WebSocketProtocol.sendData)
+    # The branch WriteThrough stands in for.
+    assert "if sync or len(self.send_queue) > 0:" in source
+    assert "self.transport.write(data)" in source
+    assert "self.sendData(self.http_request_data)" in inspect.getsource(
+        module.WebSocketClientProtocol._actuallyStartHandshake
+    )
+
+    written = []
+
+    class Direct(compat.WriteThrough, WebSocketServerProtocol):
+        pass
+
+    proto = serverProtocol(Direct)
+    proto.transport.write = written.append
+    proto.dataReceived(handshakeRequest("/"))
+    # The 101 went by the writer (a StringTransport's is its write).
+    assert written and written[0].startswith(b"HTTP/1.1 101 ")
+
+    class DirectClient(compat.WriteThrough, WebSocketClientProtocol):
+        pass
+
+    client = clientProtocol(DirectClient)
+    assert client.transport.value() == client.http_request_data
+    assert client.transport.value().startswith(b"GET / HTTP/1.1\r\n")
 
 
 def test_received_and_requestTarget():
@@ -337,15 +466,28 @@ def test_answerRefusal():
     assert proto.transport.value() == answer
 
 
-def test_setRequestTarget():
+def test_setRequest():
     factory = WebSocketClientFactory("ws://127.0.0.1:9/", reactor=reactor)
-    compat.setRequestTarget(factory, "[::1]", "/app/x?y=1")
+    compat.setRequest(
+        factory, "[::1]", "/app/x?y=1", ["v1"], {"X-A": "b"}, "agent/1", "http://o.example"
+    )
     factory.protocol = WebSocketClientProtocol
     proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
     proto.makeConnection(Transport())
     head = proto.transport.value()
     assert head.startswith(b"GET /app/x?y=1 HTTP/1.1\r\n")
-    assert b"Host: [::1]:9\r\n" in head
+    for line in (
+        b"Host: [::1]:9",
+        b"Sec-WebSocket-Protocol: v1",
+        b"X-A: b",
+        b"User-Agent: agent/1",
+        b"Origin: http://o.example",
+    ):
+        assert line + b"\r\n" in head
+    # What setSessionParameters sets, bar what comes of the URL.
+    source = inspect.getsource(WebSocketClientFactory.setSessionParameters)
+    for name in ("origin", "protocols", "useragent", "headers"):
+        assert f"self.{name} = {name}" in source
 
 
 def test_unparsedExtensions():

@@ -4,13 +4,17 @@ Every rule of the README's "On the wire" section, end to end: real backends
 loopback, real clients.
 """
 
+import gc
 import json
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+from lbws.dial import RelayProtocol
 from lbws.frames import OP_BINARY, OP_PING, OP_TEXT
+from lbws.server import FrontendProtocol
+from lbws.tunnel import Leg
 from tests import wire
 from tests.support import (
     HandshakeFailed,
@@ -45,6 +49,34 @@ async def test_handshake_waits_for_backend_and_relays_messages(harness):
         "h\u00e9llo \u2603".encode(),
         False,
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_joined_tunnel_keeps_no_autobahn_protocol(harness):
+    """
+    Once both handshakes are done, the tunnel's legs are the transports'
+    protocols and both Autobahn protocols are gone (what keeps an idle
+    connection small, see the README's Benchmark section); messages,
+    counts and the close still work.
+    """
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)])
+    clients = [await harness.client(lbws.url) for _ in range(3)]
+    for client in clients:
+        assert await roundTrip(client, b"hello") == (b"hello", False)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, (FrontendProtocol, RelayProtocol))]
+    assert alive == []
+    [tunnel] = list(lbws.relay.tunnels)[:1]
+    assert isinstance(tunnel.client.transport.protocol, Leg)
+    assert isinstance(tunnel.backend.transport.protocol, Leg)
+    member = lbws.pool["a"]
+    assert (lbws.relay.clients, member.active) == (3, 3)
+    for client in clients:
+        client.sendClose(1000, "bye")
+        assert (await closeOf(client))[0] == 1000
+    await eventually(lambda: (lbws.relay.clients, member.active) == (0, 0))
+    assert lbws.relay.tunnels == set()
 
 
 @pytest_twisted.ensureDeferred

@@ -56,20 +56,10 @@ class Transport(StringTransport):
         return [(f.closeCode, f.payload[2:].decode()) for f in self.frames() if f.opcode == OP_CLOSE]
 
 
-class Side:
-    """
-    The protocol a leg belongs to: only its transport matters here.
-    """
-
-    leg = None
-
-    def __init__(self):
-        self.transport = Transport()
-
-
 class Info:
     peer = "192.0.2.1"
     target = "/"
+    admitted = True
 
 
 class FakeRelay:
@@ -87,17 +77,19 @@ class FakeRelay:
         self.counters = Counters()
         self.pool = Pool(self.settings, self.reactor)
         self.ended = []
+        self.gone = []
 
     def tunnelEnded(self, tunnel):
         self.ended.append(tunnel.endedWith())
+
+    def clientGone(self, info):
+        self.gone.append(info)
 
 
 def make(lbws=""):
     relay = FakeRelay(lbws)
     member = relay.pool["a"]
-    backend = Side()
-    backend.connection = member.opened()
-    tunnel = Tunnel(relay, Side(), backend, member, Info())
+    tunnel = Tunnel(relay, Transport(), Transport(), member, member.opened(), Info())
     return relay, tunnel, tunnel.client.transport, tunnel.backend.transport
 
 
@@ -115,12 +107,9 @@ def closeFrame(code, reason=b"", masked=True):
 
 def lose(tunnel, *legs):
     """
-    The legs' TCP connections end; the backend's ends its count on the
-    member first, as its protocol does (lbws.dial.BackendProtocol).
+    The legs' TCP connections end.
     """
     for leg in legs:
-        if leg is tunnel.backend:
-            leg.protocol.connection.close()
         leg.connectionLost(None)
 
 
@@ -134,14 +123,14 @@ def test_client_closes_first_and_backend_answers():
     backend: OPEN -> CLOSE_SENT -> FINISHED (closeFrame); both -> LOST.
     """
     relay, tunnel, client, backend = make()
-    tunnel.client.received(closeFrame(4001, b"bye"))
+    tunnel.client.dataReceived(closeFrame(4001, b"bye"))
     assert states(tunnel) == (CLOSE_RECEIVED, CLOSE_SENT)
     assert backend.closes() == [(4001, "bye")]
     assert not tunnel.movable
     # Frames still go to the client until it has the backend's answer.
-    tunnel.backend.received(fromBackend(OP_TEXT, b"late"))
+    tunnel.backend.dataReceived(fromBackend(OP_TEXT, b"late"))
     assert [f.payload for f in client.frames()] == [b"late"]
-    tunnel.backend.received(closeFrame(1000, masked=False))
+    tunnel.backend.dataReceived(closeFrame(1000, masked=False))
     assert states(tunnel) == (FINISHED, FINISHED)
     assert client.closes() == [(1000, "")]
     assert (client.ended, backend.ended) == ("lose", "lose")
@@ -157,13 +146,13 @@ def test_backend_closes_first_and_client_answers():
     -> FINISHED.
     """
     relay, tunnel, client, backend = make()
-    tunnel.backend.received(closeFrame(1001, b"restart", masked=False))
+    tunnel.backend.dataReceived(closeFrame(1001, b"restart", masked=False))
     assert states(tunnel) == (CLOSE_SENT, CLOSE_RECEIVED)
     assert client.closes() == [(1001, "restart")]
     # The client's data still reaches the backend that closed.
-    tunnel.client.received(fromClient(OP_BINARY, b"x"))
+    tunnel.client.dataReceived(fromClient(OP_BINARY, b"x"))
     assert [f.payload for f in backend.frames()][:1] == [b"x"]
-    tunnel.client.received(closeFrame(1001))
+    tunnel.client.dataReceived(closeFrame(1001))
     assert states(tunnel) == (FINISHED, FINISHED)
     lose(tunnel, tunnel.backend, tunnel.client)
     assert relay.ended == [("backend", 1001, "restart")]
@@ -176,8 +165,8 @@ def test_both_close_at_once():
     -> FINISHED; nobody gets a second close.
     """
     relay, tunnel, client, backend = make()
-    tunnel.client.received(closeFrame(1000, b"c"))
-    tunnel.backend.received(closeFrame(1000, b"b", masked=False))
+    tunnel.client.dataReceived(closeFrame(1000, b"c"))
+    tunnel.backend.dataReceived(closeFrame(1000, b"b", masked=False))
     assert states(tunnel) == (FINISHED, FINISHED)
     assert client.closes() == [(1000, "b")]
     assert backend.closes() == [(1000, "c")]
@@ -191,7 +180,7 @@ def test_unanswered_close_is_cut_and_lbws_answers_with_the_same_code():
     """
     for sent, answered in ((closeFrame(4002, b"r"), (4002, "r")), (fromClient(OP_CLOSE), (1000, ""))):
         relay, tunnel, client, backend = make()
-        tunnel.client.received(sent)
+        tunnel.client.dataReceived(sent)
         relay.reactor.advance(CLOSE_TIMEOUT - 0.1)
         assert backend.ended is None
         relay.reactor.advance(0.1)
@@ -212,14 +201,14 @@ def test_backend_lost_before_and_after_messages():
     lose(tunnel, tunnel.backend)
     assert client.closes() == [(1014, "backend never answered")]
     assert tunnel.client.state == CLOSING
-    tunnel.client.received(closeFrame(1014))
+    tunnel.client.dataReceived(closeFrame(1014))
     assert tunnel.client.state == FINISHED
     assert backend.closes() == []  # the answer is not passed on
     lose(tunnel, tunnel.client)
     assert relay.ended == [("backend", 1014, "backend never answered")]
 
     relay, tunnel, client, backend = make()
-    tunnel.backend.received(fromBackend(OP_TEXT, b"hi"))
+    tunnel.backend.dataReceived(fromBackend(OP_TEXT, b"hi"))
     lose(tunnel, tunnel.backend)
     assert client.closes() == [(1011, "backend connection lost")]
 
@@ -232,7 +221,7 @@ def test_loss_mid_frame_cuts_the_other_side():
     """
     relay, tunnel, client, backend = make()
     whole = fromBackend(OP_BINARY, b"x" * 1000)
-    tunnel.backend.received(whole[:500])
+    tunnel.backend.dataReceived(whole[:500])
     lose(tunnel, tunnel.backend)
     assert client.value() == whole[:500]
     assert client.ended == "abort"
@@ -249,13 +238,13 @@ def test_client_lost_closes_backend_with_1001():
     lose(tunnel, tunnel.client)
     assert backend.closes() == [(1001, "client went away")]
     assert tunnel.backend.state == CLOSING
-    tunnel.backend.received(closeFrame(1001, masked=False))
+    tunnel.backend.dataReceived(closeFrame(1001, masked=False))
     assert tunnel.backend.state == FINISHED
     lose(tunnel, tunnel.backend)
     assert relay.ended == [("client", 1006, "connection dropped")]
 
     relay, tunnel, client, backend = make()
-    tunnel.client.received(closeFrame(1000))
+    tunnel.client.dataReceived(closeFrame(1000))
     lose(tunnel, tunnel.client)
     assert tunnel.backend.state == CLOSE_SENT
     assert backend.closes() == [(1000, "")]
@@ -273,8 +262,8 @@ def test_lbws_close_answered_is_not_passed_on():
     assert states(tunnel) == (CLOSING, CLOSING)
     assert client.closes() == [(1012, "rebalancing")]
     assert backend.closes() == [(1001, "client moved by rebalancing")]
-    tunnel.client.received(closeFrame(1012))
-    tunnel.backend.received(closeFrame(1001, masked=False))
+    tunnel.client.dataReceived(closeFrame(1012))
+    tunnel.backend.dataReceived(closeFrame(1001, masked=False))
     assert states(tunnel) == (FINISHED, FINISHED)
     assert len(client.closes()) == len(backend.closes()) == 1
     lose(tunnel, tunnel.client, tunnel.backend)
@@ -299,11 +288,11 @@ def test_lbws_close_during_a_held_frame_waits_for_the_boundary():
     """
     relay, tunnel, client, backend = make()
     whole = fromBackend(OP_BINARY, b"y" * 300)
-    tunnel.backend.received(whole[:100])
+    tunnel.backend.dataReceived(whole[:100])
     tunnel.close(1001, 1001, "idle timeout", "lbws")
     assert tunnel.client.state == CLOSING
     assert client.value() == whole[:100]
-    tunnel.backend.received(whole[100:] + fromBackend(OP_TEXT, b"after"))
+    tunnel.backend.dataReceived(whole[100:] + fromBackend(OP_TEXT, b"after"))
     frames = client.frames()
     assert [f.opcode for f in frames] == [OP_BINARY, OP_CLOSE]
     assert frames[0].payload == b"y" * 300
@@ -316,10 +305,10 @@ def test_client_violation_fails_client_after_backend_leg():
     answer, then client OPEN -> FINISHED by fail (1002, no wait).
     """
     relay, tunnel, client, backend = make()
-    tunnel.client.received(fromClient(OP_TEXT, b"ok") + wire.frame(3, b"bad"))
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"ok") + wire.frame(3, b"bad"))
     assert backend.closes() == [(1001, "client error: reserved opcode 3")]
     assert tunnel.client.state == OPEN
-    tunnel.backend.received(fromBackend(OP_TEXT, b"reply") + closeFrame(1001, masked=False))
+    tunnel.backend.dataReceived(fromBackend(OP_TEXT, b"reply") + closeFrame(1001, masked=False))
     frames = client.frames()
     assert [f.payload for f in frames[:1]] == [b"reply"]
     assert client.closes() == [(1002, "reserved opcode 3")]
@@ -336,7 +325,7 @@ def test_client_violation_when_backend_never_answers():
     failed: it is owed its close whatever way the backend leg ends.
     """
     relay, tunnel, client, backend = make()
-    tunnel.client.received(wire.frame(OP_TEXT, b"abc", masked=False))
+    tunnel.client.dataReceived(wire.frame(OP_TEXT, b"abc", masked=False))
     relay.reactor.advance(CLOSE_TIMEOUT)
     assert backend.ended == "abort"
     lose(tunnel, tunnel.backend)
@@ -350,10 +339,10 @@ def test_bad_close_from_client_is_a_violation():
     with 1002 (CLOSE_RECEIVED -> FINISHED).
     """
     relay, tunnel, client, backend = make()
-    tunnel.client.received(wire.frame(OP_CLOSE, b"\x03"))
+    tunnel.client.dataReceived(wire.frame(OP_CLOSE, b"\x03"))
     assert tunnel.client.state == CLOSE_RECEIVED
     assert backend.closes() == [(1001, "client error: close payload of one byte")]
-    tunnel.backend.received(closeFrame(1001, masked=False))
+    tunnel.backend.dataReceived(closeFrame(1001, masked=False))
     assert client.closes() == [(1002, "close payload of one byte")]
     assert states(tunnel) == (FINISHED, FINISHED)
 
@@ -364,12 +353,12 @@ def test_backend_violation_fails_backend_and_closes_client_with_1011():
     CLOSING (1011) -> FINISHED on its answer.
     """
     relay, tunnel, client, backend = make()
-    tunnel.backend.received(wire.frame(OP_TEXT, b"masked", masked=True))
+    tunnel.backend.dataReceived(wire.frame(OP_TEXT, b"masked", masked=True))
     assert backend.closes() == [(1002, "masked server frame")]
     assert backend.ended == "lose"
     assert states(tunnel) == (CLOSING, FINISHED)
     assert client.closes() == [(1011, "backend error: masked server frame")]
-    tunnel.client.received(closeFrame(1011))
+    tunnel.client.dataReceived(closeFrame(1011))
     assert tunnel.client.state == FINISHED
     lose(tunnel, tunnel.backend, tunnel.client)
     assert relay.ended == [("backend", 1011, "backend error: masked server frame")]
@@ -382,14 +371,14 @@ def reachState(tunnel, name):
     if name == "OPEN":
         pass
     elif name == "CLOSE_RECEIVED":
-        tunnel.client.received(closeFrame(4000, b"c"))
+        tunnel.client.dataReceived(closeFrame(4000, b"c"))
     elif name == "CLOSE_SENT":
-        tunnel.backend.received(closeFrame(4000, b"b", masked=False))
+        tunnel.backend.dataReceived(closeFrame(4000, b"b", masked=False))
     elif name == "CLOSING":
         tunnel.close(1001, 1001, "idle timeout", "lbws")
     elif name == "FINISHED":
-        tunnel.client.received(closeFrame(4000, b"c"))
-        tunnel.backend.received(closeFrame(4000, b"b", masked=False))
+        tunnel.client.dataReceived(closeFrame(4000, b"c"))
+        tunnel.backend.dataReceived(closeFrame(4000, b"b", masked=False))
     elif name == "LOST":
         lose(tunnel, tunnel.client)
 
@@ -436,7 +425,7 @@ def test_ping_answered_and_unanswered():
     relay.reactor.advance(1)
     (ping,) = client.frames()
     assert ping.opcode == OP_PING
-    tunnel.client.received(fromClient(OP_PONG, ping.payload))
+    tunnel.client.dataReceived(fromClient(OP_PONG, ping.payload))
     assert backend.value() == b""  # lbws's own pong is not passed on
     relay.reactor.advance(1)
     assert client.ended is None
@@ -454,16 +443,16 @@ def test_held_ping_counts_only_once_written():
     """
     relay, tunnel, client, backend = make("ping_interval = 1")
     whole = fromBackend(OP_BINARY, b"z" * 1000)
-    tunnel.backend.received(whole[:10])
+    tunnel.backend.dataReceived(whole[:10])
     for i in range(10):
         relay.reactor.advance(1)
-        tunnel.backend.received(whole[10 + i * 50 : 60 + i * 50])
+        tunnel.backend.dataReceived(whole[10 + i * 50 : 60 + i * 50])
     assert client.ended is None
     assert client.frames() == []
-    tunnel.backend.received(whole[510:])
+    tunnel.backend.dataReceived(whole[510:])
     frames = client.frames()
     assert [f.opcode for f in frames] == [OP_BINARY, OP_PING]
-    tunnel.client.received(fromClient(OP_PONG, frames[1].payload))
+    tunnel.client.dataReceived(fromClient(OP_PONG, frames[1].payload))
     relay.reactor.advance(1)
     assert client.ended is None
 
@@ -475,7 +464,7 @@ def test_held_ping_and_client_not_reading_is_cut():
     traffic.
     """
     relay, tunnel, client, backend = make("ping_interval = 1")
-    tunnel.backend.received(fromBackend(OP_BINARY, b"z" * 1000)[:10])
+    tunnel.backend.dataReceived(fromBackend(OP_BINARY, b"z" * 1000)[:10])
     relay.reactor.advance(1)
     client.producer.pauseProducing()
     relay.reactor.advance(1)
@@ -488,10 +477,10 @@ def test_idle_timeout_counts_bytes_of_a_long_message():
     moves for idle_timeout, both legs OPEN -> CLOSING with 1001.
     """
     relay, tunnel, client, backend = make("idle_timeout = 1")
-    tunnel.client.received(fromClient(OP_TEXT, b"a", fin=False))
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"a", fin=False))
     for _ in range(5):
         relay.reactor.advance(0.6)
-        tunnel.client.received(fromClient(0, b"b", fin=False))
+        tunnel.client.dataReceived(fromClient(0, b"b", fin=False))
     assert states(tunnel) == (OPEN, OPEN)
     relay.reactor.pump([0.1] * 14)
     assert states(tunnel) == (OPEN, OPEN)
@@ -507,29 +496,29 @@ def test_message_rate_and_control_budget():
     two seconds is not.
     """
     relay, tunnel, client, backend = make("max_message_rate = 3")
-    tunnel.client.received(fromClient(OP_TEXT, b"1") * 3)
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"1") * 3)
     relay.reactor.advance(1)
-    tunnel.client.received(fromClient(OP_TEXT, b"2") * 3)
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"2") * 3)
     assert tunnel.client.state == OPEN and tunnel.backend.state == OPEN
-    tunnel.client.received(fromClient(OP_TEXT, b"3"))
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"3"))
     assert backend.closes() == [(1001, "client error: more than 3 messages a second")]
     assert [f.payload for f in backend.frames()].count(b"3") == 0
 
     relay, tunnel, client, backend = make()
-    tunnel.client.received(fromClient(OP_PING, b"p") * CONTROL_FRAMES_PER_SECOND)
+    tunnel.client.dataReceived(fromClient(OP_PING, b"p") * CONTROL_FRAMES_PER_SECOND)
     assert tunnel.backend.state == OPEN
-    tunnel.client.received(fromClient(OP_PING, b"p"))
+    tunnel.client.dataReceived(fromClient(OP_PING, b"p"))
     assert tunnel.backend.state == CLOSING
     assert backend.closes() == [(1001, "client error: more than 100 pings and pongs a second")]
 
 
 def test_too_many_frames_in_one_message():
     relay, tunnel, client, backend = make("max_frames_per_message = 4")
-    tunnel.client.received(fromClient(OP_TEXT, b"a", fin=False) + fromClient(0, b"b", fin=False) * 2)
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"a", fin=False) + fromClient(0, b"b", fin=False) * 2)
     assert tunnel.backend.state == OPEN
-    tunnel.client.received(fromClient(0, b"c", fin=True))
+    tunnel.client.dataReceived(fromClient(0, b"c", fin=True))
     assert tunnel.backend.state == OPEN  # four frames: allowed
-    tunnel.client.received(fromClient(OP_TEXT, b"a", fin=False) + fromClient(0, b"b", fin=False) * 4)
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"a", fin=False) + fromClient(0, b"b", fin=False) * 4)
     assert backend.closes() == [(1001, "client error: message of more than 4 frames")]
 
 
