@@ -180,7 +180,7 @@ class Leg:
         self.closeReceived = None
         self.messages = 0
         self.bytes = 0
-        self._held = []
+        self._held = None  # frames of lbws's own waiting for a boundary
         self._closeHeld = False  # lbws's close waits in _held
         self._timer = None
 
@@ -353,13 +353,15 @@ class Leg:
             return WRITTEN
         if self.other.state == LOST or source.stopped:
             return IMPOSSIBLE
+        if self._held is None:
+            self._held = []
         self._held.append(frame)
         source.boundaryWanted = True
         return HELD
 
     def flushHeld(self):
         self.other.scanner.boundaryWanted = False
-        held, self._held = self._held, []
+        held, self._held = self._held or (), None
         for frame in held:
             self.write(frame)
         if self._closeHeld:
