@@ -774,6 +774,9 @@ def parse_args():
                         metavar="[TARGET=]CPUS",
                         help="run the targets (TARGET= only that one; repeatable, the"
                         " per-target one wins) under `taskset -c CPUS`, e.g. 0 or 0,1")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="write the targets' generated configs and logs to DIR and keep"
+                        " them (default: a temporary directory, removed afterwards)")
     parser.add_argument("--lbws-config-extra", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="extra [lbws] key for the lbws targets (repeatable)")
     parser.add_argument("--lbws-routes", type=int, default=0, metavar="N",
@@ -873,9 +876,14 @@ def main():
     size_for_fd_limit(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = Processes()
-    with tempfile.TemporaryDirectory(prefix="lbws-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbws-bench-")))
+        else:
+            workdir = args.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
         try:
-            report = run(args, procs, Path(tmp))
+            report = run(args, procs, workdir)
         finally:
             procs.stop_all()
     RESULTS.mkdir(exist_ok=True)
