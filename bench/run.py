@@ -559,13 +559,15 @@ def headline_text(scenario, result):
 
 def ratios_to_nginx(targets):
     """Each target's headline number divided by nginx's, per scenario, and
-    the EXTRA_RATIOS numbers (S3's CPU per connection) under their keys."""
+    the EXTRA_RATIOS numbers (S3's CPU per connection) under their keys;
+    `direct` has no proxy whose CPU could be compared."""
     base = targets.get("nginx", {}).get("scenarios", {})
-    compared = {s: (s, key) for s, key in HEADLINE.items()}
-    compared.update({key: (s, field) for key, (s, field, _) in EXTRA_RATIOS.items()})
+    headlines = {s: (s, key) for s, key in HEADLINE.items()}
+    extras = {key: (s, field) for key, (s, field, _) in EXTRA_RATIOS.items()}
     ratios = {}
     for name, outcome in targets.items():
         ratios[name] = {}
+        compared = headlines if name == "direct" else {**headlines, **extras}
         for key, (scenario, field) in compared.items():
             result = outcome.get("scenarios", {}).get(scenario, {})
             ref = base.get(scenario, {}).get(field)
