@@ -1,14 +1,21 @@
 // WebSocket load generator for bench/run.py: the same client drives every
 // target, so differences between targets come from the targets.
 //
-// Usage: node bench/loadgen.js --port PORT --scenario S1|S2|S3|S4|probe
+// Usage: node bench/loadgen.js --port PORT --scenario S1|S2|S3|S4|S5|H1|probe|hprobe
 //            [--duration SECONDS] [--connections N] [--hold-timeout SECONDS]
+//            [--storm-timeout SECONDS]
 //
 //   S1     N (50) connections ping-pong 32-byte text: round trips/s, p50/p99 ms
 //   S2     one connection echoes 1 MiB binary messages: MB/s (1 MB = 1e6 bytes)
 //   S3     N (20) workers loop connect + one round trip + close: connections/s
 //   S4     open N (2000) idle connections, report when all are open, hold them
 //          until stdin closes, SIGTERM/SIGINT, or --hold-timeout
+//   S5     reconnect storm: open N (10000) idle connections ({"event":"open"}),
+//          then on the line "storm" on stdin answer {"event":"armed"} (run.py
+//          then kills the backend) and reconnect every client that loses its
+//          connection with jittered exponential backoff (see STORM_* below);
+//          {"event":"reconnected"} when all N are connected again (or
+//          --storm-timeout passed), then hold them until stdin closes
 //   H1     plain HTTP: N (20) keep-alive connections loop small GETs: requests/s
 //   probe  one connect + round trip + close; exit status 0 if it worked
 //   hprobe one plain HTTP GET; exit status 0 if it got a 200
@@ -32,6 +39,14 @@ const CYCLE_TIMEOUT_MS = 5000;
 const CLOSE_GRACE_MS = 2000;
 const S4_OPEN_TIMEOUT_MS = 120000;
 const S4_OPEN_CONCURRENCY = 50;
+// S5's reconnect policy, "full jitter" exponential backoff as typical
+// reconnecting clients use it: before attempt k (0 for the first attempt
+// after a lost connection, +1 for each failed attempt since) a client waits
+// uniformly random 0 .. min(STORM_CAP_MS, STORM_BASE_MS * 2^k). An attempt
+// fails when the handshake errs (refused, reset, HTTP 502/503) or takes longer
+// than HANDSHAKE_TIMEOUT_MS; a connection that opens resets k to 0.
+const STORM_BASE_MS = 1000;
+const STORM_CAP_MS = 30000;
 
 const args = process.argv.slice(2);
 function option(name, fallback) {
@@ -183,31 +198,47 @@ function released(holdMs) {
   });
 }
 
-async function idle(count, holdMs) {
+// A short name for why a handshake failed: "HTTP 502", "ECONNRESET", ...
+function failureKind(err) {
+  const text = err && (err.code || err.message) || 'error';
+  return text.replace(/^Unexpected server response: /, 'HTTP ');
+}
+
+// S4 and S5: open `count` connections, S4_OPEN_CONCURRENCY handshakes at a
+// time, for at most S4_OPEN_TIMEOUT_MS; `onOpen` sees each as it opens.
+// Emits {"event":"start"} before and {"event":"open"} after.
+async function openMany(count, onOpen) {
   const sockets = [];
+  const failureKinds = {};
   let started = 0;
   let errors = 0;
-  let closedEarly = 0;
-  const cpu = process.cpuUsage();
   const t0 = Date.now();
-  const deadline = t0 + S4_OPEN_TIMEOUT_MS;
   emit({ event: 'start' });
   const opener = async () => {
-    while (started < count && Date.now() < deadline) {
+    while (started < count && Date.now() < t0 + S4_OPEN_TIMEOUT_MS) {
       started++;
       try {
         const ws = await connect();
-        ws.on('close', () => closedEarly++);
+        onOpen(ws);
         sockets.push(ws);
-      } catch {
+      } catch (err) {
         errors++;
+        failureKinds[failureKind(err)] = (failureKinds[failureKind(err)] || 0) + 1;
       }
     }
   };
   await Promise.all(Array.from({ length: S4_OPEN_CONCURRENCY }, opener));
   const openSeconds = (Date.now() - t0) / 1000;
-  const used = process.cpuUsage(cpu);
   emit({ event: 'open', connections: sockets.length, errors, open_seconds: openSeconds });
+  return { sockets, errors, open_failure_kinds: failureKinds, open_seconds: openSeconds };
+}
+
+async function idle(count, holdMs) {
+  let closedEarly = 0;
+  const cpu = process.cpuUsage();
+  const { sockets, errors, open_seconds: openSeconds } = await openMany(count,
+    (ws) => ws.on('close', () => closedEarly++));
+  const used = process.cpuUsage(cpu);
   const why = await released(holdMs);
   const stillOpen = sockets.length - closedEarly;
   sockets.forEach((ws) => ws.removeAllListeners('close'));
@@ -217,6 +248,170 @@ async function idle(count, holdMs) {
     open_seconds: openSeconds,
     loadgen_cpu_seconds: (used.user + used.system) / 1e6,
     loadgen_cpu_share: (used.user + used.system) / 1e6 / openSeconds,
+  };
+}
+
+// One line of stdin at a time, for run.py's commands.
+function stdinLines(onLine) {
+  let buffered = '';
+  process.stdin.setEncoding('utf8');
+  process.stdin.on('data', (chunk) => {
+    buffered += chunk;
+    let newline;
+    while ((newline = buffered.indexOf('\n')) >= 0) {
+      onLine(buffered.slice(0, newline).trim());
+      buffered = buffered.slice(newline + 1);
+    }
+  });
+}
+
+// S5: `count` clients connect (S4's bounded opener), then wait for run.py's
+// "storm" line. From then on each client that loses its connection
+// reconnects with the STORM_* backoff. The result says how long it took
+// until every client was connected again, from the "armed" answer (just
+// before run.py kills the backend), the spread of the closes the clients
+// saw, the handshake latency of the successful reconnects and the failed
+// attempts.
+async function storm(count, stormTimeoutMs, holdMs) {
+  const initial = await openMany(count, () => {});
+  const clients = initial.sockets.map((ws) => ({ ws, failures: 0, lost: false }));
+
+  let armedAt = null;      // hrtime when run.py said "storm"
+  let stopping = false;    // closing down: no more reconnects
+  let connected = clients.length;
+  let lostOnce = 0;        // clients that lost their connection since "storm"
+  let closedBeforeStorm = 0;
+  let droppedAfterReconnect = 0;
+  let attempts = 0;
+  let failedAttempts = 0;
+  const failureKinds = {};
+  const latencies = [];
+  let firstClose = null;
+  let lastClose = null;
+  let allBack = null;
+  const timers = new Set();
+  let finishStorm;
+  const stormDone = new Promise((resolve) => { finishStorm = resolve; });
+  let cpuAtArm = null;
+  const now = () => process.hrtime.bigint();
+
+  const checkDone = () => {
+    if (armedAt !== null && allBack === null && lostOnce === clients.length
+        && connected === clients.length) {
+      allBack = now();
+      finishStorm('all');
+    }
+  };
+  const schedule = (client) => {
+    const delay = Math.random() * Math.min(STORM_CAP_MS, STORM_BASE_MS * 2 ** client.failures);
+    const timer = setTimeout(() => { timers.delete(timer); attempt(client); }, delay);
+    timers.add(timer);
+  };
+  const lose = (client) => {
+    connected--;
+    if (stopping) return;
+    if (armedAt === null) {
+      closedBeforeStorm++;
+    } else {
+      const t = now();
+      if (firstClose === null) firstClose = t;
+      lastClose = t;
+      if (client.lost) droppedAfterReconnect++;
+      else { client.lost = true; lostOnce++; }
+    }
+    client.failures = 0;
+    schedule(client);
+  };
+  const watch = (client) => {
+    client.ws.once('close', () => lose(client));
+  };
+  const attempt = (client) => {
+    if (stopping) return;
+    attempts++;
+    const begun = now();
+    const ws = new WebSocket(url, clientOptions);
+    client.ws = ws;
+    let isOpen = false;
+    ws.on('error', (err) => {
+      if (isOpen) return;
+      const kind = failureKind(err);
+      failureKinds[kind] = (failureKinds[kind] || 0) + 1;
+    });
+    ws.once('open', () => {
+      isOpen = true;
+      connected++;
+      if (armedAt !== null) latencies.push(Number(now() - begun) / 1e6);
+      checkDone();
+    });
+    ws.once('close', () => {
+      if (isOpen) return lose(client);
+      if (stopping) return;
+      failedAttempts++;
+      client.failures++;
+      schedule(client);
+    });
+  };
+  clients.forEach(watch);
+
+  const why = await new Promise((resolve) => {
+    const timer = setTimeout(() => resolve('timeout'), holdMs);
+    stdinLines((line) => {
+      if (line === 'storm' && armedAt === null) {
+        armedAt = now();
+        cpuAtArm = process.cpuUsage();
+        emit({ event: 'armed' });
+        const giveUp = setTimeout(() => finishStorm('timeout'), stormTimeoutMs);
+        stormDone.then(() => {
+          clearTimeout(giveUp);
+          clearTimeout(timer);
+          resolve('storm');
+        });
+      }
+    });
+    process.stdin.on('end', () => { clearTimeout(timer); resolve('stdin'); });
+    process.once('SIGTERM', () => { clearTimeout(timer); resolve('SIGTERM'); });
+  });
+  let measured = {};
+  if (why === 'storm') {
+    const cpuUsed = process.cpuUsage(cpuAtArm);
+    const end = allBack === null ? now() : allBack;
+    const seconds = Number(end - armedAt) / 1e9;
+    const sorted = Float64Array.from(latencies).sort();
+    measured = {
+      reconnect_seconds: allBack === null ? null : seconds,
+      seconds,
+      reconnected: connected,
+      lost: lostOnce,
+      attempts,
+      failed_attempts: failedAttempts,
+      failure_kinds: failureKinds,
+      dropped_after_reconnect: droppedAfterReconnect,
+      first_close_seconds: firstClose === null ? null : Number(firstClose - armedAt) / 1e9,
+      close_spread_seconds: firstClose === null ? null : Number(lastClose - firstClose) / 1e9,
+      p50_ms: percentile(sorted, 0.5),
+      p99_ms: percentile(sorted, 0.99),
+      max_ms: sorted.length ? sorted[sorted.length - 1] : null,
+      loadgen_cpu_seconds: (cpuUsed.user + cpuUsed.system) / 1e6,
+      loadgen_cpu_share: (cpuUsed.user + cpuUsed.system) / 1e6 / seconds,
+    };
+    emit({ event: 'reconnected', ...measured });
+    // Hold the clients until run.py has read the CPU and memory figures.
+    await new Promise((resolve) => {
+      process.stdin.on('end', resolve);
+      process.stdin.on('close', resolve);
+      process.once('SIGTERM', resolve);
+      setTimeout(resolve, holdMs);
+    });
+  }
+  stopping = true;
+  timers.forEach(clearTimeout);
+  const sockets = clients.map((client) => client.ws);
+  sockets.forEach((ws) => ws.removeAllListeners('close'));
+  await closeAll(sockets);
+  return {
+    connections: clients.length, errors: initial.errors,
+    open_failure_kinds: initial.open_failure_kinds, released_by: why,
+    closed_before_storm: closedBeforeStorm, ...measured,
   };
 }
 
@@ -282,6 +477,11 @@ async function main() {
     case 'S4':
       result = await idle(Number(option('connections', '2000')),
         Number(option('hold-timeout', '300')) * 1000);
+      break;
+    case 'S5':
+      result = await storm(Number(option('connections', '10000')),
+        Number(option('storm-timeout', '120')) * 1000,
+        Number(option('hold-timeout', '600')) * 1000);
       break;
     case 'H1':
       result = await httpGets(Number(option('connections', '20')));

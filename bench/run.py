@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import resource
 import shutil
 import signal
@@ -36,28 +37,39 @@ ECHO_SERVER = REPO / "tests" / "node" / "echo-server.js"
 HTTP_BACKEND = BENCH / "http-backend.js"
 TWISTD = REPO / ".venv" / "bin" / "twistd"
 
-SCENARIOS = ("S1", "S2", "S3", "S4", "H1")
-TARGETS = ("direct", "nginx", "haproxy", "lbws", "lbws-w2")
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "H1")
+TARGETS = ("direct", "nginx", "nginx-w2", "haproxy", "lbws", "lbws-w2")
 READY_TIMEOUT = 30.0      # seconds for a target to accept and echo
 STOP_TIMEOUT = 5.0        # seconds for a process to exit on SIGTERM before SIGKILL
 SCENARIO_SLACK = 60.0     # seconds allowed beyond a scenario's duration
 S4_OPEN_TIMEOUT = 150.0   # loadgen gives up opening after 120 s
 S4_SETTLE = 0.5           # seconds between "all open" and reading the RSS
+STORM_TIMEOUT = 120.0     # S5: seconds from the backend's restart until all must be back
+RSS_POLL = 0.05           # S5: seconds between readings of the target's RSS
+LISTEN_BACKLOG = 4096     # every target's listen backlog (Linux caps it at somaxconn)
+FD_MARGIN = 256           # descriptors a proxy needs besides two per client
 SATURATED = 0.9           # loadgen CPU share above which a number is a lower bound
 OTHER_LOAD = 0.15         # CPU share of unrelated processes worth a warning
 
-# What each scenario is judged by; for S4 lower is better.
+# What each scenario is judged by; for S4 and S5 lower is better.
 HEADLINE = {"S1": "round_trips_per_s", "S2": "mb_per_s", "S3": "connections_per_s",
-            "S4": "bytes_per_conn", "H1": "requests_per_s"}
+            "S4": "bytes_per_conn", "S5": "reconnect_seconds", "H1": "requests_per_s"}
 UNIT = {"S1": "round trips/s", "S2": "MB/s", "S3": "conn/s", "S4": "bytes/conn",
-        "H1": "req/s"}
+        "S5": "s all back", "H1": "req/s"}
+LOWER_IS_BETTER = {"S4", "S5", "S3_cpu"}
+# Second numbers compared with nginx too: key -> (scenario, field, label).
+EXTRA_RATIOS = {"S3_cpu": ("S3", "cpu_ms_per_conn", "S3 CPU ms/conn")}
 
+# worker_connections is above the descriptor limit on purpose: once fewer
+# than 1/16 of its connection slots are free, nginx closes connections that
+# are still reading their request ("worker_connections are not enough,
+# reusing connections"), which reset ~4% of S5's clients with slots = fds.
 NGINX_CONF = """\
-worker_processes 1;
+worker_processes {workers};
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log;
-worker_rlimit_nofile 16384;
-events {{ worker_connections 8192; }}
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {connections}; }}
 http {{
     access_log {dir}/nginx-access.log;
     client_body_temp_path {dir}/client_body;
@@ -66,7 +78,7 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port} backlog={backlog};
         location / {{
             proxy_pass http://127.0.0.1:{backend};
             proxy_http_version 1.1;
@@ -82,15 +94,16 @@ http {{
 HAPROXY_CONF = """\
 global
     nbthread 1
-    maxconn 6000
+    maxconn {maxconn}
 defaults
     mode http
+    maxconn {maxconn}
     timeout connect 5s
     timeout client 1h
     timeout server 1h
     timeout tunnel 1h
 frontend ws
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port} backlog {backlog}
     default_backend echo
 backend echo
     server echo 127.0.0.1:{backend}
@@ -132,9 +145,52 @@ class Processes:
             proc.stdin.close()
         self._running.remove(proc)
 
+    def kill(self, proc):
+        """SIGKILL `proc`'s group at once: a crash, as S5's backend restart."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self._running.remove(proc)
+
     def stop_all(self):
         for proc in reversed(self._running[:]):
             self.stop(proc)
+
+
+class HeldBackend:
+    """S5's echo backend: a node `ws` server on a listening socket that run.py
+    holds, so that `restart` can kill it and start a new one on the same port
+    with no window of refused connects (as a restart under systemd socket
+    activation). Every proxy then sees the same thing: all its backend
+    connections die at once, and new ones wait in the socket's backlog until
+    the new process accepts them. No proxy needs its health check to notice.
+    """
+
+    def __init__(self, procs):
+        self._procs = procs
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(LISTEN_BACKLOG)
+        self.port = self._sock.getsockname()[1]
+        self.proc = None
+        self._start()
+
+    def _start(self):
+        fd = self._sock.fileno()
+        self.proc = self._procs.start(["node", ECHO_SERVER, "--fd", fd], pass_fds=[fd],
+                                      stdout=subprocess.PIPE, text=True)
+        line = Lines(self.proc.stdout).next(time.monotonic() + READY_TIMEOUT)
+        if not line.startswith("listening"):
+            raise BenchError(f"the echo backend did not start: {line!r}")
+
+    def restart(self):
+        self._procs.kill(self.proc)
+        self._start()
+
+    def stop(self):
+        if self.proc is not None:
+            self._procs.stop(self.proc)
+        self._sock.close()
 
 
 class Lines:
@@ -198,20 +254,43 @@ def cpu_seconds(proc):
     return tree_sum(proc, lambda p: sum(p.cpu_times()[:2]))
 
 
-def cpu_snapshot(measured, backend):
-    """Wall clock, and CPU seconds used so far by the target, the backend and the machine.
-
-    The machine's total shows whether something besides the benchmark took
-    CPU during a scenario (another job on a shared box), which skews it.
-    Interrupt time is left out: it is the kernel's work for our own sockets.
+def machine_busy():
+    """CPU seconds the whole machine has used: whether something besides the
+    benchmark took CPU during a scenario (another job on a shared box) skews
+    it. Interrupt time is left out: it is the kernel's work for our own sockets.
     """
     machine = psutil.cpu_times()
-    busy = machine.user + machine.nice + machine.system
-    return time.monotonic(), cpu_seconds(measured), cpu_seconds(backend), busy
+    return machine.user + machine.nice + machine.system
+
+
+def cpu_snapshot(measured, backend):
+    """Wall clock, and CPU seconds used so far by the target, the backend and the machine."""
+    return time.monotonic(), cpu_seconds(measured), cpu_seconds(backend), machine_busy()
 
 
 def rss_bytes(proc):
     return tree_sum(proc, lambda p: p.memory_info().rss)
+
+
+class PeakRss:
+    """Reads a process tree's RSS every RSS_POLL seconds on a thread, keeps the peak."""
+
+    def __init__(self, proc):
+        self.peak = rss_bytes(proc)
+        self._proc = proc
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._done.wait(RSS_POLL):
+            self.peak = max(self.peak, rss_bytes(self._proc))
+
+    def stop(self):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self._proc))
+        return self.peak
 
 
 def log_tail(path, lines=15):
@@ -236,16 +315,37 @@ def route_sections(count):
     return lines
 
 
-def target_command(name, workdir, port, backend_port, lbws_extra, routes=0):
-    """Write the target's config under `workdir`; return the argv that runs it."""
-    if name == "nginx":
-        conf = workdir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=workdir, port=port, backend=backend_port))
+def target_command(name, workdir, port, backend_port, args):
+    """Write the target's config under `workdir`; return the argv that runs
+    it, under `taskset -c CPUS` when `--pin-proxy` pins this target (its
+    forked workers inherit the affinity)."""
+    argv = target_argv(name, workdir, port, backend_port, args)
+    cpus = pinning(args, name)
+    return argv if cpus is None else ["taskset", "-c", cpus] + argv
+
+
+def pinning(args, name):
+    """The CPU list `--pin-proxy` gives target `name`, or None."""
+    return args.pin_proxy.get(name, args.pin_proxy.get("*"))
+
+
+def target_argv(name, workdir, port, backend_port, args):
+    """Each proxy may hold args.max_clients clients (two descriptors each)
+    and queues LISTEN_BACKLOG connects, so S5's storm meets the same limits
+    everywhere."""
+    if name in ("nginx", "nginx-w2"):
+        conf = workdir / f"{name}.conf"
+        conf.write_text(NGINX_CONF.format(dir=workdir, port=port, backend=backend_port,
+                                          workers=2 if name == "nginx-w2" else 1,
+                                          nofile=args.nofile, connections=args.nofile * 5 // 4,
+                                          backlog=args.listen_backlog))
         return ["nginx", "-p", workdir, "-e", workdir / "nginx-error.log", "-c", conf,
                 "-g", "daemon off;"]
     if name == "haproxy":
         conf = workdir / "haproxy.cfg"
-        conf.write_text(HAPROXY_CONF.format(port=port, backend=backend_port))
+        conf.write_text(HAPROXY_CONF.format(port=port, backend=backend_port,
+                                            maxconn=args.max_clients,
+                                            backlog=args.listen_backlog))
         return ["haproxy", "-db", "-f", conf]
     if not TWISTD.exists():
         raise BenchError(f"`twistd lbws` is unavailable: no {TWISTD}")
@@ -254,16 +354,16 @@ def target_command(name, workdir, port, backend_port, lbws_extra, routes=0):
     if check.returncode != 0:
         why = (check.stderr.strip() or check.stdout.strip() or "no output").splitlines()[-1]
         raise BenchError(f"`twistd lbws` is unavailable: {why}")
-    settings = dict(lbws_extra)
+    settings = {"max_connections": str(args.max_clients), **dict(args.lbws_config_extra)}
     if name == "lbws-w2":
         settings["workers"] = "2"
     ini = workdir / f"{name}.ini"
     ini.write_text("\n".join([
-        "[lbws]", f"listen = tcp:{port}:interface=127.0.0.1", "dashboard =",
-        *(f"{key} = {value}" for key, value in settings.items()),
+        "[lbws]", f"listen = tcp:{port}:interface=127.0.0.1:backlog={args.listen_backlog}",
+        "dashboard =", *(f"{key} = {value}" for key, value in settings.items()),
         "", "[health]", "probe = tcp",
         "", "[backend:echo]", f"url = ws://127.0.0.1:{backend_port}",
-        *route_sections(routes), ""]))
+        *route_sections(args.lbws_routes), ""]))
     return [TWISTD, "-n", "--pidfile=", "lbws", "--config", ini]
 
 
@@ -336,28 +436,92 @@ def run_scenario(procs, scenario, port, measured, backend, args):
     result.update(target_cpu_seconds=target_cpu, target_cpu_share=target_cpu / seconds,
                   backend_cpu_seconds=backend_cpu, backend_cpu_share=backend_cpu / seconds,
                   other_cpu_share=max(0.0, machine_cpu - ours) / seconds)
+    if scenario == "S3" and result["connections"]:
+        # What one connection costs the target (for `direct`, the backend).
+        result["cpu_ms_per_conn"] = 1000 * target_cpu / result["connections"]
     return result
 
 
-def bench_target(procs, name, workdir, backend, backend_port, args, scenarios):
-    """Start `name` fresh, run `scenarios` against it, stop it."""
+def run_storm(procs, port, measured, backend, args):
+    """S5: open args.storm_connections idle clients, kill and restart the
+    backend, and time until every client is connected again.
+
+    The window starts when the load generator has armed its reconnect
+    logic (just before the kill) and ends when the last client is back; the
+    target's CPU seconds and peak RSS are read over that window. `measured`
+    is None for `direct` (the backend, restarted mid-window, is the target).
+    """
+    if measured is not None and measured.poll() is not None:
+        raise BenchError(f"target exited with status {measured.returncode}")
+    argv = ["node", LOADGEN, "--port", port, "--scenario", "S5",
+            "--connections", args.storm_connections, "--storm-timeout", STORM_TIMEOUT]
+    rss_start = rss_bytes(measured) if measured else None
+    loadgen = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    grace = 0.0
+    try:
+        lines = Lines(loadgen.stdout)
+        deadline = time.monotonic() + S4_OPEN_TIMEOUT
+        lines.event("start", deadline)
+        opened = lines.event("open", deadline)
+        time.sleep(S4_SETTLE)
+        rss_idle = rss_bytes(measured) if measured else None
+        loadgen.stdin.write("storm\n")
+        loadgen.stdin.flush()
+        lines.event("armed", time.monotonic() + READY_TIMEOUT)
+        t0, target0, machine0 = time.monotonic(), measured and cpu_seconds(measured), machine_busy()
+        peak = PeakRss(measured) if measured else None
+        try:
+            backend.restart()
+            back = lines.event("reconnected", time.monotonic() + STORM_TIMEOUT + SCENARIO_SLACK)
+        finally:
+            peak_rss = peak.stop() if peak else None
+        seconds = time.monotonic() - t0
+        target_cpu = cpu_seconds(measured) - target0 if measured else None
+        backend_cpu = cpu_seconds(backend.proc)  # the new process: all of it is in the window
+        machine_cpu = machine_busy() - machine0
+        loadgen.stdin.close()
+        result = lines.event("result", time.monotonic() + STORM_TIMEOUT)
+        del result["event"]
+        grace = STOP_TIMEOUT
+    finally:
+        procs.stop(loadgen, grace)
+    ours = backend_cpu + back["loadgen_cpu_seconds"] + (target_cpu or 0)
+    result.update(open_seconds=opened["open_seconds"], rss_before=rss_start,
+                  rss_idle=rss_idle, peak_rss=peak_rss,
+                  target_cpu_seconds=target_cpu,
+                  target_cpu_share=None if measured is None else target_cpu / seconds,
+                  backend_cpu_seconds=backend_cpu, backend_cpu_share=backend_cpu / seconds,
+                  other_cpu_share=max(0.0, machine_cpu - ours) / seconds)
+    if measured is not None and result["connections"]:
+        result["idle_bytes_per_conn"] = (rss_idle - rss_start) / result["connections"]
+    return result
+
+
+def bench_target(procs, name, workdir, backend, args, scenarios):
+    """Start `name` fresh in front of `backend`, run `scenarios` against it, stop it."""
     outcome = {"scenarios": {}}
     proc = None
     try:
         if name == "direct":
-            port = backend_port
+            port = backend.port
         else:
             port = free_port()
             log = workdir / f"{name}.log"
-            argv = target_command(name, workdir, port, backend_port, args.lbws_config_extra,
-                                  args.lbws_routes)
+            argv = target_command(name, workdir, port, backend.port, args)
             with log.open("w") as out:
                 proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         wait_ready(proc, port, workdir / f"{name}.log",
                    "hprobe" if scenarios == ["H1"] else "probe")
+        if proc is not None and pinning(args, name) is not None:
+            outcome["cpu_affinity"] = sorted({tuple(sorted(p.cpu_affinity()))
+                                              for p in process_tree(proc)})
         for scenario in scenarios:
             try:
-                result = run_scenario(procs, scenario, port, proc or backend, backend, args)
+                if scenario == "S5":
+                    result = run_storm(procs, port, proc, backend, args)
+                else:
+                    result = run_scenario(procs, scenario, port, proc or backend.proc,
+                                          backend.proc, args)
             except BenchError as error:
                 result = {"error": str(error)}
             outcome["scenarios"][scenario] = result
@@ -372,8 +536,16 @@ def bench_target(procs, name, workdir, backend, backend_port, args, scenarios):
 
 
 def failures(result):
-    """Errors and connections lost during a scenario: a proxy must have none."""
+    """Errors and connections lost during a scenario: a proxy must have none.
+
+    In S5 a failed reconnect attempt (a 502, a timeout) is part of what is
+    measured, not a failure; a client that is not back by the end, or that
+    lost its connection before the storm or again after reconnecting, is.
+    """
     lost = result["connections"] - result["still_open"] if "still_open" in result else 0
+    if "lost" in result:  # S5
+        lost = (result["connections"] - result["reconnected"] + result["closed_before_storm"]
+                + result["dropped_after_reconnect"])
     return result.get("errors", 0) + result.get("connections_lost", 0) + lost
 
 
@@ -381,35 +553,46 @@ def headline_text(scenario, result):
     if "error" in result:
         return "error: " + result["error"].splitlines()[0]
     value = result.get(HEADLINE[scenario])
-    return "n/a" if value is None else f"{value:,.{1 if scenario == 'S2' else 0}f} {UNIT[scenario]}"
+    places = {"S2": 1, "S5": 2}.get(scenario, 0)
+    return "n/a" if value is None else f"{value:,.{places}f} {UNIT[scenario]}"
 
 
 def ratios_to_nginx(targets):
-    """Each target's headline number divided by nginx's, per scenario."""
+    """Each target's headline number divided by nginx's, per scenario, and
+    the EXTRA_RATIOS numbers (S3's CPU per connection) under their keys;
+    `direct` has no proxy whose CPU could be compared."""
     base = targets.get("nginx", {}).get("scenarios", {})
+    headlines = {s: (s, key) for s, key in HEADLINE.items()}
+    extras = {key: (s, field) for key, (s, field, _) in EXTRA_RATIOS.items()}
     ratios = {}
     for name, outcome in targets.items():
         ratios[name] = {}
-        for scenario, result in outcome.get("scenarios", {}).items():
-            key = HEADLINE[scenario]
-            ref = base.get(scenario, {}).get(key)
-            if ref and result.get(key) is not None:
-                ratios[name][scenario] = result[key] / ref
+        compared = headlines if name == "direct" else {**headlines, **extras}
+        for key, (scenario, field) in compared.items():
+            result = outcome.get("scenarios", {}).get(scenario, {})
+            ref = base.get(scenario, {}).get(field)
+            if ref and result.get(field) is not None:
+                ratios[name][key] = result[field] / ref
     return ratios
 
 
 def format_table(report):
-    """The headline numbers with ratios to nginx, then where the CPU went."""
+    """The headline numbers with ratios to nginx, S5's details, then where the CPU went."""
     targets, ratios, scenarios = report["targets"], report["ratios_to_nginx"], report["scenarios"]
     header = ["target"] + [f"{s} {UNIT[s]}" for s in scenarios]
+    extras = [key for key, (s, _, _) in EXTRA_RATIOS.items() if s in scenarios]
+    header += [EXTRA_RATIOS[key][2] for key in extras]
     if "S1" in scenarios:
         header.append("S1 p50/p99 ms")
-    rows, cpu_rows, others = [], [], []
+    rows, cpu_rows, storm_rows, others = [], [], [], []
     for name, outcome in targets.items():
+        label = name
+        if "cpu_affinity" in outcome:  # --pin-proxy: "lbws-w2 @0,1"
+            label += " @" + "+".join(",".join(map(str, cpus)) for cpus in outcome["cpu_affinity"])
         if "error" in outcome:
-            rows.append([name, "FAILED: " + outcome["error"].splitlines()[0]])
+            rows.append([label, "FAILED: " + outcome["error"].splitlines()[0]])
             continue
-        row, cpu_row = [name], [name]
+        row, cpu_row = [label], [label]
         for scenario in scenarios:
             result = outcome["scenarios"][scenario]
             cell = headline_text(scenario, result).replace(" " + UNIT[scenario], "")
@@ -429,24 +612,59 @@ def format_table(report):
                                     + [f"{v:.0%}" for v in shares[1:]]))
             if scenario != "S4":  # S4's window is too short for a fair reading
                 others.append((result["other_cpu_share"], name, scenario))
+            if scenario == "S5":
+                storm_rows.append(storm_row(label, result))
+        for key in extras:
+            scenario, field, _ = EXTRA_RATIOS[key]
+            value = outcome["scenarios"][scenario].get(field)
+            row.append("-" if value is None or name == "direct" else
+                       f"{value:.2f}" + (f" ({ratios[name][key]:.2f}x)" if key in ratios[name] else ""))
         if "S1" in scenarios:
             s1 = outcome["scenarios"]["S1"]
             row.append("-" if s1.get("p50_ms") is None else f"{s1['p50_ms']:.2f}/{s1['p99_ms']:.2f}")
         rows.append(row)
         cpu_rows.append(cpu_row)
+    lower = [s for s in scenarios if s in LOWER_IS_BETTER] + ["CPU per connection"] * bool(extras)
     lines = [render(header, rows),
-             "(x) = ratio to nginx; for S4 lower is better. "
+             "(x) = ratio to nginx" + (f"; for {' and '.join(lower)} lower is better"
+                                       if lower else "") + ". "
              f"* = load generator at >= {SATURATED:.0%} of a core: a lower bound. "
-             "!N = N failed connections or errors (see the JSON).",
-             "",
-             "CPU, % of one core: target / load generator / backend / other processes",
-             "(S1-S3 over the measured window; S4 while the idle connections open)",
-             render(["target"] + list(scenarios), cpu_rows)]
+             "!N = N failed connections or errors (see the JSON)."]
+    if storm_rows:
+        lines += ["", f"S5 reconnect storm, {report['storm_connections']:,} idle clients;"
+                  " the backend is killed and restarted at 0 s",
+                  render(["target", "all back s", "closes seen s", "reconnect p50/p99 ms",
+                          "attempts/failed", "target CPU s", "RSS idle/peak MB",
+                          "idle bytes/conn"], storm_rows)]
+    lines += ["",
+              "CPU, % of one core: target / load generator / backend / other processes",
+              "(S1-S3 and H1 over the measured window; S4 while the idle connections open;"
+              " S5 from the backend's restart until all clients are back)",
+              render(["target"] + list(scenarios), cpu_rows)]
     if others and max(others)[0] >= OTHER_LOAD:
         share, name, scenario = max(others)
         lines.append(f"WARNING: other processes took up to {share:.0%} of a core "
                      f"({name} {scenario}): the machine was not quiet, numbers are skewed.")
     return "\n".join(lines)
+
+
+def storm_row(name, result):
+    """One line of S5's details: what the headline time is made of."""
+    if "error" in result:
+        return [name, "error: " + result["error"].splitlines()[0]]
+
+    def number(key, text):
+        return "-" if result.get(key) is None else text(result[key])
+
+    mb = 1024 * 1024
+    return [name, headline_text("S5", result).replace(" " + UNIT["S5"], ""),
+            number("close_spread_seconds", lambda v: f"{result['first_close_seconds']:.2f}-"
+                   f"{result['first_close_seconds'] + v:.2f}"),
+            number("p50_ms", lambda v: f"{v:,.0f}/{result['p99_ms']:,.0f}"),
+            f"{result['attempts']:,}/{result['failed_attempts']:,}",
+            number("target_cpu_seconds", lambda v: f"{v:.2f}"),
+            number("rss_idle", lambda v: f"{v / mb:,.0f}/{result['peak_rss'] / mb:,.0f}"),
+            number("idle_bytes_per_conn", lambda v: f"{v:,.0f}")]
 
 
 def render(header, rows):
@@ -458,20 +676,23 @@ def render(header, rows):
 
 
 def draw_chart(report, path):
-    """Grouped bars: one group per target, one bar per scenario, nginx = 1."""
+    """Grouped bars: one group per target, one bar per scenario (and S3's
+    CPU per connection), nginx = 1."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ratios = report["ratios_to_nginx"]
     names = [n for n in report["targets"] if ratios.get(n)]
-    scenarios = report["scenarios"]
-    width = 0.8 / len(scenarios)
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(names), 4.5))
-    for i, scenario in enumerate(scenarios):
-        label = f"{scenario} {UNIT[scenario]}" + (" (lower is better)" if scenario == "S4" else "")
-        xs = [t + (i - (len(scenarios) - 1) / 2) * width for t in range(len(names))]
-        ax.bar(xs, [ratios[n].get(scenario, 0) for n in names], width, label=label)
+    series = [(s, f"{s} {UNIT[s]}") for s in report["scenarios"]]
+    series += [(key, label) for key, (s, _, label) in EXTRA_RATIOS.items()
+               if s in report["scenarios"]]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2 + 1.8 * len(names), 4.5))
+    for i, (key, label) in enumerate(series):
+        label += " (lower is better)" if key in LOWER_IS_BETTER else ""
+        xs = [t + (i - (len(series) - 1) / 2) * width for t in range(len(names))]
+        ax.bar(xs, [ratios[n].get(key, 0) for n in names], width, label=label)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("ratio to nginx")
@@ -502,7 +723,8 @@ def tool_versions():
 
 
 def raise_fd_limit():
-    """2,000 idle connections need ~4,000 descriptors in a proxy; children inherit this."""
+    """A proxied client takes two descriptors in a proxy (S5 holds 10,000
+    clients); children inherit this."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft < want:
@@ -519,6 +741,16 @@ def parse_args():
             return items
         return parse
 
+    def pin(text):
+        target, _, cpus = text.rpartition("=")
+        if target and target not in TARGETS:
+            raise argparse.ArgumentTypeError(f"unknown target {target!r}")
+        if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cpus) or max(
+                int(n) for n in re.findall(r"\d+", cpus)) >= os.cpu_count():
+            raise argparse.ArgumentTypeError(f"expected CPUS like 0 or 0,1 (this machine has"
+                                             f" {os.cpu_count()}), got {cpus!r}")
+        return target or "*", cpus
+
     def key_value(text):
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
@@ -532,51 +764,110 @@ def parse_args():
                         help="2 s per scenario, S4 with 200 connections, writes results/smoke.json only")
     parser.add_argument("--targets", type=names(TARGETS), default="direct,nginx,haproxy,lbws",
                         help=f"comma-separated, from {','.join(TARGETS)}")
-    parser.add_argument("--scenarios", type=names(SCENARIOS), default="S1,S2,S3,S4,H1",
-                        help="comma-separated, from S1,S2,S3,S4,H1 (H1: plain HTTP GETs)")
+    parser.add_argument("--scenarios", type=names(SCENARIOS), default="S1,S2,S3,S4,S5,H1",
+                        help="comma-separated, from S1,S2,S3,S4,S5,H1 (S5: reconnect storm,"
+                        " H1: plain HTTP GETs)")
+    parser.add_argument("--storm-connections", type=int, default=10000, metavar="N",
+                        help="S5's idle clients (default 10000; 300 with --smoke; lowered"
+                        " to what the descriptor limit lets a proxy hold)")
+    parser.add_argument("--listen-backlog", type=int, default=LISTEN_BACKLOG, metavar="N",
+                        help=f"every proxy's listen backlog (default {LISTEN_BACKLOG})")
+    parser.add_argument("--pin-proxy", type=pin, action="append", default=[],
+                        metavar="[TARGET=]CPUS",
+                        help="run the targets (TARGET= only that one; repeatable, the"
+                        " per-target one wins) under `taskset -c CPUS`, e.g. 0 or 0,1")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="write the targets' generated configs and logs to DIR and keep"
+                        " them (default: a temporary directory, removed afterwards)")
     parser.add_argument("--lbws-config-extra", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="extra [lbws] key for the lbws targets (repeatable)")
     parser.add_argument("--lbws-routes", type=int, default=0, metavar="N",
                         help="give the lbws targets N [route:NAME] sections, the last the"
                         " one every client matches (0: none, the default)")
     args = parser.parse_args()
+    args.pin_proxy = dict(args.pin_proxy)
     args.idle_connections = 2000
     if args.smoke:
-        args.duration, args.idle_connections = 2.0, 200
+        args.duration, args.idle_connections, args.storm_connections = 2.0, 200, 300
     return args
 
 
-def start_backend(procs, script):
-    backend = procs.start(["node", script, "--port", "0"], stdout=subprocess.PIPE, text=True)
+def size_for_fd_limit(args):
+    """Fit the proxies' connection limits, and S5, to the descriptor limit.
+
+    A proxied client takes two descriptors in the proxy (its socket and the
+    backend's). Where the hard limit is too low for S5's clients (20,000 in
+    the development container, which cannot raise it), S5 runs with fewer
+    and the report says so.
+    """
+    args.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    args.max_clients = (args.nofile - FD_MARGIN) // 2
+    args.storm_requested = args.storm_connections
+    fits = (args.max_clients - 64) // 100 * 100
+    if args.storm_connections > fits and "S5" in args.scenarios:
+        print(f"WARNING: S5 runs with {fits} clients, not {args.storm_connections}: the"
+              f" descriptor limit {args.nofile} lets a proxy hold {args.max_clients}"
+              " (raise `ulimit -Hn` for more)", file=sys.stderr)
+        args.storm_connections = fits
+
+
+class Backend:
+    """A node backend on a port the OS chose; one serves every target of a pass."""
+
+    def __init__(self, procs, script):
+        self._procs = procs
+        self.proc = procs.start(["node", script, "--port", "0"], stdout=subprocess.PIPE, text=True)
+        self.port = int(Lines(self.proc.stdout).next(time.monotonic() + READY_TIMEOUT).split()[1])
+
+    def stop(self):
+        self._procs.stop(self.proc)
+
+
+def start_backend(start, what):
     try:
-        port = int(Lines(backend.stdout).next(time.monotonic() + READY_TIMEOUT).split()[1])
+        return start()
     except BenchError as error:
-        raise SystemExit(f"{script.name} did not start: {error} (did bench/setup.sh run?)") from None
-    return backend, port
+        raise SystemExit(f"{what} did not start: {error} (did bench/setup.sh run?)") from None
 
 
 def run(args, procs, workdir):
-    """WebSocket scenarios against the echo backend, then H1 against the
-    plain HTTP one (each target started fresh for each)."""
+    """WebSocket scenarios S1-S4 against the echo backend, H1 against the
+    plain HTTP one, then S5 against an echo backend of its own for each
+    target (S5 kills it); each target is started fresh for each pass."""
     report = {"started": datetime.now().astimezone().isoformat(timespec="seconds"),
               "duration": args.duration, "smoke": args.smoke,
               "idle_connections": args.idle_connections, "scenarios": args.scenarios,
+              "storm_connections": args.storm_connections,
+              "storm_connections_requested": args.storm_requested,
+              "max_clients": args.max_clients, "fd_limit": args.nofile,
+              "listen_backlog": args.listen_backlog,
+              "pin_proxy": args.pin_proxy,
               "lbws_config_extra": dict(args.lbws_config_extra),
               "lbws_routes": args.lbws_routes, "versions": tool_versions(),
               "targets": {}}
-    passes = [(ECHO_SERVER, [s for s in args.scenarios if s != "H1"]),
-              (HTTP_BACKEND, [s for s in args.scenarios if s == "H1"])]
-    for script, scenarios in passes:
+    passes = [(lambda: Backend(procs, ECHO_SERVER), "echo-server.js", False,
+               [s for s in args.scenarios if s not in ("H1", "S5")]),
+              (lambda: Backend(procs, HTTP_BACKEND), "http-backend.js", False,
+               [s for s in args.scenarios if s == "H1"]),
+              (lambda: HeldBackend(procs), "echo-server.js", True,
+               [s for s in args.scenarios if s == "S5"])]
+    for start, what, per_target, scenarios in passes:
         if not scenarios:
             continue
-        backend, backend_port = start_backend(procs, script)
+        shared = None if per_target else start_backend(start, what)
         for name in args.targets:
             print(f"{name} {','.join(scenarios)} ...", file=sys.stderr)
-            outcome = bench_target(procs, name, workdir, backend, backend_port, args, scenarios)
+            backend = shared or start_backend(start, what)
+            try:
+                outcome = bench_target(procs, name, workdir, backend, args, scenarios)
+            finally:
+                if per_target:
+                    backend.stop()
             merged = report["targets"].setdefault(name, {"scenarios": {}})
             merged["scenarios"].update(outcome.pop("scenarios"))
             merged.update(outcome)
-        procs.stop(backend)
+        if shared:
+            shared.stop()
     report["ratios_to_nginx"] = ratios_to_nginx(report["targets"])
     return report
 
@@ -584,11 +875,17 @@ def run(args, procs, workdir):
 def main():
     args = parse_args()
     raise_fd_limit()
+    size_for_fd_limit(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = Processes()
-    with tempfile.TemporaryDirectory(prefix="lbws-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lbws-bench-")))
+        else:
+            workdir = args.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
         try:
-            report = run(args, procs, Path(tmp))
+            report = run(args, procs, workdir)
         finally:
             procs.stop_all()
     RESULTS.mkdir(exist_ok=True)
