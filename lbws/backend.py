@@ -20,6 +20,7 @@ import os
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.endpoints import (
@@ -422,7 +423,10 @@ class Attempt:
 
     def _connectFailed(self, failure):
         self._stopConnecting = None
-        if failure.check(CancelledError):
+        # Cancelling an endpoint's connect fails it with CancelledError or,
+        # while TCP is still connecting, ConnectingCancelledError: neither
+        # is the backend's doing (a client that left, see L{_cancel}).
+        if failure.check(CancelledError, ConnectingCancelledError):
             return None
         if failure.check(TimeoutError, ConnectTimeoutError):
             failure = BackendHandshakeError(f"connect timed out after {self._connectTimeout:g}s")

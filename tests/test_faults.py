@@ -14,6 +14,7 @@ import hashlib
 import json
 import resource
 import signal
+import socket
 import time
 
 import psutil
@@ -312,6 +313,54 @@ async def test_stopWhileClientHandshakeWaitsForBackend(harness):
     await stopped.addTimeout(5, reactor)
     assert time.monotonic() - started < 2
     await attempt.lost.addTimeout(5, reactor)
+
+
+def pendingConnects(harness):
+    """
+    A port on 127.0.0.1 whose connects stay pending: its listening socket's
+    accept queue is full and never drained, so the kernel drops new SYNs.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())
+    harness.atEnd(filler.close)
+    harness.atEnd(listener.close)
+    return listener.getsockname()[1]
+
+
+class _Requester(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(support.handshakeRequest("/"))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest_twisted.ensureDeferred
+async def test_clientLeavingDuringBackendConnectBlamesNoBackend(harness, host):
+    """
+    A client that leaves while lbws is still connecting to its backend
+    (the reconnect storms of bench/README.md's S5 are full of them)
+    cancels the connect, and that is not the backend's failure: with
+    C{fall = 2}, two such clients once marked a healthy backend down. An
+    IP address is connected to directly, a name through Twisted's
+    endpoint.
+    """
+    port = pendingConnects(harness)
+    lbws = await harness.lbws(
+        [("slow", f"ws://{host}:{port}")],
+        lbws="connect_timeout = 30\nretries = 0",
+        health="interval = 60\ntimeout = 30\nfall = 2",
+    )
+    member = lbws.pool["slow"]
+    for _ in range(3):
+        client = await TCP4ClientEndpoint(
+            reactor, "127.0.0.1", int(lbws.url.rsplit(":", 1)[1]), timeout=5
+        ).connect(protocol.Factory.forProtocol(_Requester))
+        await support.eventually(lambda: lbws.relay.opening)
+        client.transport.abortConnection()
+        await support.eventually(lambda: not lbws.relay.opening and not lbws.relay.clients)
+    assert (member.state, member.consecutiveFailures, member.traffic.failed) == ("up", 0, 0)
+    assert member.active == 0
 
 
 @pytest_twisted.ensureDeferred
