@@ -14,9 +14,9 @@ milliseconds per connection.
 `memory` runs lbws in this process, opens the load generator's S4 idle
 connections through it and compares what Python holds before and after:
 tracemalloc by allocating line, and the live objects by type (their size
-plus their instance dictionary's). RSS, which bench/run.py's S4 reports,
-also counts the allocator's slack and the kernel side of sockets is not in
-it at all.
+plus their instance dictionary's, which the dict row counts again). RSS,
+which bench/run.py's S4 reports, also counts the allocator's slack; the
+kernel side of sockets is in neither.
 
 `--lbws-path DIR` runs the lbws package found in DIR (a checkout of another
 commit) instead of this one, to compare before and after in one session.
@@ -251,7 +251,9 @@ def memory(args):
         raise SystemExit("the idle connections did not all open")
     n = args.connections
     (old, oldSizes, oldCounts), (new, sizes, counts) = snapshots["before"], snapshots["after"]
-    lines = new.compare_to(old, "traceback")
+    # What this script's own snapshots hold is not lbws's.
+    lines = [stat for stat in new.compare_to(old, "traceback")
+             if not any(f.filename == __file__ for f in stat.traceback)]
     print(f"{n} idle connections: Python heap +{sum(s.size_diff for s in lines) / n:,.0f} B"
           " per connection (tracemalloc)\n")
     print("| type | objects per connection | bytes per connection |\n| --- | --- | --- |")

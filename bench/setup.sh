@@ -42,4 +42,4 @@ quiet apt-get install -y --no-install-recommends "${packages[@]}"
 quiet npm install --prefix "$repo/tests/node" --no-save --no-audit --no-fund
 
 [ -x "$repo/.venv/bin/python" ] || quiet python3 -m venv "$repo/.venv"
-quiet "$repo/.venv/bin/python" -m pip install --disable-pip-version-check matplotlib psutil
+quiet "$repo/.venv/bin/python" -m pip install --disable-pip-version-check matplotlib psutil py-spy
