@@ -336,6 +336,19 @@ class _Requester(protocol.Protocol):
         self.transport.write(support.handshakeRequest("/"))
 
 
+async def leaveWhileOpening(lbws):
+    """
+    A client sends its handshake and leaves while lbws opens its backend;
+    returns once lbws has let it go.
+    """
+    client = await TCP4ClientEndpoint(
+        reactor, "127.0.0.1", int(lbws.url.rsplit(":", 1)[1]), timeout=5
+    ).connect(protocol.Factory.forProtocol(_Requester))
+    await support.eventually(lambda: lbws.relay.opening)
+    client.transport.abortConnection()
+    await support.eventually(lambda: not lbws.relay.opening and not lbws.relay.clients)
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 @pytest_twisted.ensureDeferred
 async def test_clientLeavingDuringBackendConnectBlamesNoBackend(harness, host):
@@ -355,12 +368,7 @@ async def test_clientLeavingDuringBackendConnectBlamesNoBackend(harness, host):
     )
     member = lbws.pool["slow"]
     for _ in range(3):
-        client = await TCP4ClientEndpoint(
-            reactor, "127.0.0.1", int(lbws.url.rsplit(":", 1)[1]), timeout=5
-        ).connect(protocol.Factory.forProtocol(_Requester))
-        await support.eventually(lambda: lbws.relay.opening)
-        client.transport.abortConnection()
-        await support.eventually(lambda: not lbws.relay.opening and not lbws.relay.clients)
+        await leaveWhileOpening(lbws)
     assert (member.state, member.consecutiveFailures, member.traffic.failed) == ("up", 0, 0)
     assert member.active == 0
 
@@ -422,16 +430,11 @@ async def test_clientLeavingWhileTheBackendNameResolvesBlamesNoBackend(harness):
     harness.atEnd(lambda: reactor.installNameResolver(resolver))
     first, second = await harness.echo("first"), await harness.echo("second")
     lbws = await harness.lbws(
-        [(factory.name, factory.url.replace("127.0.0.1", "localhost")) for factory in (first, second)],
+        [(f.name, f.url.replace("127.0.0.1", "localhost")) for f in (first, second)],
         lbws="retries = 1",
         health="interval = 60\nfall = 2",
     )
-    client = await TCP4ClientEndpoint(
-        reactor, "127.0.0.1", int(lbws.url.rsplit(":", 1)[1]), timeout=5
-    ).connect(protocol.Factory.forProtocol(_Requester))
-    await support.eventually(lambda: lbws.relay.opening)
-    client.transport.abortConnection()
-    await support.eventually(lambda: not lbws.relay.opening and not lbws.relay.clients)
+    await leaveWhileOpening(lbws)
     # Time for any lookup still under way to end.
     await support.deferLater(1)
     for member in lbws.pool:

@@ -144,7 +144,9 @@ async def test_wss_client_frames_sent_with_its_handshake_wait_for_a_slow_backend
     backend = await wire.rawBackend(harness)
     backend.answerAfter = 0.3
     backend.behind101 = wire.frame(OP_TEXT, b"hello", masked=False)
-    lbws = await harness.lbws([("raw", backend.url)], listen=sslListen(pki), health="interval = 60")
+    lbws = await harness.lbws(
+        [("raw", backend.url)], listen=sslListen(pki), health="interval = 60"
+    )
     options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(pki["ca-pem"]))
     endpoint = wrapClientTLS(
         options, TCP4ClientEndpoint(reactor, "127.0.0.1", portOf(lbws), timeout=5)
