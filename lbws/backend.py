@@ -323,7 +323,7 @@ class _Connecting(ClientFactory):
             self.attempt._connectFailed(reason)
 
 
-def _timedOut(result, timeout):
+def _connectTimedOut(result, timeout):
     """
     An endpoint's connect that C{connect_timeout} cut short timed out,
     whatever the endpoint made of being cancelled (a name's endpoint fails
@@ -415,7 +415,9 @@ class Attempt:
             self.failed(OpeningError(f"{type(e).__name__}: {e}"))
             return self.result
         self._stopConnecting = connecting.cancel
-        connecting.addTimeout(self._connectTimeout, self._reactor, onTimeoutCancel=_timedOut)
+        connecting.addTimeout(
+            self._connectTimeout, self._reactor, onTimeoutCancel=_connectTimedOut
+        )
         connecting.addCallbacks(_forget, self._connectFailed)
         return self.result
 
