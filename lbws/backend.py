@@ -19,14 +19,13 @@ import os
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.ssl import (
@@ -324,6 +323,16 @@ class _Connecting(ClientFactory):
             self.attempt._connectFailed(reason)
 
 
+def _connectTimedOut(result, timeout):
+    """
+    An endpoint's connect that C{connect_timeout} cut short timed out,
+    whatever the endpoint made of being cancelled (a name's endpoint fails
+    with ConnectingCancelledError or DNSLookupError, see
+    L{Attempt._connectFailed}).
+    """
+    raise TimeoutError(timeout, "connect")
+
+
 def _forget(protocol):
     """
     An endpoint's connect Deferred lives as long as the connection: it
@@ -406,7 +415,9 @@ class Attempt:
             self.failed(OpeningError(f"{type(e).__name__}: {e}"))
             return self.result
         self._stopConnecting = connecting.cancel
-        connecting.addTimeout(self._connectTimeout, self._reactor)
+        connecting.addTimeout(
+            self._connectTimeout, self._reactor, onTimeoutCancel=_connectTimedOut
+        )
         connecting.addCallbacks(_forget, self._connectFailed)
         return self.result
 
@@ -423,10 +434,12 @@ class Attempt:
 
     def _connectFailed(self, failure):
         self._stopConnecting = None
-        # Cancelling an endpoint's connect fails it with CancelledError or,
-        # while TCP is still connecting, ConnectingCancelledError: neither
-        # is the backend's doing (a client that left, see L{_cancel}).
-        if failure.check(CancelledError, ConnectingCancelledError):
+        if self._connector.attempt is None:
+            # Cancelled (a client that left, see L{_cancel}): what an
+            # endpoint's connect fails with then is not the backend's
+            # doing, be it CancelledError, ConnectingCancelledError while
+            # TCP connects, or the DNSLookupError a name's endpoint makes of
+            # a lookup cut short.
             return None
         if failure.check(TimeoutError, ConnectTimeoutError):
             failure = BackendHandshakeError(f"connect timed out after {self._connectTimeout:g}s")

@@ -220,7 +220,6 @@ class Leg:
         except ProtocolViolation as violation:
             self.tunnel.violationFrom(self, violation)
 
-
     # Transitions.
 
     def _enter(self, state):

@@ -23,6 +23,8 @@ import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IHostnameResolver
+from zope.interface import implementer
 
 from lbws.frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT
 from tests import support, wire
@@ -334,6 +336,19 @@ class _Requester(protocol.Protocol):
         self.transport.write(support.handshakeRequest("/"))
 
 
+async def leaveWhileOpening(lbws):
+    """
+    A client sends its handshake and leaves while lbws opens its backend;
+    returns once lbws has let it go.
+    """
+    client = await TCP4ClientEndpoint(
+        reactor, "127.0.0.1", int(lbws.url.rsplit(":", 1)[1]), timeout=5
+    ).connect(protocol.Factory.forProtocol(_Requester))
+    await support.eventually(lambda: lbws.relay.opening)
+    client.transport.abortConnection()
+    await support.eventually(lambda: not lbws.relay.opening and not lbws.relay.clients)
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 @pytest_twisted.ensureDeferred
 async def test_clientLeavingDuringBackendConnectBlamesNoBackend(harness, host):
@@ -353,14 +368,79 @@ async def test_clientLeavingDuringBackendConnectBlamesNoBackend(harness, host):
     )
     member = lbws.pool["slow"]
     for _ in range(3):
-        client = await TCP4ClientEndpoint(
-            reactor, "127.0.0.1", int(lbws.url.rsplit(":", 1)[1]), timeout=5
-        ).connect(protocol.Factory.forProtocol(_Requester))
-        await support.eventually(lambda: lbws.relay.opening)
-        client.transport.abortConnection()
-        await support.eventually(lambda: not lbws.relay.opening and not lbws.relay.clients)
+        await leaveWhileOpening(lbws)
     assert (member.state, member.consecutiveFailures, member.traffic.failed) == ("up", 0, 0)
     assert member.active == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest_twisted.ensureDeferred
+async def test_connectTimeoutGives502AndCountsAgainstTheBackend(harness, host):
+    """
+    A backend whose connect does not complete within C{connect_timeout}
+    fails the client's handshake with 502 and counts as the backend's
+    failure, named or not. A name's endpoint, cut short by the timeout,
+    fails with ConnectingCancelledError, which was taken for a client
+    that left: the client waited for ever, its backend attempt open.
+    """
+    port = pendingConnects(harness)
+    lbws = await harness.lbws(
+        [("slow", f"ws://{host}:{port}")],
+        lbws="connect_timeout = 0.5\nretries = 0",
+        health="interval = 60\nfall = 2",
+    )
+    client = await wire.rawConnect(lbws.url)
+    client.send(support.handshakeRequest("/"))
+    response = await client.response.addTimeout(5, reactor)
+    assert response.startswith("HTTP/1.1 502 ")
+    member = lbws.pool["slow"]
+    assert (member.consecutiveFailures, member.traffic.failed) == (1, 1)
+    assert "connect timed out after 0.5s" in member.lastError
+    await support.eventually(lambda: not lbws.relay.opening and member.active == 0)
+
+
+@implementer(IHostnameResolver)
+class _SlowResolver:
+    """
+    Resolves names as the system does, C{delay} seconds late: a slow DNS
+    server.
+    """
+
+    def __init__(self, resolver, delay):
+        self._resolver = resolver
+        self._delay = delay
+
+    def resolveHostName(self, receiver, hostName, *args, **kwargs):
+        reactor.callLater(
+            self._delay, self._resolver.resolveHostName, receiver, hostName, *args, **kwargs
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_clientLeavingWhileTheBackendNameResolvesBlamesNoBackend(harness):
+    """
+    A client that leaves while the name of its backend is still being
+    resolved cancels the lookup, and that is not the backend's failure.
+    Twisted's endpoint for a name reports a cancelled lookup as
+    DNSLookupError: lbws counted it against the backend and, with another
+    backend left to try, opened a WebSocket to that one for the client
+    that was gone, which nobody ever closed.
+    """
+    resolver = reactor.installNameResolver(_SlowResolver(reactor.nameResolver, 0.3))
+    harness.atEnd(lambda: reactor.installNameResolver(resolver))
+    first, second = await harness.echo("first"), await harness.echo("second")
+    lbws = await harness.lbws(
+        [(f.name, f.url.replace("127.0.0.1", "localhost")) for f in (first, second)],
+        lbws="retries = 1",
+        health="interval = 60\nfall = 2",
+    )
+    await leaveWhileOpening(lbws)
+    # Time for any lookup still under way to end.
+    await support.deferLater(1)
+    for member in lbws.pool:
+        assert (member.state, member.consecutiveFailures, member.traffic.failed) == ("up", 0, 0)
+        assert member.active == 0
+    assert first.connections == second.connections == []
 
 
 @pytest_twisted.ensureDeferred

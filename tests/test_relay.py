@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from lbws.dial import RelayProtocol
-from lbws.frames import OP_BINARY, OP_PING, OP_TEXT
+from lbws.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, closePayload
 from lbws.server import FrontendProtocol
 from lbws.tunnel import Leg
 from tests import wire
@@ -552,6 +552,42 @@ async def test_pipelined_frames_behind_handshake_are_relayed(harness):
     await raw.closed
     await eventually(lambda: backend.closes)
     assert backend.closes[0][1] == 1001
+
+
+@pytest.mark.parametrize("close", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_frames_right_behind_the_backends_101_reach_the_client(harness, close):
+    """
+    What a backend sends in the same packet as its 101 (messages, even its
+    close) is read by Autobahn with the answer and reaches the client
+    once the legs have taken over, before anything read after, as the
+    client's own frames sent with its request reach the backend; both
+    counts end.
+    """
+    backend = await wire.rawBackend(harness)
+    backend.behind101 = wire.frame(OP_TEXT, b"first", masked=False) + wire.frame(
+        OP_BINARY, b"second", masked=False
+    )
+    if close:
+        backend.behind101 += wire.frame(OP_CLOSE, closePayload(4001, "done"), masked=False)
+    lbws = await harness.lbws([("raw", backend.url)], health="interval = 60")
+    raw = await wire.rawConnect(lbws.url)
+    raw.send(handshakeRequest() + wire.frame(OP_TEXT, b"early"))
+    assert (await raw.response.addTimeout(10, reactor)).startswith("HTTP/1.1 101 ")
+    assert [(await raw.nextFrame()).payload for _ in range(2)] == [b"first", b"second"]
+    if close:
+        assert (await raw.nextFrame()).closeCode == 4001
+        raw.sendClose(4001)
+    else:
+        raw.sendClose(1000)
+        assert (await raw.closeFrame()).closeCode == 1000
+    await raw.closed.addTimeout(10, reactor)
+    (connection,) = [c for c in backend.connections if c.head]
+    frames, _ = wire.parseFrames(connection.received[len(connection.head) :])
+    assert [f.payload for f in frames][:1] == [b"early"]
+    await eventually(
+        lambda: (lbws.relay.clients, lbws.pool["raw"].active, lbws.relay.tunnels) == (0, 0, set())
+    )
 
 
 @pytest_twisted.ensureDeferred

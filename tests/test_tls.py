@@ -22,7 +22,9 @@ from zope.interface import implementer
 
 from lbws.backend import _tlsOptions
 from lbws.config import ConfigError, parseConfig
+from lbws.frames import OP_BINARY, OP_TEXT
 from lbws.listen import listenEndpoint
+from tests import wire
 from tests.support import (
     Harness,
     EchoFactory,
@@ -128,6 +130,42 @@ async def test_wss_termination_with_a_real_tls_websocket_client(harness, pki):
     assert headers["x-forwarded-for"] == "127.0.0.1"
     client.sendClose(1000)
     assert await client.closed == (1000, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_client_frames_sent_with_its_handshake_wait_for_a_slow_backend(harness, pki):
+    """
+    A TLS client sends frames with its handshake, more than lbws reads
+    ahead (it stops reading the TLS connection meanwhile), while its
+    backend takes its time to answer: once the legs have taken over the
+    TLS connection, every frame reaches the backend in order, and the
+    frame the backend sent with its 101 reaches the client.
+    """
+    backend = await wire.rawBackend(harness)
+    backend.answerAfter = 0.3
+    backend.behind101 = wire.frame(OP_TEXT, b"hello", masked=False)
+    lbws = await harness.lbws(
+        [("raw", backend.url)], listen=sslListen(pki), health="interval = 60"
+    )
+    options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(pki["ca-pem"]))
+    endpoint = wrapClientTLS(
+        options, TCP4ClientEndpoint(reactor, "127.0.0.1", portOf(lbws), timeout=5)
+    )
+    raw = await endpoint.connect(protocol.Factory.forProtocol(wire.RawWebSocket))
+    frames = [wire.frame(OP_BINARY, bytes([i]) * 20000) for i in range(20)]
+    raw.send(handshakeRequest() + b"".join(frames))
+    assert (await raw.response.addTimeout(10, reactor)).startswith("HTTP/1.1 101 ")
+    assert (await raw.nextFrame()).payload == b"hello"
+    (connection,) = [c for c in backend.connections if c.head]
+    await eventually(
+        lambda: len(connection.received) >= len(connection.head) + sum(map(len, frames))
+    )
+    relayed, _ = wire.parseFrames(connection.received[len(connection.head) :])
+    assert [f.payload for f in relayed] == [bytes([i]) * 20000 for i in range(20)]
+    raw.transport.abortConnection()
+    await eventually(
+        lambda: (lbws.relay.clients, lbws.pool["raw"].active, lbws.relay.tunnels) == (0, 0, set())
+    )
 
 
 @implementer(IOpenSSLClientConnectionCreator)

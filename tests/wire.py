@@ -194,7 +194,9 @@ class RawBackend(RawWebSocket):
     It accepts every handshake, records frames without answering them, and
     answers a close with a close and the end of the connection. Its
     factory's C{connections} lists every connection made to it (lbws's tcp
-    health checks too: those have no C{head}).
+    health checks too: those have no C{head}); its C{answerAfter} is how
+    many seconds it takes to answer a handshake, its C{behind101} the
+    bytes it writes with its 101, in the same write.
     """
 
     head = None
@@ -214,10 +216,18 @@ class RawBackend(RawWebSocket):
             self.transport.abortConnection()
             return
         accept = base64.b64encode(hashlib.sha1(key.group(1) + _WS_GUID).digest())
-        self.transport.write(
+        answer = (
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+        ) + self.factory.behind101
+        if self.factory.answerAfter:
+            reactor.callLater(self.factory.answerAfter, self._answer, answer)
+        else:
+            self._answer(answer)
+
+    def _answer(self, answer):
+        if self.transport.connected:
+            self.transport.write(answer)
 
     def _frame(self, frame):
         if frame.opcode == OP_CLOSE:
@@ -237,6 +247,8 @@ async def rawBackend(harness, path=""):
     """
     factory = protocol.Factory.forProtocol(RawBackend)
     factory.connections = []
+    factory.answerAfter = 0
+    factory.behind101 = b""
     port = await harness.listen(factory)
     factory.url = f"ws://127.0.0.1:{port.getHost().port}{path}"
     return factory
