@@ -5,6 +5,7 @@ here names the function whose assumption broke.
 """
 
 import base64
+import contextlib
 import hashlib
 import inspect
 import pprint
@@ -148,8 +149,13 @@ async def test_tlsOptionsOf_and_replaceTlsOptions(certificates, tmp_path):
         await port.stopListening()
 
 
-@pytest_twisted.ensureDeferred
-async def test_hasQueuedWrites():
+@contextlib.asynccontextmanager
+async def tcpPair():
+    """
+    A connected TCP pair on 127.0.0.1, C{(client, server)}: the client
+    connected through an endpoint, the server accepted. The listening port
+    is closed at the end.
+    """
     accepted = defer.Deferred()
 
     class Accept(protocol.Protocol):
@@ -161,9 +167,16 @@ async def test_hasQueuedWrites():
     )
     try:
         client = await TCP4ClientEndpoint(
-            reactor, "127.0.0.1", port.getHost().port
+            reactor, "127.0.0.1", port.getHost().port, timeout=5
         ).connect(protocol.Factory.forProtocol(protocol.Protocol))
-        server = await accepted.addTimeout(10, reactor)
+        yield client, await accepted.addTimeout(10, reactor)
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hasQueuedWrites():
+    async with tcpPair() as (client, server):
         transport = client.transport
         assert not compat.hasQueuedWrites(transport)
         transport.write(b"x" * 10)
@@ -176,8 +189,6 @@ async def test_hasQueuedWrites():
         assert not compat.hasQueuedWrites(transport)
         transport.abortConnection()
         server.transport.abortConnection()
-    finally:
-        await port.stopListening()
 
 
 # Autobahn
@@ -238,20 +249,7 @@ async def test_handOver():
     server protocol: after handOver, bytes and the end go to the
     successor.
     """
-    accepted = defer.Deferred()
-
-    class Server(protocol.Protocol):
-        def connectionMade(self):
-            accepted.callback(self)
-
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        protocol.Factory.forProtocol(Server)
-    )
-    try:
-        client = await TCP4ClientEndpoint(
-            reactor, "127.0.0.1", port.getHost().port, timeout=5
-        ).connect(protocol.Factory.forProtocol(protocol.Protocol))
-        server = await accepted
+    async with tcpPair() as (client, server):
         # The endpoint's wrapper is the TCP transport's protocol.
         assert client.transport.protocol is not client
         pair = [_Successor(), _Successor()]
@@ -268,8 +266,6 @@ async def test_handOver():
         assert isinstance(await ended.addTimeout(5, reactor), ConnectionDone)
         with pytest.raises(ValueError):
             compat.handOver(_stranger(), pair[0])
-    finally:
-        await port.stopListening()
 
 
 def _stranger():
