@@ -1,6 +1,6 @@
 """
 What route matching costs per new connection: the matcher of
-lbws/routes.py timed with a table of ROUTES routes (hosts, wildcards,
+lbws/backends/routes.py timed with a table of ROUTES routes (hosts, wildcards,
 paths and subprotocols), for requests that match early, late and not at
 all, and for the implicit route of a configuration without routes.
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lbws.config import parseConfig  # noqa: E402
-from lbws.routes import RouteTable  # noqa: E402
+from lbws.backends.routes import RouteTable  # noqa: E402
 
 
 def configText(count):

@@ -270,7 +270,7 @@ class WriteThrough:
     """
     A mixin for an Autobahn protocol whose opening handshake's request (a
     client's) or 101 answer (a server's) goes straight to the socket
-    (L{lbws.sockets.writerFor}) instead of through Twisted's write buffer,
+    (L{lbws.transport.sockets.writerFor}) instead of through Twisted's write buffer,
     which costs two epoll changes and a reactor turn per write. An error
     answer still takes the buffer: Twisted then closes the connection in
     the same turn it writes the answer.
@@ -291,7 +291,7 @@ class WriteThrough:
             or not (data is getattr(self, "http_request_data", None) or data.startswith(_SWITCHING))
         ):
             return super().sendData(data, sync, chopsize)
-        from lbws.sockets import writerFor  # lbws.sockets imports this module
+        from lbws.transport.sockets import writerFor  # lbws.transport.sockets imports this module
 
         writerFor(self.transport)(data)
         return None
@@ -308,7 +308,7 @@ def unparsedExtensions(protocol, header, removeQuotes=True):
     itself, check permessage-deflate parameters against its own limits (it
     refuses window bits of 8, which RFC 7692 allows) and set up a
     compressor; lbws passes the extension through instead, negotiating from
-    the raw headers (L{lbws.extensions}).
+    the raw headers (L{lbws.protocol.extensions}).
     """
     return []
 

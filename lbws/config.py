@@ -15,9 +15,9 @@ import attrs
 import idna
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 
-from lbws.frames import DEFAULT_MAX_FRAMES
-from lbws.origins import AllowedOrigins, OriginError, parseOrigins
-from lbws.routes import RouteTable, describe
+from lbws.protocol.frames import DEFAULT_MAX_FRAMES
+from lbws.protocol.origins import AllowedOrigins, OriginError, parseOrigins
+from lbws.backends.routes import RouteTable, describe
 
 SECTION_MAIN = "lbws"
 SECTION_HEALTH = "health"
@@ -105,7 +105,7 @@ class BackendSettings:
     weight: int = 1
     ca: str = ""
     verify: bool = True
-    # DNS discovery (see lbws.discovery): a backend with C{srv}, or with
+    # DNS discovery (see lbws.backends.discovery): a backend with C{srv}, or with
     # C{resolve} above 0, is a template; its members are the addresses
     # found, named NAME/ADDRESS:PORT.
     srv: str = ""
@@ -147,7 +147,7 @@ class RouteSettings:
     (C{backends}, or None for every backend: the implicit route of a
     configuration without routes), with the per-route balancing and
     admission settings, which default to those of [lbws]. See
-    L{lbws.routes} for matching.
+    L{lbws.backends.routes} for matching.
     """
 
     name: str
@@ -346,7 +346,7 @@ class _Reader:
 
 
 def _parseEndpoint(reader, key, default, allowEmpty):
-    from lbws.listen import ListenError, listenEndpoint
+    from lbws.transport.listen import ListenError, listenEndpoint
 
     description = reader.string(key, default)
     if not description:

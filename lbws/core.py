@@ -7,10 +7,10 @@ lbws process and for each worker of C{workers = N} alike, and L{Core.apply}
 is the one path a new configuration takes into them.
 """
 
-from lbws.dial import Dialer
-from lbws.events import Events
-from lbws.metrics import Counters
-from lbws.pool import Pool
+from lbws.backends.dial import Dialer
+from lbws.telemetry.events import Events
+from lbws.telemetry.metrics import Counters
+from lbws.backends.pool import Pool
 from lbws.relay import Relay
 
 
@@ -19,10 +19,10 @@ class Core:
     What relays clients in one process.
 
     @ivar settings: the configuration running now (replaced by L{apply}).
-    @ivar pool: the backends (L{lbws.pool.Pool}).
+    @ivar pool: the backends (L{lbws.backends.pool.Pool}).
     @ivar relay: admission and the open tunnels (L{lbws.relay.Relay}).
-    @ivar counters: process-wide totals (L{lbws.metrics.Counters}).
-    @ivar events: what happened, for the dashboard (L{lbws.events.Events}).
+    @ivar counters: process-wide totals (L{lbws.telemetry.metrics.Counters}).
+    @ivar events: what happened, for the dashboard (L{lbws.telemetry.events.Events}).
     """
 
     def __init__(self, reactor, settings, counters, events, pool, dialer, relay):

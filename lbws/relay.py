@@ -2,8 +2,8 @@
 The relay: admission of clients, the choice and opening of their backends,
 the registry of open tunnels, and draining them on stop.
 
-The client's protocol lives in L{lbws.server}, a joined client and backend
-in L{lbws.tunnel}.
+The client's protocol lives in L{lbws.ws.server}, a joined client and backend
+in L{lbws.ws.tunnel}.
 """
 
 from collections import Counter
@@ -12,10 +12,10 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.logger import Logger
 
-from lbws import sticky
-from lbws.balance import hashKeyOf
-from lbws.routes import RouteTable
-from lbws.server import FrontendFactory
+from lbws.backends import sticky
+from lbws.backends.balance import hashKeyOf
+from lbws.backends.routes import RouteTable
+from lbws.ws.server import FrontendFactory
 
 _log = Logger()
 
@@ -36,7 +36,7 @@ class Relay:
         self.clients = 0  # client connections past admission, open or pending
         self.perPeer = {}  # the same, by client address (PROXY protocol's if used)
         self.opening = {}  # client protocol -> its backend attempt, until settled
-        self.http = set()  # client connections speaking plain HTTP (lbws.httpproxy)
+        self.http = set()  # client connections speaking plain HTTP (lbws.http.httpproxy)
         self.stopping = False
         self._drained = None
 
@@ -112,7 +112,7 @@ class Relay:
     def routeCounts(self):
         """
         Per-route counts by C{(route, what)}: those of
-        L{lbws.metrics.Counters.routes}, with the open connections
+        L{lbws.telemetry.metrics.Counters.routes}, with the open connections
         (C{connections}) and their messages so far added.
         """
         counts = Counter(self.counters.routes)
@@ -138,7 +138,7 @@ class Relay:
     def clientGone(self, info):
         """
         A client's connection ended (C{info} is its
-        L{lbws.server.ClientInfo}): it counts no more, if it was admitted.
+        L{lbws.ws.server.ClientInfo}): it counts no more, if it was admitted.
         """
         if info.admitted:
             info.admitted = False

@@ -5,10 +5,10 @@ server (C{server_tap.makeService}).
 
 L{makeLbws} composes it. Its children, in start order:
 
-  - L{lbws.signals.Signals} (under twistd): SIGHUP, SIGTERM, SIGINT;
+  - L{lbws.ops.signals.Signals} (under twistd): SIGHUP, SIGTERM, SIGINT;
   - the health checker, DNS discovery and the rebalancer;
-  - the dashboard's L{lbws.listen.Listener}, reading a
-    L{lbws.status.StatusView};
+  - the dashboard's L{lbws.transport.listen.Listener}, reading a
+    L{lbws.ops.status.StatusView};
   - L{Frontend}: the clients' listener (and the worker processes of
     C{workers = N}), which drains on stop;
   - L{Announcer}: the "listening" log line and systemd's READY/STOPPING.
@@ -32,14 +32,14 @@ from twisted.logger import Logger, LogLevel
 from lbws import compat
 from lbws.config import ConfigError, checkReload, loadConfig
 from lbws.core import buildCore
-from lbws.dashboard import dashboardSite
-from lbws.discovery import Discovery
-from lbws.health import HealthChecker
-from lbws.history import HistorySampler
-from lbws.listen import Listener, listenEndpoint
-from lbws.rebalance import Rebalancer
-from lbws.signals import Signals
-from lbws.status import StatusView
+from lbws.ops.dashboard import dashboardSite
+from lbws.backends.discovery import Discovery
+from lbws.backends.health import HealthChecker
+from lbws.ops.history import HistorySampler
+from lbws.transport.listen import Listener, listenEndpoint
+from lbws.backends.rebalance import Rebalancer
+from lbws.ops.signals import Signals
+from lbws.ops.status import StatusView
 from lbws.workers import Workers
 
 _log = Logger()
@@ -112,7 +112,7 @@ class Announcer(Service):
     and the reactor runs (so that signal handlers are in place by then),
     reloading, stopping.
 
-    @param notifier: an L{lbws.systemd.Notifier}, or None.
+    @param notifier: an L{lbws.ops.systemd.Notifier}, or None.
     """
 
     def __init__(self, reactor, core, listener, notifier=None):
@@ -162,14 +162,14 @@ class LbwsService(MultiService):
     order, one after another.
 
     @ivar core: the L{lbws.core.Core}.
-    @ivar view: the L{lbws.status.StatusView} the dashboard reads.
-    @ivar listener: the clients' L{lbws.listen.Listener}; its
+    @ivar view: the L{lbws.ops.status.StatusView} the dashboard reads.
+    @ivar listener: the clients' L{lbws.transport.listen.Listener}; its
         C{whenListening()} gives the bound port.
-    @ivar dashboard: the dashboard's L{lbws.listen.Listener}, or None.
-    @ivar health: the L{lbws.health.HealthChecker}.
-    @ivar discovery: the L{lbws.discovery.Discovery}.
-    @ivar rebalancer: the L{lbws.rebalance.Rebalancer}.
-    @ivar history: the L{lbws.history.HistorySampler}.
+    @ivar dashboard: the dashboard's L{lbws.transport.listen.Listener}, or None.
+    @ivar health: the L{lbws.backends.health.HealthChecker}.
+    @ivar discovery: the L{lbws.backends.discovery.Discovery}.
+    @ivar rebalancer: the L{lbws.backends.rebalance.Rebalancer}.
+    @ivar history: the L{lbws.ops.history.HistorySampler}.
     """
 
     def __init__(self, reactor, core):
@@ -332,7 +332,7 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
 
     @param handleSignals: install the SIGHUP, SIGTERM and SIGINT handlers
         (twistd does; tests call C{reload} and C{stopService} instead).
-    @param notifier: an L{lbws.systemd.Notifier} told about readiness,
+    @param notifier: an L{lbws.ops.systemd.Notifier} told about readiness,
         reloads and stopping, or None.
     @param resolver: the twisted.names resolver of DNS discovery (tests
         give one asking their own server); by default the system's.

@@ -9,9 +9,9 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from lbws import fdlimit
+from lbws.ops import fdlimit
 from lbws.config import ConfigError, loadConfig, summary
-from lbws.listen import ListenFailed
+from lbws.transport.listen import ListenFailed
 
 _log = Logger()
 
@@ -46,7 +46,7 @@ class Options(usage.Options):
             sys.stdout.write(summary(self.settings) + "\n" + _startNotes(self.settings))
             raise SystemExit(0)
         if self["log-format"] == "json" and self.parent is not None:
-            from lbws.logs import useJson
+            from lbws.telemetry.logs import useJson
 
             # twistd imports its logger option by name after this runs.
             self.parent["logger"] = useJson(
@@ -60,7 +60,7 @@ def _startNotes(settings):
     limit lbws will run with, and the warnings lbws logs at start (too few
     descriptors, a dashboard beyond loopback).
     """
-    from lbws.dashboard import exposureWarning
+    from lbws.ops.dashboard import exposureWarning
 
     soft, limit = fdlimit.reachable()
     text = (
@@ -80,11 +80,11 @@ class CommandLineService(MultiService):
     in-process L{lbws.service.LbwsService} leaves alone.
 
       - The soft file descriptor limit is raised to the hard one, with a
-        warning when that is still too low (L{lbws.fdlimit}).
+        warning when that is still too low (L{lbws.ops.fdlimit}).
       - A C{listen} or C{dashboard} endpoint that cannot listen (a port
         already in use, a privileged port) ends the process with one line,
         C{lbws: cannot listen on ENDPOINT: REASON}, and exit status 1,
-        instead of a traceback (L{lbws.listen.ListenFailed}).
+        instead of a traceback (L{lbws.transport.listen.ListenFailed}).
     """
 
     def __init__(self, service, settings, daemon=False):
@@ -141,7 +141,7 @@ def makeService(options):
 
     from twisted.internet import reactor
 
-    from lbws import systemd
+    from lbws.ops import systemd
     from lbws.service import makeLbws
 
     settings = options.settings

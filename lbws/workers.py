@@ -73,7 +73,7 @@ class Workers(Service):
 
     @param core: the parent's L{lbws.core.Core}: its pool has the backends'
         states to send, and takes the workers' traffic and failures.
-    @param listener: the parent's L{lbws.listen.Listener}, whose socket the
+    @param listener: the parent's L{lbws.transport.listen.Listener}, whose socket the
         workers accept on.
     """
 

@@ -21,7 +21,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from lbws.frames import OP_TEXT
+from lbws.protocol.frames import OP_TEXT
 from tests.support import connect, eventually, handshakeRequest, listeningSocket
 from tests.wire import RawWebSocket
 

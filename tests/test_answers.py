@@ -1,5 +1,5 @@
 """
-Reading a backend's answer strictly (lbws.answers): heads that break
+Reading a backend's answer strictly (lbws.protocol.answers): heads that break
 RFC 9112 syntax are refused, bodies are read as their head frames them
 whatever the TCP segments, and what lbws writes to the client is built only
 from the parts it checked.
@@ -8,7 +8,7 @@ from the parts it checked.
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lbws.answers import MAX_BODY, BodyReader, MalformedAnswer, acceptedHeaders, parseHead, render
+from lbws.protocol.answers import MAX_BODY, BodyReader, MalformedAnswer, acceptedHeaders, parseHead, render
 
 
 def head(*lines, status=b"HTTP/1.1 401 Unauthorized"):

@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from lbws.config import parseConfig
-from lbws.pool import SLOW_START_FLOOR, Pool
+from lbws.backends.pool import SLOW_START_FLOOR, Pool
 from tests import support
 from tests.support import setActive, setHealthy
 

@@ -10,8 +10,8 @@ import struct
 import pytest_twisted
 from twisted.internet import reactor
 
-from lbws.frames import OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT
-from lbws.tunnel import CONTROL_FRAMES_PER_SECOND
+from lbws.protocol.frames import OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT
+from lbws.ws.tunnel import CONTROL_FRAMES_PER_SECOND
 from tests import wire
 from tests.support import deferLater, eventually, handshakeRequest, roundTrip
 from tests.test_proxy_protocol import proxyV1

@@ -383,7 +383,7 @@ def test_statusLine_and_responseHead():
 
 
 def test_processHandshake_sees_the_whole_head_in_received():
-    # lbws.dial's BackendProtocol overrides processHandshake to read the
+    # lbws.backends.dial's BackendProtocol overrides processHandshake to read the
     # backend's status before Autobahn acts on it.
     seen = []
 
@@ -425,7 +425,7 @@ def test_OctetRequest():
 
 
 def test_replaceReceived_and_processReceived():
-    # lbws.server hands Autobahn a checked head in place of the raw one,
+    # lbws.ws.server hands Autobahn a checked head in place of the raw one,
     # and the HTTP proxy hands a connection back to the handshake.
     connected = []
 
@@ -448,7 +448,7 @@ def test_replaceReceived_and_processReceived():
 
 
 def test_answerRefusal():
-    # lbws.server overrides sendHttpErrorResponse, which Autobahn's
+    # lbws.ws.server overrides sendHttpErrorResponse, which Autobahn's
     # failHandshake ends in, to write a backend's refusal instead.
     answer = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno"
 

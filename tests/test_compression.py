@@ -24,10 +24,11 @@ from twisted.protocols import portforward
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from lbws import compat, extensions
+from lbws import compat
+from lbws.protocol import extensions
 from lbws.config import ConfigError, parseConfig
-from lbws.dial import RelayProtocol
-from lbws.frames import (
+from lbws.backends.dial import RelayProtocol
+from lbws.protocol.frames import (
     OP_BINARY,
     OP_CONTINUATION,
     OP_PING,
@@ -35,7 +36,7 @@ from lbws.frames import (
     FrameScanner,
     ProtocolViolation,
 )
-from lbws.server import FrontendProtocol
+from lbws.ws.server import FrontendProtocol
 from tests import support
 from tests.support import configText, handshakeRequest
 from tests.test_dashboard import Browser, browserInstalled

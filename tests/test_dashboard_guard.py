@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
 from lbws.config import parseConfig
-from lbws.dashboard import FailedTokens, exposureWarning
+from lbws.ops.dashboard import FailedTokens, exposureWarning
 from lbws.service import makeLbws
 from tests.support import configText
 from tests.test_dashboard import TOKEN, DashboardHarness, get, post, request

@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from lbws.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT
+from lbws.protocol.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT
 from tests import support, wire
 
 

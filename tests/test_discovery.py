@@ -16,8 +16,8 @@ from twisted.names import authority, client, dns, server
 from twisted.names.error import DNSQueryTimeoutError
 
 from lbws.config import parseConfig
-from lbws.discovery import Discovery, lookupTargets, memberName, Target
-from lbws.pool import DRAINING, UP, Pool
+from lbws.backends.discovery import Discovery, lookupTargets, memberName, Target
+from lbws.backends.pool import DRAINING, UP, Pool
 from lbws.service import makeLbws
 from tests import support
 from tests.support import EchoFactory, Harness, eventually, setActive, setHealthy

@@ -26,7 +26,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IHostnameResolver
 from zope.interface import implementer
 
-from lbws.frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT
+from lbws.protocol.frames import OP_BINARY, OP_PING, OP_PONG, OP_TEXT
 from tests import support, wire
 
 # A short handshake_timeout keeps the timeout tests quick.

@@ -137,7 +137,7 @@ def _exportedNames():
     from prometheus_client.parser import text_string_to_metric_families
 
     from lbws.config import parseConfig
-    from lbws.metrics import metricsRegistry
+    from lbws.telemetry.metrics import metricsRegistry
     from lbws.service import makeLbws
     from prometheus_client import generate_latest
     from twisted.internet import reactor

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lbws.frames import (
+from lbws.protocol.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,

@@ -15,7 +15,7 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import defer, reactor
 
-from lbws.frames import OP_TEXT
+from lbws.protocol.frames import OP_TEXT
 from tests import wire
 from tests.support import Harness, eventually
 

@@ -21,10 +21,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.util import Redirect
 
-from lbws import health
+from lbws.backends import health
 from lbws.config import parseConfig
-from lbws.health import HealthChecker
-from lbws.pool import Member, Pool
+from lbws.backends.health import HealthChecker
+from lbws.backends.pool import Member, Pool
 from tests.support import (
     EchoFactory,
     HandshakeFailed,

@@ -1,6 +1,6 @@
 """
-The dashboard's memory: the ring buffers and the sampling of lbws/history.py
-on a Clock, and the event log of lbws/events.py. The same seen from the
+The dashboard's memory: the ring buffers and the sampling of lbws/ops/history.py
+on a Clock, and the event log of lbws/telemetry/events.py. The same seen from the
 dashboard's HTTP endpoints and in a browser is in test_dashboard.
 """
 
@@ -12,10 +12,10 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 
 from lbws.config import parseConfig
-from lbws.events import Events
-from lbws.history import SAMPLES, History, HistorySampler
-from lbws.metrics import Counters
-from lbws.pool import Pool
+from lbws.telemetry.events import Events
+from lbws.ops.history import SAMPLES, History, HistorySampler
+from lbws.telemetry.metrics import Counters
+from lbws.backends.pool import Pool
 from tests.support import configText, setActive
 
 TWO = [("a", "ws://h:1"), ("b", "ws://h:2")]

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lbws import sticky
+from lbws.backends import sticky
 from lbws.config import ConfigError, parseConfig
-from lbws.http1 import (
+from lbws.protocol.http1 import (
     BadMessage,
     BodyReader,
     isWebSocketUpgrade,
@@ -18,7 +18,7 @@ from lbws.http1 import (
     requestFraming,
     responseFraming,
 )
-from lbws.pool import Pool
+from lbws.backends.pool import Pool
 from tests.support import setHealthy
 
 MINIMAL = "[backend:a]\nurl = ws://127.0.0.1:8010\n"

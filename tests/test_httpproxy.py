@@ -15,8 +15,8 @@ from twisted.internet import reactor, threads
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from lbws import sticky
-from lbws.frames import OP_TEXT
+from lbws.backends import sticky
+from lbws.protocol.frames import OP_TEXT
 from tests import support, wire
 from tests.test_tls import pki  # noqa: F401 (a fixture)
 from tests.support import eventually

@@ -10,9 +10,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from lbws.config import parseConfig
-from lbws.dial import Dialer
-from lbws.metrics import Counters
-from lbws.pool import Pool
+from lbws.backends.dial import Dialer
+from lbws.telemetry.metrics import Counters
+from lbws.backends.pool import Pool
 from lbws.relay import Relay
 
 GET = b"GET /x HTTP/1.1\r\nHost: public\r\n\r\n"

@@ -29,9 +29,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import directlyProvides, implementer, providedBy
 
-from lbws.backend import Attempt
+from lbws.backends.backend import Attempt
 from lbws.config import ConfigError, parseConfig
-from lbws.dial import RelayProtocol
+from lbws.backends.dial import RelayProtocol
 from tests.support import EchoFactory, HandshakeFailed, RecordingClient, connect, eventually
 
 

@@ -10,7 +10,7 @@ import socket
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from lbws.frames import OP_BINARY, OP_PING, OP_PONG
+from lbws.protocol.frames import OP_BINARY, OP_PING, OP_PONG
 from tests import wire
 from tests.support import deferLater, roundTrip
 

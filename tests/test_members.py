@@ -1,13 +1,13 @@
 """
 A pool member's state has one owner per part: its connection count moves
-only through the L{lbws.pool.Connection} that L{lbws.pool.Member.opened}
+only through the L{lbws.backends.pool.Connection} that L{lbws.backends.pool.Member.opened}
 returns, so every exit path may close it and none can leak a count; the
 other modules read the member, they cannot write it.
 """
 
 import pytest
 
-from lbws.pool import Member
+from lbws.backends.pool import Member
 from tests.test_balance import settingsFor
 
 

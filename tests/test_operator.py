@@ -20,8 +20,8 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 
-from lbws import fdlimit
-from lbws.listen import BACKLOG, withBacklog
+from lbws.ops import fdlimit
+from lbws.transport.listen import BACKLOG, withBacklog
 from tests import support
 from tests.test_dashboard import BodyReader
 from tests.test_twistd import run
@@ -312,7 +312,7 @@ def test_the_backlog_is_added_only_where_it_applies_and_is_not_set(description, 
 
 class FakeLimits:
     """
-    The part of the C{resource} module that L{lbws.fdlimit} uses.
+    The part of the C{resource} module that L{lbws.ops.fdlimit} uses.
     """
 
     RLIMIT_NOFILE = resource.RLIMIT_NOFILE

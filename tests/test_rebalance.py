@@ -11,8 +11,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from lbws.config import parseConfig
-from lbws.pool import Pool
-from lbws.rebalance import (
+from lbws.backends.pool import Pool
+from lbws.backends.rebalance import (
     CHECK_INTERVAL,
     CLOSE_SERVICE_RESTART,
     Rebalancer,

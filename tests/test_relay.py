@@ -11,10 +11,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from lbws.dial import RelayProtocol
-from lbws.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, closePayload
-from lbws.server import FrontendProtocol
-from lbws.tunnel import Leg
+from lbws.backends.dial import RelayProtocol
+from lbws.protocol.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, closePayload
+from lbws.ws.server import FrontendProtocol
+from lbws.ws.tunnel import Leg
 from tests import wire
 from tests.support import (
     HandshakeFailed,

@@ -11,7 +11,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import globalLogPublisher
 
 from lbws.config import loadConfig, parseConfig
-from lbws.pool import DOWN, DRAINING, UP, Pool
+from lbws.backends.pool import DOWN, DRAINING, UP, Pool
 from lbws.service import makeLbws
 from tests import support
 from tests.support import setActive, started

@@ -1,5 +1,5 @@
 """
-The request-head check and the target normalisation (lbws/request.py),
+The request-head check and the target normalisation (lbws/protocol/request.py),
 allowed_origins matching, close-code labels, log escaping and the
 byte-exact backend request (tests/test_compat.py): unit and property tests. End to end they are
 in tests/test_hostile.py and tests/test_fuzz.py.
@@ -7,11 +7,11 @@ in tests/test_hostile.py and tests/test_fuzz.py.
 
 from hypothesis import given, strategies as st
 
-from lbws.headers import parseFields
-from lbws.logs import printable
-from lbws.metrics import closeLabel
-from lbws.origins import parseOrigins
-from lbws.request import BadTarget, checkHead, headEnd, headProblem, joinTarget, normaliseTarget
+from lbws.protocol.headers import parseFields
+from lbws.telemetry.logs import printable
+from lbws.telemetry.metrics import closeLabel
+from lbws.protocol.origins import parseOrigins
+from lbws.protocol.request import BadTarget, checkHead, headEnd, headProblem, joinTarget, normaliseTarget
 
 import pytest
 

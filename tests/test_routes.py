@@ -16,8 +16,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from lbws.config import ConfigError, RouteSettings, loadConfig, parseConfig, summary
-from lbws.pool import DOWN, UP
-from lbws.routes import RouteTable, forwardTarget, requestHost
+from lbws.backends.pool import DOWN, UP
+from lbws.backends.routes import RouteTable, forwardTarget, requestHost
 from lbws.service import makeLbws
 from tests import support, wire
 from tests.support import HandshakeFailed, eventually, handshakeRequest, roundTrip

@@ -1,5 +1,5 @@
 """
-The client protocol's handshake timer (lbws/server.py), in memory: a
+The client protocol's handshake timer (lbws/ws/server.py), in memory: a
 StringTransport for the client and a clock driven by the test.
 """
 
@@ -9,9 +9,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from lbws.config import parseConfig
-from lbws.metrics import Counters
+from lbws.telemetry.metrics import Counters
 from lbws.relay import Relay
-from lbws.server import LINGER
+from lbws.ws.server import LINGER
 from tests.support import configText
 
 TIMEOUT = 3.0

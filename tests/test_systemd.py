@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from lbws import systemd
+from lbws.ops import systemd
 from lbws.config import loadConfig
 from lbws.service import makeLbws
 from tests import support

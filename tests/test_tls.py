@@ -20,10 +20,10 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lbws.backend import _tlsOptions
+from lbws.backends.backend import _tlsOptions
 from lbws.config import ConfigError, parseConfig
-from lbws.frames import OP_BINARY, OP_TEXT
-from lbws.listen import listenEndpoint
+from lbws.protocol.frames import OP_BINARY, OP_TEXT
+from lbws.transport.listen import listenEndpoint
 from tests import wire
 from tests.support import (
     Harness,

@@ -13,10 +13,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from lbws.config import parseConfig
-from lbws.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
-from lbws.metrics import Counters
-from lbws.pool import Pool
-from lbws.tunnel import (
+from lbws.protocol.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
+from lbws.telemetry.metrics import Counters
+from lbws.backends.pool import Pool
+from lbws.ws.tunnel import (
     CLOSE_RECEIVED,
     CLOSE_SENT,
     CLOSE_TIMEOUT,

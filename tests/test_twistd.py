@@ -93,7 +93,7 @@ def test_wheel_gives_a_working_plugin(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/lbws_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names
-    assert "lbws/dashboard.html" in names
+    assert "lbws/ops/dashboard.html" in names
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), str(wheel)],

@@ -13,7 +13,7 @@ import struct
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from lbws.frames import OP_CLOSE, buildFrame, closePayload
+from lbws.protocol.frames import OP_CLOSE, buildFrame, closePayload
 from tests.support import handshakeRequest
 
 

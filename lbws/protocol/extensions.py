@@ -72,7 +72,7 @@ def accepted(headers):
 def answerIn(head):
     """
     The backend's C{Sec-WebSocket-Extensions} answer in its 101 head (an
-    L{lbws.answers.Head}), as the client gets it, or None.
+    L{lbws.protocol.answers.Head}), as the client gets it, or None.
     """
     values = [value.decode("latin-1").strip() for value in head.values(b"sec-websocket-extensions")]
     return ", ".join(v for v in values if v) or None

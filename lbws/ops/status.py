@@ -12,13 +12,13 @@ class StatusView:
 
     @ivar reactor: the reactor, for the dashboard's site and the clock.
     @ivar started: when lbws started, on the reactor's clock.
-    @ivar history: the L{lbws.history.HistorySampler}, or None (a worker).
+    @ivar history: the L{lbws.ops.history.HistorySampler}, or None (a worker).
     """
 
     def __init__(self, reactor, core, started, isStopping, workers=None, history=None):
         """
         @param core: the L{lbws.core.Core} of this process.
-        @param history: the L{lbws.history.HistorySampler}, or None.
+        @param history: the L{lbws.ops.history.HistorySampler}, or None.
         @param isStopping: called with no arguments: True once lbws is
             stopping (during C{stop_delay} too).
         @param workers: the L{lbws.workers.Workers} of C{workers = N}, or
@@ -45,7 +45,7 @@ class StatusView:
     @property
     def events(self):
         """
-        The L{lbws.events.Events} log of this process.
+        The L{lbws.telemetry.events.Events} log of this process.
         """
         return self._core.events
 
@@ -76,7 +76,7 @@ class StatusView:
     def counters(self):
         """
         C{(handshakes, closes, protocolErrors)} of this process and its
-        workers together (see L{lbws.metrics.Counters.merged}).
+        workers together (see L{lbws.telemetry.metrics.Counters.merged}).
         """
         return self._core.counters.merged()
 

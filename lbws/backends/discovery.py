@@ -283,7 +283,7 @@ class _Group:
     def apply(self):
         """
         Make the pool's members of this template match the last targets
-        (see L{lbws.pool.Pool.updateGroup}).
+        (see L{lbws.backends.pool.Pool.updateGroup}).
         """
         if self.targets is None:
             return
@@ -300,7 +300,7 @@ class Discovery(Service):
     Keeps the members of every discovery template of the pool's settings
     in step with DNS.
 
-    @param health: the L{lbws.health.HealthChecker} told when members join
+    @param health: the L{lbws.backends.health.HealthChecker} told when members join
         or leave, or None.
     @param resolver: a twisted.names C{IResolver}; by default
         L{systemResolver}, made when first needed.

@@ -4,7 +4,7 @@ alike: the endpoint (TCP, or TLS verified), Autobahn's client side with
 lbws's options, and one L{Attempt} per connection with its timeouts, its
 cancellation and the reason it failed.
 
-An answer other than 101 is read whole (see L{lbws.answers}) and the
+An answer other than 101 is read whole (see L{lbws.protocol.answers}) and the
 attempt fails with L{BackendRefused}: the application said no, which is
 not a backend failure. Everything else that stops a handshake (a refused
 or timed-out connect, a reset, a malformed answer, a TLS failure) fails it
@@ -44,10 +44,10 @@ from lbws.compat import (
     takeReceived,
     uncleanReason,
 )
-from lbws.answers import MAX_HEAD, BodyReader, MalformedAnswer, parseHead
-from lbws.sockets import setNoDelay
-from lbws.tlserrors import describeTlsFailure
-from lbws.wsoptions import PASSTHROUGH
+from lbws.protocol.answers import MAX_HEAD, BodyReader, MalformedAnswer, parseHead
+from lbws.transport.sockets import setNoDelay
+from lbws.transport.tlserrors import describeTlsFailure
+from lbws.protocol.wsoptions import PASSTHROUGH
 
 _log = Logger()
 
@@ -77,8 +77,8 @@ class BackendRefused(Exception):
     """
     The backend answered the handshake with something other than 101.
 
-    @ivar head: its L{lbws.answers.Head}.
-    @ivar body: its body, up to L{lbws.answers.MAX_BODY}.
+    @ivar head: its L{lbws.protocol.answers.Head}.
+    @ivar body: its body, up to L{lbws.protocol.answers.MAX_BODY}.
     """
 
     def __init__(self, head, body):
@@ -193,9 +193,9 @@ class BackendProtocol(WriteThrough, WebSocketClientProtocol):
     lbws's WebSocket to a backend. Autobahn does the opening handshake;
     lbws reads the answer head first, and an answer other than 101 whole.
 
-    @ivar connection: the member's L{lbws.pool.Connection} this counts as,
+    @ivar connection: the member's L{lbws.backends.pool.Connection} this counts as,
         if any; closed when the connection is lost.
-    @ivar head: the backend's answer head (L{lbws.answers.Head}), once
+    @ivar head: the backend's answer head (L{lbws.protocol.answers.Head}), once
         read.
     """
 
@@ -355,7 +355,7 @@ class Attempt:
     @param protocol: the L{BackendProtocol} class to speak.
     @param handshakeTimeout: seconds from connect to the answer; 0 = none
         (the caller bounds the attempt, as the health checks do).
-    @param connection: the member's L{lbws.pool.Connection}, or None.
+    @param connection: the member's L{lbws.backends.pool.Connection}, or None.
     """
 
     def __init__(

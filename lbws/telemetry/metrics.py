@@ -16,7 +16,7 @@ from prometheus_client.core import (
 class Counters:
     """
     Process-wide totals that are not per backend (those live on
-    L{lbws.pool.Member}).
+    L{lbws.backends.pool.Member}).
 
     @ivar handshakes: client handshakes by result: C{ok}, C{no_backend}
         (503, nothing up), C{backend_failed} (502, every try failed),
@@ -180,7 +180,7 @@ class LbwsCollector:
     lbws at scrape time, so that the relay's hot path only adds to plain
     numbers.
 
-    @param service: the L{lbws.status.StatusView} of the running lbws,
+    @param service: the L{lbws.ops.status.StatusView} of the running lbws,
         read at each scrape (a reload may replace its members).
     """
 

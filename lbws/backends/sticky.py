@@ -15,7 +15,7 @@ backend does.
 import functools
 import hashlib
 
-from lbws.pool import UP
+from lbws.backends.pool import UP
 
 _KEY = b"lbws sticky_cookie v1"
 

@@ -9,8 +9,8 @@ This is a byte-level HTTP/1.1 relay rather than twisted.web's server and
 client: twisted.web's C{Request} reads a whole request body (to a
 temporary file) before it can be forwarded, and the relay measured faster
 for small keep-alive requests (bench/README.md). Heads are parsed and
-rewritten (L{lbws.http1}); bodies pass as they come, their ends found by
-L{lbws.http1.BodyReader}, with each side's transport pausing the other.
+rewritten (L{lbws.protocol.http1}); bodies pass as they come, their ends found by
+L{lbws.protocol.http1.BodyReader}, with each side's transport pausing the other.
 
 The client connection is kept alive between requests (HTTP/1.1). Each
 request is balanced on its own, like nginx does, and goes over a backend
@@ -25,11 +25,11 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from lbws import sticky
-from lbws.balance import hashKeyOf
-from lbws.backend import backendEndpoint, hostForUrl, localShortage
-from lbws.headers import PROXY_HEADERS, proxyHeaders
-from lbws.request import (
+from lbws.backends import sticky
+from lbws.backends.balance import hashKeyOf
+from lbws.backends.backend import backendEndpoint, hostForUrl, localShortage
+from lbws.protocol.headers import PROXY_HEADERS, proxyHeaders
+from lbws.protocol.request import (
     BadTarget,
     checkHead,
     headProblem,
@@ -37,8 +37,8 @@ from lbws.request import (
     joinTarget,
     normaliseTarget,
 )
-from lbws.routes import forwardTarget
-from lbws.http1 import (
+from lbws.backends.routes import forwardTarget
+from lbws.protocol.http1 import (
     BadMessage,
     BodyReader,
     isWebSocketUpgrade,
@@ -47,8 +47,8 @@ from lbws.http1 import (
     requestFraming,
     responseFraming,
 )
-from lbws.sockets import setNoDelay, writerFor
-from lbws.tunnel import PeerProducer
+from lbws.transport.sockets import setNoDelay, writerFor
+from lbws.ws.tunnel import PeerProducer
 
 _log = Logger()
 
@@ -73,7 +73,7 @@ HOP_BY_HOP = frozenset(
 IDEMPOTENT = frozenset(["GET", "HEAD", "OPTIONS", "PUT", "DELETE"])
 
 # The longest request head a client may send (as for WebSocket handshakes,
-# lbws.server) and the longest response head a backend may send.
+# lbws.ws.server) and the longest response head a backend may send.
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
 
@@ -100,7 +100,7 @@ _REASONS = {
 
 def takeOver(protocol, data):
     """
-    Make the client connection of C{protocol} (a L{lbws.server.FrontendProtocol}
+    Make the client connection of C{protocol} (a L{lbws.ws.server.FrontendProtocol}
     whose first request is not a WebSocket upgrade) a plain HTTP one.
 
     @param data: what the client sent so far, its first request head first.
@@ -223,7 +223,7 @@ class HttpFront:
             whole = head + b"\r\n\r\n"
             if checkHead(whole) is None:
                 # Every request on the connection is checked as the first
-                # was (lbws.request), not only by the HTTP parser.
+                # was (lbws.protocol.request), not only by the HTTP parser.
                 raise BadMessage(headProblem(whole))
             problem = hostProblem(whole)
             if problem is not None:

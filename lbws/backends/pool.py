@@ -11,9 +11,9 @@ from types import MappingProxyType
 
 from twisted.logger import Logger, LogLevel
 
-from lbws.balance import STRATEGIES
-from lbws.events import Events
-from lbws.metrics import Durations
+from lbws.backends.balance import STRATEGIES
+from lbws.telemetry.events import Events
+from lbws.telemetry.metrics import Durations
 
 UP = "up"
 DOWN = "down"
@@ -258,7 +258,7 @@ class Member:
     removed it: it gets no new connections whatever its health, and its
     open connections stay.
 
-    @param events: the L{lbws.events.Events} its going up and down is
+    @param events: the L{lbws.telemetry.events.Events} its going up and down is
         recorded in (the pool's).
     """
 
@@ -395,12 +395,12 @@ class Pool:
     The members in configuration order and the balancing strategy.
 
     Backends discovered through DNS (C{srv}, or C{resolve} above 0) have no
-    member of their own: L{lbws.discovery.Discovery} adds one per address
+    member of their own: L{lbws.backends.discovery.Discovery} adds one per address
     found, named NAME/ADDRESS:PORT.
 
     @param clock: the reactor's C{IReactorTime}, for C{slow_start}; without
         one, members always have their full weight.
-    @param events: the L{lbws.events.Events} where members joining,
+    @param events: the L{lbws.telemetry.events.Events} where members joining,
         leaving and changing health are recorded.
     """
 

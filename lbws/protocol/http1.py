@@ -1,5 +1,5 @@
 """
-HTTP/1.1 message syntax for the plain HTTP proxy (L{lbws.httpproxy}):
+HTTP/1.1 message syntax for the plain HTTP proxy (L{lbws.http.httpproxy}):
 request and response heads, and where a body ends in a byte stream.
 
 Bodies are not parsed into memory: L{BodyReader} only finds the end of a
@@ -38,7 +38,7 @@ class Head:
     @ivar fields: C{(name, value)} pairs as sent, in order, as latin-1 text.
     @ivar headers: lower-case name -> value, repeats joined with ", " (the
         shape of Autobahn's C{ConnectionRequest.headers}, for
-        L{lbws.balance.hashKeyOf} and L{lbws.headers.proxyHeaders}).
+        L{lbws.backends.balance.hashKeyOf} and L{lbws.protocol.headers.proxyHeaders}).
     """
 
     method = None

@@ -54,9 +54,9 @@ from collections import Counter, defaultdict
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from lbws.balance import score
-from lbws.frames import CLOSE_GOING_AWAY
-from lbws.pool import UP
+from lbws.backends.balance import score
+from lbws.protocol.frames import CLOSE_GOING_AWAY
+from lbws.backends.pool import UP
 
 _log = Logger()
 
@@ -82,7 +82,7 @@ def fairShares(pool, now=None, members=None, counts=None):
     of the open connections on members that are up (by effective weight).
 
     @param members: the members to balance over (a route's, see
-        L{lbws.pool.Pool.serving}); every member of C{pool} by default.
+        L{lbws.backends.pool.Pool.serving}); every member of C{pool} by default.
     @param counts: member -> its open connections to count (a route's);
         C{member.active}, all of them, by default.
     @return: a list of C{(member, active, share)}.

@@ -6,7 +6,7 @@ above zero and were not tried yet for this client), the client's hash key
 and the candidates' effective weights, and returns one of them.
 
 The effective weight is the configured weight, except while a member is in
-its C{slow_start} ramp (L{lbws.pool.Pool.effectiveWeight}): then it grows
+its C{slow_start} ramp (L{lbws.backends.pool.Pool.effectiveWeight}): then it grows
 from almost 0 to the weight, so every strategy gives the member a share of
 new connections that grows linearly.
 """

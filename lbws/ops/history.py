@@ -25,7 +25,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from lbws.pool import DOWN, DRAINING, UP
+from lbws.backends.pool import DOWN, DRAINING, UP
 
 _log = Logger()
 

@@ -6,17 +6,17 @@ C{dashboard} endpoint.
     C{/history.json} and C{/events.json}.
   - C{GET /status.json}: each backend's state, connections, checks and
     traffic; total connections; uptime.
-  - C{GET /metrics}: Prometheus text, from L{lbws.metrics.LbwsCollector}.
+  - C{GET /metrics}: Prometheus text, from L{lbws.telemetry.metrics.LbwsCollector}.
   - C{GET /healthz}: 200 when a backend is up, else 503; 503 as soon as
     lbws is stopping.
   - C{GET /history.json?range=SECONDS}: the sampled history of the last
-    SECONDS (at most an hour), from L{lbws.history}; C{GET /events.json}:
-    the last events, from L{lbws.events}.
+    SECONDS (at most an hour), from L{lbws.ops.history}; C{GET /events.json}:
+    the last events, from L{lbws.telemetry.events}.
   - C{POST /backends/NAME/drain}, C{POST /backends/NAME/enable} and
     C{POST /reload}: need C{Authorization: Bearer <admin_token>}; with no
     admin_token configured they are refused (403).
 
-Everything is read through a L{lbws.status.StatusView} at request time,
+Everything is read through a L{lbws.ops.status.StatusView} at request time,
 so a reload that replaces settings or members shows at once.
 
 Every request is checked first (L{DashboardSite.getResourceFor}), see the
@@ -46,13 +46,13 @@ from twisted.web.resource import Resource
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.web.server import NOT_DONE_YET, Site
 
-from lbws.history import MAX_RANGE
-from lbws.listen import beyondLoopback
-from lbws.metrics import metricsRegistry
+from lbws.ops.history import MAX_RANGE
+from lbws.transport.listen import beyondLoopback
+from lbws.telemetry.metrics import metricsRegistry
 
 _log = Logger()
 
-PAGE = files("lbws").joinpath("dashboard.html").read_bytes()
+PAGE = files("lbws.ops").joinpath("dashboard.html").read_bytes()
 
 
 def _inlineHashes(page, tag):
@@ -94,7 +94,7 @@ def status(service):
     extra fields for the page: per-backend checks and traffic, and the
     server's clock.
 
-    @param service: the L{lbws.status.StatusView} of the running lbws.
+    @param service: the L{lbws.ops.status.StatusView} of the running lbws.
     """
     now = service.seconds()
     backends = []
@@ -416,7 +416,7 @@ class _Root(Resource):
 
 def dashboardResource(service, reload=None):
     """
-    The resource tree reading C{service}, a L{lbws.status.StatusView}
+    The resource tree reading C{service}, a L{lbws.ops.status.StatusView}
     (history and events included);
     C{reload}, if given, is what C{POST /reload} calls (True when the new
     configuration runs).

@@ -44,7 +44,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from lbws.frames import (
+from lbws.protocol.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -62,7 +62,7 @@ from lbws.frames import (
     closeViolation,
     parseClosePayload,
 )
-from lbws.sockets import tcpTraffic, writerFor
+from lbws.transport.sockets import tcpTraffic, writerFor
 
 _log = Logger()
 
@@ -466,9 +466,9 @@ class Tunnel:
         @param clientTransport: the client's transport, its opening
             handshake done; likewise C{backendTransport}. The legs become
             their protocols (L{lbws.compat.handOver}).
-        @param connection: the L{lbws.pool.Connection} the backend leg
+        @param connection: the L{lbws.backends.pool.Connection} the backend leg
             counts as on C{member}, closed when that leg is lost.
-        @param info: the client's L{lbws.server.ClientInfo}; the relay is
+        @param info: the client's L{lbws.ws.server.ClientInfo}; the relay is
             told the client is gone (L{Relay.clientGone}) with it.
         @param route: the client's route (its own C{max_message_size}), or
             None for the settings' own.

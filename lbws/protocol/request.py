@@ -14,7 +14,7 @@ does not match. See "Security" in the README.
 
 import re
 
-from lbws.logs import printable
+from lbws.telemetry.logs import printable
 
 # RFC 9110 5.6.2: token characters, the only ones allowed in a method and a
 # field name (so no whitespace before the colon, and no obs-fold, whose

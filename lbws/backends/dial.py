@@ -19,9 +19,9 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from lbws import extensions
-from lbws.answers import render
-from lbws.backend import (
+from lbws.protocol import extensions
+from lbws.protocol.answers import render
+from lbws.backends.backend import (
     Attempt,
     BackendHandshakeError,
     BackendProtocol,
@@ -31,16 +31,16 @@ from lbws.backend import (
     localShortage,
 )
 from lbws.compat import OctetRequest, takeReceived, unparsedExtensions
-from lbws.headers import forwardedHeaders
-from lbws.request import joinTarget, normaliseTarget
-from lbws.routes import forwardTarget
+from lbws.protocol.headers import forwardedHeaders
+from lbws.protocol.request import joinTarget, normaliseTarget
+from lbws.backends.routes import forwardTarget
 
 _log = Logger()
 
 class Refused(ConnectionDeny):
     """
     The backend refused the handshake: C{answer} is what the client gets,
-    built by L{lbws.answers.render}.
+    built by L{lbws.protocol.answers.render}.
     """
 
     def __init__(self, refusal):
@@ -51,11 +51,11 @@ class Refused(ConnectionDeny):
 class RelayProtocol(OctetRequest, BackendProtocol):
     """
     A backend WebSocket for a client: once open, its connection is handed
-    over to the client's L{lbws.tunnel.Tunnel} (L{lbws.server}).
+    over to the client's L{lbws.ws.tunnel.Tunnel} (L{lbws.ws.server}).
     """
 
     # lbws checks the backend's Sec-WebSocket-Extensions answer itself
-    # (lbws.extensions); Autobahn sees none (compat.unparsedExtensions).
+    # (lbws.protocol.extensions); Autobahn sees none (compat.unparsedExtensions).
     _parseExtensionsHeader = unparsedExtensions
     # The Sec-WebSocket-Extensions answer both legs agreed on, or None.
     extensions = None

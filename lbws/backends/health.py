@@ -1,6 +1,6 @@
 """
 Active health checks: every C{interval} seconds each backend gets a probe
-bounded by C{timeout}, and its result goes to L{lbws.pool.Member.recordCheck},
+bounded by C{timeout}, and its result goes to L{lbws.backends.pool.Member.recordCheck},
 which moves the backend down after C{fall} failures in a row and up again
 after C{rise} successes.
 
@@ -13,10 +13,10 @@ Probes (C{[health] probe}):
   - C{http}: C{GET path}; a 2xx or 3xx answer is healthy.
 
 wss:// backends are probed over TLS verified exactly as the relay verifies
-them (L{lbws.backend}).
+them (L{lbws.backends.backend}).
 
 A probe that fails because lbws itself is out of file descriptors or
-memory (L{lbws.backend.localShortage}) is not counted: it says nothing of
+memory (L{lbws.backends.backend.localShortage}) is not counted: it says nothing of
 the backend.
 
 Each backend has its own C{LoopingCall} on the injected clock. A probe still
@@ -41,7 +41,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from lbws.backend import (
+from lbws.backends.backend import (
     Attempt,
     BackendProtocol,
     BackendRefused,
@@ -52,7 +52,7 @@ from lbws.backend import (
 )
 from lbws.compat import isClosing, uncleanReason
 from lbws.config import healthFor
-from lbws.tlserrors import describeTlsFailure
+from lbws.transport.tlserrors import describeTlsFailure
 
 _log = Logger()
 

@@ -15,8 +15,9 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import ISSLTransport
 
-from lbws import httpproxy, sticky
-from lbws.answers import Head, acceptedHeaders, render
+from lbws.http import httpproxy
+from lbws.backends import sticky
+from lbws.protocol.answers import Head, acceptedHeaders, render
 from lbws.compat import (
     WriteThrough,
     answerRefusal,
@@ -30,11 +31,11 @@ from lbws.compat import (
     takeReceived,
     unparsedExtensions,
 )
-from lbws.dial import Refused
-from lbws.http1 import isWebSocketUpgrade
-from lbws.headers import parseFields
-from lbws.logs import printable
-from lbws.request import (
+from lbws.backends.dial import Refused
+from lbws.protocol.http1 import isWebSocketUpgrade
+from lbws.protocol.headers import parseFields
+from lbws.telemetry.logs import printable
+from lbws.protocol.request import (
     BadTarget,
     checkHead,
     headEnd,
@@ -43,9 +44,9 @@ from lbws.request import (
     isToken,
     normaliseTarget,
 )
-from lbws.sockets import setNoDelay
-from lbws.tunnel import Tunnel
-from lbws.wsoptions import PASSTHROUGH
+from lbws.transport.sockets import setNoDelay
+from lbws.ws.tunnel import Tunnel
+from lbws.protocol.wsoptions import PASSTHROUGH
 
 # The longest request line and headers a client may send before its request
 # is refused with 431 (nginx allows 4 x 8 KiB by default). Without a limit a
@@ -73,7 +74,7 @@ class ClientInfo:
         self.secure = secure
         self.key = None  # balance = hash: the client's key, and
         self.keySource = None  # the hash_key it was taken by
-        self.route = None  # its lbws.config.RouteSettings (lbws.routes)
+        self.route = None  # its lbws.config.RouteSettings (lbws.backends.routes)
         self.subprotocol = None  # the one the backend chose
         self.admitted = False  # counted by the relay (Relay.clientGone)
 
@@ -83,7 +84,7 @@ class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
     A client's WebSocket. Its opening handshake waits for the backend's.
     """
 
-    leg = None  # the plain HTTP proxy's, once it took over (lbws.httpproxy)
+    leg = None  # the plain HTTP proxy's, once it took over (lbws.http.httpproxy)
     info = None
     _answer = None
     _pending = None
@@ -94,7 +95,7 @@ class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
     _lost = False
     _deflate = False
     # lbws answers the client with the backend's Sec-WebSocket-Extensions
-    # (lbws.extensions); Autobahn sees none (compat.unparsedExtensions).
+    # (lbws.protocol.extensions); Autobahn sees none (compat.unparsedExtensions).
     _parseExtensionsHeader = unparsedExtensions
 
     def connectionMade(self):
@@ -126,7 +127,7 @@ class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
     def processHandshake(self):
         """
         Check the raw request head before Autobahn parses it (see
-        L{lbws.request}): a head that breaks the field syntax gets 400, one
+        L{lbws.protocol.request}): a head that breaks the field syntax gets 400, one
         that is not a WebSocket upgrade goes to the HTTP proxy.
         Autobahn reads a head with bare LF line ends as one with CRLF, and
         lbws forwards the headers it parsed itself when a value has bytes
@@ -332,7 +333,7 @@ class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
 
 
 # What a WebSocket handshake no route matches gets (plain HTTP gets the
-# same from lbws.httpproxy).
+# same from lbws.http.httpproxy).
 NO_ROUTE = render(
     Head(404, b"Not Found", [(b"Content-Type", b"text/plain; charset=utf-8")]),
     b"404 Not Found: no route for this request\n",
