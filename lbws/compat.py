@@ -15,6 +15,7 @@ installed by the service as it starts (L{lbws.service}).
 
 import functools
 import pprint
+import re
 
 # Twisted
 
@@ -298,6 +299,32 @@ class WriteThrough:
 
 
 _SWITCHING = b"HTTP/1.1 101 "
+
+
+_OBS_TEXT = re.compile(rb"[\x80-\xff]")
+
+
+def autobahnReadableHead(head):
+    """
+    A request head (with CRLF line ends) as Autobahn's parser must see it
+    when a header value carries bytes 0x80-0xFF (obs-text: UTF-8 cookies,
+    say), or C{head} itself when none does.
+
+    Autobahn's C{parseHttpHeader} changed its reading of such bytes: up to
+    26.10 it split lines with C{str.splitlines}, which breaks a line at 0x85
+    (NEL in latin-1), so C{X-A: \\x85Authorization: forged} became two
+    headers; from 26.11 it splits at CRLF only and refuses control bytes.
+    Each byte 0x80-0xFF becomes C{?}: printable ASCII that both readings
+    keep inside its value, and no token character, so a subprotocol or
+    extension name with such a byte is still refused. Autobahn reads only
+    the upgrade's own fields from this copy: the fields lbws forwards, byte
+    for byte, are parsed by lbws (L{lbws.protocol.headers.parseFields}).
+    tests/test_compat.py test_autobahnReadableHead checks the Autobahn
+    installed reads the copy as one header per line.
+    """
+    if _OBS_TEXT.search(head) is None:
+        return head
+    return _OBS_TEXT.sub(b"?", head)
 
 
 def unparsedExtensions(protocol, header, removeQuotes=True):

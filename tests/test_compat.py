@@ -510,3 +510,33 @@ def test_unparsedExtensions():
     answer = proto.transport.value()
     assert answer.startswith(b"HTTP/1.1 101 ")
     assert b"sec-websocket-extensions" not in answer.lower()
+
+
+def test_autobahnReadableHead():
+    """
+    Autobahn's own parser, whichever reading of bytes 0x80-0xFF it has
+    (split at 0x85 up to 26.10, refuse control bytes from 26.11), reads
+    the copy lbws gives it as one header per line, with the same names as
+    lbws's parse of the real head; a head without such bytes is passed as
+    it is.
+    """
+    from autobahn.websocket.protocol import parseHttpHeader
+
+    from lbws.protocol.headers import parseFields
+
+    plain = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert compat.autobahnReadableHead(plain) is plain
+    head = (
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Note: hello\x85Authorization: forged\r\n"
+        b"Cookie: name=\xc3\x85sa; city=\xd0\xa5\xd0\xbe\xd1\x80\r\n"
+        b"Sec-WebSocket-Protocol: chat\x85\r\n\r\n"
+    )
+    readable = compat.autobahnReadableHead(head)
+    assert len(readable) == len(head)
+    _, headers, counts = parseHttpHeader(readable)
+    assert sorted(headers) == sorted(
+        parseFields(head)
+    )
+    assert "authorization" not in headers
+    # Not a token any more: a subprotocol with such a byte is still refused.
+    assert headers["sec-websocket-protocol"] == "chat?"

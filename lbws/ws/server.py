@@ -7,7 +7,6 @@ backend cannot be had gets an HTTP error instead. After the handshake the
 connection's bytes go to its L{Tunnel}.
 """
 
-import re
 from http import HTTPStatus
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -21,6 +20,7 @@ from lbws.protocol.answers import Head, acceptedHeaders, render
 from lbws.compat import (
     WriteThrough,
     answerRefusal,
+    autobahnReadableHead,
     handOver,
     isConnecting,
     processReceived,
@@ -131,8 +131,8 @@ class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
         that is not a WebSocket upgrade goes to the HTTP proxy.
         Autobahn reads a head with bare LF line ends as one with CRLF, and
         lbws forwards the headers it parsed itself when a value has bytes
-        above 0x7F, which Autobahn's parser would split (at 0x85) or trim
-        (0x85, 0xA0).
+        above 0x7F, which Autobahn versions read differently (see
+        L{lbws.compat.autobahnReadableHead}).
         """
         if self._headSeen:
             # The head went to Autobahn already: what follows are frames
@@ -160,11 +160,10 @@ class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
             takeReceived(self)
             httpproxy.takeOver(self, head + data[end:])
             return
-        if _OBS_TEXT.search(head) is not None:
+        readable = autobahnReadableHead(head)
+        if readable is not head:
             self._fields = parseFields(head)
-            # Autobahn's splitlines breaks lines at 0x85 (NEL in latin-1):
-            # NUL, which no valid head has, takes its place there.
-            head = head.replace(b"\x85", b"\x00")
+            head = readable
         if head is not raw:
             replaceReceived(self, head + data[end:])
         super().processHandshake()
@@ -338,7 +337,6 @@ NO_ROUTE = render(
     Head(404, b"Not Found", [(b"Content-Type", b"text/plain; charset=utf-8")]),
     b"404 Not Found: no route for this request\n",
 )
-_OBS_TEXT = re.compile(rb"[\x80-\xff]")
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
