@@ -158,13 +158,16 @@ class Silent(protocol.Protocol):
     """
     A backend that accepts TCP connections and never says a word; its
     factory's C{connections} and C{lost} list the connections made and
-    lost.
+    lost, and each lost one keeps the C{reason}.
     """
+
+    reason = None
 
     def connectionMade(self):
         self.factory.connections.append(self)
 
     def connectionLost(self, reason):
+        self.reason = reason
         self.factory.lost.append(self)
 
 

@@ -45,11 +45,15 @@ from lbws.compat import (
     uncleanReason,
 )
 from lbws.protocol.answers import MAX_HEAD, BodyReader, MalformedAnswer, parseHead
-from lbws.transport.sockets import setNoDelay
+from lbws.transport.sockets import endGently, setNoDelay
 from lbws.transport.tlserrors import describeTlsFailure
 from lbws.protocol.wsoptions import PASSTHROUGH
 
 _log = Logger()
+
+# Seconds a backend connection lbws gave up on has to answer its FIN with
+# its own before it is cut (L{BackendProtocol.giveUp}).
+GIVE_UP_LINGER = 2
 
 # Errors of lbws's own process or host, not of a backend: out of file
 # descriptors (per process, system-wide), of socket buffers, of memory.
@@ -203,6 +207,7 @@ class BackendProtocol(WriteThrough, WebSocketClientProtocol):
     head = None
     attempt = None
     _body = None
+    _givenUp = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -239,7 +244,19 @@ class BackendProtocol(WriteThrough, WebSocketClientProtocol):
         self.attempt.failed(BackendHandshakeError(f"malformed answer from backend: {why}"))
         self.transport.loseConnection()
 
+    def giveUp(self, clock):
+        """
+        lbws no longer wants this connection (its handshake timed out, a
+        check was cut, the client left): end it with FIN and read nothing
+        more from it (L{lbws.transport.sockets.endGently}).
+        """
+        if self._givenUp is None and self.transport is not None:
+            self._body = None
+            self._givenUp = endGently(self.transport, clock, GIVE_UP_LINGER)
+
     def dataReceived(self, data):
+        if self._givenUp is not None:
+            return
         if self._body is not None:
             self._readBody(data)
         else:
@@ -268,6 +285,8 @@ class BackendProtocol(WriteThrough, WebSocketClientProtocol):
         self.attempt.opened(self)
 
     def connectionLost(self, reason):
+        if self._givenUp is not None and self._givenUp.active():
+            self._givenUp.cancel()
         if self._body is not None and self._body.end():
             self.refused()
         if self.connection is not None:
@@ -458,7 +477,7 @@ class Attempt:
                 f"backend handshake timed out after {self._handshakeTimeout:g}s"
             )
         )
-        protocol.transport.abortConnection()
+        protocol.giveUp(self._reactor)
 
     def opened(self, protocol):
         if not self.result.called:
@@ -507,5 +526,5 @@ class Attempt:
             self._connector.attempt = None
             self._stopConnecting()
         protocol = self.protocol
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.abortConnection()
+        if protocol is not None:
+            protocol.giveUp(self._reactor)

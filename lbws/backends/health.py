@@ -179,8 +179,8 @@ def probeWebsocket(reactor, backend, health):
     def cancel(_):
         if not opening.called:
             opening.cancel()
-        elif attempt.protocol.transport is not None:
-            attempt.protocol.transport.abortConnection()
+        else:
+            attempt.protocol.giveUp(reactor)
 
     result = Deferred(cancel)
 

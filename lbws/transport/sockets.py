@@ -106,3 +106,23 @@ def tcpTraffic(transport):
         return acked + received
 
     return traffic if traffic() is not None else None
+
+
+def endGently(transport, clock, linger):
+    """
+    End a connection lbws gives up on with FIN, not a reset: a backend that
+    is slow to answer has done nothing wrong, and some servers (node's
+    SockJS, for one) die of an unhandled ECONNRESET. On TCP only the write
+    side is shut, so whatever the peer still sends is read (and discarded
+    by the caller) until it closes too: closing a socket with unread bytes
+    would send a reset after all. A TLS connection sends its close_notify
+    and FIN. A peer that has not closed within C{linger} seconds is cut.
+
+    @return: the DelayedCall of that cut, for the caller to cancel once the
+        connection is lost.
+    """
+    if isinstance(transport, tcp.Connection):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+    return clock.callLater(linger, transport.abortConnection)
