@@ -23,7 +23,7 @@ SECTION_MAIN = "lbws"
 SECTION_HEALTH = "health"
 BACKEND_PREFIX = "backend:"
 ROUTE_PREFIX = "route:"
-PROBES = ("tcp", "websocket", "http")
+PROBES = ("default", "tcp", "websocket", "http")
 # A route's host: a name or address, or *. and a name (any of its
 # subdomains); an IPv6 address in brackets.
 _ROUTE_HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
@@ -134,7 +134,7 @@ class HealthSettings:
     timeout: float = 1.0
     fall: int = 2
     rise: int = 2
-    probe: str = "websocket"
+    probe: str = "default"
     path: str = "/"
     subprotocol: str = ""
 
@@ -217,6 +217,9 @@ class Settings:
     sticky_cookie: str = ""
     # The [route:NAME] sections in file order; none: one implicit route.
     routes: tuple = ()
+    # What the file's author should hear of a valid file (deprecated key
+    # names): logged at start and reload, printed by --check.
+    notes: tuple = ()
 
     def implicitRoute(self):
         """
@@ -246,6 +249,14 @@ class _Reader:
         self.section = section
         self._values = dict(parser.items(section)) if section in parser else {}
         self._used = set()
+        self._notes = getattr(parser, "lbwsNotes", [])
+
+    def note(self, what):
+        """
+        Remember something about a valid file that its author should hear
+        (a deprecated name), as C{FILE: [SECTION] what}.
+        """
+        self._notes.append(f"{self.path}: [{self.section}] {what}")
 
     def error(self, key, problem):
         return ConfigError(self.path, self.section, key, problem)
@@ -424,6 +435,25 @@ def _parseOverrides(reader, base):
     return values
 
 
+def _probePath(reader, default):
+    """
+    The health check's path: C{probe_path}, or the older name C{path} (easy
+    to take for the backend url's prefix, so deprecated: the reader notes
+    it, and lbws logs the note at start and reload). Both at once is an
+    error.
+    """
+    new = reader.string("probe_path")
+    old = reader.string("path")
+    if new and old:
+        raise reader.error("path", "give the probe's path once, as probe_path")
+    if old:
+        reader.note("path is deprecated: call it probe_path (it is the health check's path)")
+    value = new or old
+    if value:
+        _checkProbePath(reader, "probe_path" if new else "path", value)
+    return value or default
+
+
 def _checkProbePath(reader, key, value):
     if not value.startswith("/"):
         raise reader.error(key, f"{value!r} must start with /")
@@ -529,15 +559,13 @@ def _parseBackend(path, parser, section):
         srv=srv,
         resolve=resolve,
         health_probe=reader.string("probe"),
-        health_path=reader.string("path"),
+        health_path=_probePath(reader, ""),
         health_subprotocol=reader.string("subprotocol"),
     )
     if backend.health_probe and backend.health_probe not in PROBES:
         raise reader.error(
             "probe", f"{backend.health_probe!r} is not one of {', '.join(PROBES)}"
         )
-    if backend.health_path:
-        _checkProbePath(reader, "path", backend.health_path)
     _checkSubprotocol(reader, "subprotocol", backend.health_subprotocol)
     if srv:
         backend = attrs.evolve(backend, url=srv, host=srv, port=0)
@@ -583,11 +611,10 @@ def _parseHealth(path, parser):
         timeout=reader.seconds("timeout", 1),
         fall=reader.number("fall", 2, int, 1),
         rise=reader.number("rise", 2, int, 1),
-        probe=reader.choice("probe", "websocket", PROBES),
-        path=reader.string("path", "/"),
+        probe=reader.choice("probe", "default", PROBES),
+        path=_probePath(reader, "/"),
         subprotocol=reader.string("subprotocol"),
     )
-    _checkProbePath(reader, "path", health.path)
     _checkSubprotocol(reader, "subprotocol", health.subprotocol)
     reader.checkUnknown()
     return health
@@ -661,6 +688,9 @@ def parseConfig(text, path="<config>"):
     # A UTF-8 byte order mark, as some editors on Windows write, is not
     # part of the first line.
     text = text.removeprefix("\ufeff")
+    # What the readers note of a valid file (deprecated names), for
+    # Settings.notes.
+    parser.lbwsNotes = []
     try:
         parser.read_string(text, source=str(path))
     except configparser.DuplicateSectionError as e:
@@ -698,10 +728,12 @@ def parseConfig(text, path="<config>"):
         )
     health = _parseHealth(path, parser)
     settings = _parseMain(path, parser, tuple(backends), health)
-    if not routeSections:
-        return settings
-    routes = _parseRoutes(path, parser, routeSections, settings)
-    return attrs.evolve(settings, routes=routes)
+    if routeSections:
+        routes = _parseRoutes(path, parser, routeSections, settings)
+        settings = attrs.evolve(settings, routes=routes)
+    if parser.lbwsNotes:
+        settings = attrs.evolve(settings, notes=tuple(parser.lbwsNotes))
+    return settings
 
 
 def _parseRoutes(path, parser, sections, settings):
@@ -816,6 +848,24 @@ def checkReload(old, new):
             )
 
 
+def describeProbe(health, backend):
+    """
+    What a backend's health check does, in words (C{--check}).
+    """
+    target = f"{backend.path}{health.path}"
+    offered = f" offering subprotocol {health.subprotocol}" if health.subprotocol else ""
+    if health.probe == "tcp":
+        return "tcp: a TCP connect"
+    if health.probe == "http":
+        return f"http: GET {target}, healthy on 2xx or 3xx"
+    if health.probe == "websocket":
+        return f"websocket: handshake on {target}{offered}, ping, clean close"
+    return (
+        f"default: WebSocket handshake on {target}{offered}; any well-formed HTTP"
+        " answer is healthy, an upgrade gets the full WebSocket check"
+    )
+
+
 def summary(settings):
     """
     A few lines a person can read: what C{--check} prints.
@@ -853,11 +903,7 @@ def summary(settings):
         else:
             where = backend.url
         line = f"  {backend.name}: {where} weight {backend.weight}"
-        probe = healthFor(settings.health, backend)
-        if probe != settings.health:
-            line += f"; health {probe.probe} {probe.path}" + (
-                f" subprotocol {probe.subprotocol}" if probe.subprotocol else ""
-            )
+        line += f"; probed with {describeProbe(healthFor(settings.health, backend), backend)}"
         lines.append(line)
     if settings.routes:
         lines.append(f"{len(settings.routes)} route(s), in match order:")
@@ -867,6 +913,7 @@ def summary(settings):
                 + (" (strip_prefix)" if route.strip_prefix else "")
                 + f" -> {', '.join(route.backends)}; balance {route.balance}"
             )
+    lines.extend(f"note: {note}" for note in settings.notes)
     return "\n".join(lines)
 
 

@@ -217,6 +217,7 @@ class LbwsService(MultiService):
 
     def startService(self):
         compat.lazyAutobahnDebugFormatting()
+        _logNotes(self.settings)
         super().startService()
 
     def stopService(self):
@@ -277,6 +278,7 @@ class LbwsService(MultiService):
             self.announcer.reloaded(f"reload refused, running config kept: {e}")
             return False
         before = self.settings
+        _logNotes(settings)
         self.apply(settings)
         self.events.record(
             "reload",
@@ -324,6 +326,15 @@ class LbwsService(MultiService):
             count=len(self.relay.tunnels),
         )
         self.frontend.cut()
+
+
+def _logNotes(settings):
+    """
+    Tell the file's author what its valid settings still say in an older
+    way (L{lbws.config.Settings.notes}).
+    """
+    for note in settings.notes:
+        _log.warn("config {note}", note=note)
 
 
 def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=None):

@@ -35,7 +35,7 @@ def test_defaults():
     assert settings.stop_delay == 0
     assert settings.admin_token == ""
     assert settings.health.interval == 2
-    assert settings.health.probe == "websocket"
+    assert settings.health.probe == "default"
     (backend,) = settings.backends
     assert (backend.name, backend.host, backend.port, backend.weight) == (
         "a",

@@ -9,6 +9,10 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionDone
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from lbws.config import ConfigError, parseConfig, summary
 
 from tests import support, wire
 from tests.test_hostile import backendHead, fields
@@ -78,3 +82,80 @@ async def test_client_leaving_while_its_backend_answers_slowly_ends_with_fin(har
     assert silent.lost[0].reason.check(ConnectionDone), silent.lost[0].reason
     await eventually(lambda: lbws.pool["silent"].active == 0)
     assert lbws.pool["silent"].failed == 0
+
+
+# The default health check keeps any running application up.
+
+
+class _Answers(Resource):
+    """
+    An application that upgrades nothing: / answers with the status it is
+    given, as FastAPI's 404, an MQTT broker's 400 or a static site's 200.
+    """
+
+    isLeaf = True
+
+    def __init__(self, status):
+        super().__init__()
+        self.status = status
+        self.requests = 0
+
+    def render(self, request):
+        self.requests += 1
+        request.setResponseCode(self.status)
+        return b"not a WebSocket endpoint"
+
+
+@pytest.mark.parametrize("status", [200, 400, 403, 404])
+@pytest_twisted.ensureDeferred
+async def test_default_probe_keeps_an_application_that_does_not_upgrade_up(harness, status):
+    app = _Answers(status)
+    port = await harness.listen(Site(app))
+    lbws = await harness.lbws(
+        [("app", f"ws://127.0.0.1:{port.getHost().port}")],
+        probe="default",
+        health="interval = 0.2\nfall = 1",
+    )
+    await eventually(lambda: app.requests >= 3)
+    member = lbws.pool["app"]
+    assert member.healthy and member.consecutiveFailures == 0, member.lastError
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_probe_runs_the_websocket_check_on_an_endpoint_that_upgrades(harness):
+    backend = await harness.backend("echo")
+    lbws = await harness.lbws([("echo", backend.url)], probe="default", health="interval = 0.2")
+    # An endpoint that upgrades gets the whole WebSocket check: open, ping,
+    # and a clean close the backend sees.
+    await eventually(lambda: len(backend.closes) >= 2)
+    assert backend.closes[:2] == [(True, 1000, None)] * 2
+    assert lbws.pool["echo"].healthy
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_probe_marks_a_backend_that_is_gone_down(harness):
+    lbws = await harness.lbws(
+        [("gone", harness.deadUrl())], probe="default", health="interval = 0.2\nfall = 1"
+    )
+    await eventually(lambda: not lbws.pool["gone"].healthy)
+
+
+def test_probe_path_and_its_deprecated_alias(tmp_path):
+    text = support.configText([("a", "ws://127.0.0.1:1")], probe="default", health="path = /up")
+    settings = parseConfig(text, "lbws.ini")
+    assert settings.health.path == "/up"
+    assert settings.notes == (
+        "lbws.ini: [health] path is deprecated: call it probe_path (it is the health"
+        " check's path)",
+    )
+    text = support.configText(
+        [("a", "ws://127.0.0.1:1", "probe_path = /ws")], probe="default", health="probe_path = /up"
+    )
+    settings = parseConfig(text, "lbws.ini")
+    assert (settings.health.path, settings.backends[0].health_path, settings.notes) == (
+        "/up", "/ws", ()
+    )
+    assert "probed with default: WebSocket handshake on /ws" in summary(settings)
+    with pytest.raises(ConfigError) as raised:
+        parseConfig(support.configText([("a", "ws://127.0.0.1:1")], health="path = /a\nprobe_path = /b"))
+    assert (raised.value.section, raised.value.key) == ("health", "path")

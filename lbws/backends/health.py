@@ -6,11 +6,14 @@ after C{rise} successes.
 
 Probes (C{[health] probe}):
 
+  - C{default}: the WebSocket handshake on C{probe_path}: an upgrade gets
+    the whole C{websocket} check, any other well-formed HTTP answer is
+    healthy (L{probeDefault}).
   - C{tcp}: open a TCP connection and close it.
-  - C{websocket}: the full opening handshake on C{path} (offering
+  - C{websocket}: the full opening handshake on C{probe_path} (offering
     C{subprotocol}, if set, and requiring it back), a ping answered by a
     pong, and a clean close. The round-trip time is the ping's.
-  - C{http}: C{GET path}; a 2xx or 3xx answer is healthy.
+  - C{http}: C{GET probe_path}; a 2xx or 3xx answer is healthy.
 
 wss:// backends are probed over TLS verified exactly as the relay verifies
 them (L{lbws.backends.backend}).
@@ -164,6 +167,24 @@ def probeWebsocket(reactor, backend, health):
     Healthy when a WebSocket on C{path} opens (with C{subprotocol}, if
     set), answers a ping and closes cleanly.
     """
+    return _probeHandshake(reactor, backend, health, answerIsHealthy=False)
+
+
+def probeDefault(reactor, backend, health):
+    """
+    The probe of a config that names none: the WebSocket handshake on
+    C{path}. An application that upgrades it gets the whole WebSocket check
+    (L{probeWebsocket}); any other well-formed HTTP answer, whatever its
+    status (a FastAPI app's 404 on /, an MQTT broker's 400, a static
+    site's 200), says the application is running, as HAProxy's plain
+    C{check} and nginx's passive checks take it. Only what says nothing
+    of the application fails: no connection, a timeout, a malformed
+    answer.
+    """
+    return _probeHandshake(reactor, backend, health, answerIsHealthy=True)
+
+
+def _probeHandshake(reactor, backend, health, answerIsHealthy):
     subprotocol = health.subprotocol
     attempt = Attempt(
         reactor,
@@ -184,14 +205,20 @@ def probeWebsocket(reactor, backend, health):
 
     result = Deferred(cancel)
 
+    started = reactor.seconds()
+
     def opened(protocol):
         protocol.check(result, subprotocol)
 
     def failed(failure):
-        if not result.called:
-            if failure.check(BackendRefused):
-                failure = ProbeFailed(str(failure.value))
-            result.errback(failure)
+        if result.called:
+            return
+        if failure.check(BackendRefused):
+            if answerIsHealthy:
+                result.callback(reactor.seconds() - started)
+                return
+            failure = ProbeFailed(str(failure.value))
+        result.errback(failure)
 
     opening.addCallbacks(opened, failed)
     return result
@@ -247,6 +274,7 @@ def probeHttp(reactor, backend, health):
 
 
 PROBES = {
+    "default": probeDefault,
     "tcp": probeTcp,
     "websocket": probeWebsocket,
     "http": probeHttp,
