@@ -194,7 +194,7 @@ def uncleanReason(protocol):
     return protocol.wasNotCleanReason
 
 
-def setRequest(factory, host, resource, protocols, headers, useragent, origin):
+def setRequest(factory, host, resource, protocols, headers, useragent, origin, hostHeader=None):
     """
     The request an Autobahn client factory sends, but for its URL's scheme
     and port: its Host header and request target (C{host} and
@@ -202,7 +202,10 @@ def setRequest(factory, host, resource, protocols, headers, useragent, origin):
     client's own target, and an IPv6 host with its brackets), then the
     session parameters C{setSessionParameters} would set without parsing
     the URL again (a third of the cost of opening a backend's factory).
+    C{hostHeader}, when given, is the Host line's whole value instead
+    (L{OctetRequest} writes it).
     """
+    factory.hostHeader = hostHeader
     factory.host = host
     factory.resource = resource
     factory.protocols = protocols or []
@@ -261,10 +264,32 @@ class OctetRequest:
             self, "http_request_data", None
         ):
             try:
-                data = self.http_request_data = data.decode("utf-8").encode("latin-1")
+                data = data.decode("utf-8").encode("latin-1")
             except UnicodeEncodeError:
                 pass
+            host = getattr(self.factory, "hostHeader", None)
+            if host is not None:
+                data = withHost(data, host)
+            self.http_request_data = data
         return super().sendData(data, sync, chopsize)
+
+
+_HOST_LINE = re.compile(rb"\r\nHost: [^\r\n]*\r\n")
+
+
+def withHost(request, host):
+    """
+    Autobahn's opening handshake request C{request} with C{host} (the
+    client's own Host value, as lbws forwards it by default) for the
+    C{host:port} line Autobahn always writes from its factory's URL.
+
+    Relies on Autobahn writing exactly one C{Host:} line, named so, right
+    after the request line or User-Agent (tests/test_compat.py
+    test_withHost).
+    """
+    return _HOST_LINE.sub(
+        lambda _: b"\r\nHost: " + host.encode("latin-1") + b"\r\n", request, count=1
+    )
 
 
 class WriteThrough:

@@ -161,6 +161,7 @@ class RouteSettings:
     max_message_size: int = 16 * 1024 * 1024
     allowed_origins: AllowedOrigins = AllowedOrigins()
     http: str = "proxy"
+    host_header: str = "client"
     strip_prefix: bool = False
 
 
@@ -174,6 +175,7 @@ ROUTE_OVERRIDES = (
     "max_message_size",
     "allowed_origins",
     "http",
+    "host_header",
 )
 
 
@@ -212,6 +214,7 @@ class Settings:
     allowed_origins: AllowedOrigins = AllowedOrigins()
     # Plain HTTP on the listener (README "Plain HTTP and long-polling").
     http: str = "proxy"
+    host_header: str = "client"
     http_timeout: float = 60.0
     max_body_size: int = 1024 * 1024
     sticky_cookie: str = ""
@@ -426,6 +429,7 @@ def _parseOverrides(reader, base):
             "max_message_size", base.max_message_size, int, 1
         ),
         "http": reader.choice("http", base.http, ("proxy", "refuse")),
+        "host_header": reader.choice("host_header", base.host_header, ("client", "backend")),
     }
     if reader.has("allowed_origins"):
         values["allowed_origins"] = _parseOrigins(reader)

@@ -310,7 +310,11 @@ class DiscoveryHarness(Harness):
         return factory
 
     async def lbws(self, backends, resolver, health="interval = 0.1\ntimeout = 0.5\nfall = 1\nrise = 2"):
-        text = support.configText(backends, health=health, probe="websocket")
+        # The backends get their own names as Host (what these tests look
+        # for), not the client's.
+        text = support.configText(
+            backends, lbws="host_header = backend", health=health, probe="websocket"
+        )
         return await self.start(makeLbws(reactor, parseConfig(text, "t.ini"), resolver=resolver))
 
     def loggedLines(self, words):
@@ -457,7 +461,7 @@ async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tm
     zone.set("chat.example", A("127.0.0.2"))
     text = support.configText(
         [("chat", f"wss://chat.example:{port}", "resolve = 0.1", f"ca = {caFile}")],
-        lbws="admin_token = s3cret",
+        lbws="admin_token = s3cret\nhost_header = backend",
         health="interval = 0.1\ntimeout = 1\nfall = 1\nrise = 1",
         probe="websocket",
         dashboard="tcp:0:interface=127.0.0.1",

@@ -15,7 +15,7 @@ from twisted.web.server import Site
 from lbws.config import ConfigError, parseConfig, summary
 
 from tests import support, wire
-from tests.test_hostile import backendHead, fields
+from tests.test_hostile import answer, backendHead, fields, statusLine
 from tests.test_httpproxy import _hostPort, _httpBackend, exchange
 from tests.support import eventually, handshakeRequest
 
@@ -159,3 +159,105 @@ def test_probe_path_and_its_deprecated_alias(tmp_path):
     with pytest.raises(ConfigError) as raised:
         parseConfig(support.configText([("a", "ws://127.0.0.1:1")], health="path = /a\nprobe_path = /b"))
     assert (raised.value.section, raised.value.key) == ("health", "path")
+
+
+# Host: the client's by default; the backend's own, with its URLs rewritten
+# back, with host_header = backend.
+
+
+class _Redirects(Resource):
+    """
+    /docs redirects to /docs/ with an absolute URL built from Host, as
+    Starlette and Django do; /refresh sends a Refresh to its own address.
+    Every request's Host is kept.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.hosts = []
+
+    def render(self, request):
+        host = request.getHeader(b"host").decode()
+        self.hosts.append(host)
+        if request.path.endswith(b"/docs"):
+            request.setResponseCode(307)
+            request.setHeader(b"location", f"http://{host}/app/docs/".encode())
+            request.setHeader(b"content-location", b"http://elsewhere.example/x")
+            return b""
+        request.setHeader(b"refresh", f"5; url=http://{host}/app/next".encode())
+        return b"page"
+
+
+async def _redirectingBackend(harness):
+    app = _Redirects()
+    port = await harness.listen(Site(app))
+    app.url = f"ws://127.0.0.1:{port.getHost().port}/app"
+    app.own = f"127.0.0.1:{port.getHost().port}"
+    return app
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_gets_the_clients_host_by_default(harness):
+    app = await _redirectingBackend(harness)
+    ws = await wire.rawBackend(harness)
+    lbws = await harness.lbws([("a", app.url)], health="interval = 60")
+    [(status, headers, _)], _ = await exchange(
+        _hostPort(lbws.url), [("GET", "/docs", None, {"Host": "public.example"})]
+    )
+    assert app.hosts == ["public.example"]
+    assert (status, headers["Location"]) == (307, "http://public.example/app/docs/")
+
+    lbws = await harness.lbws([("ws", ws.url)], health="interval = 60")
+    head = await backendHead(harness, lbws, ws, handshakeRequest(host="chat.example:8443"))
+    assert dict(fields(head))[b"host"] == b"chat.example:8443"
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_header_backend_rewrites_its_own_urls_back(harness):
+    app = await _redirectingBackend(harness)
+    lbws = await harness.lbws(
+        [("a", app.url)], health="interval = 60", lbws="host_header = backend"
+    )
+    [(status, headers, _), (_, page, _)], _ = await exchange(
+        _hostPort(lbws.url),
+        [("GET", "/docs", None, {"Host": "public.example"}), ("GET", "/", None, {"Host": "public.example"})],
+    )
+    assert app.hosts == [app.own, app.own]
+    # The backend's own URL, path prefix included, becomes the client's.
+    assert (status, headers["Location"]) == (307, "http://public.example/docs/")
+    assert headers["Content-Location"] == "http://elsewhere.example/x"
+    assert page["Refresh"] == "5; url=http://public.example/next"
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_header_backend_rewrites_a_websocket_refusals_location(harness):
+    app = await _redirectingBackend(harness)
+    lbws = await harness.lbws(
+        [("a", app.url)], health="interval = 60", lbws="host_header = backend"
+    )
+    response, client = await answer(lbws.url, handshakeRequest(path="/docs", host="public.example"))
+    client.transport.loseConnection()
+    assert statusLine(response).startswith("HTTP/1.1 307 ")
+    assert "\r\nLocation: http://public.example/docs/\r\n" in response
+    assert app.hosts == [app.own]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_route_chooses_its_host_header(harness):
+    app = await _redirectingBackend(harness)
+    lbws = await harness.lbws(
+        [("a", app.url)],
+        health="interval = 60",
+        lbws="host_header = backend",
+        routes=(
+            "[route:public]\nhost = public.example\nbackends = a\nhost_header = client\n"
+            "[route:rest]\nbackends = a\n"
+        ),
+    )
+    await exchange(
+        _hostPort(lbws.url),
+        [("GET", "/", None, {"Host": "public.example"}), ("GET", "/", None, {"Host": "other.example"})],
+    )
+    assert app.hosts == ["public.example", app.own]

@@ -158,7 +158,7 @@ async def test_hop_by_hop_headers_removed_and_forwarded_headers_added(harness):
     assert seen["headers"]["x-forwarded-host"] == ["public.example"]
     assert seen["headers"]["x-forwarded-proto"] == ["http"]
     assert seen["headers"]["authorization"] == ["Bearer t"]
-    assert seen["headers"]["host"] == [backend.http]
+    assert seen["headers"]["host"] == ["public.example"]  # host_header = client
 
 
 @pytest_twisted.ensureDeferred
@@ -548,7 +548,8 @@ async def test_https_client_and_wss_backend_url_as_https(harness, pki):
     seen = json.loads(body)
     assert seen["uri"] == "/app/echo"
     assert seen["headers"]["x-forwarded-proto"] == ["https"]
-    assert seen["headers"]["host"] == [f"localhost:{port.getHost().port}"]
+    # The client's Host (host_header = client): lbws's own address.
+    assert seen["headers"]["host"] == [f"localhost:{lbws.url.rsplit(':', 1)[1]}"]
 
 
 async def _rawAnswers(url, data, timeout=10):

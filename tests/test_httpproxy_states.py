@@ -61,7 +61,8 @@ def test_request_and_response_relayed_then_connection_kept():
     proxy.send(GET)
     transport, backend = proxy.backend()
     sent = transport.value().decode()
-    assert sent.startswith("GET /x HTTP/1.1\r\nHost: 10.0.0.1\r\n")
+    # The client's Host by default (host_header = client).
+    assert sent.startswith("GET /x HTTP/1.1\r\nHost: public\r\n")
     assert "X-Forwarded-Host: public\r\n" in sent
     assert sent.endswith("Connection: close\r\n\r\n")
     backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")

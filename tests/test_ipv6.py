@@ -77,7 +77,10 @@ async def test_an_ipv6_literal_backend_relays_and_passes_its_probes(harness, pro
     await eventually(lambda: member.checks["ok"] >= 2)
     assert member.state == "up" and member.checks["failed"] == 0, member.lastError
 
-    lbws = await harness.lbws([("six", f"ws://[::1]:{backend.port}/app")], probe=probe)
+    # The backend's own address as Host, with its brackets.
+    lbws = await harness.lbws(
+        [("six", f"ws://[::1]:{backend.port}/app")], probe=probe, lbws="host_header = backend"
+    )
     client = await harness.client(lbws.url, path="/chat?room=1")
     seen = await request(client)
     assert seen["path"] == "/app/chat" and seen["params"] == {"room": ["1"]}

@@ -507,7 +507,10 @@ async def test_per_backend_probe_paths(harness):
     # One probe per check, though "alive" serves two routes.
     assert resources["alive"].hits == pool["alive"].checks["ok"]
     assert resources["plain"].hits == 0
-    assert "alive: " + urls["alive"] + " weight 1; health http /alive" in summary(service.settings)
+    assert (
+        "alive: " + urls["alive"] + " weight 1; probed with http: GET /alive, healthy on 2xx or 3xx"
+        in summary(service.settings)
+    )
 
 
 # Configuration
@@ -543,7 +546,7 @@ def test_route_mistakes_name_file_section_and_key():
     )
     assert "[route:x] balance: 'fast'" in _error("[route:x]\nbackends = a\nbalance = fast\n")
     assert "[route:x] weight: unknown key" in _error("[route:x]\nbackends = a\nweight = 2\n")
-    assert "[backend:c] probe: 'ping' is not one of tcp, websocket, http" in _error(
+    assert "[backend:c] probe: 'ping' is not one of default, tcp, websocket, http" in _error(
         "[backend:c]\nurl = ws://h\nprobe = ping\n"
     )
     assert "[backend:c] path: 'x' must start with /" in _error(

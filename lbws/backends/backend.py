@@ -375,6 +375,9 @@ class Attempt:
     @param handshakeTimeout: seconds from connect to the answer; 0 = none
         (the caller bounds the attempt, as the health checks do).
     @param connection: the member's L{lbws.backends.pool.Connection}, or None.
+    @param hostHeader: the Host value the backend gets, or None for its
+        own C{host:port} (a protocol without L{lbws.compat.OctetRequest}
+        always gets its own).
     """
 
     def __init__(
@@ -390,6 +393,7 @@ class Attempt:
         headers=None,
         useragent=None,
         origin=None,
+        hostHeader=None,
     ):
         self._reactor = reactor
         self._backend = backend
@@ -408,7 +412,14 @@ class Attempt:
         # The Host header: Autobahn writes host:port, so an IPv6 address
         # needs its brackets.
         setRequest(
-            factory, hostForUrl(backend.host), resource, protocols, headers, useragent, origin
+            factory,
+            hostForUrl(backend.host),
+            resource,
+            protocols,
+            headers,
+            useragent,
+            origin,
+            hostHeader,
         )
         self._connector = _Connecting(self)
 

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lbws.protocol import extensions
-from lbws.protocol.answers import render
+from lbws.protocol.answers import Head, render
 from lbws.backends.backend import (
     Attempt,
     BackendHandshakeError,
@@ -33,6 +33,7 @@ from lbws.backends.backend import (
 from lbws.compat import OctetRequest, takeReceived, unparsedExtensions
 from lbws.protocol.headers import forwardedHeaders
 from lbws.protocol.request import joinTarget, normaliseTarget
+from lbws.backends.redirects import RedirectRewriter
 from lbws.backends.routes import forwardTarget
 
 _log = Logger()
@@ -43,9 +44,19 @@ class Refused(ConnectionDeny):
     built by L{lbws.protocol.answers.render}.
     """
 
-    def __init__(self, refusal):
+    def __init__(self, refusal, redirects=None):
         super().__init__(refusal.head.status, str(refusal))
-        self.answer = render(refusal.head, refusal.body)
+        head = refusal.head
+        if redirects is not None:
+            head = Head(
+                head.status,
+                head.reason,
+                [
+                    (n, redirects.rewrite(n.decode("latin-1"), v.decode("latin-1")).encode("latin-1"))
+                    for n, v in head.headers
+                ],
+            )
+        self.answer = render(head, refusal.body)
 
 
 class RelayProtocol(OctetRequest, BackendProtocol):
@@ -170,8 +181,29 @@ class _ClientDial:
             headers=headers,
             useragent=useragent,
             origin=origin,
+            hostHeader=self._hostHeader(),
         )
         return attempt.start()
+
+    def _redirects(self, member):
+        """
+        With C{host_header = backend}, what rewrites the backend's own URLs
+        in its refusal to the client's (L{lbws.backends.redirects}).
+        """
+        host = self._request.headers.get("host")
+        if self._hostHeader() is not None or host is None:
+            return None
+        return RedirectRewriter(member.settings, host, self._secure)
+
+    def _hostHeader(self):
+        """
+        The client's Host for the backend, unless the route says the
+        backend gets its own (C{host_header = backend}).
+        """
+        route = self._route
+        if route is not None and route.host_header == "backend":
+            return None
+        return self._request.headers.get("host")
 
     def _opened(self, protocol, member):
         self._attempt = None
@@ -195,7 +227,7 @@ class _ClientDial:
             return
         if failure.check(BackendRefused):
             dialer._counters.handshakes["backend_refused"] += 1
-            self._fail(Refused(failure.value))
+            self._fail(Refused(failure.value, self._redirects(member)))
             return
         if failure.check(OpeningError):
             _log.error(

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from lbws.backends import sticky
 from lbws.backends.balance import hashKeyOf
+from lbws.backends.redirects import RedirectRewriter
 from lbws.backends.backend import backendEndpoint, hostForUrl, localShortage
 from lbws.protocol.headers import PROXY_HEADERS, proxyHeaders
 from lbws.protocol.request import (
@@ -520,6 +521,18 @@ class Exchange:
         else:
             self._backendFailed(failure.getErrorMessage(), retry=True)
 
+    def _hostFor(self, backend):
+        """
+        The Host the backend gets: the client's, or with C{host_header =
+        backend} the backend's own (and its URLs in the response are then
+        rewritten back, see L{_responseHead}). An HTTP/1.0 client may send
+        no Host: the backend gets its own then.
+        """
+        host = self.request.headers.get("host")
+        if self.route.host_header == "backend" or host is None:
+            return hostHeader(backend)
+        return host
+
     def _requestHead(self, member):
         backend = member.settings
         request = self.request
@@ -528,7 +541,7 @@ class Exchange:
             f"{request.method}"
             f" {joinTarget(backend.path, forwardTarget(self.route, request.target))}"
             " HTTP/1.1",
-            f"Host: {hostHeader(backend)}",
+            f"Host: {self._hostFor(backend)}",
         ]
         for name, value in request.fields:
             key = name.lower()
@@ -662,10 +675,17 @@ class Exchange:
         )
         listed = set(response.tokens("connection"))
         lines = [f"HTTP/1.1 {response.status} {response.reason}"]
+        redirects = None
+        if self.route.host_header == "backend" and "host" in request.headers:
+            redirects = RedirectRewriter(
+                self.member.settings, request.headers["host"], self.front.secure
+            )
         for name, value in response.fields:
             key = name.lower()
             if key in HOP_BY_HOP or key in listed or (key == "trailer" and self.dechunk):
                 continue
+            if redirects is not None:
+                value = redirects.rewrite(name, value)
             lines.append(f"{name}: {value}")
         if (kind == "chunked" and not self.dechunk) or self.rechunk:
             lines.append("Transfer-Encoding: chunked")
