@@ -45,6 +45,28 @@ def replaceTlsOptions(endpoint, options):
     endpoint._sslContextFactory = options
 
 
+def quietHttpPool(pool):
+    """
+    Make a C{twisted.web.client.HTTPConnectionPool} build its connections'
+    factories quiet: Twisted's private C{_HTTP11ClientFactory} is noisy, so
+    each health check over HTTP logged a "Starting factory" and a
+    "Stopping factory" line (three lines in four of a log). The pool keeps
+    the factory class in its private C{_factory}.
+    """
+    pool._factory = _quietHttpFactory()
+    return pool
+
+
+@functools.cache
+def _quietHttpFactory():
+    from twisted.web.client import _HTTP11ClientFactory
+
+    class QuietFactory(_HTTP11ClientFactory):
+        noisy = False
+
+    return QuietFactory
+
+
 def hasQueuedWrites(transport):
     """
     True when a TCP transport holds bytes not yet handed to the kernel:
@@ -184,6 +206,27 @@ def refuseHandshake(protocol, reason, code):
     (Autobahn's server-side C{failHandshake}).
     """
     protocol.failHandshake(reason, code)
+
+
+def failHandshakeQuietly(protocol, reason, code, responseHeaders=None):
+    """
+    What Autobahn's server-side C{failHandshake} does (answer with HTTP
+    C{code} through C{sendHttpErrorResponse}, keep C{reason} as the
+    connection's unclean reason, drop the connection once the answer is
+    written), without its two log lines: an info line and, from
+    C{dropConnection}, a warning with the peer's internals. lbws's own
+    refusals are not faults; the access log has one line for each.
+
+    Relies on C{dropConnection} logging at warn only when C{wasClean} is
+    false (tests/test_compat.py test_failHandshakeQuietly).
+    """
+    protocol.wasNotCleanReason = reason
+    protocol.sendHttpErrorResponse(code, reason, responseHeaders)
+    wasClean, protocol.wasClean = protocol.wasClean, True
+    try:
+        protocol.dropConnection(abort=False)
+    finally:
+        protocol.wasClean = wasClean
 
 
 def uncleanReason(protocol):

@@ -194,6 +194,7 @@ class Settings:
     balance: str = "least_conn"
     hash_key: HashKey = HashKey("ip")
     handshake_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
     connect_timeout: float = 5.0
     retries: int = 2
     idle_timeout: float = 0.0
@@ -201,6 +202,9 @@ class Settings:
     max_message_size: int = 16 * 1024 * 1024
     compression: str = "passthrough"
     max_connections: int = 10000
+    # Whether the file set max_connections (lbws.ops.fdlimit warns of too
+    # few descriptors for a value the operator chose, not for the default).
+    max_connections_set: bool = False
     drain_timeout: float = 30.0
     stop_delay: float = 0.0
     admin_token: str = ""
@@ -636,12 +640,14 @@ def _parseMain(path, parser, backends, health):
         ),
         **_parseOverrides(reader, RouteSettings("")),
         handshake_timeout=reader.seconds("handshake_timeout", 10),
+        keepalive_timeout=reader.seconds("keepalive_timeout", 75),
         connect_timeout=reader.seconds("connect_timeout", 5),
         retries=reader.number("retries", 2, int, 0),
         idle_timeout=reader.seconds("idle_timeout", 0, off=True),
         ping_interval=reader.seconds("ping_interval", 30, off=True),
         compression=reader.choice("compression", "passthrough", ("passthrough", "off")),
         max_connections=reader.number("max_connections", 10000, int, 1),
+        max_connections_set=reader.has("max_connections"),
         drain_timeout=reader.number("drain_timeout", 30, float, 0),
         stop_delay=reader.number("stop_delay", 0, float, 0),
         admin_token=reader.string("admin_token"),

@@ -71,6 +71,9 @@ def _startNotes(settings):
     for problem in (fdlimit.shortfall(settings, limit), exposureWarning(settings)):
         if problem:
             text += f"warning: {problem}\n"
+    fits = fdlimit.fits(settings, limit)
+    if fits:
+        text += f"note: {fits}\n"
     return text
 
 
@@ -104,6 +107,9 @@ class CommandLineService(MultiService):
         problem = fdlimit.shortfall(self.settings, after)
         if problem:
             _log.warn("{problem}", problem=problem, limit=after)
+        fits = fdlimit.fits(self.settings, after)
+        if fits:
+            _log.info("{fits}", fits=fits, limit=after)
         super().privilegedStartService()
 
     def startService(self):

@@ -540,3 +540,53 @@ def test_autobahnReadableHead():
     assert "authorization" not in headers
     # Not a token any more: a subprotocol with such a byte is still refused.
     assert headers["sec-websocket-protocol"] == "chat?"
+
+
+def test_quietHttpPool():
+    """
+    Twisted's HTTPConnectionPool keeps the factory class of its
+    connections in _factory, and builds it with (quiescentCallback,
+    metadata): the quiet one is that class, not noisy.
+    """
+    from twisted.internet.testing import MemoryReactor
+    from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+    pool = HTTPConnectionPool(MemoryReactor(), persistent=False)
+    assert pool._factory is _HTTP11ClientFactory
+    quiet = compat.quietHttpPool(pool)._factory
+    assert issubclass(quiet, _HTTP11ClientFactory) and not quiet.noisy
+    assert quiet(lambda protocol: None, "metadata").noisy is False
+
+
+def test_failHandshakeQuietly():
+    """
+    Autobahn's failHandshake answers, keeps the reason and drops the
+    connection, logging an info line and, from dropConnection, a warning
+    (when the connection is not clean): the quiet one does the same
+    without a line at warn.
+    """
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto = serverProtocol()
+        proto.dataReceived(handshakeRequest()[:30])
+        compat.failHandshakeQuietly(proto, "Not Found: no route", 404)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert proto.transport.value().startswith(b"HTTP/1.1 404 ")
+    assert compat.uncleanReason(proto) == "Not Found: no route"
+    assert not proto.wasClean
+    assert proto.transport.disconnecting
+    assert [e for e in events if e["log_level"] >= LogLevel.info] == []
+
+    loud = []
+    globalLogPublisher.addObserver(loud.append)
+    try:
+        proto = serverProtocol()
+        proto.dataReceived(handshakeRequest()[:30])
+        proto.failHandshake("Not Found: no route", 404)
+    finally:
+        globalLogPublisher.removeObserver(loud.append)
+    assert any(e["log_level"] == LogLevel.warn for e in loud)

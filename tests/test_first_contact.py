@@ -9,6 +9,7 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionDone
+from twisted.logger import LogLevel, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -261,3 +262,65 @@ async def test_a_route_chooses_its_host_header(harness):
         [("GET", "/", None, {"Host": "public.example"}), ("GET", "/", None, {"Host": "other.example"})],
     )
     assert app.hosts == ["public.example", app.own]
+
+
+# A quiet, useful log.
+
+
+def _lines(events):
+    return [formatEvent(e) for e in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_refused_handshake_gets_one_access_line_and_no_warning(harness):
+    events = harness.logged()
+    app = _Answers(403)
+    port = await harness.listen(Site(app))
+    lbws = await harness.lbws(
+        [("app", f"ws://127.0.0.1:{port.getHost().port}")],
+        probe="http",
+        health="interval = 0.1",
+        routes="[route:app]\npath = /app\nbackends = app\n",
+    )
+    for path in ("/app/x", "/elsewhere"):
+        response, client = await answer(lbws.url, handshakeRequest(path=path))
+        client.transport.loseConnection()
+    await eventually(lambda: app.requests >= 5)  # a few HTTP checks ran too
+    access = [e for e in events if e.get("log_format_access")]
+    assert [(e["target"], e["status"]) for e in access] == [("/app/x", 403), ("/elsewhere", 404)]
+    assert [formatEvent(e) for e in access][0] == (
+        "127.0.0.1 /app/x refused: 403 backend answered HTTP 403 Forbidden"
+    )
+    noisy = [
+        line
+        for e, line in zip(events, _lines(events))
+        if e["log_level"] >= LogLevel.warn or "HTTP11ClientFactory" in line
+    ]
+    # The only warning: the backend is down by its checks (403 on GET /).
+    assert noisy == ["backend app is down: backend answered HTTP 403 Forbidden"], noisy
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_size_limit_is_logged_as_the_limit(harness):
+    events = harness.logged()
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], lbws="max_message_size = 10")
+    client = await harness.client(lbws.url)
+    client.sendMessage(b"x" * 11)
+    await client.closed
+    assert any("went over a size limit: 1009" in line for line in _lines(events))
+    assert not any("broke the protocol" in line for line in _lines(events))
+
+
+def test_the_default_max_connections_is_no_warning_on_a_low_descriptor_limit():
+    from lbws.ops import fdlimit
+
+    default = parseConfig(support.configText([("a", "ws://127.0.0.1:1")]))
+    chosen = parseConfig(
+        support.configText([("a", "ws://127.0.0.1:1")], lbws="max_connections = 10000")
+    )
+    assert fdlimit.shortfall(default, 4096) is None
+    assert "about 1984 connections fit" in fdlimit.fits(default, 4096)
+    assert "below 2 x max_connections" in fdlimit.shortfall(chosen, 4096)
+    assert fdlimit.fits(chosen, 4096) is None
+    assert fdlimit.fits(default, 100000) is None

@@ -236,6 +236,10 @@ async def test_no_backend_gets_503_and_dead_backend_502(harness):
     assert status == 502
     assert b"127.0.0.1" not in body and b"refused" not in body.lower()
     await eventually(lambda: lbws.pool["a"].state == "down")
+    # Down, and the only one: tried all the same.
+    [(status, _, body)], _ = await exchange(address, [("GET", "/", None, None)])
+    assert status == 502
+    lbws.pool["a"].admin.drain()
     [(status, _, body)], _ = await exchange(address, [("GET", "/", None, None)])
     assert status == 503
 
@@ -584,7 +588,8 @@ async def test_a_content_length_of_non_ascii_digits_is_a_400_and_leaks_nothing(h
 @pytest_twisted.ensureDeferred
 async def test_many_pipelined_requests_answered_at_once_do_not_nest(harness):
     """
-    With no backend up each request is answered at once (503, keep-alive):
+    With no backend to go to (drained) each request is answered at once
+    (503, keep-alive):
     2,000 of them pipelined in one write are answered in turn, without a
     call per request on the stack, and the connection leaves nothing
     counted behind.
@@ -592,7 +597,7 @@ async def test_many_pipelined_requests_answered_at_once_do_not_nest(harness):
     lbws = await harness.lbws(
         [("a", harness.deadUrl())], lbws="retries = 0", health="interval = 3600\nfall = 1"
     )
-    lbws.pool["a"].recordCheck(False, reactor.seconds(), 1, 1, "test")
+    lbws.pool["a"].admin.drain()
     request = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
     answer = await _rawAnswers(
         lbws.url, request * 2000 + b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"

@@ -98,7 +98,7 @@ def test_response_head_timeout_gives_504_and_is_not_retried():
 
 
 def test_idle_keep_alive_connection_closed_quietly_partial_head_gets_408():
-    proxy = Proxy("handshake_timeout = 5")
+    proxy = Proxy("keepalive_timeout = 5")
     proxy.send(GET)
     _, backend = proxy.backend()
     backend.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -166,3 +166,29 @@ def test_http_timeout_counts_from_the_end_of_a_slow_upload():
     assert transport.value().endswith(b"\r\n\r\n1234567890")
     proxy.reactor.advance(3)
     assert proxy.answer().startswith("HTTP/1.1 504 Gateway Timeout\r\n")
+
+
+def _answered(proxy):
+    proxy.send(GET)
+    _, backend = proxy.backend()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    assert not proxy.client.disconnecting
+
+
+def test_an_idle_keep_alive_connection_gets_keepalive_timeout():
+    proxy = Proxy("handshake_timeout = 1\nkeepalive_timeout = 30")
+    _answered(proxy)
+    proxy.reactor.advance(29)  # far beyond handshake_timeout: still open
+    assert not proxy.client.disconnecting
+    proxy.reactor.advance(1)
+    assert proxy.client.disconnecting  # closed quietly: no 408
+    assert "408" not in proxy.answer()
+
+
+def test_a_begun_request_head_gets_handshake_timeout_then_408():
+    proxy = Proxy("handshake_timeout = 1\nkeepalive_timeout = 30")
+    _answered(proxy)
+    proxy.reactor.advance(10)
+    proxy.send(b"GET /y HTTP/1.1\r\n")  # the head's first line, then nothing
+    proxy.reactor.advance(1)
+    assert "408 " in proxy.answer()

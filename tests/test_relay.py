@@ -252,12 +252,31 @@ async def refusal(url, **kwargs):
 
 @pytest_twisted.ensureDeferred
 async def test_no_backend_up_gives_503(harness):
+    """
+    503 when no backend can take a client: every one drained (or removed).
+    """
     backend = await harness.backend()
     lbws = await harness.lbws([("a", backend.url)])
-    setHealthy(lbws.pool["a"], False)
+    lbws.pool["a"].admin.drain()
     failed = await refusal(lbws.url)
     assert failed.status == 503
     assert lbws.counters.handshakes["no_backend"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_no_backend_up_a_real_connect_is_tried_and_marks_it_up(harness):
+    """
+    A backend marked down (its checks failed, it restarted) serves the
+    next client when none of the route is up, and that first success
+    marks it up at once, not rise x interval later.
+    """
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], health="interval = 3600\nrise = 5")
+    setHealthy(lbws.pool["a"], False)
+    client = await harness.client(lbws.url)
+    client.sendMessage(b"back")
+    assert await client.messages.get() == (b"back", False)
+    assert lbws.pool["a"].state == "up"
 
 
 @pytest_twisted.ensureDeferred
@@ -269,8 +288,11 @@ async def test_every_try_failed_gives_502_and_marks_backends_down(harness):
     assert failed.status == 502
     assert reactor.seconds() - start < 5
     assert {m.state for m in lbws.pool} == {"down"}
-    # Nothing is up now: the next client is told so at once.
-    assert (await refusal(lbws.url)).status == 503
+    # Nothing is up now: the next client's connects are tried all the same
+    # (a real connect is the best probe), and fail as fast.
+    start = reactor.seconds()
+    assert (await refusal(lbws.url)).status == 502
+    assert reactor.seconds() - start < 5
 
 
 @pytest_twisted.ensureDeferred

@@ -217,6 +217,7 @@ class _ClientDial:
             self._failed(Failure(BackendHandshakeError(f"backend handshake failed: {why}")), member)
             return
         protocol.extensions = answer
+        member.connectionSucceeded(self._dialer._reactor.seconds(), self._settings.health)
         self.result.callback((member, protocol))
 
     def _failed(self, failure, member):
@@ -226,6 +227,8 @@ class _ClientDial:
         if failure.check(CancelledError):
             return
         if failure.check(BackendRefused):
+            # The application answered: the backend is running.
+            member.connectionSucceeded(dialer._reactor.seconds(), self._settings.health)
             dialer._counters.handshakes["backend_refused"] += 1
             self._fail(Refused(failure.value, self._redirects(member)))
             return

@@ -53,7 +53,7 @@ from lbws.backends.backend import (
     hostForUrl,
     localShortage,
 )
-from lbws.compat import isClosing, uncleanReason
+from lbws.compat import isClosing, quietHttpPool, uncleanReason
 from lbws.config import healthFor
 from lbws.transport.tlserrors import describeTlsFailure
 
@@ -253,7 +253,7 @@ def probeHttp(reactor, backend, health):
     """
     Healthy when C{GET path} is answered with a 2xx or 3xx status.
     """
-    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool = quietHttpPool(HTTPConnectionPool(reactor, persistent=False))
     agent = Agent.usingEndpointFactory(
         reactor, _BackendEndpoints(reactor, backend, health.timeout), pool=pool
     )

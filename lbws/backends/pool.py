@@ -346,6 +346,18 @@ class Member:
         self.traffic.failure()
         return self.recordCheck(False, when, health.rise, health.fall, why)
 
+    def connectionSucceeded(self, when, health):
+        """
+        A real connection reached this backend's application (it accepted
+        the WebSocket, or answered): a down backend is up again at once,
+        without waiting for C{rise} probes (see L{Pool.choose}: with no
+        member of a route up, real connections are tried anyway).
+
+        @param health: the C{[health]} settings (C{fall}).
+        """
+        if not self.healthy:
+            self.recordCheck(True, when, 1, health.fall)
+
     def follow(self, healthy, drained, changed):
         """
         A worker takes its parent's state of this member.
@@ -560,14 +572,21 @@ class Pool:
     def choose(self, key=None, exclude=(), route=None):
         """
         The member of C{route} (all members without one) a new connection
-        should go to, or None if no member that is up and was not excluded
-        has a weight above zero.
+        should go to, or None if no member that was not excluded has a
+        weight above zero.
+
+        Members that are up come first. When none of the route is up, the
+        down ones are tried all the same (Envoy's panic threshold, nginx
+        with one server): a real connect is the best probe, and its first
+        success marks the member up (L{Member.connectionSucceeded}), so a
+        backend that restarts is served again within one connect of its
+        return instead of C{rise} x C{interval} later. Drained and removed
+        members never are.
         """
-        candidates = [
-            m
-            for m in self.serving(route)
-            if m.state == UP and m.weight > 0 and m not in exclude
-        ]
+        serving = [m for m in self.serving(route) if m.weight > 0 and m not in exclude]
+        candidates = [m for m in serving if m.state == UP]
+        if not candidates and not any(m.state == UP for m in self.serving(route)):
+            candidates = [m for m in serving if m.state == DOWN]
         if not candidates:
             return None
         now = self.clock.seconds() if self.clock is not None else None

@@ -164,6 +164,7 @@ class HttpFront:
         self.gone = False
         self._pauses = set()
         self._timer = None
+        self._timerIdle = False
         self._receiving = False
         self._more = b""  # bytes behind a request head, while one is read
         self.lingering = False
@@ -209,10 +210,8 @@ class HttpFront:
         if end < 0:
             if len(self.buffer) > MAX_REQUEST_HEAD:
                 self.reject(431, "request head too large")
-            elif self._timer is None:
-                self._timer = self.reactor.callLater(
-                    self.relay.settings.handshake_timeout, self._timedOut
-                )
+            else:
+                self._waitForHead()
             return
         self._stopTimer()
         head, rest = self.buffer[:end], self.buffer[end + 4 :]
@@ -268,6 +267,24 @@ class HttpFront:
             self.transport.resumeProducing()
         data, self.buffer = self.buffer, b""
         self.protocol.resumeHandshake(data)
+
+    def _waitForHead(self):
+        """
+        Time the wait for the next request head: C{keepalive_timeout} while
+        the connection is idle, C{handshake_timeout} from the first byte of
+        a head on (nginx's C{keepalive_timeout} and
+        C{client_header_timeout}).
+        """
+        idle = not self.buffer
+        if self._timer is not None:
+            if self._timerIdle == idle:
+                return
+            self._stopTimer()
+        settings = self.relay.settings
+        self._timerIdle = idle
+        self._timer = self.reactor.callLater(
+            settings.keepalive_timeout if idle else settings.handshake_timeout, self._timedOut
+        )
 
     def _timedOut(self):
         self._timer = None
@@ -660,6 +677,8 @@ class Exchange:
 
     def _responseHead(self, response, framing):
         self._stopTimer()
+        # The application answered: a backend that was down is up again.
+        self.member.connectionSucceeded(self.reactor.seconds(), self.settings.health)
         self.response = response
         self.status = response.status
         request = self.request

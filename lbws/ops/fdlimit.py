@@ -56,11 +56,12 @@ def raiseSoftLimit(limits=resource):
 
 def shortfall(settings, limit):
     """
-    What to tell the operator when C{limit} descriptors are too few for
-    C{settings}, or None.
+    The warning for an operator whose C{max_connections} needs more than
+    C{limit} descriptors, or None: None also for the default
+    C{max_connections}, which the operator never chose (see L{fits}).
     """
     need = needed(settings)
-    if limit >= need:
+    if limit >= need or not settings.max_connections_set:
         return None
     return (
         f"the file descriptor limit {limit} is below 2 x max_connections"
@@ -68,4 +69,22 @@ def shortfall(settings, limit):
         f" {settings.max_connections} connections; raise the hard limit"
         " (ulimit -Hn, or LimitNOFILE= for a service) or lower"
         " max_connections"
+    )
+
+
+def fits(settings, limit):
+    """
+    What to tell the operator, at info, when the default C{max_connections}
+    needs more than C{limit} descriptors (a machine's usual hard limit may
+    be lower than 20,128), or None: how many connections do fit. Beyond
+    them a client is refused as lbws runs out (HTTP 503), and nobody else
+    is hurt.
+    """
+    need = needed(settings)
+    if limit >= need or settings.max_connections_set:
+        return None
+    return (
+        f"file descriptor limit {limit}: about {max(0, (limit - MARGIN) // 2)}"
+        f" connections fit (the default max_connections {settings.max_connections}"
+        " needs 2 per connection; set max_connections or raise the hard limit)"
     )

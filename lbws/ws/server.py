@@ -13,6 +13,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
 
 from lbws.http import httpproxy
 from lbws.backends import sticky
@@ -21,6 +22,7 @@ from lbws.compat import (
     WriteThrough,
     answerRefusal,
     autobahnReadableHead,
+    failHandshakeQuietly,
     handOver,
     isConnecting,
     processReceived,
@@ -58,6 +60,9 @@ MAX_REQUEST_HEAD = 64 * 1024
 # before its connection is cut: a graceful close waits for the peer (a TLS
 # connection for its handshake), which a hostile one never lets end.
 LINGER = 2.0
+
+
+_log = Logger()
 
 
 class ClientInfo:
@@ -240,15 +245,38 @@ class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
     def failHandshake(self, reason, code=400, responseHeaders=None):
         """
         Answer with an HTTP error and close; a client that does not take
-        the answer within L{LINGER} seconds is cut off.
+        the answer within L{LINGER} seconds is cut off. The access log gets
+        one line for the refused handshake (Autobahn's own lines are left
+        out: a refusal is lbws's or the application's answer, not a fault).
         """
         # Reasons can quote the client's request: escaped for the log.
-        super().failHandshake(printable(reason), code, responseHeaders)
+        reason = printable(reason)
+        failHandshakeQuietly(self, reason, code, responseHeaders)
+        self._logRefused(code, reason)
         if not self._lost:
             self._stopHandshakeTimer()
             self._handshakeTimer = self.factory.relay.reactor.callLater(
                 LINGER, self.transport.abortConnection
             )
+
+    def _logRefused(self, code, reason):
+        peer = self.transport.getPeer()
+        peer = getattr(peer, "host", None) or str(peer)
+        try:
+            target = printable(requestTarget(self))
+        except (AttributeError, IndexError):
+            target = "-"  # no request line was read
+        route = self.info.route.name if self.info is not None and self.info.route else "-"
+        _log.info(
+            "{line}",
+            line=f"{peer} {target} refused: {code} {reason}",
+            log_format_access=True,
+            peer=peer,
+            target=target,
+            route=route,
+            status=code,
+            reason=reason,
+        )
 
     def sendHttpErrorResponse(self, code, reason, responseHeaders=None):
         """

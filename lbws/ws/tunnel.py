@@ -48,6 +48,7 @@ from lbws.protocol.frames import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
+    CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
@@ -65,6 +66,13 @@ from lbws.protocol.frames import (
 from lbws.transport.sockets import tcpTraffic, writerFor
 
 _log = Logger()
+
+# What a violation with one of these codes is in the log: a limit of
+# lbws's configuration reached, not a broken protocol.
+_LIMITS = {
+    CLOSE_MESSAGE_TOO_BIG: "went over a size limit",
+    CLOSE_POLICY_VIOLATION: "went over a limit",
+}
 
 # Seconds a peer gets to answer a close before its TCP connection is cut.
 CLOSE_TIMEOUT = 5.0
@@ -586,9 +594,10 @@ class Tunnel:
         """
         self.relay.counters.protocolErrors[(leg.name, violation.code)] += 1
         _log.info(
-            "{side} {peer} broke the protocol: {code} {reason}",
+            "{side} {peer} {what}: {code} {reason}",
             side=leg.name,
             peer=self.info.peer,
+            what=_LIMITS.get(violation.code, "broke the protocol"),
             code=violation.code,
             reason=violation.reason,
         )
