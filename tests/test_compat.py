@@ -590,3 +590,33 @@ def test_failHandshakeQuietly():
     finally:
         globalLogPublisher.removeObserver(loud.append)
     assert any(e["log_level"] == LogLevel.warn for e in loud)
+
+
+def test_withHost():
+    """
+    Autobahn's client writes one "Host: host:port" line from its factory,
+    after the request line (and User-Agent): with a hostHeader set by
+    setRequest, OctetRequest sends the client's Host value there instead,
+    once, byte for byte; without one, Autobahn's line stays.
+    """
+    factory = WebSocketClientFactory(
+        "ws://10.0.0.5:8010/x", useragent="agent", reactor=MemoryReactorClock()
+    )
+    compat.setRequest(
+        factory, "10.0.0.5", "/x", None, {"x-host": "Host: no"}, "agent", None,
+        hostHeader="chat.example",
+    )
+    factory.protocol = _OctetClient
+    client = factory.buildProtocol(None)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    sent = transport.value()
+    assert sent.startswith(b"GET /x HTTP/1.1\r\nUser-Agent: agent\r\nHost: chat.example\r\n")
+    assert sent.count(b"\r\nHost: ") == 1
+    assert b"x-host: Host: no\r\n" in sent
+
+    compat.setRequest(factory, "10.0.0.5", "/x", None, None, None, None)
+    client = factory.buildProtocol(None)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    assert b"\r\nHost: 10.0.0.5:8010\r\n" in transport.value()
