@@ -194,23 +194,24 @@ def test_unanswered_close_is_cut_and_lbws_answers_with_the_same_code():
 
 def test_backend_lost_before_and_after_messages():
     """
-    backend: OPEN -> LOST; client: OPEN -> CLOSING (1014 if the backend
-    never sent anything, else 1011) -> FINISHED when the client answers.
+    backend: OPEN -> LOST; client: OPEN -> CLOSING (1012, which client
+    libraries retry, with the reason telling the two cases apart) ->
+    FINISHED when the client answers.
     """
     relay, tunnel, client, backend = make()
     lose(tunnel, tunnel.backend)
-    assert client.closes() == [(1014, "backend never answered")]
+    assert client.closes() == [(1012, "backend never answered")]
     assert tunnel.client.state == CLOSING
-    tunnel.client.dataReceived(closeFrame(1014))
+    tunnel.client.dataReceived(closeFrame(1012))
     assert tunnel.client.state == FINISHED
     assert backend.closes() == []  # the answer is not passed on
     lose(tunnel, tunnel.client)
-    assert relay.ended == [("backend", 1014, "backend never answered")]
+    assert relay.ended == [("backend", 1012, "backend never answered")]
 
     relay, tunnel, client, backend = make()
     tunnel.backend.dataReceived(fromBackend(OP_TEXT, b"hi"))
     lose(tunnel, tunnel.backend)
-    assert client.closes() == [(1011, "backend connection lost")]
+    assert client.closes() == [(1012, "backend connection lost")]
 
 
 def test_loss_mid_frame_cuts_the_other_side():
@@ -347,21 +348,21 @@ def test_bad_close_from_client_is_a_violation():
     assert states(tunnel) == (FINISHED, FINISHED)
 
 
-def test_backend_violation_fails_backend_and_closes_client_with_1011():
+def test_backend_violation_fails_backend_and_closes_client_with_1012():
     """
     backend OPEN -> FINISHED by fail (1002, no wait); client OPEN ->
-    CLOSING (1011) -> FINISHED on its answer.
+    CLOSING (1012, which client libraries retry) -> FINISHED on its answer.
     """
     relay, tunnel, client, backend = make()
     tunnel.backend.dataReceived(wire.frame(OP_TEXT, b"masked", masked=True))
     assert backend.closes() == [(1002, "masked server frame")]
     assert backend.ended == "lose"
     assert states(tunnel) == (CLOSING, FINISHED)
-    assert client.closes() == [(1011, "backend error: masked server frame")]
-    tunnel.client.dataReceived(closeFrame(1011))
+    assert client.closes() == [(1012, "backend error: masked server frame")]
+    tunnel.client.dataReceived(closeFrame(1012))
     assert tunnel.client.state == FINISHED
     lose(tunnel, tunnel.backend, tunnel.client)
-    assert relay.ended == [("backend", 1011, "backend error: masked server frame")]
+    assert relay.ended == [("backend", 1012, "backend error: masked server frame")]
 
 
 def reachState(tunnel, name):

@@ -31,8 +31,11 @@ CLOSE_NO_STATUS = 1005
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_BAD_GATEWAY = 1014
+# The service is restarting; the client should reconnect (with a random
+# delay, says the IANA registry): lbws's code for a client whose backend is
+# lost or broke the protocol, and for rebalancing. See the README's close
+# codes for which client libraries retry it.
+CLOSE_SERVICE_RESTART = 1012
 
 
 # The default of max_frames_per_message (see the README): it bounds an

@@ -45,12 +45,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lbws.protocol.frames import (
-    CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL_ERROR,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_SERVICE_RESTART,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
@@ -583,6 +582,8 @@ class Tunnel:
         For a client, lbws closes the backend leg first and keeps relaying
         what the backend already sent, so that the client gets every reply
         to what it sent before the bad frame, then the close code it caused.
+        A backend's client gets 1012, which client libraries retry (see the
+        README's close codes); 1011 makes some give up for good.
         """
         self.relay.counters.protocolErrors[(leg.name, violation.code)] += 1
         _log.info(
@@ -603,7 +604,7 @@ class Tunnel:
             )
         else:
             self.close(
-                CLOSE_INTERNAL_ERROR,
+                CLOSE_SERVICE_RESTART,
                 violation.code,
                 f"backend error: {violation.reason}",
                 "backend",
@@ -641,9 +642,12 @@ class Tunnel:
             # answering: lbws answers it, as the backend should have.
             other.answer()
         elif leg.messages or leg.closeReceived is not None:
-            other.close(CLOSE_INTERNAL_ERROR, "backend connection lost")
+            # 1012, not 1011 nor 1014, which some client libraries take as
+            # fatal (the README's close codes): the client reconnects, to
+            # another backend if this one is down.
+            other.close(CLOSE_SERVICE_RESTART, "backend connection lost")
         else:
-            other.close(CLOSE_BAD_GATEWAY, "backend never answered")
+            other.close(CLOSE_SERVICE_RESTART, "backend never answered")
 
     def messageBudgetSpent(self, leg):
         """
