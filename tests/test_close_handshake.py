@@ -156,9 +156,11 @@ def nodeRuns(url, case, runs):
     if not nodeAvailable():
         pytest.fail("node and tests/node/node_modules are needed: run `make test`")
 
+    script = str(NODE_DIR / "close-client.js")
+
     def run():
         done = subprocess.run(
-            ["node", str(NODE_DIR / "close-client.js"), "--url", url, "--case", case, "--runs", str(runs)],
+            ["node", script, "--url", url, "--case", case, "--runs", str(runs)],
             capture_output=True,
             text=True,
             timeout=300,

@@ -630,8 +630,9 @@ class Tunnel:
         """
         A side that broke the protocol sent its close frame (found behind
         the frames lbws dropped): the answer to lbws's close, which
-        finishes the leg, or a client's close that came before lbws's
-        (which waits for the backend leg), answered by that close.
+        finishes the leg; or a client's close that came while its own
+        close waits for the backend leg, which that close will then
+        answer.
         """
         if leg.closeFrame(record) == CLOSING and not leg.isClient:
             self._payOwed()
@@ -828,8 +829,9 @@ class Tunnel:
         """
         client = self.client
         side = self.closedFirstBy or "lbws"
-        if self.closedFirstBy == "client" and self.owed is None and client.closeReceived is not None:
-            return (side, *client.closeReceived)
+        ownClose = client.closeReceived
+        if self.closedFirstBy == "client" and self.owed is None and ownClose is not None:
+            return (side, *ownClose)
         for record in (client.closeSent, client.closeReceived):
             if record is not None:
                 return (side, *record)
