@@ -9,6 +9,7 @@ import struct
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionDone
 
 from lbws.protocol.frames import OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT
 from lbws.ws.tunnel import CONTROL_FRAMES_PER_SECOND
@@ -46,7 +47,9 @@ async def test_too_many_fragments_get_1009(harness):
     close = await raw.closeFrame()
     assert close.closeCode == 1009
     assert b"more than 100 frames" in close.payload
+    raw.sendClose(1009)
     await raw.closed.addTimeout(5, reactor)
+    assert raw.lostReason.check(ConnectionDone)
     await eventually(lambda: backend.closes)
     assert backend.closes[0][1] == 1001
     assert await roundTrip(bystander, b"unaffected") == (b"unaffected", False)
@@ -83,7 +86,9 @@ async def test_ping_flood_gets_1008(harness):
     close = await raw.closeFrame()
     assert close.closeCode == 1008
     assert b"pings and pongs" in close.payload
+    raw.sendClose(1008)
     await raw.closed.addTimeout(5, reactor)
+    assert raw.lostReason.check(ConnectionDone)
     assert await roundTrip(bystander, b"unaffected") == (b"unaffected", False)
     assert lbws.counters.protocolErrors[("client", 1008)] == 1
 
@@ -103,7 +108,9 @@ async def test_message_rate_over_the_limit_gets_1008(harness):
     close = await raw.closeFrame()
     assert close.closeCode == 1008
     assert b"more than 20 messages a second" in close.payload
+    raw.sendClose(1008)
     await raw.closed.addTimeout(5, reactor)
+    assert raw.lostReason.check(ConnectionDone)
     await eventually(lambda: backend.closes)
     assert backend.closes[0] == (True, 1001, "client error: more than 20 messages a second")
     for i in range(15):

@@ -691,7 +691,7 @@ async def test_page_shows_a_backend_flapping_under_load(harness, tmp_path):
     await deferLater(1.5)
 
     node.stop()
-    # Its clients are cut (1011) and reconnect at once, the first ones to
+    # Its clients are closed (1012) and reconnect at once, the first ones to
     # chat-a, the lightest: refused, they are retried on chat-b, and two
     # such failures take chat-a out (before its health checks would).
     await eventually(lambda: a.state == "down", timeout=5)

@@ -142,7 +142,8 @@ class Staller(protocol.Protocol):
 async def test_backendKilledMidStream(harness, nodeBackend):
     """
     A backend process killed while its client is in the middle of a
-    conversation: that client gets 1011 at once, a client of another
+    conversation: that client gets 1012 (which client libraries retry)
+    with its reason at once, a client of another
     backend goes on talking throughout, and new clients go elsewhere.
     """
     doomed = harness.node("--prefix", "doomed:")
@@ -165,7 +166,7 @@ async def test_backendKilledMidStream(harness, nodeBackend):
         assert await echo(bystander, b"during %d" % i) == b"during %d" % i
     code, reason = await closeOf(victim, timeout=10)
     elapsed = time.monotonic() - killed
-    assert (code, reason) == (1011, "backend connection lost")
+    assert (code, reason) == (1012, "backend connection lost")
     # Not at the next ping (30 s) or never: as soon as the socket closes.
     assert elapsed < 5, f"the client waited {elapsed:.2f}s for its close"
 

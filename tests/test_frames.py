@@ -30,6 +30,7 @@ class Recorder:
         self.messages = []
         self.controls = []
         self.boundaries = 0
+        self.skipped = []  # close payloads found after a violation
 
     def forward(self, data):
         self.stream.append(bytes(data))
@@ -43,6 +44,9 @@ class Recorder:
 
     def boundary(self):
         self.boundaries += 1
+
+    def closeSkipped(self, payload):
+        self.skipped.append(payload)
 
 
 def feedInPieces(scanner, data, cuts):
@@ -95,21 +99,21 @@ def test_control_payload_is_unmasked(payload, cuts):
     assert recorder.controls == [(OP_PONG, payload)]
 
 
-@pytest.mark.parametrize(
-    "bad, code, words",
-    [
-        (frame(OP_TEXT, b"x", rsv=0x40), 1002, "reserved bits"),
-        (frame(3, b"x"), 1002, "reserved opcode"),
-        (frame(0xB, b"x"), 1002, "reserved opcode"),
-        (frame(OP_PING, b"x", fin=False), 1002, "fragmented control"),
-        (frame(OP_PING, b"x" * 126), 1002, "control frame too long"),
-        (frame(OP_CONTINUATION, b"x"), 1002, "continuation"),
-        (frame(OP_TEXT, b"x", masked=False), 1002, "unmasked"),
-        (frame(OP_BINARY, b"x" * 2000), 1009, "longer than 1000"),
-        (b"\x82\xff" + struct.pack("!Q", 1 << 30) + b"abcd", 1009, "longer than"),
-        (b"\x82\xff" + struct.pack("!Q", 1 << 63) + b"abcd", 1002, "length"),
-    ],
-)
+VIOLATIONS = [
+    (frame(OP_TEXT, b"x", rsv=0x40), 1002, "reserved bits"),
+    (frame(3, b"x"), 1002, "reserved opcode"),
+    (frame(0xB, b"x"), 1002, "reserved opcode"),
+    (frame(OP_PING, b"x", fin=False), 1002, "fragmented control"),
+    (frame(OP_PING, b"x" * 126), 1002, "control frame too long"),
+    (frame(OP_CONTINUATION, b"x"), 1002, "continuation"),
+    (frame(OP_TEXT, b"x", masked=False), 1002, "unmasked"),
+    (frame(OP_BINARY, b"x" * 2000), 1009, "longer than 1000"),
+    (b"\x82\xff" + struct.pack("!Q", 1 << 30) + b"abcd", 1009, "longer than"),
+    (b"\x82\xff" + struct.pack("!Q", 1 << 63) + b"abcd", 1002, "length"),
+]
+
+
+@pytest.mark.parametrize("bad, code, words", VIOLATIONS)
 def test_violations(bad, code, words):
     recorder = Recorder()
     scanner = FrameScanner(recorder, True, 1000)
@@ -123,6 +127,68 @@ def test_violations(bad, code, words):
     assert scanner.stopped
     scanner.feed(good)
     assert b"".join(recorder.stream) == good
+
+
+# Frames a peer may send after its bad one: any opcode, masked or not,
+# reserved bits, lengths of every header size.
+anyFrames = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1, 2, 3, 7, 9, 10, 11, 15]),
+        st.sampled_from([0, 1, 125, 126, 300, 65535, 65536, 70000]),
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from([0, 0x10, 0x40]),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    # The whole frames among VIOLATIONS (the last two announce more bytes
+    # than they bring).
+    st.sampled_from(VIOLATIONS[:8]),
+    anyFrames,
+    st.binary(max_size=123),
+    st.booleans(),
+    st.lists(st.integers(min_value=0), max_size=20),
+)
+def test_after_a_violation_the_close_is_found(bad, others, reason, masked, cuts):
+    """
+    After a violation nothing more is forwarded, but once seekClose is
+    called the frames that follow are delimited, whatever rules they
+    break, until the sender's close, which is handed over unmasked, once,
+    wherever the stream is cut; what follows it is dropped.
+    """
+    violation = bad[0]
+    good = frame(OP_TEXT, b"fine")
+    stream = good + violation
+    for opcode, length, fin, isMasked, rsv in others:
+        stream += frame(opcode, b"o" * length, fin=fin, masked=isMasked, rsv=rsv)
+    payload = struct.pack("!H", 1000) + reason
+    stream += frame(OP_CLOSE, payload, masked=masked) + frame(OP_CLOSE, b"\x03\xe9") + good
+    recorder = Recorder()
+    scanner = FrameScanner(recorder, True, 1000)
+    points = sorted({c % (len(stream) + 1) for c in cuts}) + [len(stream)]
+    start = 0
+    for point in points:
+        try:
+            scanner.feed(stream[start:point])
+        except ProtocolViolation:
+            scanner.seekClose()
+        start = point
+    assert b"".join(recorder.stream) == good
+    assert recorder.skipped == [payload]
+
+
+def test_no_close_is_found_after_an_unreadable_length():
+    recorder = Recorder()
+    scanner = FrameScanner(recorder, True, 1000)
+    with pytest.raises(ProtocolViolation):
+        scanner.feed(b"\x82\xff" + struct.pack("!Q", 1 << 63) + b"abcd")
+    scanner.seekClose()
+    scanner.feed(frame(OP_CLOSE, closePayload(1000)))
+    assert recorder.skipped == []
 
 
 def test_message_size_counts_all_fragments():

@@ -194,23 +194,24 @@ def test_unanswered_close_is_cut_and_lbws_answers_with_the_same_code():
 
 def test_backend_lost_before_and_after_messages():
     """
-    backend: OPEN -> LOST; client: OPEN -> CLOSING (1014 if the backend
-    never sent anything, else 1011) -> FINISHED when the client answers.
+    backend: OPEN -> LOST; client: OPEN -> CLOSING (1012, which client
+    libraries retry, with the reason telling the two cases apart) ->
+    FINISHED when the client answers.
     """
     relay, tunnel, client, backend = make()
     lose(tunnel, tunnel.backend)
-    assert client.closes() == [(1014, "backend never answered")]
+    assert client.closes() == [(1012, "backend never answered")]
     assert tunnel.client.state == CLOSING
-    tunnel.client.dataReceived(closeFrame(1014))
+    tunnel.client.dataReceived(closeFrame(1012))
     assert tunnel.client.state == FINISHED
     assert backend.closes() == []  # the answer is not passed on
     lose(tunnel, tunnel.client)
-    assert relay.ended == [("backend", 1014, "backend never answered")]
+    assert relay.ended == [("backend", 1012, "backend never answered")]
 
     relay, tunnel, client, backend = make()
     tunnel.backend.dataReceived(fromBackend(OP_TEXT, b"hi"))
     lose(tunnel, tunnel.backend)
-    assert client.closes() == [(1011, "backend connection lost")]
+    assert client.closes() == [(1012, "backend connection lost")]
 
 
 def test_loss_mid_frame_cuts_the_other_side():
@@ -298,11 +299,12 @@ def test_lbws_close_during_a_held_frame_waits_for_the_boundary():
     assert frames[0].payload == b"y" * 300
 
 
-def test_client_violation_fails_client_after_backend_leg():
+def test_client_violation_closes_client_after_backend_leg():
     """
     A bad frame from the client: backend OPEN -> CLOSING (1001) and what it
     still sends reaches the client; backend CLOSING -> FINISHED on its
-    answer, then client OPEN -> FINISHED by fail (1002, no wait).
+    answer, then client OPEN -> CLOSING (1002) -> FINISHED on its answer,
+    found behind the frames it sent after the bad one.
     """
     relay, tunnel, client, backend = make()
     tunnel.client.dataReceived(fromClient(OP_TEXT, b"ok") + wire.frame(3, b"bad"))
@@ -312,6 +314,10 @@ def test_client_violation_fails_client_after_backend_leg():
     frames = client.frames()
     assert [f.payload for f in frames[:1]] == [b"reply"]
     assert client.closes() == [(1002, "reserved opcode 3")]
+    assert states(tunnel) == (CLOSING, FINISHED)
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"queued") + wire.frame(3, b"more"))
+    assert client.ended is None
+    tunnel.client.dataReceived(closeFrame(1002))
     assert client.ended == "lose"
     assert states(tunnel) == (FINISHED, FINISHED)
     assert relay.counters.protocolErrors[("client", 1002)] == 1
@@ -335,8 +341,9 @@ def test_client_violation_when_backend_never_answers():
 def test_bad_close_from_client_is_a_violation():
     """
     client OPEN -> CLOSE_RECEIVED on a close of one byte, which is a
-    violation: the backend is closed with 1001, then the client failed
-    with 1002 (CLOSE_RECEIVED -> FINISHED).
+    violation: the backend is closed with 1001, then the client, whose
+    close came already, gets 1002 and its connection ends
+    (CLOSE_RECEIVED -> FINISHED).
     """
     relay, tunnel, client, backend = make()
     tunnel.client.dataReceived(wire.frame(OP_CLOSE, b"\x03"))
@@ -345,23 +352,237 @@ def test_bad_close_from_client_is_a_violation():
     tunnel.backend.dataReceived(closeFrame(1001, masked=False))
     assert client.closes() == [(1002, "close payload of one byte")]
     assert states(tunnel) == (FINISHED, FINISHED)
+    assert client.ended == "lose"
+    lose(tunnel, tunnel.client, tunnel.backend)
+    assert relay.ended == [("client", 1002, "close payload of one byte")]
 
 
-def test_backend_violation_fails_backend_and_closes_client_with_1011():
+def test_backend_violation_closes_backend_and_client_with_1012():
     """
-    backend OPEN -> FINISHED by fail (1002, no wait); client OPEN ->
-    CLOSING (1011) -> FINISHED on its answer.
+    backend OPEN -> CLOSING (1002) -> FINISHED on its answer, found behind
+    what it kept sending; client OPEN -> CLOSING (1012, which client
+    libraries retry) -> FINISHED on its answer.
     """
     relay, tunnel, client, backend = make()
     tunnel.backend.dataReceived(wire.frame(OP_TEXT, b"masked", masked=True))
     assert backend.closes() == [(1002, "masked server frame")]
+    assert states(tunnel) == (CLOSING, CLOSING)
+    assert client.closes() == [(1012, "backend error: masked server frame")]
+    tunnel.backend.dataReceived(wire.frame(OP_TEXT, b"still masked", masked=True))
+    assert backend.ended is None
+    assert [f.opcode for f in client.frames()] == [OP_CLOSE]
+    tunnel.backend.dataReceived(closeFrame(1002, masked=False))
     assert backend.ended == "lose"
-    assert states(tunnel) == (CLOSING, FINISHED)
-    assert client.closes() == [(1011, "backend error: masked server frame")]
-    tunnel.client.dataReceived(closeFrame(1011))
-    assert tunnel.client.state == FINISHED
+    tunnel.client.dataReceived(closeFrame(1012))
+    assert states(tunnel) == (FINISHED, FINISHED)
     lose(tunnel, tunnel.backend, tunnel.client)
-    assert relay.ended == [("backend", 1011, "backend error: masked server frame")]
+    assert relay.ended == [("backend", 1012, "backend error: masked server frame")]
+
+
+# lbws's own close handshake (the module docstring of lbws.ws.tunnel): each
+# way lbws closes a client, what lbws does to set it off, and the code.
+OWN_CLOSES = {
+    "1009 max_message_size": (
+        "max_message_size = 1000",
+        lambda relay, tunnel: tunnel.client.dataReceived(fromClient(OP_BINARY, b"x" * 2000)),
+        1009,
+    ),
+    "1009 max_frames_per_message": (
+        "max_frames_per_message = 4",
+        lambda relay, tunnel: tunnel.client.dataReceived(
+            fromClient(OP_TEXT, b"a", fin=False) + fromClient(0, b"b", fin=False) * 4
+        ),
+        1009,
+    ),
+    "1008 max_message_rate": (
+        "max_message_rate = 3",
+        lambda relay, tunnel: tunnel.client.dataReceived(fromClient(OP_TEXT, b"m") * 4),
+        1008,
+    ),
+    "1008 pings": (
+        "",
+        lambda relay, tunnel: tunnel.client.dataReceived(
+            fromClient(OP_PING, b"p") * (CONTROL_FRAMES_PER_SECOND + 1)
+        ),
+        1008,
+    ),
+    "1002 bad frame": ("", lambda relay, tunnel: tunnel.client.dataReceived(wire.frame(3, b"x")), 1002),
+    "1001 stop": ("", lambda relay, tunnel: tunnel.shutdown(CLOSE_TIMEOUT), 1001),
+    "1001 idle": ("idle_timeout = 1", lambda relay, tunnel: relay.reactor.advance(1), 1001),
+    "1012 rebalancing": (
+        "",
+        lambda relay, tunnel: tunnel.close(1012, 1001, "rebalancing", "lbws"),
+        1012,
+    ),
+    "1012 backend lost": ("", lambda relay, tunnel: lose(tunnel, tunnel.backend), 1012),
+}
+
+# What a client that had queued them sends after lbws's reason to close it:
+# frames of every kind, a bad one, an oversize one.
+STILL_SENDING = (
+    b"".join(fromClient(OP_TEXT, b"m%d" % i) for i in range(300))
+    + fromClient(OP_PING, b"p")
+    + wire.frame(3, b"bad")
+    + fromClient(OP_BINARY, b"y" * 70000)
+)
+
+
+def closedByLbws(name):
+    """
+    A tunnel whose client lbws has just sent its close for C{name}, with
+    the backend leg over (it answered lbws's own close, if it got one).
+    """
+    lbws, setOff, code = OWN_CLOSES[name]
+    relay, tunnel, client, backend = make(lbws)
+    setOff(relay, tunnel)
+    if tunnel.backend.state == CLOSING:
+        tunnel.backend.dataReceived(closeFrame(1001, masked=False))
+    assert [c for c, _ in client.closes()] == [code]
+    assert tunnel.client.state == CLOSING
+    return relay, tunnel, client, backend
+
+
+@pytest.mark.parametrize("name", OWN_CLOSES)
+def test_own_close_reads_a_client_that_keeps_sending(name):
+    """
+    client CLOSING while it keeps sending: it is read, nothing of it is
+    relayed, its connection stays; its close, behind all that and cut
+    across reads, ends it with a FIN (CLOSING -> FINISHED, "lose").
+    """
+    relay, tunnel, client, backend = closedByLbws(name)
+    code = client.closes()[0][0]
+    toBackend = backend.value()
+    for piece in (STILL_SENDING[:5], STILL_SENDING[5:40000], STILL_SENDING[40000:]):
+        tunnel.client.dataReceived(piece)
+        relay.reactor.advance(1)
+    assert client.ended is None
+    assert tunnel.client.state == CLOSING
+    assert backend.value() == toBackend
+    answer = closeFrame(code)
+    tunnel.client.dataReceived(answer[:3])
+    assert client.ended is None
+    tunnel.client.dataReceived(answer[3:])
+    assert client.ended == "lose"
+    assert tunnel.client.state == FINISHED
+    assert len(client.closes()) == 1
+
+
+@pytest.mark.parametrize("name", OWN_CLOSES)
+def test_own_close_cuts_a_client_that_never_answers(name):
+    """
+    client CLOSING -> FINISHED by abort after CLOSE_TIMEOUT, however much
+    it sends meanwhile.
+    """
+    relay, tunnel, client, backend = closedByLbws(name)
+    relay.reactor.advance(CLOSE_TIMEOUT - 1.5)
+    tunnel.client.dataReceived(STILL_SENDING)
+    relay.reactor.advance(1)
+    assert client.ended is None
+    relay.reactor.advance(0.5)
+    assert client.ended == "abort"
+    assert tunnel.client.state == FINISHED
+
+
+@pytest.mark.parametrize("name", OWN_CLOSES)
+def test_own_close_answered_at_once(name):
+    """
+    client CLOSING -> FINISHED ("lose") on its close, with nothing before
+    it; the answer is not passed on.
+    """
+    relay, tunnel, client, backend = closedByLbws(name)
+    toBackend = backend.value()
+    tunnel.client.dataReceived(closeFrame(client.closes()[0][0]))
+    assert (client.ended, tunnel.client.state) == ("lose", FINISHED)
+    assert backend.value() == toBackend
+
+
+def test_close_in_the_same_read_as_the_violation():
+    """
+    An oversize message, what the client queued behind it, and its close,
+    all in one read: the close is found at once; once the backend leg is
+    over, the client gets 1009 and its connection ends (OPEN ->
+    CLOSE_RECEIVED -> FINISHED).
+    """
+    relay, tunnel, client, backend = make("max_message_size = 1000")
+    tunnel.client.dataReceived(fromClient(OP_BINARY, b"x" * 2000) + STILL_SENDING + closeFrame(1000))
+    assert tunnel.client.state == CLOSE_RECEIVED
+    assert client.ended is None
+    tunnel.backend.dataReceived(fromBackend(OP_TEXT, b"owed") + closeFrame(1001, masked=False))
+    assert [f.payload for f in client.frames()][:1] == [b"owed"]
+    assert client.closes() == [(1009, "message longer than 1000 bytes")]
+    assert (client.ended, tunnel.client.state) == ("lose", FINISHED)
+    lose(tunnel, tunnel.client, tunnel.backend)
+    # The access log tells why lbws closed it, not the client's 1000.
+    assert relay.ended == [("client", 1009, "message longer than 1000 bytes")]
+
+
+def test_unreadable_stream_after_a_violation():
+    """
+    A frame length with its top bit set: no frame boundary follows, so
+    the client's close cannot be found; it is read (and dropped) until it
+    ends its connection, or cut after CLOSE_TIMEOUT.
+    """
+    unreadable = b"\x82\xff" + struct.pack("!Q", 1 << 63) + b"abcd"
+    relay, tunnel, client, backend = make()
+    tunnel.client.dataReceived(unreadable + closeFrame(1000))
+    tunnel.backend.dataReceived(closeFrame(1001, masked=False))
+    assert client.closes() == [(1002, "invalid frame length")]
+    tunnel.client.dataReceived(closeFrame(1000))
+    assert client.ended is None
+    relay.reactor.advance(CLOSE_TIMEOUT)
+    assert client.ended == "abort"
+
+
+def test_backend_closed_by_lbws_is_read_until_its_close():
+    """
+    The backend leg too: a backend over max_message_size gets 1009
+    (OPEN -> CLOSING), is read while it keeps sending, and its close ends
+    its connection with a FIN; one that never answers is cut.
+    """
+    for answers in (True, False):
+        relay, tunnel, client, backend = make("max_message_size = 1000")
+        tunnel.backend.dataReceived(fromBackend(OP_BINARY, b"z" * 5000)[:3000])
+        assert backend.closes() == [(1009, "message longer than 1000 bytes")]
+        assert client.closes() == [(1012, "backend error: message longer than 1000 bytes")]
+        tunnel.backend.dataReceived(b"z" * 2000 + fromBackend(OP_TEXT, b"more") * 300)
+        assert backend.ended is None
+        if answers:
+            tunnel.backend.dataReceived(closeFrame(1009, masked=False))
+            assert backend.ended == "lose"
+        else:
+            relay.reactor.advance(CLOSE_TIMEOUT)
+            assert backend.ended == "abort"
+        assert tunnel.backend.state == FINISHED
+        assert [f.opcode for f in client.frames()] == [OP_CLOSE]
+
+
+def test_a_leg_that_takes_no_more_frames_stops_holding_the_other_back():
+    """
+    A client paused because its backend does not read: once lbws closes
+    the backend leg, the client is read again (to find its own close),
+    and the backend's buffer never pauses it again.
+    """
+    relay, tunnel, client, backend = make()
+    backend.producer.pauseProducing()
+    assert client.producerState == "paused"
+    tunnel.shutdown(CLOSE_TIMEOUT)
+    assert client.producerState == "producing"
+    backend.producer.pauseProducing()
+    assert client.producerState == "producing"
+
+
+def test_violation_by_both_sides_gives_the_client_its_own_code():
+    """
+    A client breaks the protocol, then its backend (while lbws waits for
+    its answer): the client still gets the code it caused, once the
+    backend leg is over.
+    """
+    relay, tunnel, client, backend = make("max_message_size = 1000")
+    tunnel.client.dataReceived(fromClient(OP_BINARY, b"x" * 2000))
+    tunnel.backend.dataReceived(fromBackend(OP_BINARY, b"z" * 5000))
+    assert client.closes() == []
+    tunnel.backend.dataReceived(closeFrame(1001, masked=False))
+    assert client.closes() == [(1009, "message longer than 1000 bytes")]
 
 
 def reachState(tunnel, name):

@@ -38,7 +38,8 @@ class RawWebSocket(protocol.Protocol):
     Reads the HTTP answer into C{response} (a Deferred firing with its
     text), then frames into C{frames} (a DeferredQueue of L{Frame}); never
     answers anything by itself. C{closed} fires when the TCP connection
-    ends, with everything received.
+    ends, with everything received; C{lostReason} then says how it ended
+    (C{ConnectionDone} for a FIN, C{ConnectionLost} for a reset).
     """
 
     def connectionMade(self):
@@ -71,6 +72,7 @@ class RawWebSocket(protocol.Protocol):
         return frame
 
     def connectionLost(self, reason):
+        self.lostReason = reason
         if not self.response.called:
             self.response.callback(self._buffer.decode("latin-1"))
         self.closed.callback(self.received)

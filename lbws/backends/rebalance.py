@@ -55,13 +55,11 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from lbws.backends.balance import score
-from lbws.protocol.frames import CLOSE_GOING_AWAY
+from lbws.protocol.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 from lbws.backends.pool import UP
 
 _log = Logger()
 
-# RFC 6455 registry: the service is restarting; the client should reconnect.
-CLOSE_SERVICE_RESTART = 1012
 REASON = "rebalancing"
 
 # Seconds between looks at the balance while nothing needs moving.

@@ -31,8 +31,11 @@ CLOSE_NO_STATUS = 1005
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_BAD_GATEWAY = 1014
+# The service is restarting; the client should reconnect (with a random
+# delay, says the IANA registry): lbws's code for a client whose backend is
+# lost or broke the protocol, and for rebalancing. See the README's close
+# codes for which client libraries retry it.
+CLOSE_SERVICE_RESTART = 1012
 
 
 # The default of max_frames_per_message (see the README): it bounds an
@@ -69,7 +72,12 @@ class FrameScanner:
     completes. A frame that breaks the rules raises L{ProtocolViolation} from
     L{feed}, after everything before it has been forwarded. Setting
     C{stopped} (the handler does, after a close frame) drops whatever the
-    stream carries from then on. While C{boundaryWanted} is set,
+    stream carries from then on. After a violation nothing more is
+    forwarded either, but the handler, once it has sent its close, may
+    call L{seekClose}: the frames that follow are then only delimited,
+    rules ignored, until the sender's own close frame, which goes to
+    C{handler.closeSkipped(payload)} (see L{lbws.ws.tunnel}: the answer to
+    lbws's close). While C{boundaryWanted} is set,
     C{handler.boundary()} is called at each frame boundary the stream
     reaches, so that the handler can put in frames of its own.
 
@@ -100,6 +108,7 @@ class FrameScanner:
         "atBoundary",
         "boundaryWanted",
         "stopped",
+        "_seeking",
         "messageBudget",
         "controlBudget",
     )
@@ -130,6 +139,7 @@ class FrameScanner:
         self.atBoundary = True
         self.boundaryWanted = False
         self.stopped = False
+        self._seeking = False  # after a violation: looking for the close
         self.messageBudget = UNLIMITED
         self.controlBudget = UNLIMITED
 
@@ -150,6 +160,8 @@ class FrameScanner:
 
     def feed(self, data):
         if self.stopped:
+            if self._seeking:
+                self._seek(data)
             return
         if self._pending:
             data = self._pending + data
@@ -173,7 +185,7 @@ class FrameScanner:
             try:
                 header = self._header(data, pos, end)
             except ProtocolViolation:
-                self.stopped = True
+                self._stopAt(data, pos)
                 if start < pos:
                     handler.forward(data[start:pos])
                 raise
@@ -194,7 +206,7 @@ class FrameScanner:
                         try:
                             handler.controlBudgetSpent()
                         except ProtocolViolation:
-                            self.stopped = True
+                            self._stopAt(data, pos)
                             raise
                 raw = data[pos:frameEnd]
                 payload = data[pos + headerLength : frameEnd]
@@ -214,6 +226,70 @@ class FrameScanner:
                 self._frameEnd()
         if start < pos:
             handler.forward(data if start == 0 and pos == end else data[start:pos])
+
+    def _stopAt(self, data, pos):
+        """
+        The frame at C{pos} broke the rules: nothing from it on is
+        forwarded; it is kept for L{seekClose}.
+        """
+        self.stopped = True
+        self._seeking = True
+        self._pending = data[pos:]
+        self._remaining = 0
+        self._messageOpcode = None
+
+    def seekClose(self):
+        """
+        After a violation: look for the sender's close frame from the bad
+        frame on, in what arrived already and in what L{feed} gets later.
+        A peer that keeps sending after its bad frame (the frames it had
+        queued) answers lbws's close only behind them; reading them is what
+        lets its TCP connection end with a FIN, not a reset.
+        """
+        if self._seeking:
+            self._seek(b"")
+
+    def _seek(self, data):
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        end = len(data)
+        pos = 0
+        while pos < end:
+            if self._remaining:
+                step = min(self._remaining, end - pos)
+                pos += step
+                self._remaining -= step
+                continue
+            extent = frameExtent(data, pos, end)
+            if extent is None:
+                self._pending = data[pos:]
+                return
+            headerLength, opcode, length = extent
+            if length >> 63:
+                # No frame boundary can be found after this one: drop the
+                # rest; the peer's connection ends when it closes it or
+                # when lbws's wait is over.
+                self._seeking = False
+                return
+            if opcode == OP_CLOSE and length <= 125:
+                frameEnd = pos + headerLength + length
+                if frameEnd > end:
+                    self._pending = data[pos:]
+                    return
+                payload = data[pos + headerLength : frameEnd]
+                if data[pos + 1] & 0x80:
+                    payload = unmask(payload, data[pos + headerLength - 4 : pos + headerLength])
+                self._seeking = False
+                self._handler.closeSkipped(payload)
+                return
+            if opcode == OP_CLOSE:
+                # A close frame too long to be valid still ends the stream.
+                self._seeking = False
+                self._handler.closeSkipped(b"")
+                return
+            pos += headerLength
+            self._remaining = length
 
     def _header(self, data, pos, end):
         """
@@ -300,6 +376,34 @@ class FrameScanner:
             opcode = self._messageOpcode
             self._messageOpcode = None
             self._handler.messageEnd(opcode, self._messageSize)
+
+
+def frameExtent(data, pos, end):
+    """
+    The extent of the frame header at C{pos}, whatever the frame breaks:
+    C{(headerLength, opcode, payloadLength)}, or None if the header is not
+    complete yet.
+    """
+    if end - pos < 2:
+        return None
+    second = data[pos + 1]
+    length = second & 0x7F
+    headerLength = 2
+    if length == 126:
+        headerLength = 4
+        if end - pos < 4:
+            return None
+        (length,) = struct.unpack_from("!H", data, pos + 2)
+    elif length == 127:
+        headerLength = 10
+        if end - pos < 10:
+            return None
+        (length,) = struct.unpack_from("!Q", data, pos + 2)
+    if second & 0x80:
+        headerLength += 4
+    if end - pos < headerLength:
+        return None
+    return headerLength, data[pos] & 0x0F, length
 
 
 def unmask(payload, key):

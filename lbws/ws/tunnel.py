@@ -29,15 +29,45 @@ broke the protocol is owed):
   - C{CLOSING}: lbws's own close went to it (or lbws took over a close in
     flight); its answer ends the leg and is not passed on.
     [L{Leg.close} from OPEN or CLOSE_SENT]
-  - C{FINISHED}: its closing handshake is over, or it was failed or cut;
-    its TCP connection is ending. [L{Leg.closeFrame} from CLOSE_SENT or
-    CLOSING; L{Leg.passClose} or L{Leg.close} from CLOSE_RECEIVED;
-    L{Leg.fail}; L{Leg.abort}, also when an answer does not come in time]
+  - C{FINISHED}: its closing handshake is over, or it was cut; its TCP
+    connection is ending. [L{Leg.closeFrame} from CLOSE_SENT or CLOSING;
+    L{Leg.passClose} or L{Leg.close} from CLOSE_RECEIVED; L{Leg.abort},
+    also when an answer does not come in time]
   - C{LOST}: its TCP connection is gone. [L{Leg.connectionLost}]
 
 The tunnel ends when both legs are LOST. Every close lbws decides on
 itself (stop, idle timeout, a client that stopped answering pings,
-rebalancing, a protocol violation) goes through L{Tunnel.close}.
+rebalancing, a protocol violation, a backend lost) goes through
+L{Tunnel.close} or, for one leg, L{Leg.close}.
+
+lbws's own close handshake
+==========================
+
+L{Leg.close} is the one place where lbws closes a side, whatever the
+reason and the code (1001, 1002, 1007, 1008, 1009, 1012), on either leg:
+
+  1. The close frame goes after what lbws already owes that side: at a
+     frame boundary of the other side's stream, and for a client that
+     broke the protocol, after everything its backend sent until the
+     backend leg was over (L{Tunnel.owed}).
+  2. Nothing more is relayed to it or from it.
+  3. It is read until its own close frame: its frames are scanned as
+     usual, or, after a violation, only delimited
+     (L{FrameScanner.seekClose}), and dropped. A peer still sending what
+     it had queued before it read lbws's close (300 messages sent at once
+     behind an oversize one) is read to the end that way.
+  4. Its close ends the leg (C{FINISHED}): lbws ends the TCP connection
+     with a FIN once its close is written, with nothing left unread. An
+     unread byte would make the kernel send a reset instead, and a reset
+     can make the peer's kernel drop the close frame before the
+     application reads it. (Closing without reading, as lbws once did for
+     violations, lost the close in most runs; see the README's close
+     codes.)
+
+A peer that does not answer within L{CLOSE_TIMEOUT} (or the shorter
+C{drain_timeout} of a stop) is cut. Reading it meanwhile never waits for
+the other side: a leg that takes no more relayed frames releases the pause
+its full buffer put on the other side (L{PeerProducer.release}).
 """
 
 from twisted.internet.interfaces import IPushProducer
@@ -45,13 +75,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from lbws.protocol.frames import (
-    CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL_ERROR,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_SERVICE_RESTART,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
@@ -74,7 +103,10 @@ _LIMITS = {
     CLOSE_POLICY_VIOLATION: "went over a limit",
 }
 
-# Seconds a peer gets to answer a close before its TCP connection is cut.
+# Seconds a peer gets to answer lbws's close (or a close passed on to it)
+# before its TCP connection is cut: lbws reads and drops what it sends
+# meanwhile (see "lbws's own close handshake" above, and the README's close
+# codes).
 CLOSE_TIMEOUT = 5.0
 
 # Pings and pongs a client may send per second (see the README's Security
@@ -210,6 +242,9 @@ class Leg:
     def control(self, opcode, payload, raw):
         self.tunnel.controlFrom(self, opcode, payload, raw)
 
+    def closeSkipped(self, payload):
+        self.tunnel.closeSkipped(self, parseClosePayload(payload))
+
     def boundary(self):
         self.other.flushHeld()
 
@@ -227,6 +262,8 @@ class Leg:
             self.scanner.feed(data)
         except ProtocolViolation as violation:
             self.tunnel.violationFrom(self, violation)
+            # This side gets a close: its answer may be in this very read.
+            self.scanner.seekClose()
 
     # Transitions.
 
@@ -234,7 +271,10 @@ class Leg:
         self.state = state
         # A close of lbws's own held behind a frame in flight: the rest of
         # that frame still has to go through.
-        self.accepting = state <= CLOSE_RECEIVED or self._closeHeld
+        accepting = state <= CLOSE_RECEIVED or self._closeHeld
+        if self.accepting and not accepting:
+            self.tunnel.stoppedAccepting(self)
+        self.accepting = accepting
 
     def closeFrame(self, record):
         """
@@ -267,7 +307,10 @@ class Leg:
     def close(self, code, reason, timeout=CLOSE_TIMEOUT):
         """
         lbws closes this side: send a close frame (unless one went already)
-        and wait up to C{timeout} for the answer, which is not forwarded.
+        and wait up to C{timeout} for the answer, which is not forwarded;
+        this side is read meanwhile (see the module docstring, "lbws's own
+        close handshake"). A side that already sent its close is finished
+        at once.
         """
         state = self.state
         if state >= FINISHED:
@@ -293,15 +336,6 @@ class Leg:
         """
         code, reason = self.closeReceived
         self.close(code if code != CLOSE_NO_STATUS else CLOSE_NORMAL, reason)
-
-    def fail(self, code, reason):
-        """
-        This side broke the protocol: send it a close frame and end the
-        connection without reading its answer, as RFC 6455 (7.1.7) has an
-        endpoint fail a WebSocket connection.
-        """
-        self.close(code, reason)
-        self.finish()
 
     def expectWithin(self, timeout):
         """
@@ -397,17 +431,31 @@ class PeerProducer:
     for the answer; ending connections is left to the relay.
 
     @ivar paused: whether the other side is holding this one back now.
+    @ivar released: whether the other side takes no more of this one's
+        frames, so that it never holds this one back again.
     """
 
-    __slots__ = ("_transport", "paused")
+    __slots__ = ("_transport", "paused", "released")
 
     def __init__(self, transport):
         self._transport = transport
         self.paused = False
+        self.released = False
 
     def pauseProducing(self):
-        self.paused = True
-        self._transport.pauseProducing()
+        if not self.released:
+            self.paused = True
+            self._transport.pauseProducing()
+
+    def release(self):
+        """
+        The other side takes no more relayed frames: read this side
+        whatever the other's buffer holds (this side may be waiting for
+        the answer to a close, behind frames it still sends).
+        """
+        self.released = True
+        if self.paused:
+            self.resumeProducing()
 
     def resumeProducing(self):
         self.paused = False
@@ -443,6 +491,7 @@ class Tunnel:
         "closedFirstBy",
         "done",
         "_backendProducer",
+        "_clientProducer",
         "_traffic",
         "_lastTraffic",
         "_lastTick",
@@ -523,8 +572,9 @@ class Tunnel:
         self._pingInterval = settings.ping_interval
         self._idleTimeout = settings.idle_timeout
         self._backendProducer = PeerProducer(self.backend.transport)
+        self._clientProducer = PeerProducer(self.client.transport)
         self.client.transport.registerProducer(self._backendProducer, True)
-        self.backend.transport.registerProducer(PeerProducer(self.client.transport), True)
+        self.backend.transport.registerProducer(self._clientProducer, True)
         self._traffic = _NOT_YET  # looked up at the first ping tick
         self._lastTraffic = None
         self._lastTick = self.started
@@ -584,6 +634,27 @@ class Tunnel:
             # Nobody left to pass it to: lbws answers it.
             leg.answer()
 
+    def closeSkipped(self, leg, record):
+        """
+        A side that broke the protocol sent its close frame (found behind
+        the frames lbws dropped): the answer to lbws's close, which
+        finishes the leg; or a client's close that came while its own
+        close waits for the backend leg, which that close will then
+        answer.
+        """
+        if leg.closeFrame(record) == CLOSING and not leg.isClient:
+            self._payOwed()
+
+    def stoppedAccepting(self, leg):
+        """
+        C{leg} takes no more relayed frames: its buffer no longer holds the
+        other side back (see L{PeerProducer.release}).
+        """
+        if leg is self.client:
+            self._backendProducer.release()
+        else:
+            self._clientProducer.release()
+
     def violationFrom(self, leg, violation):
         """
         A side broke the framing rules or went over a limit.
@@ -591,6 +662,8 @@ class Tunnel:
         For a client, lbws closes the backend leg first and keeps relaying
         what the backend already sent, so that the client gets every reply
         to what it sent before the bad frame, then the close code it caused.
+        A backend's client gets 1012, which client libraries retry (see the
+        README's close codes); 1011 makes some give up for good.
         """
         self.relay.counters.protocolErrors[(leg.name, violation.code)] += 1
         _log.info(
@@ -612,7 +685,7 @@ class Tunnel:
             )
         else:
             self.close(
-                CLOSE_INTERNAL_ERROR,
+                CLOSE_SERVICE_RESTART,
                 violation.code,
                 f"backend error: {violation.reason}",
                 "backend",
@@ -650,9 +723,12 @@ class Tunnel:
             # answering: lbws answers it, as the backend should have.
             other.answer()
         elif leg.messages or leg.closeReceived is not None:
-            other.close(CLOSE_INTERNAL_ERROR, "backend connection lost")
+            # 1012, not 1011 nor 1014, which some client libraries take as
+            # fatal (the README's close codes): the client reconnects, to
+            # another backend if this one is down.
+            other.close(CLOSE_SERVICE_RESTART, "backend connection lost")
         else:
-            other.close(CLOSE_BAD_GATEWAY, "backend never answered")
+            other.close(CLOSE_SERVICE_RESTART, "backend never answered")
 
     def messageBudgetSpent(self, leg):
         """
@@ -709,7 +785,7 @@ class Tunnel:
         @param by: who caused it: C{"lbws"}, or the side that broke the
             protocol.
         @param failed: the leg that broke the protocol, if one did. A
-            backend is failed at once (RFC 6455 7.1.7); a client only once
+            backend and its client are closed at once; a client only once
             its backend leg is over, so that it gets the replies to what it
             sent before.
         @param timeout: seconds each side gets to answer its close.
@@ -724,8 +800,13 @@ class Tunnel:
             self._payOwed()
             return
         if failed is backend:
-            backend.fail(backendCode, backendReason)
-            client.close(clientCode, reason, timeout)
+            backend.close(backendCode, backendReason, timeout)
+            if self.owed is None:
+                client.close(clientCode, reason, timeout)
+            else:
+                # The client broke the protocol first: it gets its own
+                # code once the backend leg is over.
+                self._payOwed()
             return
         if clientCode is None:
             client.abort()
@@ -757,8 +838,9 @@ class Tunnel:
         """
         client = self.client
         side = self.closedFirstBy or "lbws"
-        if self.closedFirstBy == "client" and client.closeReceived is not None:
-            return (side, *client.closeReceived)
+        ownClose = client.closeReceived
+        if self.closedFirstBy == "client" and self.owed is None and ownClose is not None:
+            return (side, *ownClose)
         for record in (client.closeSent, client.closeReceived):
             if record is not None:
                 return (side, *record)
@@ -773,7 +855,7 @@ class Tunnel:
         Once the backend leg is over, give the client the close it is owed.
         """
         if self.owed is not None and self.backend.state >= FINISHED:
-            self.client.fail(*self.owed)
+            self.client.close(*self.owed)
 
     # Keep-alive pings and the idle timeout.
 
