@@ -45,6 +45,19 @@ def replaceTlsOptions(endpoint, options):
     endpoint._sslContextFactory = options
 
 
+def isPlainTcp(transport):
+    """
+    Whether C{transport} is a TCP connection itself, not a wrapper standing
+    as one (TLS, the PROXY header's): only such a transport has a socket
+    lbws may write to straight away, half-close, or ask the kernel about.
+    Twisted's class for it, C{twisted.internet.tcp.Connection}, is not in
+    its documented API.
+    """
+    from twisted.internet import tcp
+
+    return isinstance(transport, tcp.Connection)
+
+
 def quietHttpPool(pool):
     """
     Make a C{twisted.web.client.HTTPConnectionPool} build its connections'
@@ -395,6 +408,21 @@ def autobahnReadableHead(head):
     return _OBS_TEXT.sub(b"?", head)
 
 
+def copyFactory(template):
+    """
+    A shallow copy of an Autobahn factory, made the short way: a new
+    instance of its class with the template's attributes (C{copy.copy}
+    takes three times as long, and each backend connection needs one).
+    Relies on Autobahn's factories keeping their state in the instance's
+    C{__dict__}, without C{__slots__} (tests/test_compat.py
+    test_copyFactory).
+    """
+    cls = type(template)
+    factory = cls.__new__(cls)
+    factory.__dict__.update(vars(template))
+    return factory
+
+
 def unparsedExtensions(protocol, header, removeQuotes=True):
     """
     Stands in for Autobahn's private C{WebSocketProtocol._parseExtensionsHeader}
@@ -407,3 +435,14 @@ def unparsedExtensions(protocol, header, removeQuotes=True):
     """
     return []
 
+
+
+class UnparsedExtensions:
+    """
+    A mixin for lbws's Autobahn protocols: their private
+    C{_parseExtensionsHeader} is L{unparsedExtensions}, so Autobahn sees no
+    extension and lbws negotiates permessage-deflate from the raw headers
+    (L{lbws.protocol.extensions}).
+    """
+
+    _parseExtensionsHeader = unparsedExtensions

@@ -486,7 +486,7 @@ def test_setRequest():
         assert f"self.{name} = {name}" in source
 
 
-def test_unparsedExtensions():
+def test_unparsedExtensions_and_UnparsedExtensions():
     # lbws's protocols put it in the place of Autobahn's private
     # _parseExtensionsHeader, which both of Autobahn's handshakes read
     # Sec-WebSocket-Extensions through: Autobahn then negotiates nothing.
@@ -494,8 +494,10 @@ def test_unparsedExtensions():
 
     assert callable(WebSocketProtocol._parseExtensionsHeader)
 
-    class Offered(WebSocketServerProtocol):
-        _parseExtensionsHeader = compat.unparsedExtensions
+    class Offered(compat.UnparsedExtensions, WebSocketServerProtocol):
+        pass
+
+
 
     factory = WebSocketServerFactory(reactor=reactor)
     factory.setProtocolOptions(
@@ -620,3 +622,38 @@ def test_withHost():
     transport = StringTransport()
     client.makeConnection(transport)
     assert b"\r\nHost: 10.0.0.5:8010\r\n" in transport.value()
+
+
+def test_copyFactory():
+    """
+    Autobahn's factories keep their state in the instance's __dict__ (no
+    __slots__): the copy has the template's options and request, and a
+    change to the copy leaves the template alone.
+    """
+    template = WebSocketClientFactory("ws://10.0.0.5:8010/", reactor=MemoryReactorClock())
+    template.setProtocolOptions(failByDrop=False, openHandshakeTimeout=0)
+    assert not hasattr(type(template), "__slots__") or "__dict__" in dir(template)
+    copy = compat.copyFactory(template)
+    assert type(copy) is type(template) and copy is not template
+    assert vars(copy) == vars(template)
+    assert (copy.failByDrop, copy.openHandshakeTimeout, copy.port) == (False, 0, 8010)
+    copy.resource = "/other"
+    assert template.resource == "/"
+
+
+@pytest_twisted.ensureDeferred
+async def test_isPlainTcp():
+    """
+    A TCP connection is twisted.internet.tcp.Connection, either end; a TLS
+    protocol standing as a transport is not, nor is a test transport.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    async with tcpPair() as (client, server):
+        assert compat.isPlainTcp(client.transport) and compat.isPlainTcp(server.transport)
+        client.transport.abortConnection()
+    wrapping = TLSMemoryBIOFactory(
+        optionsForClientTLS("localhost"), True, protocol.Factory.forProtocol(protocol.Protocol)
+    )
+    assert not compat.isPlainTcp(wrapping.buildProtocol(None))
+    assert not compat.isPlainTcp(StringTransport())

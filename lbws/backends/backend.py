@@ -39,6 +39,7 @@ from twisted.logger import Logger
 
 from lbws.compat import (
     WriteThrough,
+    copyFactory,
     received,
     setRequest,
     takeReceived,
@@ -406,9 +407,7 @@ class Attempt:
         self.result = Deferred(self._cancel)
         scheme = "wss" if backend.secure else "ws"
         url = f"{scheme}://{hostForUrl(backend.host)}:{backend.port}/"
-        # A shallow copy, made the short way (copy.copy takes three times as long).
-        factory = self._factory = _Factory.__new__(_Factory)
-        factory.__dict__.update(vars(_template(reactor, protocol, url)))
+        factory = self._factory = copyFactory(_template(reactor, protocol, url))
         # The Host header: Autobahn writes host:port, so an IPv6 address
         # needs its brackets.
         setRequest(

@@ -30,7 +30,7 @@ from lbws.backends.backend import (
     Shortages,
     localShortage,
 )
-from lbws.compat import OctetRequest, takeReceived, unparsedExtensions
+from lbws.compat import OctetRequest, UnparsedExtensions, takeReceived
 from lbws.protocol.headers import forwardedHeaders
 from lbws.protocol.request import joinTarget, normaliseTarget
 from lbws.backends.redirects import RedirectRewriter
@@ -59,15 +59,12 @@ class Refused(ConnectionDeny):
         self.answer = render(head, refusal.body)
 
 
-class RelayProtocol(OctetRequest, BackendProtocol):
+class RelayProtocol(UnparsedExtensions, OctetRequest, BackendProtocol):
     """
     A backend WebSocket for a client: once open, its connection is handed
     over to the client's L{lbws.ws.tunnel.Tunnel} (L{lbws.ws.server}).
     """
 
-    # lbws checks the backend's Sec-WebSocket-Extensions answer itself
-    # (lbws.protocol.extensions); Autobahn sees none (compat.unparsedExtensions).
-    _parseExtensionsHeader = unparsedExtensions
     # The Sec-WebSocket-Extensions answer both legs agreed on, or None.
     extensions = None
 

@@ -18,7 +18,6 @@ connection of its own that closes after the response (nginx's default,
 without upstream keepalive).
 """
 
-from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import ISSLTransport
@@ -28,6 +27,7 @@ from twisted.logger import Logger
 from lbws.backends import sticky
 from lbws.backends.balance import hashKeyOf
 from lbws.backends.redirects import RedirectRewriter
+from lbws.compat import isPlainTcp
 from lbws.backends.backend import backendEndpoint, hostForUrl, localShortage
 from lbws.protocol.headers import PROXY_HEADERS, proxyHeaders
 from lbws.protocol.request import (
@@ -338,7 +338,7 @@ class HttpFront:
         self._stopTimer()
         self._pauses.clear()
         self.transport.resumeProducing()
-        if not isinstance(self.transport, tcp.Connection):
+        if not isPlainTcp(self.transport):
             # TLS and PROXY-protocol wrappers cannot half-close.
             self.transport.loseConnection()
             return

@@ -15,9 +15,7 @@ import functools
 import socket
 import struct
 
-from twisted.internet import tcp
-
-from lbws.compat import hasQueuedWrites
+from lbws.compat import hasQueuedWrites, isPlainTcp
 
 
 def setNoDelay(transport):
@@ -45,7 +43,7 @@ def writerFor(transport):
     partial, not a closure: an idle tunnel keeps two of these, and a
     partial is a third of a closure's size with its cells.
     """
-    if not isinstance(transport, tcp.Connection):
+    if not isPlainTcp(transport):
         return transport.write
     return functools.partial(writeThrough, transport)
 
@@ -88,7 +86,7 @@ def tcpTraffic(transport):
     all, without any work per byte: a slow reader of a long message
     acknowledges what it reads, a peer that is gone does not.
     """
-    while transport is not None and not isinstance(transport, tcp.Connection):
+    while transport is not None and not isPlainTcp(transport):
         # TLS and PROXY-protocol transports wrap the TCP one.
         transport = getattr(transport, "transport", None)
     if transport is None or not hasattr(socket, "TCP_INFO"):
@@ -121,7 +119,7 @@ def endGently(transport, clock, linger):
     @return: the DelayedCall of that cut, for the caller to cancel once the
         connection is lost.
     """
-    if isinstance(transport, tcp.Connection):
+    if isPlainTcp(transport):
         transport.loseWriteConnection()
     else:
         transport.loseConnection()

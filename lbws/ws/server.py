@@ -31,7 +31,7 @@ from lbws.compat import (
     replaceReceived,
     requestTarget,
     takeReceived,
-    unparsedExtensions,
+    UnparsedExtensions,
 )
 from lbws.backends.dial import Refused
 from lbws.protocol.http1 import isWebSocketUpgrade
@@ -84,7 +84,7 @@ class ClientInfo:
         self.admitted = False  # counted by the relay (Relay.clientGone)
 
 
-class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
+class FrontendProtocol(UnparsedExtensions, WriteThrough, WebSocketServerProtocol):
     """
     A client's WebSocket. Its opening handshake waits for the backend's.
     """
@@ -99,9 +99,6 @@ class FrontendProtocol(WriteThrough, WebSocketServerProtocol):
     _fields = None
     _lost = False
     _deflate = False
-    # lbws answers the client with the backend's Sec-WebSocket-Extensions
-    # (lbws.protocol.extensions); Autobahn sees none (compat.unparsedExtensions).
-    _parseExtensionsHeader = unparsedExtensions
 
     def connectionMade(self):
         super().connectionMade()
