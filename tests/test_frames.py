@@ -21,7 +21,7 @@ from lbws.protocol.frames import (
     closePayload,
     parseClosePayload,
 )
-from tests.wire import frame
+from tests.wire import frame, frameHeader
 
 
 class Recorder:
@@ -31,6 +31,7 @@ class Recorder:
         self.controls = []
         self.boundaries = 0
         self.skipped = []  # close payloads found after a violation
+        self.unfindable = 0  # times the close could not be looked for
 
     def forward(self, data):
         self.stream.append(bytes(data))
@@ -47,6 +48,9 @@ class Recorder:
 
     def closeSkipped(self, payload):
         self.skipped.append(payload)
+
+    def closeUnfindable(self):
+        self.unfindable += 1
 
 
 def feedInPieces(scanner, data, cuts):
@@ -189,6 +193,17 @@ def test_no_close_is_found_after_an_unreadable_length():
     scanner.seekClose()
     scanner.feed(frame(OP_CLOSE, closePayload(1000)))
     assert recorder.skipped == []
+    assert recorder.unfindable == 1
+
+
+def test_no_close_is_looked_for_behind_a_frame_longer_than_the_seek_limit():
+    recorder = Recorder()
+    scanner = FrameScanner(recorder, True, 1000)
+    with pytest.raises(ProtocolViolation):
+        scanner.feed(frameHeader(OP_BINARY, 1 << 30))
+    scanner.seekClose()
+    scanner.feed(b"x" * 1000 + frame(OP_CLOSE, closePayload(1000)))
+    assert (recorder.skipped, recorder.unfindable) == ([], 1)
 
 
 def test_message_size_counts_all_fragments():

@@ -38,6 +38,12 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_SERVICE_RESTART = 1012
 
 
+# After a violation, the longest frame lbws skips over to find the sender's
+# close behind it (L{FrameScanner.seekClose}); behind a longer one (a header
+# announcing a gigabyte that never comes) the close is not looked for.
+SEEK_LIMIT = 1 << 20
+
+
 # The default of max_frames_per_message (see the README): it bounds an
 # endless run of empty continuation frames, and lets Autobahn's testsuite
 # case 9.3.1 (4 MiB in 64-byte fragments: 65,536 frames) through.
@@ -266,11 +272,14 @@ class FrameScanner:
                 self._pending = data[pos:]
                 return
             headerLength, opcode, length = extent
-            if length >> 63:
-                # No frame boundary can be found after this one: drop the
-                # rest; the peer's connection ends when it closes it or
-                # when lbws's wait is over.
+            if length >> 63 or length > SEEK_LIMIT:
+                # No frame boundary can be found after this one (or only
+                # behind more than lbws will read to find it): drop the
+                # rest; the handler ends its own side, and the peer's
+                # connection ends when it closes it or when lbws's wait is
+                # over.
                 self._seeking = False
+                self._handler.closeUnfindable()
                 return
             if opcode == OP_CLOSE and length <= 125:
                 frameEnd = pos + headerLength + length

@@ -92,6 +92,7 @@ from lbws.protocol.frames import (
     closeViolation,
     parseClosePayload,
 )
+from lbws.compat import isPlainTcp
 from lbws.transport.sockets import tcpTraffic, writerFor
 
 _log = Logger()
@@ -189,6 +190,7 @@ class Leg:
         "bytes",
         "_held",
         "_closeHeld",
+        "_closeUnfindable",
         "_timer",
     )
 
@@ -222,6 +224,7 @@ class Leg:
         self.bytes = 0
         self._held = None  # frames of lbws's own waiting for a boundary
         self._closeHeld = False  # lbws's close waits in _held
+        self._closeUnfindable = False  # see closeUnfindable
         self._timer = None
 
     def __repr__(self):
@@ -244,6 +247,30 @@ class Leg:
 
     def closeSkipped(self, payload):
         self.tunnel.closeSkipped(self, parseClosePayload(payload))
+
+    def closeUnfindable(self):
+        """
+        This side's close cannot be found in what it sends after its
+        violation (L{FrameScanner.seekClose} gave up): once lbws's close to
+        it is written, lbws ends its own side of the TCP connection (a FIN
+        with nothing unread), so that the peer, which waits for the server
+        to close first, closes too; what it sends meanwhile is dropped.
+        """
+        self._closeUnfindable = True
+        self._endWritingIfUnfindable()
+
+    def _endWritingIfUnfindable(self):
+        if (
+            self._closeUnfindable
+            and self.closeSent is not None
+            and not self._closeHeld
+            and self.state < FINISHED
+        ):
+            self.transport.unregisterProducer()
+            if isPlainTcp(self.transport):
+                self.transport.loseWriteConnection()
+            else:
+                self.transport.loseConnection()
 
     def boundary(self):
         self.other.flushHeld()
@@ -323,6 +350,7 @@ class Leg:
                 return
             self._closeHeld = sent is HELD
             self.closeSent = (code, reason)
+            self._endWritingIfUnfindable()
         if state == CLOSE_RECEIVED:
             self.finish()
         else:
@@ -410,6 +438,8 @@ class Leg:
             self._enter(self.state)
             if self.state == FINISHED:
                 self._endConnection()
+            else:
+                self._endWritingIfUnfindable()
         self.tunnel.heldWritten(self)
 
     def _cancelTimer(self):
