@@ -4,6 +4,7 @@ a process), an lbws service in-process or as a `twistd` process, and
 clients that record what they get. Everything listens on 127.0.0.1 port 0.
 """
 
+import inspect
 import json
 import os
 import re
@@ -414,9 +415,7 @@ class Harness:
 
     async def close(self):
         for stop in self._first:
-            result = stop()
-            if isinstance(result, defer.Deferred):
-                await result
+            await _settled(stop())
         for client in self.clients:
             if client.transport.connected:
                 client.transport.abortConnection()
@@ -424,9 +423,17 @@ class Harness:
             if service.running:
                 await service.stopService()
         for stop in self._later:
-            result = stop()
-            if isinstance(result, defer.Deferred):
-                await result
+            await _settled(stop())
+
+
+async def _settled(result):
+    """
+    Wait for what a clean-up returned: a Deferred or a coroutine (an async
+    C{close}, such as L{tests.balancing.RevivableBackend}'s) runs to its
+    end; anything else is already done.
+    """
+    if isinstance(result, defer.Deferred) or inspect.isawaitable(result):
+        await result
 
 
 class LbwsProcess:
