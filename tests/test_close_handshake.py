@@ -243,15 +243,20 @@ async def test_oversize_message_through_lbws_as_directly(harness, runs):
         assert [code for code, _ in node.elements()] == [1009] * runs, (url, node)
 
 
-def movedWhileStreaming(lbws, close):
+def movedWhileStreaming(lbws, close, answered=0):
     """
     Close C{close(tunnel)} the first open tunnel whose client has sent 100
-    messages: the client is streaming.
+    messages (the client is streaming) and whose backend has sent
+    C{answered}.
     """
 
     def ready():
         for tunnel in lbws.relay.tunnels:
-            if tunnel.movable and tunnel.client.messages >= 100:
+            if (
+                tunnel.movable
+                and tunnel.client.messages >= 100
+                and tunnel.backend.messages >= answered
+            ):
                 close(tunnel)
                 return True
         return False
@@ -363,5 +368,7 @@ async def test_backend_killed_while_its_client_streams(harness):
     harness.atEnd(doomed.stop)
     lbws = await harness.lbws([("a", doomed.url)], lbws="ping_interval = 0")
     got = pythonRuns(lbws.url, streamMessages, 1)
-    await movedWhileStreaming(lbws, lambda tunnel: doomed.process.kill())
+    # Once the backend has answered: a backend that never did is "backend
+    # never answered".
+    await movedWhileStreaming(lbws, lambda tunnel: doomed.process.kill(), answered=1)
     assert await got == Counter({(1012, "backend connection lost"): 1})
