@@ -4,13 +4,14 @@
 //
 // Usage: node graphql-client.js URL
 // Lines: {"event": "connected"}, {"event": "tick", "n": N},
-// {"event": "closed", "code": C}, and at the end {"event": "error"|"complete"}.
+// {"event": "closed", "code": C}, and at the end {"event": "error"|"complete"};
+// each with "t", the time in seconds since the epoch.
 // It runs until its stdin closes, or until the subscription ends for good.
 'use strict';
 const WebSocket = require('ws');
 const { createClient } = require('graphql-ws');
 
-const print = (event) => console.log(JSON.stringify(event));
+const print = (event) => console.log(JSON.stringify({ ...event, t: Date.now() / 1000 }));
 const client = createClient({
   url: process.argv[2],
   webSocketImpl: WebSocket,
