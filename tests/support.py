@@ -271,6 +271,102 @@ class NodeOnSocket:
         self.process.stdout.close()
 
 
+class Nginx:
+    """
+    nginx in front of one backend as users set it up for WebSocket
+    applications (README, "Compared with the nginx setup"): proxy_pass,
+    HTTP/1.1 to the backend, the Upgrade and Connection headers, and with
+    C{host} C{proxy_set_header Host $host}, which users add for
+    applications that build URLs or check hosts from Host. Everything else
+    is nginx's default (max_fails, proxy_redirect, timeouts). It runs in
+    the foreground with its own prefix directory, on a loopback socket it
+    inherits (nginx's own C{NGINX} variable, as for its binary upgrade), so
+    no other program can take the port; C{url} is its ws:// URL.
+    """
+
+    CONF = textwrap.dedent(
+        """\
+        pid {dir}/nginx.pid;
+        error_log {dir}/error.log;
+        events {{ worker_connections 256; }}
+        http {{
+            access_log {dir}/access.log;
+            client_body_temp_path {dir}/client_body;
+            proxy_temp_path {dir}/proxy;
+            fastcgi_temp_path {dir}/fastcgi;
+            uwsgi_temp_path {dir}/uwsgi;
+            scgi_temp_path {dir}/scgi;
+            server {{
+                listen 127.0.0.1:{port};
+                location / {{
+                    proxy_pass http://127.0.0.1:{backend};
+                    proxy_http_version 1.1;
+                    proxy_set_header Upgrade $http_upgrade;
+                    proxy_set_header Connection "Upgrade";
+                    {host}
+                }}
+            }}
+        }}
+        """
+    )
+
+    def __init__(self, directory, backendPort, host=True):
+        if shutil.which("nginx") is None:
+            raise RuntimeError("nginx is needed: run `make setup`")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        sock = listeningSocket()
+        self.port = sock.getsockname()[1]
+        conf = directory / "nginx.conf"
+        conf.write_text(
+            self.CONF.format(
+                dir=directory,
+                port=self.port,
+                backend=backendPort,
+                host="proxy_set_header Host $host;" if host else "",
+            )
+        )
+        try:
+            self.process = subprocess.Popen(
+                ["nginx", "-p", str(directory), "-e", str(directory / "error.log"),
+                 "-c", str(conf), "-g", "daemon off; worker_processes 1;"],
+                pass_fds=[sock.fileno()],
+                env={**os.environ, "NGINX": f"{sock.fileno()};"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        finally:
+            sock.close()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"
+
+    async def started(self, timeout=10):
+        """
+        Wait until nginx has read its config and written its pid file:
+        connections meanwhile wait in the inherited socket's backlog.
+        """
+
+        def ready():
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    "nginx did not start: " + (self.directory / "error.log").read_text()
+                )
+            return (self.directory / "nginx.pid").exists()
+
+        await eventually(ready, timeout=timeout)
+        return self
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process.wait(10)
+
+
 # lbws
 
 
