@@ -324,3 +324,23 @@ def test_the_default_max_connections_is_no_warning_on_a_low_descriptor_limit():
     assert "below 2 x max_connections" in fdlimit.shortfall(chosen, 4096)
     assert fdlimit.fits(chosen, 4096) is None
     assert fdlimit.fits(default, 100000) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_probe_keeps_a_backend_that_accepts_and_stays_silent_up(harness):
+    """
+    Connected, and no answer by the check's timeout (a SockJS server says
+    nothing outside its prefix): up under the default probe, down under the
+    websocket probe; either way the check's connection ends with a FIN.
+    """
+    silent = await harness.silent()
+    lbws = await harness.lbws(
+        [("quiet", silent.url), ("strict", silent.url, "probe = websocket")],
+        probe="default",
+        health="interval = 0.2\ntimeout = 0.2\nfall = 1",
+    )
+    await eventually(lambda: lbws.pool["quiet"].checks.get("ok", 0) >= 2)
+    await eventually(lambda: not lbws.pool["strict"].healthy)
+    assert lbws.pool["quiet"].healthy and lbws.pool["quiet"].consecutiveFailures == 0
+    await eventually(lambda: len(silent.lost) >= 3)
+    assert all(p.reason.check(ConnectionDone) for p in silent.lost)

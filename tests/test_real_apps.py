@@ -466,13 +466,6 @@ async def test_sockjs_server_dies_of_a_reset_where_it_outlives_a_fin(harness):
     await server.line("ECONNRESET")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lbws bug, reported: the default probe's request for / gets no answer at all from"
-    " a SockJS server set up as SockJS's README does (nothing listens outside /echo), so"
-    " it times out and the backend is down about 3 s after start: /healthz 503, the dashboard"
-    " down; clients are still served through panic mode; nginx has no active check",
-)
 @pytest_twisted.ensureDeferred
 async def test_default_probe_keeps_a_sockjs_server_up(harness):
     """

@@ -176,10 +176,13 @@ def probeDefault(reactor, backend, health):
     C{path}. An application that upgrades it gets the whole WebSocket check
     (L{probeWebsocket}); any other well-formed HTTP answer, whatever its
     status (a FastAPI app's 404 on /, an MQTT broker's 400, a static
-    site's 200), says the application is running, as HAProxy's plain
-    C{check} and nginx's passive checks take it. Only what says nothing
-    of the application fails: no connection, a timeout, a malformed
-    answer.
+    site's 200), says the application is running, and so does a backend
+    that accepts the connection and says nothing until the check's
+    timeout (a SockJS server answers nothing outside its prefix): HAProxy's
+    plain C{check} is a connect too. What fails: no connection, a
+    malformed answer, an upgrade whose WebSocket check fails. A backend
+    that hangs for its real clients too is ejected by their failed
+    handshakes (passive checks, C{fall}).
     """
     return _probeHandshake(reactor, backend, health, answerIsHealthy=True)
 
@@ -196,9 +199,13 @@ def _probeHandshake(reactor, backend, health, answerIsHealthy):
         useragent=USER_AGENT,
     )
     opening = attempt.start()
+    silent = []
 
     def cancel(_):
         if not opening.called:
+            if answerIsHealthy and attempt.protocol is not None:
+                # Connected, and no answer yet when the check's time is up.
+                silent.append(True)
             opening.cancel()
         else:
             attempt.protocol.giveUp(reactor)
@@ -212,6 +219,9 @@ def _probeHandshake(reactor, backend, health, answerIsHealthy):
 
     def failed(failure):
         if result.called:
+            return
+        if silent:
+            result.callback(reactor.seconds() - started)
             return
         if failure.check(BackendRefused):
             if answerIsHealthy:
