@@ -3,7 +3,7 @@
 //
 // Usage: node bench/loadgen.js --port PORT --scenario S1|S2|S3|S4|S5|H1|probe|hprobe
 //            [--duration SECONDS] [--connections N] [--hold-timeout SECONDS]
-//            [--storm-timeout SECONDS]
+//            [--storm-timeout SECONDS] [--reconnect-port PORT]
 //
 //   S1     N (50) connections ping-pong 32-byte text: round trips/s, p50/p99 ms
 //   S2     one connection echoes 1 MiB binary messages: MB/s (1 MB = 1e6 bytes)
@@ -15,7 +15,9 @@
 //          then kills the backend) and reconnect every client that loses its
 //          connection with jittered exponential backoff (see STORM_* below);
 //          {"event":"reconnected"} when all N are connected again (or
-//          --storm-timeout passed), then hold them until stdin closes
+//          --storm-timeout passed), then hold them until stdin closes;
+//          with --reconnect-port the reconnects go to that port (S6: the
+//          clients of an lbws that stops come back through another)
 //   H1     plain HTTP: N (20) keep-alive connections loop small GETs: requests/s
 //   probe  one connect + round trip + close; exit status 0 if it worked
 //   hprobe one plain HTTP GET; exit status 0 if it got a 200
@@ -57,6 +59,7 @@ const port = Number(option('port'));
 const scenario = option('scenario');
 const durationMs = Number(option('duration', '10')) * 1000;
 const url = `ws://127.0.0.1:${port}/`;
+const reconnectUrl = `ws://127.0.0.1:${Number(option('reconnect-port', port))}/`;
 const clientOptions = { perMessageDeflate: false, handshakeTimeout: HANDSHAKE_TIMEOUT_MS };
 
 function emit(obj) {
@@ -329,7 +332,7 @@ async function storm(count, stormTimeoutMs, holdMs) {
     if (stopping) return;
     attempts++;
     const begun = now();
-    const ws = new WebSocket(url, clientOptions);
+    const ws = new WebSocket(reconnectUrl, clientOptions);
     client.ws = ws;
     let isOpen = false;
     ws.on('error', (err) => {

@@ -35,9 +35,10 @@ RESULTS = BENCH / "results"
 LOADGEN = BENCH / "loadgen.js"
 ECHO_SERVER = REPO / "tests" / "node" / "echo-server.js"
 HTTP_BACKEND = BENCH / "http-backend.js"
+COUNTING_BACKEND = BENCH / "counting-backend.js"
 TWISTD = REPO / ".venv" / "bin" / "twistd"
 
-SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "H1")
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "H1", "S6")
 TARGETS = ("direct", "nginx", "nginx-w2", "haproxy", "lbws", "lbws-w2")
 READY_TIMEOUT = 30.0      # seconds for a target to accept and echo
 STOP_TIMEOUT = 5.0        # seconds for a process to exit on SIGTERM before SIGKILL
@@ -46,6 +47,10 @@ S4_OPEN_TIMEOUT = 150.0   # loadgen gives up opening after 120 s
 S4_SETTLE = 0.5           # seconds between "all open" and reading the RSS
 STORM_TIMEOUT = 120.0     # S5: seconds from the backend's restart until all must be back
 RSS_POLL = 0.05           # S5: seconds between readings of the target's RSS
+CPU_POLL = 0.1            # S6: seconds between readings of CPU time
+CPU_WINDOW = 1.0          # S6: peak CPU is the most used in any window this long
+RATE_WINDOW = 1.0         # S6: peak reconnect rate, over windows this long (seconds)
+PACED_SPREADS = (0.0, 10.0)  # S6: the close_spread values compared
 LISTEN_BACKLOG = 4096     # every target's listen backlog (Linux caps it at somaxconn)
 FD_MARGIN = 256           # descriptors a proxy needs besides two per client
 SATURATED = 0.9           # loadgen CPU share above which a number is a lower bound
@@ -215,6 +220,19 @@ class Lines:
             raise BenchError("exited without the expected output")
         return line
 
+    def available(self):
+        """The lines read so far and not taken yet, without waiting."""
+        lines = []
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return lines
+            if line is None:
+                self._queue.put(None)
+                return lines
+            lines.append(line)
+
     def event(self, name, deadline):
         """The next loadgen event called `name`; a loadgen error is raised."""
         while True:
@@ -293,6 +311,47 @@ class PeakRss:
         return self.peak
 
 
+class CpuPeaks:
+    """Reads the CPU seconds of process trees every CPU_POLL seconds on a
+    thread; `stop` gives, for each, its CPU seconds over the whole time and
+    the largest share of one core it used in any CPU_WINDOW."""
+
+    def __init__(self, procs):
+        self._procs = procs
+        self._samples = [self._sample()]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        return time.monotonic(), {name: cpu_seconds(p) for name, p in self._procs.items()}
+
+    def _poll(self):
+        while not self._done.wait(CPU_POLL):
+            self._samples.append(self._sample())
+
+    def stop(self):
+        self._done.set()
+        self._thread.join()
+        self._samples.append(self._sample())
+        samples = self._samples
+        peaks = {}
+        for name in self._procs:
+            peak, first = 0.0, 0
+            for t, cpu in samples:
+                while first + 1 < len(samples) and t - samples[first + 1][0] >= CPU_WINDOW:
+                    first += 1
+                t0, cpu0 = samples[first]
+                if t - t0 >= CPU_WINDOW:
+                    peak = max(peak, (cpu[name] - cpu0[name]) / (t - t0))
+            if not peak:  # all of it shorter than one window
+                (t0, cpu0), (t, cpu) = samples[0], samples[-1]
+                peak = (cpu[name] - cpu0[name]) / max(t - t0, CPU_POLL)
+            peaks[name] = {"cpu_seconds": samples[-1][1][name] - samples[0][1][name],
+                           "peak_cpu_share": peak}
+        return peaks
+
+
 def log_tail(path, lines=15):
     try:
         return "".join(path.read_text(errors="replace").splitlines(True)[-lines:])
@@ -347,6 +406,13 @@ def target_argv(name, workdir, port, backend_port, args):
                                             maxconn=args.max_clients,
                                             backlog=args.listen_backlog))
         return ["haproxy", "-db", "-f", conf]
+    return lbws_argv(name, workdir, port, backend_port, args,
+                     {"workers": "2"} if name == "lbws-w2" else {})
+
+
+def lbws_argv(name, workdir, port, backend_port, args, settings):
+    """Write `workdir/NAME.ini` for an lbws in front of the echo backend,
+    with `settings` ([lbws] keys) over the run's own; return its argv."""
     if not TWISTD.exists():
         raise BenchError(f"`twistd lbws` is unavailable: no {TWISTD}")
     check = subprocess.run([TWISTD, "lbws", "--help"], capture_output=True, text=True,
@@ -354,9 +420,8 @@ def target_argv(name, workdir, port, backend_port, args):
     if check.returncode != 0:
         why = (check.stderr.strip() or check.stdout.strip() or "no output").splitlines()[-1]
         raise BenchError(f"`twistd lbws` is unavailable: {why}")
-    settings = {"max_connections": str(args.max_clients), **dict(args.lbws_config_extra)}
-    if name == "lbws-w2":
-        settings["workers"] = "2"
+    settings = {"max_connections": str(args.max_clients), **dict(args.lbws_config_extra),
+                **settings}
     ini = workdir / f"{name}.ini"
     ini.write_text("\n".join([
         "[lbws]", f"listen = tcp:{port}:interface=127.0.0.1:backlog={args.listen_backlog}",
@@ -497,6 +562,126 @@ def run_storm(procs, port, measured, backend, args):
     return result
 
 
+class CountingBackend:
+    """S6's echo backend (bench/counting-backend.js), which says how many
+    WebSockets it took in each 100 ms."""
+
+    def __init__(self, procs):
+        self._procs = procs
+        self.proc = procs.start(["node", COUNTING_BACKEND, "--port", "0"],
+                                stdout=subprocess.PIPE, text=True)
+        self._lines = Lines(self.proc.stdout)
+        line = self._lines.next(time.monotonic() + READY_TIMEOUT)
+        if not line.startswith("listening"):
+            raise BenchError(f"the counting backend did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def arrivals(self):
+        """`(unix time, WebSockets opened in the 100 ms before it)` since
+        the last call."""
+        return [(bucket["t"] / 1000, bucket["new"])
+                for bucket in map(json.loads, self._lines.available())]
+
+    def stop(self):
+        self._procs.stop(self.proc)
+
+
+def peak_rate(arrivals):
+    """The most WebSockets opened in any RATE_WINDOW, per second."""
+    peak, first = 0, 0
+    for last, (t, _) in enumerate(arrivals):
+        while arrivals[first][0] <= t - RATE_WINDOW:
+            first += 1
+        peak = max(peak, sum(n for _, n in arrivals[first:last + 1]))
+    return peak / RATE_WINDOW
+
+
+def by_second(arrivals, start):
+    """The WebSockets opened in each second from `start` on."""
+    counts = [0] * (int(arrivals[-1][0] - start) + 1 if arrivals else 0)
+    for t, n in arrivals:
+        counts[int(t - start)] += n
+    return counts
+
+
+def run_paced_stop(procs, workdir, args, spread):
+    """S6: args.storm_connections idle clients through lbws A, in front of
+    the counting backend next to lbws B; A is stopped (SIGTERM) with
+    `close_spread = spread`, and its clients reconnect through B with
+    S5's full-jitter backoff. What the backend sees: its peak rate of new
+    WebSockets and its peak CPU (and B's), and the time until all clients
+    are back."""
+    backend = CountingBackend(procs)
+    started = []
+    drain = max(30.0, 2 * spread + 10)
+    try:
+        ports = {}
+        for name, settings in (("lbws-b", {}),
+                               ("lbws-a", {"close_spread": f"{spread:g}",
+                                           "drain_timeout": f"{drain:g}"})):
+            port = free_port()
+            log = workdir / f"{name}.log"
+            argv = lbws_argv(name, workdir, port, backend.port, args, settings)
+            with log.open("w") as out:
+                proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            started.append(proc)
+            wait_ready(proc, port, log)
+            ports[name] = (proc, port)
+        (stopped, port_a), (taking, port_b) = ports["lbws-a"], ports["lbws-b"]
+        argv = ["node", LOADGEN, "--port", port_a, "--reconnect-port", port_b,
+                "--scenario", "S5", "--connections", args.storm_connections,
+                "--storm-timeout", STORM_TIMEOUT + drain]
+        loadgen = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        grace = 0.0
+        try:
+            lines = Lines(loadgen.stdout)
+            deadline = time.monotonic() + S4_OPEN_TIMEOUT
+            lines.event("start", deadline)
+            opened = lines.event("open", deadline)
+            time.sleep(S4_SETTLE)
+            backend.arrivals()  # the clients' first connections
+            loadgen.stdin.write("storm\n")
+            loadgen.stdin.flush()
+            lines.event("armed", time.monotonic() + READY_TIMEOUT)
+            cpu = CpuPeaks({"backend": backend.proc, "lbws_b": taking})
+            exited = []
+            threading.Thread(target=lambda: exited.append((stopped.wait(), time.monotonic())),
+                             daemon=True).start()
+            signalled, t0 = time.time(), time.monotonic()
+            stopped.send_signal(signal.SIGTERM)
+            try:
+                back = lines.event("reconnected",
+                                   time.monotonic() + STORM_TIMEOUT + drain + SCENARIO_SLACK)
+            finally:
+                peaks = cpu.stop()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stopped.wait(drain + STOP_TIMEOUT)
+            time.sleep(0.3)  # the backend's last 100 ms bucket
+            arrivals = [(t, n) for t, n in backend.arrivals() if t >= signalled]
+            loadgen.stdin.close()
+            result = lines.event("result", time.monotonic() + STORM_TIMEOUT)
+            del result["event"]
+            grace = STOP_TIMEOUT
+        finally:
+            procs.stop(loadgen, grace)
+    finally:
+        for proc in reversed(started):
+            procs.stop(proc)
+        backend.stop()
+    del back["event"]
+    result.update(close_spread=spread, drain_timeout=drain, open_seconds=opened["open_seconds"],
+                  backend_connections=sum(n for _, n in arrivals),
+                  backend_peak_connections_per_s=peak_rate(arrivals),
+                  backend_connections_by_second=by_second(arrivals, signalled),
+                  backend_cpu_seconds=peaks["backend"]["cpu_seconds"],
+                  backend_peak_cpu_share=peaks["backend"]["peak_cpu_share"],
+                  lbws_b_cpu_seconds=peaks["lbws_b"]["cpu_seconds"],
+                  lbws_b_peak_cpu_share=peaks["lbws_b"]["peak_cpu_share"],
+                  stopped_exit=exited[0][0] if exited else None,
+                  stopped_seconds=exited[0][1] - t0 if exited else None)
+    return result
+
+
 def bench_target(procs, name, workdir, backend, args, scenarios):
     """Start `name` fresh in front of `backend`, run `scenarios` against it, stop it."""
     outcome = {"scenarios": {}}
@@ -625,17 +810,27 @@ def format_table(report):
         rows.append(row)
         cpu_rows.append(cpu_row)
     lower = [s for s in scenarios if s in LOWER_IS_BETTER] + ["CPU per connection"] * bool(extras)
-    lines = [render(header, rows),
-             "(x) = ratio to nginx" + (f"; for {' and '.join(lower)} lower is better"
-                                       if lower else "") + ". "
-             f"* = load generator at >= {SATURATED:.0%} of a core: a lower bound. "
-             "!N = N failed connections or errors (see the JSON)."]
+    lines = [] if not scenarios else [
+        render(header, rows),
+        "(x) = ratio to nginx" + (f"; for {' and '.join(lower)} lower is better"
+                                  if lower else "") + ". "
+        f"* = load generator at >= {SATURATED:.0%} of a core: a lower bound. "
+        "!N = N failed connections or errors (see the JSON)."]
     if storm_rows:
         lines += ["", f"S5 reconnect storm, {report['storm_connections']:,} idle clients;"
                   " the backend is killed and restarted at 0 s",
                   render(["target", "all back s", "closes seen s", "reconnect p50/p99 ms",
                           "attempts/failed", "target CPU s", "RSS idle/peak MB",
                           "idle bytes/conn"], storm_rows)]
+    if report.get("paced_stop"):
+        lines += ["", f"S6 paced stop, {report['storm_connections']:,} idle clients through lbws A"
+                  " (SIGTERM at 0 s), back through lbws B with full-jitter backoff",
+                  render(["close_spread s", "all back s", "closes seen s",
+                          "backend peak conn/s", "backend peak CPU", "lbws B peak CPU",
+                          "attempts/failed", "A exited s"],
+                         [paced_row(r) for r in report["paced_stop"]])]
+    if not scenarios:
+        return "\n".join(lines[1:])
     lines += ["",
               "CPU, % of one core: target / load generator / backend / other processes",
               "(S1-S3 and H1 over the measured window; S4 while the idle connections open;"
@@ -646,6 +841,29 @@ def format_table(report):
         lines.append(f"WARNING: other processes took up to {share:.0%} of a core "
                      f"({name} {scenario}): the machine was not quiet, numbers are skewed.")
     return "\n".join(lines)
+
+
+def paced_row(result):
+    """One line of S6: one close_spread."""
+    spread = f"{result['close_spread']:g}"
+    if "error" in result:
+        return [spread, "error: " + result["error"].splitlines()[0]]
+
+    def number(value, text):
+        return "-" if value is None else text(value)
+
+    failed = paced_failures(result)
+    return [spread,
+            number(result.get("reconnect_seconds"), lambda v: f"{v:.2f}")
+            + (f" !{failed}" if failed else ""),
+            number(result.get("close_spread_seconds"),
+                   lambda v: f"{result['first_close_seconds']:.2f}-"
+                   f"{result['first_close_seconds'] + v:.2f}"),
+            f"{result['backend_peak_connections_per_s']:,.0f}",
+            f"{result['backend_peak_cpu_share']:.0%}",
+            f"{result['lbws_b_peak_cpu_share']:.0%}",
+            f"{result['attempts']:,}/{result['failed_attempts']:,}",
+            number(result.get("stopped_seconds"), lambda v: f"{v:.1f}")]
 
 
 def storm_row(name, result):
@@ -751,6 +969,15 @@ def parse_args():
                                              f" {os.cpu_count()}), got {cpus!r}")
         return target or "*", cpus
 
+    def spreads(text):
+        try:
+            values = [float(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            values = []
+        if not values or any(v < 0 for v in values):
+            raise argparse.ArgumentTypeError("expected seconds like 0,10")
+        return values
+
     def key_value(text):
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
@@ -764,12 +991,15 @@ def parse_args():
                         help="2 s per scenario, S4 with 200 connections, writes results/smoke.json only")
     parser.add_argument("--targets", type=names(TARGETS), default="direct,nginx,haproxy,lbws",
                         help=f"comma-separated, from {','.join(TARGETS)}")
-    parser.add_argument("--scenarios", type=names(SCENARIOS), default="S1,S2,S3,S4,S5,H1",
-                        help="comma-separated, from S1,S2,S3,S4,S5,H1 (S5: reconnect storm,"
-                        " H1: plain HTTP GETs)")
+    parser.add_argument("--scenarios", type=names(SCENARIOS), default="S1,S2,S3,S4,S5,H1,S6",
+                        help="comma-separated, from S1,S2,S3,S4,S5,H1,S6 (S5: reconnect storm,"
+                        " H1: plain HTTP GETs, S6: an lbws stopped with close_spread)")
     parser.add_argument("--storm-connections", type=int, default=10000, metavar="N",
-                        help="S5's idle clients (default 10000; 300 with --smoke; lowered"
-                        " to what the descriptor limit lets a proxy hold)")
+                        help="S5's and S6's idle clients (default 10000; 300 with --smoke;"
+                        " lowered to what the descriptor limit lets a proxy hold)")
+    parser.add_argument("--close-spreads", type=spreads, default=None, metavar="S,S",
+                        help="S6: the close_spread values to compare, in seconds"
+                        " (default 0,10; 0,2 with --smoke)")
     parser.add_argument("--listen-backlog", type=int, default=LISTEN_BACKLOG, metavar="N",
                         help=f"every proxy's listen backlog (default {LISTEN_BACKLOG})")
     parser.add_argument("--pin-proxy", type=pin, action="append", default=[],
@@ -789,6 +1019,8 @@ def parse_args():
     args.idle_connections = 2000
     if args.smoke:
         args.duration, args.idle_connections, args.storm_connections = 2.0, 200, 300
+    if args.close_spreads is None:
+        args.close_spreads = [0.0, 2.0] if args.smoke else list(PACED_SPREADS)
     return args
 
 
@@ -804,8 +1036,8 @@ def size_for_fd_limit(args):
     args.max_clients = (args.nofile - FD_MARGIN) // 2
     args.storm_requested = args.storm_connections
     fits = (args.max_clients - 64) // 100 * 100
-    if args.storm_connections > fits and "S5" in args.scenarios:
-        print(f"WARNING: S5 runs with {fits} clients, not {args.storm_connections}: the"
+    if args.storm_connections > fits and {"S5", "S6"} & set(args.scenarios):
+        print(f"WARNING: S5 and S6 run with {fits} clients, not {args.storm_connections}: the"
               f" descriptor limit {args.nofile} lets a proxy hold {args.max_clients}"
               " (raise `ulimit -Hn` for more)", file=sys.stderr)
         args.storm_connections = fits
@@ -845,8 +1077,10 @@ def run(args, procs, workdir):
               "lbws_config_extra": dict(args.lbws_config_extra),
               "lbws_routes": args.lbws_routes, "versions": tool_versions(),
               "targets": {}}
+    # S6 is lbws against itself, not a target against the others.
+    report["scenarios"] = [s for s in args.scenarios if s != "S6"]
     passes = [(lambda: Backend(procs, ECHO_SERVER), "echo-server.js", False,
-               [s for s in args.scenarios if s not in ("H1", "S5")]),
+               [s for s in args.scenarios if s not in ("H1", "S5", "S6")]),
               (lambda: Backend(procs, HTTP_BACKEND), "http-backend.js", False,
                [s for s in args.scenarios if s == "H1"]),
               (lambda: HeldBackend(procs), "echo-server.js", True,
@@ -868,8 +1102,35 @@ def run(args, procs, workdir):
             merged.update(outcome)
         if shared:
             shared.stop()
+    if "S6" in args.scenarios:
+        report["close_spreads"] = args.close_spreads
+        report["paced_stop"] = []
+        for spread in args.close_spreads:
+            print(f"S6 close_spread {spread:g} ...", file=sys.stderr)
+            try:
+                result = run_paced_stop(procs, workdir, args, spread)
+            except BenchError as error:
+                result = {"close_spread": spread, "error": str(error)}
+            report["paced_stop"].append(result)
+            print(f"  S6 close_spread {spread:g}: {paced_text(result)}", file=sys.stderr)
     report["ratios_to_nginx"] = ratios_to_nginx(report["targets"])
     return report
+
+
+def paced_text(result):
+    if "error" in result:
+        return "error: " + result["error"].splitlines()[0]
+    back = result.get("reconnect_seconds")
+    return (("not all back" if back is None else f"all back in {back:.2f} s") +
+            f", backend peak {result['backend_peak_connections_per_s']:,.0f} conn/s")
+
+
+def paced_failures(result):
+    """S6's clients not back, lost again, or an lbws that did not exit 0."""
+    if "error" in result:
+        return 1
+    return (result["connections"] - result["reconnected"] + result["closed_before_storm"]
+            + result["dropped_after_reconnect"] + (result["stopped_exit"] != 0))
 
 
 def main():
@@ -891,6 +1152,9 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     if args.smoke:
         write_json(report, RESULTS / "smoke.json")
+    elif not report["scenarios"]:
+        # S6 alone: its own file, so that the full run's stays.
+        write_json(report, RESULTS / "paced-stop.json")
     else:
         write_json(report, RESULTS / "latest.json")
         shutil.copyfile(RESULTS / "latest.json",
@@ -900,6 +1164,7 @@ def main():
     failed = any("error" in outcome or any("error" in r or failures(r)
                                            for r in outcome["scenarios"].values())
                  for outcome in report["targets"].values())
+    failed = failed or any(paced_failures(r) for r in report.get("paced_stop", ()))
     return 1 if failed else 0
 
 

@@ -163,6 +163,10 @@ class RouteSettings:
     http: str = "proxy"
     host_header: str = "client"
     strip_prefix: bool = False
+    # What happens to this route's connections on a backend that is
+    # drained, removed by a reload or gone from DNS: "keep" (they stay) or
+    # "shed" (moved off at rebalance_rate, see lbws.backends.rebalance).
+    drain_mode: str = "keep"
 
 
 # The name of the one route of a configuration without [route:NAME].
@@ -176,7 +180,22 @@ ROUTE_OVERRIDES = (
     "allowed_origins",
     "http",
     "host_header",
+    "drain_mode",
 )
+DRAIN_MODES = ("keep", "shed")
+# close_spread's default, in seconds: see closeWindow and the README
+# ("Stopping and draining").
+DEFAULT_CLOSE_SPREAD = 10.0
+
+
+def closeWindow(closeSpread, drainTimeout):
+    """
+    The seconds over which the 1001 closes of a stop are spread:
+    C{close_spread}, but at most half of C{drain_timeout}, which bounds the
+    whole stop, so that the last clients closed have the other half to
+    answer their close.
+    """
+    return min(closeSpread, drainTimeout / 2)
 
 
 @attrs.frozen
@@ -207,6 +226,7 @@ class Settings:
     max_connections_set: bool = False
     drain_timeout: float = 30.0
     stop_delay: float = 0.0
+    close_spread: float = DEFAULT_CLOSE_SPREAD
     admin_token: str = ""
     slow_start: float = 0.0
     rebalance: str = "off"
@@ -219,6 +239,7 @@ class Settings:
     # Plain HTTP on the listener (README "Plain HTTP and long-polling").
     http: str = "proxy"
     host_header: str = "client"
+    drain_mode: str = "keep"
     http_timeout: float = 60.0
     max_body_size: int = 1024 * 1024
     sticky_cookie: str = ""
@@ -434,6 +455,7 @@ def _parseOverrides(reader, base):
         ),
         "http": reader.choice("http", base.http, ("proxy", "refuse")),
         "host_header": reader.choice("host_header", base.host_header, ("client", "backend")),
+        "drain_mode": reader.choice("drain_mode", base.drain_mode, DRAIN_MODES),
     }
     if reader.has("allowed_origins"):
         values["allowed_origins"] = _parseOrigins(reader)
@@ -650,6 +672,7 @@ def _parseMain(path, parser, backends, health):
         max_connections_set=reader.has("max_connections"),
         drain_timeout=reader.number("drain_timeout", 30, float, 0),
         stop_delay=reader.number("stop_delay", 0, float, 0),
+        close_spread=reader.seconds("close_spread", DEFAULT_CLOSE_SPREAD, off=True),
         admin_token=reader.string("admin_token"),
         slow_start=reader.number("slow_start", 0, float, 0),
         rebalance=reader.choice("rebalance", "off", ("off", "gradual")),
@@ -895,6 +918,7 @@ def summary(settings):
             if settings.rebalance != "off"
             else ""
         ),
+        _stopLine(settings),
         f"http {settings.http}"
         + (
             f" (http_timeout {settings.http_timeout:g}s,"
@@ -922,9 +946,31 @@ def summary(settings):
                 f"  {route.name}: {describe(route)}"
                 + (" (strip_prefix)" if route.strip_prefix else "")
                 + f" -> {', '.join(route.backends)}; balance {route.balance}"
+                + (
+                    f"; drain_mode {route.drain_mode}"
+                    if route.drain_mode != settings.drain_mode
+                    else ""
+                )
             )
     lines.extend(f"note: {note}" for note in settings.notes)
     return "\n".join(lines)
+
+
+def _stopLine(settings):
+    """
+    What a stop and a drained backend do, for C{--check}: the window the
+    1001 closes are spread over is shown as it will be, with why when
+    C{drain_timeout} shortens it.
+    """
+    window = closeWindow(settings.close_spread, settings.drain_timeout)
+    spread = f"close_spread {settings.close_spread:g}s"
+    if window < settings.close_spread:
+        spread += f" (closes spread over {window:g}s: half of drain_timeout)"
+    return (
+        f"stop: stop_delay {settings.stop_delay:g}s, {spread},"
+        f" drain_timeout {settings.drain_timeout:g}s; drain_mode {settings.drain_mode}"
+        + (f" at {settings.rebalance_rate:g}/s" if settings.drain_mode == "shed" else "")
+    )
 
 
 # Seconds between SRV lookups when C{resolve} is left at 0.

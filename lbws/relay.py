@@ -6,6 +6,7 @@ The client's protocol lives in L{lbws.ws.server}, a joined client and backend
 in L{lbws.ws.tunnel}.
 """
 
+import random as _random
 from collections import Counter
 
 from autobahn.websocket.types import ConnectionDeny
@@ -15,6 +16,7 @@ from twisted.logger import Logger
 from lbws.backends import sticky
 from lbws.backends.balance import hashKeyOf
 from lbws.backends.routes import RouteTable
+from lbws.config import closeWindow
 from lbws.ws.server import FrontendFactory
 
 _log = Logger()
@@ -26,8 +28,13 @@ class Relay:
     open tunnels, and draining them on stop.
     """
 
-    def __init__(self, reactor, settings, pool, dialer, counters):
+    def __init__(self, reactor, settings, pool, dialer, counters, random=None):
+        """
+        @param random: a C{random.Random} for the order of the closes of a
+            stop (tests give a seeded one).
+        """
         self.reactor = reactor
+        self.random = random or _random.Random()
         self.settings = settings
         self.pool = pool
         self.dialer = dialer
@@ -39,6 +46,7 @@ class Relay:
         self.http = set()  # client connections speaking plain HTTP (lbws.http.httpproxy)
         self.stopping = False
         self._drained = None
+        self._spread = None  # the SpreadClose of a stop in progress
 
     @property
     def settings(self):
@@ -188,6 +196,7 @@ class Relay:
         # A backend a reload removed leaves with its last connection.
         self.pool.leaveIfIdle(tunnel.member)
         if self._drained is not None and not self.tunnels:
+            self._spread.cancel()
             d, self._drained = self._drained, None
             d.callback(None)
 
@@ -198,15 +207,22 @@ class Relay:
         C{drain_timeout}.
         """
         self.stopping = True
+        if self._spread is not None:
+            self._spread.cancel()
         for tunnel in list(self.tunnels):
             tunnel.abort()
 
     def stop(self, timeout):
         """
-        Refuse new clients and close the open ones with 1001.
+        Refuse new clients and close the open ones with 1001, spread over
+        the settings' C{close_spread} (at most half of C{timeout}: see
+        L{lbws.config.closeWindow}) in random order, so that they do not
+        all reconnect elsewhere in the same instant.
 
-        @return: a Deferred that fires once every tunnel has ended (each
-            side gets up to C{timeout} to answer its close).
+        @return: a Deferred that fires once every tunnel has ended, at most
+            C{timeout} after this call plus what Twisted takes to notice
+            the cut connections: a tunnel closed at second C{t} of the
+            spread gets C{timeout - t} to answer.
         """
         self.stopping = True
         # Clients whose handshake waits for a backend get 503 now; left to
@@ -219,7 +235,70 @@ class Relay:
         if not self.tunnels:
             return succeed(None)
         self._drained = Deferred()
-        for tunnel in list(self.tunnels):
+        window = closeWindow(self.settings.close_spread, timeout)
+        # Sorted first, so that a seeded random gives the same order.
+        opened = sorted((t for t in self.tunnels if t.movable), key=lambda t: t.started)
+        _log.info(
+            "closing {count} connection(s) with 1001 over {window:g}s",
+            count=len(opened),
+            window=window,
+        )
+        self.random.shuffle(opened)
+        self._spread = SpreadClose(self.reactor, opened, window, timeout)
+        # Closes already under way only get the stop's deadline.
+        for tunnel in [t for t in self.tunnels if not t.movable]:
             tunnel.shutdown(timeout)
+        self._spread.start()
         return self._drained
+
+
+class SpreadClose:
+    """
+    The 1001 closes of a stop, spread evenly over C{window} seconds in the
+    order given: the tunnel at index C{i} of C{n} is closed at C{i *
+    window / n} seconds (the first at once, the last a step before the
+    window ends), so that its clients reconnect elsewhere at C{n / window}
+    per second instead of all in the same instant. One timer at a time:
+    each firing closes every tunnel whose time has come (a late timer
+    catches up) and waits for the next.
+
+    A tunnel closed at second C{t} gets C{timeout - t} to answer, so the
+    whole stop ends within C{timeout}. A tunnel that ended by itself
+    before its turn is skipped.
+    """
+
+    def __init__(self, reactor, tunnels, window, timeout):
+        self._reactor = reactor
+        self._tunnels = tunnels
+        self._step = window / len(tunnels) if tunnels else 0.0
+        self._timeout = timeout
+        self._next = 0
+        self._call = None
+        self._started = None
+
+    def start(self):
+        self._started = self._reactor.seconds()
+        self._closeDue()
+
+    def _closeDue(self):
+        self._call = None
+        elapsed = self._reactor.seconds() - self._started
+        tunnels = self._tunnels
+        while self._next < len(tunnels) and self._next * self._step <= elapsed:
+            tunnel = tunnels[self._next]
+            self._next += 1
+            if not tunnel.done:
+                tunnel.shutdown(max(self._timeout - elapsed, 0.0))
+        if self._next < len(tunnels):
+            self._call = self._reactor.callLater(
+                self._next * self._step - elapsed, self._closeDue
+            )
+
+    def cancel(self):
+        """
+        Close no more: a second stop signal cuts every tunnel at once.
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 

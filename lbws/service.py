@@ -30,7 +30,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybe
 from twisted.logger import Logger, LogLevel
 
 from lbws import compat
-from lbws.config import ConfigError, checkReload, loadConfig
+from lbws.config import ConfigError, checkReload, closeWindow, loadConfig
 from lbws.core import buildCore
 from lbws.ops.dashboard import dashboardSite
 from lbws.backends.discovery import Discovery
@@ -52,8 +52,9 @@ class Frontend(Service):
 
     Stopping it drains: it keeps accepting for C{stop_delay} seconds (so an
     outer L4 balancer sees C{/healthz} fail and stops sending clients
-    first), then stops accepting and closes every client with 1001, giving
-    them up to C{drain_timeout}. L{cut} ends that at once.
+    first), then stops accepting and closes every client with 1001, spread
+    over C{close_spread} (see L{lbws.relay.Relay.stop}), giving them up to
+    C{drain_timeout} in all. L{cut} ends that at once.
     """
 
     def __init__(self, reactor, core, listener, workers=None):
@@ -226,11 +227,15 @@ class LbwsService(MultiService):
         stopped (see the module's docstring).
         """
         self.stopping = True
+        settings = self.settings
         self.events.record(
             "stop",
-            "lbws stopping: {count} open connection(s) get up to {timeout:g}s",
+            "lbws stopping: {count} open connection(s) get 1001 over {spread:g}s"
+            " after {delay:g}s, up to {timeout:g}s in all",
             count=sum(m.count("active") for m in self.pool),
-            timeout=self.settings.drain_timeout,
+            delay=settings.stop_delay,
+            spread=closeWindow(settings.close_spread, settings.drain_timeout),
+            timeout=settings.drain_timeout,
         )
         Service.stopService(self)
         d = succeed(None)
@@ -308,10 +313,12 @@ class LbwsService(MultiService):
         settings = self.settings
         _log.info(
             "received {signal}: stopping; /healthz answers 503 now, clients are"
-            " still accepted for {delay:g}s, then open connections get up to"
-            " {timeout:g}s (send {signal} again to close them at once)",
+            " still accepted for {delay:g}s, then open connections get 1001"
+            " spread over {spread:g}s and up to {timeout:g}s in all (send"
+            " {signal} again to close them at once)",
             signal=name,
             delay=settings.stop_delay,
+            spread=closeWindow(settings.close_spread, settings.drain_timeout),
             timeout=settings.drain_timeout,
         )
         self.reactor.stop()
@@ -359,9 +366,16 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
             cut=service.cutBySignal,
             isStopping=lambda: service.stopping,
         ).setServiceParent(service)
+    listener = Listener(listenEndpoint(reactor, settings.listen), core.factory(), settings.listen)
+    workers = None
+    if settings.workers > 1:
+        workers = Workers(reactor, core, listener, settings.workers)
     health = service.health = HealthChecker(reactor, core.pool, settings.health)
     discovery = service.discovery = Discovery(reactor, core.pool, health, resolver)
-    service.rebalancer = Rebalancer(reactor, core.relay, core.pool)
+    # With workers, they shed their own connections and report it.
+    service.rebalancer = Rebalancer(
+        reactor, core.relay, core.pool, reports=None if workers is None else workers.shedding
+    )
     service.history = HistorySampler(reactor, core.pool, core.counters)
     for child in (health, discovery, service.rebalancer, service.history):
         child.setServiceParent(service)
@@ -369,13 +383,16 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
     # then checks start for added members (which join after `rise` of
     # them) and stop for removed ones.
     service.followers += [discovery.sync, lambda settings: health.sync(settings.health)]
-    listener = Listener(listenEndpoint(reactor, settings.listen), core.factory(), settings.listen)
-    workers = None
-    if settings.workers > 1:
-        workers = Workers(reactor, core, listener, settings.workers)
+    if workers is not None:
         service.followers.append(workers.apply)
     view = StatusView(
-        reactor, core, reactor.seconds(), lambda: service.stopping, workers, service.history
+        reactor,
+        core,
+        reactor.seconds(),
+        lambda: service.stopping,
+        workers,
+        service.history,
+        service.rebalancer.shedding,
     )
     service.view = view
     if settings.dashboard:

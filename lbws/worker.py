@@ -20,6 +20,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 
 from lbws import compat
+from lbws.backends.rebalance import Rebalancer
 from lbws.config import ConfigError, loadConfig
 from lbws.core import buildCore
 
@@ -28,12 +29,13 @@ _log = Logger()
 STATS_INTERVAL = 0.5
 
 
-def statsOf(core):
+def statsOf(core, rebalancer):
     """
     What a worker reports to its parent.
     """
     pool, counters, relay = core.pool, core.counters, core.relay
     return {
+        "shedding": [rebalancer.leftToMove(), rebalancer.shedMoved],
         "members": {
             member.name: {
                 **member.traffic.own(),
@@ -56,6 +58,9 @@ class Worker:
         self.index = index
         self.core = buildCore(reactor, loadConfig(path))
         self.port = reactor.adoptStreamPort(fd, family, self.core.factory())
+        # Sheds its own connections off draining backends (drain_mode);
+        # the parent records the events for all workers.
+        self.rebalancer = Rebalancer(reactor, self.core.relay, self.core.pool, record=False)
         self._stats = LoopingCall(self._report)
         self._stats.clock = reactor
         self._stopping = False
@@ -64,9 +69,11 @@ class Worker:
     def start(self, channel):
         self.channel = channel
         self._stats.start(STATS_INTERVAL)
+        self.rebalancer.startService()
 
     def _report(self):
-        self.channel.sendLine(json.dumps({"stats": statsOf(self.core)}).encode())
+        stats = statsOf(self.core, self.rebalancer)
+        self.channel.sendLine(json.dumps({"stats": stats}).encode())
 
     def handle(self, message):
         if "state" in message:
@@ -96,6 +103,7 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
+        self.rebalancer.stopService()
         d = self.port.stopListening()
         d.addCallback(lambda _: self.core.relay.stop(timeout))
         d.addBoth(lambda _: self.reactor.stop())

@@ -13,8 +13,9 @@ one JSON object a line:
     reload the parent applied (L{Workers.apply}), C{{"stop": SECONDS}} to drain and exit,
     C{{"abort": true}} to cut every connection and exit;
   - from a worker: C{{"stats": ...}} twice a second, its per-backend
-    traffic and counters (see L{lbws.worker.statsOf}), which the dashboard
-    and metrics add to the parent's own.
+    traffic and counters, and its shedding of draining backends (see
+    L{lbws.worker.statsOf}), which the dashboard and metrics add to the
+    parent's own.
 
 A worker that dies is started again, unless lbws is stopping.
 """
@@ -22,6 +23,7 @@ A worker that dies is started again, unless lbws is stopping.
 import json
 import os
 import sys
+from collections import Counter
 
 from twisted.application.service import Service
 from twisted.internet import protocol
@@ -85,6 +87,7 @@ class Workers(Service):
         self._executable = executable
         self._processes = {}
         self._connections = {}  # client connections of each worker, by index
+        self._shedding = {}  # each worker's (left, moved) by backend name, by index
         self._sentState = None
         self._stateLoop = LoopingCall(self._sendState)
         self._stateLoop.clock = reactor
@@ -133,6 +136,7 @@ class Workers(Service):
         self._core.pool.forgetWorker(process.index)
         self._core.counters.forgetWorker(process.index)
         self._connections.pop(process.index, None)
+        self._shedding.pop(process.index, None)
         if self._stopping:
             return
         _log.error(
@@ -164,7 +168,8 @@ class Workers(Service):
         pool = self._core.pool
         health = self._core.settings.health
         now = self._reactor.seconds()
-        for name, counts in stats["members"].items():
+        reported = stats["members"]
+        for name, counts in reported.items():
             member = pool.members.get(name)
             if member is None:
                 continue
@@ -172,14 +177,34 @@ class Workers(Service):
             for _ in range(max(0, counts["failed"] - before)):
                 member.recordCheck(False, now, health.rise, health.fall, counts["lastError"])
             member.traffic.report(index, counts)
+        for member in list(pool):
+            if member.name not in reported:
+                # The worker let a removed backend go with its last
+                # connection (or has not reloaded yet): it has none there.
+                member.traffic.forget(index)
+            pool.leaveIfIdle(member)
         self._core.counters.fromWorker(index, stats["counters"])
         self._connections[index] = stats["clients"]
+        left, moved = stats["shedding"]
+        self._shedding[index] = (Counter(left), Counter(moved))
 
     def connections(self):
         """
         Client connections of each worker, by index, as last reported.
         """
         return dict(self._connections)
+
+    def shedding(self):
+        """
+        The workers' shedding together, as last reported: C{(left, moved)}
+        Counters by backend name (see
+        L{lbws.backends.rebalance.Rebalancer.shedding}).
+        """
+        left, moved = Counter(), Counter()
+        for workerLeft, workerMoved in self._shedding.values():
+            left.update(workerLeft)
+            moved.update(workerMoved)
+        return left, moved
 
     def apply(self, settings):
         """

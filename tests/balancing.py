@@ -54,8 +54,15 @@ class RevivableBackend:
 
 
 class _FleetClient(WebSocketClientProtocol):
+    echo = None  # a Deferred waiting for the next message
+
     def onOpen(self):
         self.factory.fleet._opened(self)
+
+    def onMessage(self, payload, isBinary):
+        echo, self.echo = self.echo, None
+        if echo is not None:
+            echo.callback(payload)
 
     def onClose(self, wasClean, code, reason):
         self.factory.fleet._closed(self, code)
@@ -67,6 +74,7 @@ class Fleet:
     it with 1012 (Service Restart), as clients are expected to.
 
     @ivar moved: how many 1012 closes the clients got.
+    @ivar movedAt: when each came (reactor seconds).
     @ivar lost: closes with any other code (none expected).
     """
 
@@ -79,6 +87,7 @@ class Fleet:
         self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
         self.open = set()
         self.moved = 0
+        self.movedAt = []
         self.reconnected = 0
         self.lost = []
         self._waiting = []
@@ -104,9 +113,21 @@ class Fleet:
             return
         if code == SERVICE_RESTART:
             self.moved += 1
+            self.movedAt.append(reactor.seconds())
             self.endpoint.connect(self.factory).addErrback(self.lost.append)
         else:
             self.lost.append(code)
+
+    async def echoAll(self, timeout=10):
+        """
+        Each open client sends a message and gets it back from its echo
+        backend: every client still has a working session.
+        """
+        for protocol in list(self.open):
+            protocol.echo = defer.Deferred()
+            payload = f"still here {id(protocol)}".encode()
+            protocol.sendMessage(payload)
+            assert await protocol.echo.addTimeout(timeout, reactor) == payload
 
     def close(self):
         self.stopping = True

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, readBody
 
@@ -26,7 +26,7 @@ FAST_HEALTH = "interval = 0.1\ntimeout = 0.5\nfall = 1\nrise = 1"
 class BalancingHarness(Harness):
     def backend(self, name, start=True):
         backend = RevivableBackend(name)
-        self.atEnd(backend.close)
+        self.atEnd(lambda: defer.ensureDeferred(backend.close()))
         if start:
             backend.start()
         return backend
@@ -224,6 +224,9 @@ async def test_gradual_rebalancing_of_200_connections_after_a_backend_comes_back
         "rebalance": "gradual",
         "rebalance_rate": float(RATE),
         "rebalanced": moved,
+        "drain_mode": "keep",
+        "to_move": 0,
+        "shed": 0,
     }
     metrics = await getText(lbws.dashboardUrl + "/metrics")
     assert f'lbws_rebalanced_total{{backend="a"}} {float(byName["a"]["rebalanced"])}' in metrics

@@ -33,6 +33,7 @@ def test_defaults():
     assert settings.max_message_rate == 0
     assert settings.drain_timeout == 30
     assert settings.stop_delay == 0
+    assert (settings.close_spread, settings.drain_mode) == (10, "keep")
     assert settings.admin_token == ""
     assert settings.health.interval == 2
     assert settings.health.probe == "default"
@@ -134,6 +135,11 @@ verify = false
         ("[lbws]\nslow_start = soon\n" + MINIMAL, "lbws", "slow_start", "a number"),
         ("[lbws]\nstop_delay = -1\n" + MINIMAL, "lbws", "stop_delay", "at least 0"),
         ("[lbws]\nstop_delay = later\n" + MINIMAL, "lbws", "stop_delay", "a number"),
+        ("[lbws]\nclose_spread = 0.05\n" + MINIMAL, "lbws", "close_spread", "0 (off) or at least 0.1"),
+        ("[lbws]\nclose_spread = -1\n" + MINIMAL, "lbws", "close_spread", "at least 0"),
+        ("[lbws]\nclose_spread = slowly\n" + MINIMAL, "lbws", "close_spread", "a number"),
+        ("[lbws]\ndrain_mode = drop\n" + MINIMAL, "lbws", "drain_mode", "keep, shed"),
+        (MINIMAL + "[route:r]\nbackends = a\ndrain_mode = Shed\n", "route:r", "drain_mode", "keep, shed"),
         ("[health]\nprobe = icmp\n" + MINIMAL, "health", "probe", "tcp, websocket, http"),
         ("[health]\nfall = 0\n" + MINIMAL, "health", "fall", "at least 1"),
         ("[health]\npath = health\n" + MINIMAL, "health", "path", "start with /"),
@@ -166,6 +172,31 @@ def test_mistakes_name_file_section_and_key(text, section, key, words):
     assert (e.path, e.section, e.key) == ("lbws.ini", section, key)
     assert words in str(e)
     assert str(e).startswith("lbws.ini")
+
+
+def test_stop_and_drain_mode_in_check():
+    """
+    --check shows the window the closes will be spread over, shortened to
+    half of drain_timeout when that is less, and what a draining backend's
+    connections do, per route where it differs.
+    """
+    settings = parseConfig(MINIMAL)
+    assert "stop: stop_delay 0s, close_spread 10s, drain_timeout 30s; drain_mode keep" in summary(
+        settings
+    )
+    settings = parseConfig(
+        "[lbws]\nstop_delay = 5\ndrain_timeout = 8\ndrain_mode = shed\nrebalance_rate = 20\n"
+        + MINIMAL
+        + "[route:r]\nbackends = a\ndrain_mode = keep\n[route:s]\npath = /s\nbackends = a\n"
+    )
+    text = summary(settings)
+    assert (
+        "stop: stop_delay 5s, close_spread 10s (closes spread over 4s: half of drain_timeout),"
+        " drain_timeout 8s; drain_mode shed at 20/s"
+    ) in text
+    assert "  r: any host, any path -> a; balance least_conn; drain_mode keep" in text
+    assert "  s: any host, path /s -> a; balance least_conn\n" in text + "\n"
+    assert [r.drain_mode for r in settings.routes] == ["keep", "shed"]
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_line():

@@ -584,8 +584,9 @@ async def test_events_json_says_what_happened_and_from_where(harness, tmp_path):
     assert await client.closed == (1001, "lbws is stopping")
     stop = lbws.events.recent()[-1]
     assert (stop["kind"], stop["count"], stop["text"]) == (
-        "stop", 1, "lbws stopping: 1 open connection(s) get up to 30s"
+        "stop", 1, "lbws stopping: 1 open connection(s) get 1001 over 10s after 0s, up to 30s in all"
     )
+    assert (stop["spread"], stop["delay"], stop["timeout"]) == (10, 0, 30)
 
 
 HISTORY_SCREENSHOT = ROOT / "reports" / "dashboard-history.png"

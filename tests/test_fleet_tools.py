@@ -20,6 +20,7 @@ import pytest_twisted
 import yaml
 from twisted.internet import threads
 
+from lbws.config import closeWindow
 from tests.support import ROOT, TWISTD, deferLater
 
 DEPLOY = ROOT / "deploy"
@@ -55,10 +56,16 @@ def test_deployment_stops_gracefully_and_without_privileges():
     ini = _configMapIni()
     drain = float(re.search(r"^drain_timeout = (\S+)", ini, re.M).group(1))
     delay = float(re.search(r"^stop_delay = (\S+)", ini, re.M).group(1))
+    spread = float(re.search(r"^close_spread = (\S+)", ini, re.M).group(1))
     preStop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert preStop[0] == "sleep"
-    # The pod is killed only after preStop, stop_delay and the drain.
-    assert pod["terminationGracePeriodSeconds"] > float(preStop[1]) + delay + drain
+    # The closes are spread as configured (not shortened to half of
+    # drain_timeout), and the pod is killed only after preStop,
+    # stop_delay, the spread and the last answers (the README's
+    # arithmetic: the spread is part of drain_timeout).
+    assert closeWindow(spread, drain) == spread > 0
+    answers = drain - spread
+    assert pod["terminationGracePeriodSeconds"] > float(preStop[1]) + delay + spread + answers
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True

@@ -57,8 +57,8 @@ class FakeTunnel:
         self.started = world.clock.seconds()
         self.done = False
         self.closedFirstBy = None
-        hashKey = (route or world.pool.settings).hash_key
-        self.info = FakeInfo(f"client-{key}", key, str(hashKey), route)
+        route = route or world.settings.implicitRoute()
+        self.info = FakeInfo(f"client-{key}", key, str(route.hash_key), route)
         self.client = FakeLeg(self, True)
         self.backend = FakeLeg(self, False)
 
@@ -106,7 +106,8 @@ class World:
         return opened
 
     def closed(self, tunnel):
-        assert tunnel.client.closeSent == (CLOSE_SERVICE_RESTART, "rebalancing")
+        code, reason = tunnel.client.closeSent
+        assert code == CLOSE_SERVICE_RESTART and reason in ("rebalancing", "backend draining")
         self.moves.append((self.clock.seconds(), tunnel.member.name, tunnel))
         self.clock.callLater(0.005, self.ended, tunnel)
 
@@ -435,3 +436,201 @@ def test_hash_route_moves_only_its_misplaced_keys():
     for tunnel in world.tunnels:
         if tunnel.info.route is routeA:
             assert world.pool.choose(tunnel.info.key, route=routeA) is tunnel.member
+
+
+# drain_mode = shed: the same pace moves a draining backend's connections off.
+
+TWO = [("a", "ws://h:1"), ("b", "ws://h:2")]
+SHED = "drain_mode = shed\nrebalance_rate = 10\n"
+
+
+def spread(backends=TWO, lbws=SHED, connections=40, routes=""):
+    """
+    C{connections} clients spread by least_conn over C{backends}, the
+    rebalancer running.
+    """
+    world = World(parseConfig(support.configText(backends, lbws=lbws, routes=routes), "t.ini"))
+    world.connect(connections)
+    world.rebalancer.startService()
+    return world
+
+
+def shedEvents(world):
+    return [e for e in world.pool.events.recent() if e["kind"] == "shed"]
+
+
+def test_shed_moves_a_drained_backends_connections_off_oldest_first_at_the_rate():
+    world = spread()
+    assert world.counts() == {"a": 20, "b": 20}
+    onB = sorted((t for t in world.tunnels if t.member.name == "b"), key=lambda t: t.started)
+    world.pool["b"].admin.drain()
+    drained = world.clock.seconds()
+    world.run(10)
+    assert world.counts() == {"a": 40, "b": 0}
+    assert [tunnel for _, _, tunnel in world.moves] == onB
+    for tunnel in onB:
+        assert tunnel.client.closeSent == (CLOSE_SERVICE_RESTART, "backend draining")
+        assert tunnel.backend.closeSent == (1001, "client moved off a draining backend")
+        assert tunnel.closedFirstBy == "lbws"
+    times = [t for t, _, _ in world.moves]
+    # The first within a look (a second) of the drain; then 1/rate apart
+    # plus up to 50% jitter, as gradual rebalancing.
+    assert drained < times[0] <= drained + CHECK_INTERVAL + 0.01
+    gaps = [y - x for x, y in zip(times, times[1:])]
+    assert min(gaps) >= 0.1 - 1e-9 and max(gaps) <= 0.15 + 0.01 + 1e-9
+    assert world.rebalancer.shedMoved == {"b": 20}
+    assert world.rebalancer.moved == 0 and world.pool["b"].rebalanced == 0
+    assert world.rebalancer.shedding() == (Counter(), Counter({"b": 20}))
+    start, end = shedEvents(world)
+    assert (start["phase"], start["backend"], start["count"], start["rate"]) == ("start", "b", 20, 10)
+    assert start["time"] <= times[0]
+    assert (end["phase"], end["backend"], end["moved"], end["back"]) == ("end", "b", 20, False)
+    assert times[-1] < end["time"] <= times[-1] + CHECK_INTERVAL + 0.02
+    assert end["seconds"] == end["time"] - start["time"]
+    assert end["text"] == f"shedding backend b ended: 20 connection(s) moved in {end['seconds']:.1f}s"
+
+
+def test_keep_leaves_a_drained_backends_connections_alone():
+    world = spread(lbws="rebalance_rate = 10\n")
+    world.pool["b"].admin.drain()
+    world.run(10)
+    assert world.moves == [] and world.counts() == {"a": 20, "b": 20}
+    assert world.rebalancer.leftToMove() == Counter()
+    assert shedEvents(world) == []
+
+
+def test_a_reload_that_sets_shed_applies_to_open_connections():
+    world = spread(lbws="rebalance_rate = 10\n")
+    world.pool["b"].admin.drain()
+    world.run(3)
+    assert world.moves == []
+    world.settings = settingsFor(TWO, SHED)
+    world.run(5)
+    assert world.counts() == {"a": 40, "b": 0}
+
+
+def test_shedding_waits_until_a_backend_is_up_to_take_the_clients():
+    """
+    Never onto a draining backend, and not into nowhere: with a down and b
+    drained, b's clients stay (and are counted as left to move) until a is
+    back.
+    """
+    world = spread()
+    setHealthy(world.pool["a"], False)
+    world.pool["b"].admin.drain()
+    world.run(5)
+    assert world.moves == []
+    assert world.rebalancer.leftToMove() == {"b": 20}
+    [start] = shedEvents(world)
+    assert start["count"] == 20
+    setHealthy(world.pool["a"], True)
+    world.run(5)
+    assert world.counts() == {"a": 40, "b": 0}
+
+
+def test_two_draining_backends_never_trade_clients():
+    world = spread(backends=THREE, connections=30)
+    world.pool["b"].admin.drain()
+    world.pool["c"].admin.drain()
+    world.run(10)
+    assert world.counts() == {"a": 30, "b": 0, "c": 0}
+    assert len(world.moves) == 20
+    assert {name for _, name, _ in world.moves} == {"b", "c"}
+
+
+def test_a_route_sheds_by_its_own_drain_mode():
+    """
+    b serves routes A (drain_mode = shed) and B (keep, from [lbws]): when b
+    is drained only A's clients on it move.
+    """
+    routes = ROUTES.format(a="drain_mode = shed", b="")
+    world = World(parseConfig(support.configText(THREE, lbws="rebalance_rate = 10", routes=routes), "t.ini"))
+    routeA, routeB = world.settings.routes
+    world.connect(20, route=routeA)
+    world.connect(20, route=routeB)
+    world.rebalancer.startService()
+    before = routeCounts(world, routeB)
+    assert routeCounts(world, routeA) == {"a": 10, "b": 10} and before["b"] > 0
+    world.pool["b"].admin.drain()
+    world.run(10)
+    assert routeCounts(world, routeA) == {"a": 20}
+    assert routeCounts(world, routeB) == before
+    assert {tunnel.info.route.name for _, _, tunnel in world.moves} == {"A"}
+
+
+def test_with_hash_a_draining_backend_keeps_its_connections_unless_it_sheds():
+    """
+    With balance = hash and gradual rebalancing, a draining backend's
+    connections map elsewhere but stay with drain_mode = keep; with shed
+    they move, to where their keys map.
+    """
+    world = spread(THREE, lbws="balance = hash\n" + GRADUAL, connections=90)
+    world.pool["c"].admin.drain()
+    world.run(10)
+    assert world.moves == []
+    world.settings = settingsFor(THREE, "balance = hash\n" + GRADUAL + "drain_mode = shed\n")
+    onC = world.counts()["c"]
+    world.run(20)
+    assert world.counts()["c"] == 0 and len(world.moves) == onC
+    for tunnel in world.tunnels:
+        assert world.pool.choose(tunnel.info.key) is tunnel.member
+
+
+def test_with_workers_each_sheds_at_its_share_of_the_rate():
+    world = spread(lbws=SHED + "workers = 2\n")
+    world.pool["b"].admin.drain()
+    world.run(10)
+    times = [t for t, _, _ in world.moves]
+    assert len(times) == 20
+    assert min(y - x for x, y in zip(times, times[1:])) >= 0.2 - 1e-9
+
+
+def test_a_backend_back_in_rotation_ends_its_shedding():
+    world = spread()
+    world.pool["b"].admin.drain()
+    world.run(1.5)
+    moved = len(world.moves)
+    assert 0 < moved < 20
+    world.pool["b"].admin.drain(False)
+    world.run(5)
+    assert len(world.moves) == moved
+    start, end = shedEvents(world)
+    assert (end["moved"], end["back"]) == (moved, True)
+    assert end["text"].endswith("; it is back in rotation")
+
+
+def test_nothing_is_shed_while_lbws_stops():
+    world = spread()
+    world.pool["b"].admin.drain()
+    world.stopping = True
+    world.run(5)
+    assert world.moves == [] and shedEvents(world) == []
+
+
+def test_a_parent_adds_its_workers_shedding_and_records_its_start_and_end():
+    """
+    With workers = N the parent has no connections: what its workers
+    report is what the dashboard shows and the events record.
+    """
+    world = World(settingsFor(TWO, SHED))
+    reported = [(Counter({"b": 7}), Counter({"b": 1}))]
+    parent = Rebalancer(world.clock, world, world.pool, reports=lambda: reported[-1])
+    parent.startService()
+    world.run(1.1)
+    assert parent.shedding() == (Counter({"b": 7}), Counter({"b": 1}))
+    # The one a worker moved before the parent looked counts in.
+    [start] = shedEvents(world)
+    assert (start["backend"], start["count"]) == ("b", 8)
+    reported.append((Counter(), Counter({"b": 8})))
+    world.run(1.1)
+    start, end = shedEvents(world)
+    assert (end["backend"], end["moved"]) == ("b", 8)
+    # A second drain of b later: its own count.
+    reported.append((Counter({"b": 2}), Counter({"b": 8})))
+    world.run(1.1)
+    reported.append((Counter(), Counter({"b": 10})))
+    world.run(1.1)
+    assert [(e["phase"], e.get("count"), e.get("moved")) for e in shedEvents(world)[2:]] == [
+        ("start", 2, None),
+        ("end", None, 2),
+    ]

@@ -230,7 +230,8 @@ async def test_backend_that_never_answered_gives_1012(harness):
 @pytest_twisted.ensureDeferred
 async def test_stopping_lbws_gives_clients_1001(harness):
     backend = await harness.backend()
-    lbws = await harness.lbws([("a", backend.url)])
+    # The closes spread over 1 s (test_drains measures the spread).
+    lbws = await harness.lbws([("a", backend.url)], lbws="close_spread = 1")
     clients = [await harness.client(lbws.url) for _ in range(3)]
     await roundTrip(clients[0], b"x")
     await lbws.stopService()

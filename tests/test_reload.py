@@ -57,6 +57,26 @@ class TestPoolUpdate:
         pool.leaveIfIdle(a)
         assert list(pool.members) == ["c"]
 
+    def test_removedStaysWhileAWorkerReportsIt(self):
+        """
+        With workers = N the parent has no connections of its own: a
+        removed backend stays (draining, on the dashboard) while a worker
+        still reports it, whatever counts that report had, and leaves once
+        no worker does (a worker lets it go with its last connection).
+        """
+        pool = Pool(settingsFor([("a", "ws://h:1"), ("b", "ws://h:2")]))
+        b = pool["b"]
+        b.traffic.report(1, {"active": 0})  # reported before its newest clients
+        b.traffic.report(2, {"active": 3})
+        pool.update(settingsFor([("a", "ws://h:1")]))
+        assert pool["b"] is b and b.state == DRAINING and b.count("active") == 3
+        b.traffic.forget(2)
+        pool.leaveIfIdle(b)
+        assert "b" in pool.members
+        b.traffic.forget(1)
+        pool.leaveIfIdle(b)
+        assert list(pool.members) == ["a"]
+
     def test_addedBackWhileDraining(self):
         """
         A backend removed and added again before its connections ended is

@@ -307,6 +307,16 @@ class Member:
         return self.traffic.count(name)
 
     @property
+    def inUse(self):
+        """
+        Whether connections to this member may be open: its own, or with
+        C{workers = N} in the parent, a worker still reports the member (a
+        worker lets a removed backend go with its last connection, and
+        its last report may be older than its newest connections).
+        """
+        return self.traffic.active > 0 or bool(self.traffic.remote)
+
+    @property
     def state(self):
         if self.drained or self.removed:
             return DRAINING
@@ -532,8 +542,8 @@ class Pool:
             if not member.removed:
                 member.admin.remove()
                 record("drain", words["removed"], source=source, backend=name,
-                       group=member.group, active=member.active)
-            if member.active > 0:
+                       group=member.group, active=member.count("active"))
+            if member.inUse:
                 kept[name] = member
             else:
                 _log.info("backend {backend} left the pool", backend=name)
@@ -541,12 +551,13 @@ class Pool:
 
     def leaveIfIdle(self, member):
         """
-        A connection of C{member} ended: if it was removed and that was its
-        last one, it leaves the pool.
+        A connection of C{member} ended (or, with C{workers = N}, a worker
+        reported its count): if it was removed and that was its last one,
+        it leaves the pool.
         """
         if (
             member.removed
-            and member.active <= 0
+            and not member.inUse
             and self.members.get(member.name) is member
         ):
             del self.members[member.name]

@@ -46,21 +46,33 @@ While there is nothing to move, the balance is checked every second.
 The backend side of a moved connection is closed cleanly with 1001.
 Moves are counted per backend (C{Member.rebalanced}, the metric
 C{lbws_rebalanced_total}, the dashboard's C{rebalanced} field).
+
+Shedding (C{drain_mode = shed}, in [lbws] or a [route:NAME]) uses the same
+pace for a backend that is draining (drained from the dashboard, removed by
+a reload, gone from DNS), whatever C{rebalance} says: its connections whose
+route sheds are closed with 1012, oldest first, before any rebalancing
+move, and only while their route has another backend up to reconnect to
+(a draining one never is: the pool chooses only backends that are up).
+With C{workers = N} each worker sheds its own connections at
+C{rebalance_rate / N}, so the whole lbws keeps to C{rebalance_rate}. The
+start and the end of shedding a backend are events; how many connections
+are left to move is on the dashboard (L{Rebalancer.shedding}).
 """
 
 import random as _random
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 
 from twisted.application.service import Service
 from twisted.logger import Logger
 
 from lbws.backends.balance import score
 from lbws.protocol.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
-from lbws.backends.pool import UP
+from lbws.backends.pool import DRAINING, UP
 
 _log = Logger()
 
 REASON = "rebalancing"
+SHED_REASON = "backend draining"
 
 # Seconds between looks at the balance while nothing needs moving.
 CHECK_INTERVAL = 1.0
@@ -72,6 +84,8 @@ TOLERANCE = 1.0
 TOLERANCE_FRACTION = 0.10
 # balance = hash: seconds between full scans for misplaced connections.
 HASH_SCAN_INTERVAL = 1.0
+# drain_mode = shed: seconds between full scans for connections to shed.
+SHED_SCAN_INTERVAL = 1.0
 
 
 def fairShares(pool, now=None, members=None, counts=None):
@@ -169,16 +183,36 @@ class Rebalancer(Service):
 
     @param random: a C{random.Random} for the jitter (tests give a seeded
         one).
+    @param reports: with C{workers = N}, in the parent: called with no
+        arguments, the workers' shedding as C{(left, moved)} Counters by
+        backend name (L{lbws.workers.Workers.shedding}), added to this
+        process's own in L{shedding}.
+    @param record: whether the start and end of shedding are recorded in
+        the pool's events: not in a worker, whose parent records them for
+        all its workers.
+    @ivar shedMoved: connections moved off each backend (by name) by
+        shedding, in this process.
     """
 
     name = "rebalance"
 
-    def __init__(self, reactor, relay, pool, random=None):
+    def __init__(self, reactor, relay, pool, random=None, reports=None, record=True):
         self.reactor = reactor
         self.relay = relay
         self.pool = pool
         self.random = random or _random.Random()
         self.moved = 0
+        self.shedMoved = Counter()
+        self._reports = reports
+        self._record = record
+        self._shedQueue = deque()
+        self._shedScanned = None
+        self._watched = None
+        # Backends being shed, by name: (when it started, moved by then).
+        self._shedding = {}
+        # Connections moved off each backend (by name) when its last
+        # shedding ended.
+        self._shedBefore = {}
         self._call = None
         self._closing = set()
         self._misplacedTunnels = []
@@ -207,8 +241,8 @@ class Rebalancer(Service):
         self._call = None
         moved = False
         try:
-            settings = self.relay.settings
-            if settings.rebalance == "gradual" and not self.relay.stopping:
+            if not self.relay.stopping:
+                self._watchShedding()
                 moved = self.step()
             if not moved:
                 self._burstEnded()
@@ -220,14 +254,17 @@ class Rebalancer(Service):
     def nextDelay(self):
         """
         Seconds until the next move may happen: C{1 / rebalance_rate}
-        plus jitter.
+        plus jitter; with C{workers = N}, N times that, since each worker
+        moves its own connections.
         """
-        period = 1.0 / self.relay.settings.rebalance_rate
+        settings = self.relay.settings
+        period = settings.workers / settings.rebalance_rate
         return period * (1.0 + JITTER * self.random.random())
 
     def step(self):
         """
-        Move one connection if the spread calls for it.
+        Move one connection: off a draining backend that sheds, else, with
+        C{rebalance = gradual}, if the spread calls for it.
 
         With [route:NAME] sections each route is balanced on its own (its
         members, its own open connections, its C{balance} and
@@ -238,8 +275,14 @@ class Rebalancer(Service):
 
         @return: True if a connection was moved.
         """
-        self._closing = {t for t in self._closing if not t.done}
         now = self.reactor.seconds()
+        tunnel = self._nextShed(now)
+        if tunnel is not None:
+            self.shed(tunnel)
+            return True
+        if self.relay.settings.rebalance != "gradual":
+            return False
+        self._closing = {t for t in self._closing if not t.done}
         routes = self.relay.settings.routes
         if routes:
             hashed = {r.name: r for r in routes if r.balance == "hash"}
@@ -340,6 +383,9 @@ class Rebalancer(Service):
         if found is None:
             return False
         route, hashKey = found
+        if tunnel.member.state != UP:
+            # Down or draining: its connections stay (drain_mode decides).
+            return False
         key = getattr(tunnel.info, "key", None)
         if key is None or getattr(tunnel.info, "keySource", None) != hashKey:
             return False
@@ -367,6 +413,169 @@ class Rebalancer(Service):
             ):
                 return tunnel
         return None
+
+    # drain_mode = shed
+
+    def _routes(self):
+        """
+        The routes running now by name (the implicit one without
+        [route:NAME] sections): a connection sheds by its route's
+        C{drain_mode} as it is now, so that a reload that sets it applies
+        to the connections already open.
+        """
+        settings = self.relay.settings
+        return {r.name: r for r in settings.routes or (settings.implicitRoute(),)}
+
+    def _sheds(self, tunnel, routes):
+        """
+        Whether C{tunnel} is to be moved off its backend: the backend is
+        draining, its route sheds (by the [lbws] C{drain_mode} if the route
+        is gone), and nobody started to close it.
+        """
+        if tunnel.member.state != DRAINING or not tunnel.movable:
+            return False
+        route = routes.get(tunnel.info.route.name)
+        mode = self.relay.settings.drain_mode if route is None else route.drain_mode
+        return mode == "shed"
+
+    def _hasPlace(self, tunnel, routes):
+        """
+        Whether C{tunnel}'s client would find another backend of its route
+        up to reconnect to (never a draining one).
+        """
+        route = routes.get(tunnel.info.route.name, tunnel.info.route)
+        return any(
+            m is not tunnel.member and m.state == UP and m.weight > 0
+            for m in self.pool.serving(route)
+        )
+
+    def _draining(self):
+        return any(m.state == DRAINING for m in self.pool)
+
+    def _nextShed(self, now):
+        """
+        The oldest connection to shed whose client has somewhere to go, or
+        None. The connections are scanned at most every
+        L{SHED_SCAN_INTERVAL} (not at every move), oldest first; each is
+        checked again when its turn comes.
+        """
+        if not self._draining():
+            self._shedQueue.clear()
+            return None
+        routes = self._routes()
+        if self._shedScanned is None or now - self._shedScanned >= SHED_SCAN_INTERVAL:
+            self._shedScanned = now
+            found = [t for t in self.relay.tunnels if self._sheds(t, routes)]
+            found.sort(key=lambda t: t.started)
+            self._shedQueue = deque(found)
+        while self._shedQueue:
+            tunnel = self._shedQueue.popleft()
+            if (
+                tunnel in self.relay.tunnels
+                and self._sheds(tunnel, routes)
+                and self._hasPlace(tunnel, routes)
+            ):
+                return tunnel
+        return None
+
+    def shed(self, tunnel):
+        """
+        Move a connection off its draining backend: 1012 to the client so
+        that it reconnects (to a backend that is up), and a clean 1001 to
+        the backend.
+        """
+        member = tunnel.member
+        if self._record and member.name not in self._shedding:
+            # Before the first move, so that the timeline shows the start
+            # first whenever the next look comes.
+            self._shedStarted(member.name, *self.shedding())
+        self.shedMoved[member.name] += 1
+        _log.info(
+            "draining: moving {peer} off backend {backend} ({age:.0f}s old)",
+            peer=tunnel.info.peer,
+            backend=member.name,
+            age=self.reactor.seconds() - tunnel.started,
+        )
+        tunnel.close(
+            CLOSE_SERVICE_RESTART,
+            CLOSE_GOING_AWAY,
+            SHED_REASON,
+            "lbws",
+            backendReason="client moved off a draining backend",
+        )
+
+    def leftToMove(self):
+        """
+        This process's connections still to be shed, by backend name.
+        """
+        if not self._draining():
+            return Counter()
+        routes = self._routes()
+        return Counter(t.member.name for t in self.relay.tunnels if self._sheds(t, routes))
+
+    def shedding(self):
+        """
+        Shedding in this lbws (with its workers' reports): C{(left,
+        moved)}, Counters by backend name of the connections still to move
+        off draining backends and of those moved so far.
+        """
+        left, moved = self.leftToMove(), Counter(self.shedMoved)
+        if self._reports is not None:
+            otherLeft, otherMoved = self._reports()
+            left.update(otherLeft)
+            moved.update(otherMoved)
+        return left, moved
+
+    def _watchShedding(self):
+        """
+        At most twice a second: an event when a backend starts to be shed
+        (it has connections left to move, here or in a worker) and one
+        when it ends (none left: all moved, or gone by themselves, or the
+        backend is back in rotation).
+        """
+        now = self.reactor.seconds()
+        if not self._record or (
+            self._watched is not None and now - self._watched < CHECK_INTERVAL / 2
+        ):
+            return
+        self._watched = now
+        left, moved = self.shedding()
+        for name, count in sorted(left.items()):
+            if count > 0 and name not in self._shedding:
+                self._shedStarted(name, left, moved)
+        record = self.pool.events.record
+        for name in [n for n in self._shedding if not left.get(n)]:
+            started, before = self._shedding.pop(name)
+            self._shedBefore[name] = moved[name]
+            member = self.pool.members.get(name)
+            back = member is not None and member.state != DRAINING
+            record(
+                "shed",
+                "shedding backend {backend} ended: {moved} connection(s) moved in {seconds:.1f}s"
+                + ("; it is back in rotation" if back else ""),
+                phase="end",
+                backend=name,
+                moved=moved[name] - before,
+                seconds=now - started,
+                back=back,
+            )
+
+    def _shedStarted(self, name, left, moved):
+        """
+        Shedding backend C{name} starts: C{left} and C{moved} as
+        L{shedding} gives them. The connections moved since the last time
+        it was shed (by a worker, before this parent saw it) count in.
+        """
+        before = self._shedBefore.get(name, 0)
+        self._shedding[name] = (self.reactor.seconds(), before)
+        self.pool.events.record(
+            "shed",
+            "shedding backend {backend}: moving {count} connection(s) off at up to {rate:g}/s",
+            phase="start",
+            backend=name,
+            count=left[name] + moved[name] - before,
+            rate=self.relay.settings.rebalance_rate,
+        )
 
     def _burstEnded(self):
         """

@@ -99,6 +99,7 @@ def status(service):
     now = service.seconds()
     backends = []
     httpRequests = service.httpRequests()
+    toMove, shed = service.shedding()
     for member in service.members():
         backends.append(
             {
@@ -122,6 +123,8 @@ def status(service):
                 "bytes_out": member.count("bytesOut"),
                 "effective_weight": service.effectiveWeight(member, now),
                 "rebalanced": member.rebalanced,
+                "to_move": toMove[member.name],
+                "shed": shed[member.name],
                 "group": member.group,
                 "http_requests": {
                     codeClass: n
@@ -150,6 +153,9 @@ def status(service):
             "rebalance": service.settings.rebalance,
             "rebalance_rate": service.settings.rebalance_rate,
             "rebalanced": sum(b["rebalanced"] for b in backends),
+            "drain_mode": service.settings.drain_mode,
+            "to_move": sum(b["to_move"] for b in backends),
+            "shed": sum(b["shed"] for b in backends),
         },
     }
 

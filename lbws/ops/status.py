@@ -4,6 +4,8 @@ more: a narrow view, so that they depend on these few questions instead of
 on how the service is put together.
 """
 
+from collections import Counter
+
 
 class StatusView:
     """
@@ -15,10 +17,16 @@ class StatusView:
     @ivar history: the L{lbws.ops.history.HistorySampler}, or None (a worker).
     """
 
-    def __init__(self, reactor, core, started, isStopping, workers=None, history=None):
+    def __init__(
+        self, reactor, core, started, isStopping, workers=None, history=None, shedding=None
+    ):
         """
         @param core: the L{lbws.core.Core} of this process.
         @param history: the L{lbws.ops.history.HistorySampler}, or None.
+        @param shedding: called with no arguments, C{(left, moved)} by
+            backend name of C{drain_mode = shed}
+            (L{lbws.backends.rebalance.Rebalancer.shedding}); None: nothing
+            is shed.
         @param isStopping: called with no arguments: True once lbws is
             stopping (during C{stop_delay} too).
         @param workers: the L{lbws.workers.Workers} of C{workers = N}, or
@@ -29,6 +37,7 @@ class StatusView:
         self._core = core
         self._isStopping = isStopping
         self._workers = workers
+        self._shedding = shedding
         self.history = history
 
     @property
@@ -116,6 +125,16 @@ class StatusView:
                 }
             )
         return routes
+
+    def shedding(self):
+        """
+        Connections still to move off draining backends and those moved so
+        far (C{drain_mode = shed}), by backend name: two Counters, of this
+        process and its workers together.
+        """
+        if self._shedding is None:
+            return Counter(), Counter()
+        return self._shedding()
 
     def workerConnections(self):
         """
