@@ -34,6 +34,14 @@ def setNoDelay(transport):
         pass  # not TCP: a UNIX socket, or a wrapper without the option
 
 
+def isPlainTcp(transport):
+    """
+    Whether C{transport} is a TCP connection itself, not TLS or the PROXY
+    protocol's wrapper around one.
+    """
+    return isinstance(transport, tcp.Connection)
+
+
 def writerFor(transport):
     """
     A C{write(data)} for the relay's hot path: straight to the socket when
@@ -45,7 +53,7 @@ def writerFor(transport):
     partial, not a closure: an idle tunnel keeps two of these, and a
     partial is a third of a closure's size with its cells.
     """
-    if not isinstance(transport, tcp.Connection):
+    if not isPlainTcp(transport):
         return transport.write
     return functools.partial(writeThrough, transport)
 

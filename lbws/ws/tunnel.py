@@ -62,7 +62,8 @@ from lbws.protocol.frames import (
     closeViolation,
     parseClosePayload,
 )
-from lbws.transport.sockets import tcpTraffic, writerFor
+from lbws.compat import hasQueuedWrites
+from lbws.transport.sockets import isPlainTcp, tcpTraffic, writerFor
 
 _log = Logger()
 
@@ -369,6 +370,31 @@ class Leg:
             if self.state == FINISHED:
                 self._endConnection()
         self.tunnel.heldWritten(self)
+
+    # A take-over (lbws.ops.handoff): the leg's counts and its scanner move.
+
+    def exportState(self):
+        return {"messages": self.messages, "bytes": self.bytes, "scanner": self.scanner.exportState()}
+
+    def importState(self, state):
+        self.messages = int(state["messages"])
+        self.bytes = int(state["bytes"])
+        self.scanner.importState(state["scanner"])
+
+    def quiet(self):
+        """
+        Whether the leg can move to another process now: open, between
+        frames it relays to the other side, nothing of lbws's own waiting
+        for a boundary, nothing queued for its socket.
+        """
+        transport = self.transport
+        return (
+            self.state == OPEN
+            and self._held is None
+            and self.scanner.atBoundary
+            and not transport.disconnecting
+            and not hasQueuedWrites(transport)
+        )
 
     def _cancelTimer(self):
         if self._timer is not None:
@@ -837,6 +863,138 @@ class Tunnel:
             self._idleCall = self.reactor.callLater(self._idleTimeout - idle, self._idleCheck)
             return
         self.close(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout", "lbws")
+
+    # A take-over (lbws.ops.handoff): the tunnel moves to another process.
+
+    @property
+    def canMove(self):
+        """
+        Whether the tunnel could ever move to another process: both legs
+        plain TCP (TLS state does not cross processes) and nobody closing.
+        """
+        return (
+            not self.done
+            and self.client.state == OPEN
+            and self.backend.state == OPEN
+            and isPlainTcp(self.client.transport)
+            and isPlainTcp(self.backend.transport)
+        )
+
+    def handoffState(self):
+        """
+        The tunnel's state as JSON values, if it can move now: both legs
+        L{Leg.quiet}. Else None: try again at another moment.
+        """
+        if not (self.canMove and self.client.quiet() and self.backend.quiet()):
+            return None
+        return self.exportState()
+
+    def exportState(self):
+        """
+        The tunnel's state as JSON values, for L{importState} in another
+        process: counts, scanners, the client info of the access log, the
+        ping and idle timers (as times left, the clocks being others).
+        """
+        client, backend = self.client, self.backend
+        now = self.reactor.seconds()
+        info = self.info
+
+        def left(call):
+            return max(0.0, call.getTime() - now) if call is not None and call.active() else None
+
+        payload = self._pingPayload
+        lastTraffic = self._lastTraffic
+        return {
+            "client": client.exportState(),
+            "backend": backend.exportState(),
+            "member": self.member.name,
+            "route": info.route.name,
+            "peer": info.peer,
+            "target": info.target,
+            "key": info.key,
+            "keySource": info.keySource,
+            "subprotocol": info.subprotocol,
+            "age": now - self.started,
+            "idle": now - self.lastActivity,
+            "pingSeq": self._pingSeq,
+            "pingPayload": None if payload is None else payload.decode("latin-1"),
+            "pingWrittenAgo": None if self._pingWrittenAt is None else now - self._pingWrittenAt,
+            "lastTickAgo": now - self._lastTick,
+            "lastTraffic": list(lastTraffic) if isinstance(lastTraffic, tuple) else lastTraffic,
+            "nextPing": left(self._pingCall),
+            "nextIdle": left(self._idleCall),
+            "idleProgress": list(self._idleProgress),
+        }
+
+    def detach(self):
+        """
+        Stop reading both sides and stop the timers, so that the state just
+        taken by L{handoffState} stays true while it is on its way.
+        """
+        self.client.transport.stopReading()
+        self.backend.transport.stopReading()
+        self._stopTimers()
+
+    def reattach(self, state):
+        """
+        The other process did not take the tunnel: go on here, from the
+        state L{detach} froze.
+        """
+        self._startTimers(state)
+        self.client.transport.startReading()
+        self.backend.transport.startReading()
+
+    def importState(self, state):
+        """
+        Go on from the state of the same tunnel in another process
+        (L{handoffState}): counts, scanners, ping and idle timers.
+        """
+        now = self.reactor.seconds()
+        self.client.importState(state["client"])
+        self.backend.importState(state["backend"])
+        self.started = now - float(state["age"])
+        self.lastActivity = now - float(state["idle"])
+        self._pingSeq = int(state["pingSeq"])
+        payload = state["pingPayload"]
+        self._pingPayload = None if payload is None else payload.encode("latin-1")
+        ago = state["pingWrittenAgo"]
+        self._pingWrittenAt = None if ago is None else now - float(ago)
+        self._lastTick = now - float(state["lastTickAgo"])
+        lastTraffic = state["lastTraffic"]
+        self._lastTraffic = tuple(lastTraffic) if isinstance(lastTraffic, list) else lastTraffic
+        self._idleProgress = tuple(state["idleProgress"])
+        self._stopTimers()
+        self._startTimers(state)
+
+    def _stopTimers(self):
+        for call in (self._pingCall, self._idleCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._pingCall = self._idleCall = None
+
+    def _startTimers(self, state):
+        reactor = self.reactor
+        if self._pingInterval:
+            delay = state["nextPing"]
+            delay = self._pingInterval if delay is None else min(float(delay), self._pingInterval)
+            self._pingCall = reactor.callLater(delay, self._ping)
+        if self._idleTimeout:
+            delay = state["nextIdle"]
+            delay = self._idleTimeout if delay is None else min(float(delay), self._idleTimeout)
+            self._idleCall = reactor.callLater(delay, self._idleCheck)
+
+    def moved(self):
+        """
+        Another process took the tunnel over: this one forgets it without
+        closing either connection (the sockets live on over there).
+        """
+        self.done = True
+        self._stopTimers()
+        self.client.transport.unregisterProducer()
+        self.backend.transport.unregisterProducer()
+        self.connection.close()
+        self.relay.clientGone(self.info)
+        self.relay.tunnelMoved(self)
 
     def _end(self):
         if self.done:
