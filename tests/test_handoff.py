@@ -338,7 +338,7 @@ async def test_the_old_process_keeps_what_it_holds_when_the_new_one_dies(tmp_pat
     new = processes(config, "--take-over")
     await old.waitForLine(r"handoff: 3 connection\(s\) moved so far", timeout=30)
     new.process.kill()
-    await old.waitForLine(r"take-over failed, the new lbws went away: 3 connection\(s\) had moved", timeout=30)
+    await old.waitForLine(r"take-over failed: 3 connection\(s\) had moved to the new lbws", timeout=30)
     # The tunnel that stayed reads on and gets the whole echo.
     stuck.transport.resumeProducing()
     echo = await stuck.nextFrame(30)

@@ -44,7 +44,7 @@ import struct
 from collections import deque
 
 from twisted.application.service import Service
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IFileDescriptorReceiver
@@ -185,6 +185,7 @@ class HandoffServer(Service):
         self._next = 0
         self._retry = None
         self._replyTimer = None
+        self._gaveUp = None
         self._deadline = None
         self.moved = self.kept = self.failed = 0
         self.handedOver = False
@@ -202,14 +203,18 @@ class HandoffServer(Service):
 
     def stopService(self):
         super().stopService()
-        if self._peer is not None and not self.handedOver:
-            # lbws stops during a take-over: it takes back what is on the
-            # way (lost), and the new process lets go of it.
-            self._abort("lbws is stopping")
+        stopped = []
         if self._port is not None:
             port, self._port = self._port, None
-            return port.stopListening()
-        return None
+            stopped.append(defer.maybeDeferred(port.stopListening))
+        if self._peer is not None and not self.handedOver:
+            # lbws stops during a take-over: it takes back what is on the
+            # way (lost), and the new process lets go of it; the drain
+            # that follows finds every tunnel back in place.
+            self._gaveUp = defer.Deferred()
+            stopped.append(self._gaveUp)
+            self._abort("lbws is stopping")
+        return defer.DeferredList(stopped)
 
     def _listen(self):
         path = self.path
@@ -223,7 +228,10 @@ class HandoffServer(Service):
             except OSError:
                 os.unlink(path)  # left by a process that is gone
             else:
-                _log.error("handoff_socket {path} is in use by another process: no take-over", path=path)
+                _log.error(
+                    "handoff_socket {path} is in use by another process: no take-over",
+                    path=path,
+                )
                 return
             finally:
                 probe.close()
@@ -234,7 +242,10 @@ class HandoffServer(Service):
             d = UNIXServerEndpoint(self._reactor, path, mode=0o600).listen(factory)
         finally:
             os.umask(umask)
-        d.addCallbacks(self._bound, lambda f: _log.failure("cannot listen on handoff_socket {path}", f, path=path))
+        d.addCallbacks(
+            self._bound,
+            lambda f: _log.failure("cannot listen on handoff_socket {path}", f, path=path),
+        )
 
     def _bound(self, port):
         self._port = port
@@ -418,7 +429,10 @@ class HandoffServer(Service):
                 "moved": self.moved,
                 "kept": self.kept,
                 "failed": self.failed,
-                "counters": {**counters.snapshot(), "routes": [[r, w, n] for (r, w), n in counters.routes.items()]},
+                "counters": {
+                    **counters.snapshot(),
+                    "routes": [[r, w, n] for (r, w), n in counters.routes.items()],
+                },
                 "traffic": _trafficOf(service.pool),
             }
         )
@@ -456,12 +470,20 @@ class HandoffServer(Service):
             return
         self._peer = None
         self._cancelReply()
+        gaveUp, self._gaveUp = self._gaveUp, None
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        if self.handedOver or not self._taking:
-            return
-        # The new process went away on the way: keep what is still here.
+        if not self.handedOver and self._taking:
+            self._takeBack()
+        if gaveUp is not None:
+            gaveUp.callback(None)
+
+    def _takeBack(self):
+        """
+        The take-over ended before it was done (the new process went away
+        or was given up): keep what is still here, accept again.
+        """
         for tunnel, state in self._inFlight.values():
             tunnel.reattach(state)
             self.failed += 1
@@ -474,7 +496,7 @@ class HandoffServer(Service):
         self._taking = self._listening = False
         self._service.events.record(
             "handoff",
-            "take-over failed, the new lbws went away: {moved} connection(s) had moved,"
+            "take-over failed: {moved} connection(s) had moved to the new lbws,"
             " {failed} came back; this lbws goes on",
             LogLevel.warn,
             moved=self.moved,
@@ -522,7 +544,8 @@ class HandedEndpoint:
 
     def listenItself(self):
         if self._d is not None and not self._d.called:
-            listenEndpoint(self._reactor, self.description).listen(self._factory).chainDeferred(self._d)
+            endpoint = listenEndpoint(self._reactor, self.description)
+            endpoint.listen(self._factory).chainDeferred(self._d)
 
 
 def _wrapped(reactor, description, factory):
@@ -732,12 +755,17 @@ class TakeOver(Service):
                 self._start(entry)
         for endpoint in self.endpoints.values():
             endpoint.listenItself()
-        self._record(
-            None,
-            "the old lbws {pid} went away during the take-over: {moved} connection(s)"
-            " moved, {failed} failed",
-            LogLevel.warn,
-        )
+        if self._abandoned:
+            text = (
+                "the take-over from lbws {pid} was given up: {moved} connection(s)"
+                " moved, {failed} stay there"
+            )
+        else:
+            text = (
+                "the old lbws {pid} went away during the take-over: {moved} connection(s)"
+                " moved, {failed} failed"
+            )
+        self._record(None, text, LogLevel.warn)
 
 
 _PLACEHOLDERS = protocol.Factory.forProtocol(_Placeholder)

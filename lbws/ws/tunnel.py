@@ -374,7 +374,11 @@ class Leg:
     # A take-over (lbws.ops.handoff): the leg's counts and its scanner move.
 
     def exportState(self):
-        return {"messages": self.messages, "bytes": self.bytes, "scanner": self.scanner.exportState()}
+        return {
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "scanner": self.scanner.exportState(),
+        }
 
     def importState(self, state):
         self.messages = int(state["messages"])
@@ -460,6 +464,7 @@ class Tunnel:
         "owed",
         "closedFirstBy",
         "done",
+        "away",
         "_backendProducer",
         "_traffic",
         "_lastTraffic",
@@ -532,6 +537,7 @@ class Tunnel:
         self.owed = None
         self.closedFirstBy = None
         self.done = False
+        self.away = False  # on its way to another process (a take-over)
         self._pingPayload = None
         self._pingWrittenAt = None
         self._pingSeq = 0
@@ -564,9 +570,14 @@ class Tunnel:
     def movable(self):
         """
         Whether rebalancing may move this connection: nobody has started
-        to close it.
+        to close it, and it is not on its way to another process.
         """
-        return not self.done and self.client.state == OPEN and self.backend.state == OPEN
+        return (
+            not self.done
+            and not self.away
+            and self.client.state == OPEN
+            and self.backend.state == OPEN
+        )
 
     # What the legs report.
 
@@ -931,6 +942,7 @@ class Tunnel:
         Stop reading both sides and stop the timers, so that the state just
         taken by L{handoffState} stays true while it is on its way.
         """
+        self.away = True
         self.client.transport.stopReading()
         self.backend.transport.stopReading()
         self._stopTimers()
@@ -940,6 +952,7 @@ class Tunnel:
         The other process did not take the tunnel: go on here, from the
         state L{detach} froze.
         """
+        self.away = False
         self._startTimers(state)
         self.client.transport.startReading()
         self.backend.transport.startReading()
