@@ -572,3 +572,34 @@ async def test_stopping_during_a_take_over_gives_it_up(tmp_path, backend, proces
     client.sendClose(1000)
     await client.closed.addTimeout(5, reactor)
     assert new.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tunnel_not_at_a_boundary_in_time_stays_then_gets_1001(tmp_path, backend, processes):  # noqa: F811
+    """
+    A tunnel in the middle of a message for longer than handoff_timeout
+    stays in the old process: it works on there, and gets 1001 once
+    drain_timeout has passed; then the old process exits 0.
+    """
+    config = handoffConfig(tmp_path, backend, "handoff_timeout = 0.5")  # drain_timeout = 5
+    old = processes(config)
+    movers = await stream(old.url, 2)
+    stuck, payload = await stuckClient(old.url)
+    new = processes(config, "--take-over")
+    line = await old.waitForLine(r"handed over to a new lbws", timeout=30)
+    assert "2 connection(s) moved, 1 stay here" in line
+    # It is still relayed by the old process: its whole echo comes.
+    stuck.transport.resumeProducing()
+    echo = await stuck.nextFrame(30)
+    assert (echo.opcode, echo.payload == payload) == (0x2, True)
+    close = await stuck.closeFrame(30)
+    assert close.closeCode == 1001
+    assert await old.exited(30) == 0
+    for streamer in movers:
+        streamer.running = False
+        await streamer.done
+        assert streamer.problems == []
+        assert not streamer.client.closed.called
+        streamer.client.sendClose(1000)
+        await streamer.client.closed.addTimeout(5, reactor)
+    assert new.stop() == 0
