@@ -603,3 +603,45 @@ async def test_a_tunnel_not_at_a_boundary_in_time_stays_then_gets_1001(tmp_path,
         streamer.client.sendClose(1000)
         await streamer.client.closed.addTimeout(5, reactor)
     assert new.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tunnel_behind_the_proxy_protocol_moves_with_its_address(
+    tmp_path, backend, processes  # noqa: F811
+):
+    """
+    With `listen = haproxy:...` the tunnel moves too (its PROXY header was
+    read long ago), and keeps the client address the header gave: the new
+    process's access line names it. The new process reads PROXY headers of
+    new clients as the old one did.
+    """
+    from tests.test_proxy_protocol import connectProxied, proxyV1
+
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        support.configText(
+            [("a", backend.url)],
+            listen="haproxy:tcp:0:interface=127.0.0.1",
+            lbws=f"handoff_socket = {tmp_path}/h.sock\n",
+        )
+    )
+    old = processes(config)
+    client = await connectProxied(old.url, proxyV1("192.0.2.7", 4321))
+    streamer = Streamer(client, "p")
+    await support.eventually(lambda: streamer.sent > 3)
+    new, code, line = await takeOver(processes, config, old)
+    assert code == 0
+    assert "1 connection(s) moved, 0 stay here" in line
+    mark = streamer.sent
+    await support.eventually(lambda: streamer.sent > mark + 5)
+    other = await connectProxied(new.url, proxyV1("198.51.100.9", 1234))
+    assert await support.roundTrip(other, b"new") == (b"new", False)
+    streamer.running = False
+    await streamer.done
+    assert streamer.problems == []
+    for c in (client, other):
+        c.sendClose(1000)
+        await c.closed.addTimeout(5, reactor)
+    await new.waitForLine(r"192\.0\.2\.7 / via default/a: .* close 1000 by client")
+    await new.waitForLine(r"198\.51\.100\.9 / via default/a: .* close 1000 by client")
+    assert new.stop() == 0

@@ -389,9 +389,9 @@ class HandoffServer(Service):
             self._decided.add(tunnel)
             self._inFlight[self._next] = (tunnel, state)
             families = []
-            for leg in (tunnel.client, tunnel.backend):
-                fds.append(leg.transport.fileno())
-                families.append(leg.transport.getHandle().family)
+            for tcp in tunnel.sockets:
+                fds.append(tcp.fileno())
+                families.append(tcp.getHandle().family)
             tunnels.append({"id": self._next, "families": families, "state": state})
         self._peer.send({"type": "tunnels", "tunnels": tunnels}, fds)
         self._expectReply()
@@ -409,9 +409,10 @@ class HandoffServer(Service):
         self._peer.send({"type": "commit", "ids": ids})
         for tunnelId in ids:
             tunnel, _ = self._inFlight.pop(tunnelId)
+            sockets = tunnel.sockets
             tunnel.moved()
-            compat.forgetConnection(tunnel.client.transport)
-            compat.forgetConnection(tunnel.backend.transport)
+            for tcp in sockets:
+                compat.forgetConnection(tcp)
             self.moved += 1
         _log.info("handoff: {moved} connection(s) moved so far", moved=self.moved)
         self._step()

@@ -40,7 +40,7 @@ itself (stop, idle timeout, a client that stopped answering pings,
 rebalancing, a protocol violation) goes through L{Tunnel.close}.
 """
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -89,6 +89,21 @@ _NOT_YET = object()
 WRITTEN = "written"
 HELD = "held"  # until the stream reaches a frame boundary
 IMPOSSIBLE = "impossible"  # that boundary will never come
+
+
+def tcpOf(transport):
+    """
+    The TCP connection under a leg's transport, which can move to another
+    process: the transport itself, or the one a PROXY protocol wrapper
+    stands for once its header is read. None under TLS, whose state cannot
+    move.
+    """
+    if isPlainTcp(transport):
+        return transport
+    if ISSLTransport.providedBy(transport):
+        return None
+    inner = getattr(transport, "transport", None)
+    return inner if isPlainTcp(inner) else None
 
 
 class _Rate:
@@ -391,13 +406,13 @@ class Leg:
         frames it relays to the other side, nothing of lbws's own waiting
         for a boundary, nothing queued for its socket.
         """
-        transport = self.transport
+        tcp = tcpOf(self.transport)
         return (
             self.state == OPEN
             and self._held is None
             and self.scanner.atBoundary
-            and not transport.disconnecting
-            and not hasQueuedWrites(transport)
+            and not tcp.disconnecting
+            and not hasQueuedWrites(tcp)
         )
 
     def _cancelTimer(self):
@@ -881,15 +896,24 @@ class Tunnel:
     def canMove(self):
         """
         Whether the tunnel could ever move to another process: both legs
-        plain TCP (TLS state does not cross processes) and nobody closing.
+        TCP underneath without TLS (its state does not cross processes) and
+        nobody closing.
         """
         return (
             not self.done
             and self.client.state == OPEN
             and self.backend.state == OPEN
-            and isPlainTcp(self.client.transport)
-            and isPlainTcp(self.backend.transport)
+            and tcpOf(self.client.transport) is not None
+            and tcpOf(self.backend.transport) is not None
         )
+
+    @property
+    def sockets(self):
+        """
+        The TCP connections of both legs, C{(client, backend)}, for a tunnel
+        that L{canMove}: what goes to the other process.
+        """
+        return tcpOf(self.client.transport), tcpOf(self.backend.transport)
 
     def handoffState(self):
         """
@@ -943,8 +967,8 @@ class Tunnel:
         taken by L{handoffState} stays true while it is on its way.
         """
         self.away = True
-        self.client.transport.stopReading()
-        self.backend.transport.stopReading()
+        for tcp in self.sockets:
+            tcp.stopReading()
         self._stopTimers()
 
     def reattach(self, state):
@@ -954,8 +978,8 @@ class Tunnel:
         """
         self.away = False
         self._startTimers(state)
-        self.client.transport.startReading()
-        self.backend.transport.startReading()
+        for tcp in self.sockets:
+            tcp.startReading()
 
     def importState(self, state):
         """
