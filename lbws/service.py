@@ -11,7 +11,10 @@ L{makeLbws} composes it. Its children, in start order:
     L{lbws.ops.status.StatusView};
   - L{Frontend}: the clients' listener (and the worker processes of
     C{workers = N}), which drains on stop;
-  - L{Announcer}: the "listening" log line and systemd's READY/STOPPING.
+  - L{Announcer}: the "listening" log line and systemd's READY/STOPPING;
+  - with C{handoff_socket}, L{lbws.ops.handoff.HandoffServer}, which hands
+    this lbws to a process started with C{--take-over} (and, in that
+    process, a L{lbws.ops.handoff.TakeOver} comes first).
 
 L{LbwsService} stops them one after another in the reverse order, each once
 the one before has stopped: first systemd hears STOPPING, then the frontend
@@ -364,10 +367,13 @@ def makeLbws(
     """
     core = buildCore(reactor, settings)
     service = LbwsService(reactor, core)
-    def endpointFor(name, description):
-        return listenEndpoint(reactor, description)
+    if takeOver is None:
 
-    if takeOver is not None:
+        def endpointFor(name, description):
+            return listenEndpoint(reactor, description)
+
+    else:
+        # First child: it reaches the running lbws before anything listens.
         takeOver.service = service
         takeOver.setServiceParent(service)
         endpointFor = takeOver.endpoint

@@ -449,10 +449,9 @@ class HandoffServer(Service):
             role="old",
         )
         service.announcer.handedOver()
-        self._drainStart = self._reactor.seconds()
-        self._drain()
+        self._drain(self._reactor.seconds())
 
-    def _drain(self):
+    def _drain(self, start):
         """
         Exit once nothing is held here any more, or once C{drain_timeout}
         has passed (then what is left is closed with 1001 as on a stop).
@@ -460,8 +459,8 @@ class HandoffServer(Service):
         relay = self._service.relay
         settings = self._service.settings
         if relay.tunnels or relay.http or relay.clients:
-            if self._reactor.seconds() - self._drainStart < settings.drain_timeout:
-                self._reactor.callLater(DRAIN_POLL, self._drain)
+            if self._reactor.seconds() - start < settings.drain_timeout:
+                self._reactor.callLater(DRAIN_POLL, self._drain, start)
                 return
         _log.info("handed over: exiting")
         self._reactor.stop()
