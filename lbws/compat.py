@@ -90,6 +90,40 @@ def hasQueuedWrites(transport):
     return bool(transport.dataBuffer or transport._tempDataLen)
 
 
+def wrapperFactoryOf(endpoint):
+    """
+    The factory wrapper of a wrapping server endpoint (C{haproxy:...}):
+    what it puts around the factory it is given before its inner endpoint
+    listens with it (the private C{_wrapperFactory} of
+    C{_WrapperServerEndpoint}).
+    """
+    return endpoint._wrapperFactory
+
+
+def leaveListeningSocket(port):
+    """
+    Have a TCP port close only this process's descriptor when it stops
+    listening, as it does for a socket it adopted: Twisted shuts a socket
+    down before closing it (its private C{_shouldShutdown}), and on Linux a
+    shutdown ends the listening for every process sharing the socket.
+    """
+    port._shouldShutdown = False
+
+
+def forgetConnection(transport):
+    """
+    Let go of a TCP connection that another process holds now: Twisted
+    stops watching it and this process's descriptor closes, without a
+    shutdown (which would end the connection for the other process too)
+    and without telling the protocol the connection was lost.
+    """
+    transport.stopReading()
+    transport.stopWriting()
+    transport.connected = False
+    transport.disconnected = True
+    transport.socket.close()
+
+
 # Autobahn
 
 

@@ -8,6 +8,7 @@ clear line instead of a traceback.
 """
 
 import configparser
+import os
 import re
 from urllib.parse import urlsplit
 
@@ -243,6 +244,10 @@ class Settings:
     http_timeout: float = 60.0
     max_body_size: int = 1024 * 1024
     sticky_cookie: str = ""
+    # Take-over (README "Upgrading without closing connections"): the unix
+    # socket a running lbws hands its listeners and tunnels over on.
+    handoff_socket: str = ""
+    handoff_timeout: float = 10.0
     # The [route:NAME] sections in file order; none: one implicit route.
     routes: tuple = ()
     # What the file's author should hear of a valid file (deprecated key
@@ -402,6 +407,30 @@ def _parseEndpoint(reader, key, default, allowEmpty):
             key, f"{description!r} is not a server endpoint string: {e}"
         ) from None
     return description
+
+
+# The longest path a unix socket address holds (sun_path, less its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def _parseSocketPath(reader, key):
+    """
+    A unix socket's path, or empty for off: absolute, so that the running
+    lbws (a daemon changes its directory) and C{--take-over} mean the same
+    file, and short enough for a socket address.
+    """
+    path = reader.string(key)
+    if not path:
+        return ""
+    if not path.startswith("/"):
+        raise reader.error(key, f"{path!r} is not an absolute path")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise reader.error(
+            key, f"{path!r} is longer than a unix socket's {MAX_SOCKET_PATH} bytes"
+        )
+    if path.endswith("/"):
+        raise reader.error(key, f"{path!r} names a directory, not a socket")
+    return path
 
 
 def _parseHashKey(reader, default="ip"):
@@ -685,6 +714,8 @@ def _parseMain(path, parser, backends, health):
         max_message_rate=reader.number("max_message_rate", 0, int, 0),
         http_timeout=reader.number("http_timeout", 60, float, 0, exclusive=True),
         max_body_size=reader.number("max_body_size", 1048576, int, 0),
+        handoff_socket=_parseSocketPath(reader, "handoff_socket"),
+        handoff_timeout=reader.seconds("handoff_timeout", 10),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
@@ -699,6 +730,12 @@ def _parseMain(path, parser, backends, health):
                 "workers",
                 f"{settings.workers} workers: not supported yet with"
                 " rebalance = gradual or DNS discovery (srv, resolve)",
+            )
+        if settings.handoff_socket:
+            # Each worker would hand over to its successor: not built yet.
+            raise reader.error(
+                "handoff_socket",
+                f"not supported yet with {settings.workers} workers (workers = 1 only)",
             )
     reader.checkUnknown()
     return settings
@@ -859,7 +896,7 @@ def loadConfig(path):
 
 
 # Settings a reload cannot change: they are bound at start-up.
-RESTART_ONLY = ("listen", "dashboard", "workers")
+RESTART_ONLY = ("listen", "dashboard", "workers", "handoff_socket")
 
 
 def checkReload(old, new):
@@ -927,6 +964,12 @@ def summary(settings):
             else ""
         )
         + f"; sticky_cookie {settings.sticky_cookie or 'off'}",
+        f"handoff_socket {settings.handoff_socket or 'off'}"
+        + (
+            f" (handoff_timeout {settings.handoff_timeout:g}s)"
+            if settings.handoff_socket
+            else ""
+        ),
         f"{len(settings.backends)} backend(s):",
     ]
     for backend in settings.backends:

@@ -134,6 +134,24 @@ class Relay:
     def tunnelStarted(self, tunnel):
         self.tunnels.add(tunnel)
 
+    def tunnelAdopted(self, tunnel):
+        """
+        A tunnel came from another lbws (a take-over, L{lbws.ops.handoff}):
+        its client counts here from now on.
+        """
+        self._admit(tunnel.info)
+        self.tunnels.add(tunnel)
+
+    def tunnelMoved(self, tunnel):
+        """
+        A tunnel went to another lbws: it ended here, but not for its
+        client, so no close is counted and no access line written (the
+        other process writes it when the tunnel ends).
+        """
+        self.tunnels.discard(tunnel)
+        self.pool.leaveIfIdle(tunnel.member)
+        self._checkDrained()
+
     def _admit(self, info):
         """
         Count a client in, in total and per address, until L{clientGone}.
@@ -195,6 +213,9 @@ class Relay:
         )
         # A backend a reload removed leaves with its last connection.
         self.pool.leaveIfIdle(tunnel.member)
+        self._checkDrained()
+
+    def _checkDrained(self):
         if self._drained is not None and not self.tunnels:
             self._spread.cancel()
             d, self._drained = self._drained, None

@@ -11,7 +11,10 @@ L{makeLbws} composes it. Its children, in start order:
     L{lbws.ops.status.StatusView};
   - L{Frontend}: the clients' listener (and the worker processes of
     C{workers = N}), which drains on stop;
-  - L{Announcer}: the "listening" log line and systemd's READY/STOPPING.
+  - L{Announcer}: the "listening" log line and systemd's READY/STOPPING;
+  - with C{handoff_socket}, L{lbws.ops.handoff.HandoffServer}, which hands
+    this lbws to a process started with C{--take-over} (and, in that
+    process, a L{lbws.ops.handoff.TakeOver} comes first).
 
 L{LbwsService} stops them one after another in the reverse order, each once
 the one before has stopped: first systemd hears STOPPING, then the frontend
@@ -24,6 +27,8 @@ reads the file, L{lbws.config.checkReload} refuses what needs a restart,
 and L{LbwsService.apply} hands the settings to each part that follows them.
 """
 
+import os
+
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
@@ -35,6 +40,7 @@ from lbws.core import buildCore
 from lbws.ops.dashboard import dashboardSite
 from lbws.backends.discovery import Discovery
 from lbws.backends.health import HealthChecker
+from lbws.ops.handoff import HandoffServer
 from lbws.ops.history import HistorySampler
 from lbws.transport.listen import Listener, listenEndpoint
 from lbws.backends.rebalance import Rebalancer
@@ -63,6 +69,9 @@ class Frontend(Service):
         self.listener = listener
         self.workers = workers
         self._delay = None
+        # A take-over moved the listener to a new lbws (lbws.ops.handoff):
+        # nobody comes here any more, so stopping does not wait stop_delay.
+        self.handedOver = False
 
     def startService(self):
         super().startService()
@@ -72,7 +81,7 @@ class Frontend(Service):
 
     def stopService(self):
         super().stopService()
-        delay = self._core.settings.stop_delay
+        delay = 0 if self.handedOver else self._core.settings.stop_delay
         if delay > 0:
             # Still accepting meanwhile; cut() cancels the wait.
             self._delay = Deferred(lambda _: call.cancel())
@@ -116,11 +125,14 @@ class Announcer(Service):
     @param notifier: an L{lbws.ops.systemd.Notifier}, or None.
     """
 
-    def __init__(self, reactor, core, listener, notifier=None):
+    def __init__(self, reactor, core, listener, notifier=None, mainPid=None):
         self._reactor = reactor
         self._core = core
         self._listener = listener
         self._notifier = notifier
+        # A process taking over (--take-over) becomes the service's main
+        # process: systemd hears MAINPID= with READY=1.
+        self._mainPid = mainPid
 
     def startService(self):
         super().startService()
@@ -142,7 +154,17 @@ class Announcer(Service):
 
     def _ready(self, status):
         if self._notifier is not None:
-            self._notifier.ready(status)
+            if self._mainPid is None:
+                self._notifier.ready(status)
+            else:
+                self._notifier.ready(status, self._mainPid)
+
+    def handedOver(self):
+        """
+        Another process took this lbws over and is the service's main
+        process now: this one's stop is no news for systemd.
+        """
+        self._notifier = None
 
     def reloading(self):
         if self._notifier is not None:
@@ -185,6 +207,7 @@ class LbwsService(MultiService):
         self.frontend = None
         self.announcer = None
         self.dashboard = None
+        self.handoff = None
 
     # The core's parts, for tests and tools that look inside.
 
@@ -344,7 +367,9 @@ def _logNotes(settings):
         _log.warn("config {note}", note=note)
 
 
-def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=None):
+def makeLbws(
+    reactor, settings, handleSignals=False, notifier=None, resolver=None, takeOver=None
+):
     """
     Compose one lbws for C{settings}.
 
@@ -354,10 +379,22 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
         reloads and stopping, or None.
     @param resolver: the twisted.names resolver of DNS discovery (tests
         give one asking their own server); by default the system's.
+    @param takeOver: an L{lbws.ops.handoff.TakeOver}: take the listeners
+        and tunnels of the running lbws instead of listening.
     @return: an L{LbwsService}, not started.
     """
     core = buildCore(reactor, settings)
     service = LbwsService(reactor, core)
+    if takeOver is None:
+
+        def endpointFor(name, description):
+            return listenEndpoint(reactor, description)
+
+    else:
+        # First child: it reaches the running lbws before anything listens.
+        takeOver.service = service
+        takeOver.setServiceParent(service)
+        endpointFor = takeOver.endpoint
     if handleSignals:
         Signals(
             reactor,
@@ -366,7 +403,7 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
             cut=service.cutBySignal,
             isStopping=lambda: service.stopping,
         ).setServiceParent(service)
-    listener = Listener(listenEndpoint(reactor, settings.listen), core.factory(), settings.listen)
+    listener = Listener(endpointFor("listen", settings.listen), core.factory(), settings.listen)
     workers = None
     if settings.workers > 1:
         workers = Workers(reactor, core, listener, settings.workers)
@@ -397,15 +434,22 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
     service.view = view
     if settings.dashboard:
         service.dashboard = Listener(
-            listenEndpoint(reactor, settings.dashboard),
+            endpointFor("dashboard", settings.dashboard),
             dashboardSite(view, service.reload),
             settings.dashboard,
         )
         service.dashboard.setServiceParent(service)
     service.frontend = Frontend(reactor, core, listener, workers)
     service.frontend.setServiceParent(service)
-    service.announcer = Announcer(reactor, core, listener, notifier)
+    service.announcer = Announcer(
+        reactor, core, listener, notifier, None if takeOver is None else os.getpid()
+    )
     service.announcer.setServiceParent(service)
+    if settings.handoff_socket:
+        service.handoff = HandoffServer(
+            reactor, service, None if takeOver is None else takeOver.finished
+        )
+        service.handoff.setServiceParent(service)
     return service
 
 

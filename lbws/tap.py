@@ -17,7 +17,7 @@ _log = Logger()
 
 
 class Options(usage.Options):
-    synopsis = "--config FILE [--check] [--log-format text|json]"
+    synopsis = "--config FILE [--check] [--take-over] [--log-format text|json]"
     longdesc = (
         "Run lbws, a WebSocket load balancer, with the settings of an INI "
         "file (see etc/lbws.ini). SIGHUP reloads the file; SIGTERM drains."
@@ -28,6 +28,12 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["check", None, "validate the config, print a summary, exit 0 (valid) or 1"],
+        [
+            "take-over",
+            None,
+            "take the listeners and connections of the lbws running with this"
+            " config's handoff_socket, which then exits",
+        ],
     ]
 
     def postOptions(self):
@@ -151,11 +157,20 @@ def makeService(options):
     from lbws.service import makeLbws
 
     settings = options.settings
+    takeOver = None
+    if options["take-over"]:
+        from lbws.ops.handoff import CannotTakeOver, TakeOver, connect
+
+        try:
+            takeOver = TakeOver(reactor, *connect(settings))
+        except CannotTakeOver as e:
+            raise SystemExit(f"lbws: cannot take over: {e}") from None
     service = makeLbws(
         reactor,
         settings,
         handleSignals=True,
         notifier=systemd.fromEnvironment(os.environ),
+        takeOver=takeOver,
     )
     daemon = options.parent is not None and not options.parent.get("nodaemon")
     return CommandLineService(service, settings, daemon)

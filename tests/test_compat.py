@@ -657,3 +657,58 @@ async def test_isPlainTcp():
     )
     assert not compat.isPlainTcp(wrapping.buildProtocol(None))
     assert not compat.isPlainTcp(StringTransport())
+def test_wrapperFactoryOf():
+    wrapped = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
+    factory = protocol.Factory.forProtocol(protocol.Protocol)
+    wrapper = compat.wrapperFactoryOf(wrapped)(factory)
+    assert type(wrapper).__name__ == "HAProxyWrappingFactory"
+    assert wrapper.wrappedFactory is factory
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaveListeningSocket():
+    """
+    A port left this way stops listening in this process only: a copy of
+    its socket (another process's) still accepts.
+    """
+    import os
+    import socket
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(protocol.Protocol)
+    )
+    other = socket.socket(fileno=os.dup(port.fileno()))
+    try:
+        compat.leaveListeningSocket(port)
+        await port.stopListening()
+        other.settimeout(10)
+        with socket.create_connection(other.getsockname(), timeout=10):
+            accepted, _ = other.accept()
+            accepted.close()
+    finally:
+        other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_forgetConnection():
+    """
+    The connection goes on for whoever holds a copy of its socket: no FIN
+    reaches the peer, and the protocol hears nothing.
+    """
+    import os
+    import socket
+
+    async with tcpPair() as (client, server):
+        lost = []
+        server.connectionLost = lost.append
+        copy = socket.socket(fileno=os.dup(server.transport.fileno()))
+        try:
+            compat.forgetConnection(server.transport)
+            assert not server.transport.connected
+            copy.sendall(b"still here")
+            received = defer.Deferred()
+            client.dataReceived = received.callback
+            assert await received.addTimeout(10, reactor) == b"still here"
+            assert lost == []
+        finally:
+            copy.close()

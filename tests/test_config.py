@@ -35,6 +35,7 @@ def test_defaults():
     assert settings.stop_delay == 0
     assert (settings.close_spread, settings.drain_mode) == (10, "keep")
     assert settings.admin_token == ""
+    assert (settings.handoff_socket, settings.handoff_timeout) == ("", 10)
     assert settings.health.interval == 2
     assert settings.health.probe == "default"
     (backend,) = settings.backends
@@ -140,6 +141,12 @@ verify = false
         ("[lbws]\nclose_spread = slowly\n" + MINIMAL, "lbws", "close_spread", "a number"),
         ("[lbws]\ndrain_mode = drop\n" + MINIMAL, "lbws", "drain_mode", "keep, shed"),
         (MINIMAL + "[route:r]\nbackends = a\ndrain_mode = Shed\n", "route:r", "drain_mode", "keep, shed"),
+        ("[lbws]\nhandoff_socket = run/lbws.sock\n" + MINIMAL, "lbws", "handoff_socket", "absolute path"),
+        ("[lbws]\nhandoff_socket = /" + "s" * 107 + "\n" + MINIMAL, "lbws", "handoff_socket", "107 bytes"),
+        ("[lbws]\nhandoff_socket = /run/lbws/\n" + MINIMAL, "lbws", "handoff_socket", "directory"),
+        ("[lbws]\nhandoff_socket = /run/h.sock\nworkers = 2\n" + MINIMAL, "lbws", "handoff_socket", "workers = 1 only"),
+        ("[lbws]\nhandoff_timeout = 0\n" + MINIMAL, "lbws", "handoff_timeout", "at least 0.1 seconds"),
+        ("[lbws]\nhandoff_timeout = soon\n" + MINIMAL, "lbws", "handoff_timeout", "a number"),
         ("[health]\nprobe = icmp\n" + MINIMAL, "health", "probe", "tcp, websocket, http"),
         ("[health]\nfall = 0\n" + MINIMAL, "health", "fall", "at least 1"),
         ("[health]\npath = health\n" + MINIMAL, "health", "path", "start with /"),
@@ -273,12 +280,23 @@ def test_stop_delay_parses():
     assert parseConfig("[lbws]\nstop_delay = 2.5\n" + MINIMAL).stop_delay == 2.5
 
 
+def test_handoff_keys_parse_and_show_in_the_summary():
+    settings = parseConfig(
+        "[lbws]\nhandoff_socket = /run/lbws/handoff.sock ; comment\nhandoff_timeout = 2.5\n"
+        + MINIMAL
+    )
+    assert (settings.handoff_socket, settings.handoff_timeout) == ("/run/lbws/handoff.sock", 2.5)
+    assert "handoff_socket /run/lbws/handoff.sock (handoff_timeout 2.5s)" in summary(settings)
+    assert "handoff_socket off" in summary(parseConfig(MINIMAL))
+
+
 @pytest.mark.parametrize(
     "key, before, after",
     [
         ("listen", "tcp:8020", "tcp:8030"),
         ("dashboard", "tcp:8021", ""),
         ("workers", "1", "2"),
+        ("handoff_socket", "/run/a.sock", ""),
     ],
 )
 def test_check_reload_refuses_what_needs_a_restart(key, before, after):

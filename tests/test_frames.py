@@ -94,6 +94,42 @@ def test_valid_stream_passes_unchanged(msgs, cuts, masked):
     assert scanner.atBoundary
 
 
+@settings(max_examples=200, deadline=None)
+@given(messages, st.lists(st.integers(min_value=0), max_size=20), st.integers(min_value=0), st.booleans())
+def test_a_scanner_moved_anywhere_reads_on_as_one(msgs, cuts, at, masked):
+    """
+    Take-over: a scanner's state exported (as JSON) at any cut of the
+    stream and imported into a new scanner reads the rest as the first
+    would have: the same bytes pass, the same messages end.
+    """
+    import json
+
+    stream = b""
+    for opcode, fragments, ping in msgs:
+        for i, payload in enumerate(fragments):
+            last = i == len(fragments) - 1
+            stream += frame(opcode if i == 0 else OP_CONTINUATION, payload, last, masked)
+            if ping and not last:
+                stream += frame(OP_PING, b"p", masked=masked)
+    at %= len(stream) + 1
+    whole = Recorder()
+    feedInPieces(FrameScanner(whole, masked, 10**9), stream, cuts)
+    first, second = Recorder(), Recorder()
+    before = FrameScanner(first, masked, 10**9)
+    feedInPieces(before, stream[:at], cuts)
+    after = FrameScanner(second, not masked, 5, deflate=True)
+    after.importState(json.loads(json.dumps(before.exportState())))
+    feedInPieces(after, stream[at:], cuts)
+    assert b"".join(first.stream + second.stream) == stream
+    assert first.messages + second.messages == whole.messages
+
+
+def test_a_scanner_state_of_the_wrong_kind_is_refused():
+    state = FrameScanner(Recorder(), True, 100).exportState()
+    with pytest.raises(ValueError):
+        FrameScanner(Recorder(), True, 100).importState({**state, "remaining": "7"})
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=125), st.lists(st.integers(min_value=0), max_size=5))
 def test_control_payload_is_unmasked(payload, cuts):

@@ -760,3 +760,62 @@ def test_abort_in_each_state(name):
     lose(tunnel, *[leg for leg in (tunnel.client, tunnel.backend) if leg.state != LOST])
     assert len(relay.ended) == 1
     assert relay.pool["a"].active == 0
+
+
+def test_a_tunnel_goes_on_from_the_state_of_another_process():
+    """
+    Take-over (lbws.ops.handoff): a tunnel built from another one's
+    exported state (as JSON) has its counts, its scanners' place in the
+    middle of a message, its unanswered ping and its timers' deadlines.
+    """
+    import json
+
+    from lbws.ws.server import ClientInfo
+
+    relay = FakeRelay("ping_interval = 10\nidle_timeout = 60")
+    info = ClientInfo("192.0.2.1", "/chat", False)
+    info.route = relay.settings.implicitRoute()
+    member = relay.pool["a"]
+    tunnel = Tunnel(relay, Transport(), Transport(), member, member.opened(), info)
+    client = tunnel.client.transport
+    tunnel.client.dataReceived(fromClient(OP_TEXT, b"one"))
+    relay.reactor.advance(10)  # a ping goes out
+    (ping,) = [f for f in client.frames() if f.opcode == OP_PING]
+    # A message begun in a first frame: its continuation comes later.
+    tunnel.backend.dataReceived(fromBackend(OP_TEXT, b"par", fin=False) + fromBackend(0x0, b"t")[:1])
+    relay.reactor.advance(3)
+    state = json.loads(json.dumps(tunnel.exportState()))
+    assert state["nextPing"] == 7 and state["nextIdle"] == 47
+    assert (state["peer"], state["target"], state["route"], state["member"]) == (
+        "192.0.2.1",
+        "/chat",
+        "default",
+        "a",
+    )
+
+    other = FakeRelay("ping_interval = 10\nidle_timeout = 60")
+    other.reactor.advance(1000)
+    member = other.pool["a"]
+    moved = Tunnel(other, Transport(), Transport(), member, member.opened(), Info())
+    moved.importState(state)
+    assert (moved.client.messages, moved.client.bytes) == (1, 3)
+    assert moved.started == other.reactor.seconds() - 13
+    # The rest of the message goes on where it stopped, and ends it; the
+    # header byte read over there but not yet relayed came along.
+    moved.backend.dataReceived(fromBackend(0x0, b"t")[1:])
+    assert (moved.backend.messages, moved.backend.bytes) == (1, 4)
+    assert moved.client.transport.value() == fromBackend(0x0, b"t")
+    # The ping sent before the move is still the one to answer.
+    moved.client.dataReceived(fromClient(OP_PONG, ping.payload))
+    assert moved._pingPayload is None
+    # The next ping comes when it was due over there.
+    other.reactor.advance(6.9)
+    assert not [f for f in moved.client.transport.frames() if f.opcode == OP_PING]
+    other.reactor.advance(0.2)
+    assert [f for f in moved.client.transport.frames() if f.opcode == OP_PING]
+
+
+def test_a_tunnel_that_is_not_plain_tcp_cannot_move():
+    relay, tunnel, client, backend = make()
+    assert tunnel.movable and not tunnel.canMove
+    assert tunnel.handoffState() is None

@@ -223,6 +223,19 @@ class Traffic:
         """
         self._rebalanced += 1
 
+    def carry(self, counts):
+        """
+        Add the counts of the lbws this one took over from (its L{own}):
+        all but C{active}, which the moved connections count here as they
+        come (L{opened}).
+        """
+        self._total += counts.get("total", 0)
+        self._failed += counts.get("failed", 0)
+        self._messagesIn += counts.get("messagesIn", 0)
+        self._messagesOut += counts.get("messagesOut", 0)
+        self._bytesIn += counts.get("bytesIn", 0)
+        self._bytesOut += counts.get("bytesOut", 0)
+
     def own(self):
         """
         This process's own counts, by name: what a worker reports.

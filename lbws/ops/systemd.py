@@ -57,8 +57,13 @@ class Notifier:
             return False
         return True
 
-    def ready(self, status=None):
-        return self.notify("READY=1", *_status(status))
+    def ready(self, status=None, mainPid=None):
+        """
+        READY=1; with C{mainPid}, this process (one that took over, see
+        L{lbws.ops.handoff}) is the service's main process from now on.
+        """
+        main = () if mainPid is None else (f"MAINPID={mainPid}",)
+        return self.notify(*main, "READY=1", *_status(status))
 
     def reloading(self):
         # MONOTONIC_USEC lets systemd >= 253 match this to the reload it asked

@@ -164,6 +164,48 @@ class FrameScanner:
             return None
         return self._messageSize - self._remaining
 
+    # A take-over (lbws.ops.handoff) moves a scanner between processes.
+    _STATE = (
+        "_maskBit",
+        "_compressedBit",
+        "_maxMessageSize",
+        "_maxFrames",
+        "_remaining",
+        "_fin",
+        "_messageOpcode",
+        "_messageSize",
+        "_messageFrames",
+        "atBoundary",
+        "messageBudget",
+        "controlBudget",
+    )
+
+    def exportState(self):
+        """
+        Where this scanner is in its stream, as JSON values: another
+        process's scanner given it by L{importState} reads on from the same
+        byte. The bytes of an incomplete header or control frame, read but
+        not yet passed on, go with it (latin-1, one character a byte).
+        """
+        state = {name.lstrip("_"): getattr(self, name) for name in self._STATE}
+        state["pending"] = self._pending.decode("latin-1")
+        return state
+
+    def importState(self, state):
+        """
+        Go on from where another process's scanner was (L{exportState}).
+
+        @raise KeyError: or ValueError, for a state that is not one.
+        """
+        for name in self._STATE:
+            value = state[name.lstrip("_")]
+            if type(value) is not type(getattr(self, name)) and not (
+                name == "_messageOpcode" and (value is None or type(value) is int)
+            ):
+                raise ValueError(f"scanner state {name}: {value!r}")
+            setattr(self, name, value)
+        self._pending = state["pending"].encode("latin-1")
+
     def feed(self, data):
         if self.stopped:
             if self._seeking:

@@ -44,7 +44,7 @@ class Events:
         Log C{message} with C{fields} (and C{event=kind}) and keep the event.
 
         @param kind: what happened: C{backend_up}, C{backend_down}, C{drain},
-            C{enable}, C{reload}, C{rebalance}, C{stop}.
+            C{enable}, C{reload}, C{rebalance}, C{stop}, C{handoff}.
         @param fields: JSON values (strings, numbers, booleans, lists).
         """
         _log.emit(level, message, event=kind, **fields)

@@ -61,6 +61,23 @@ class Counters:
             ],
         }
 
+    def carry(self, snapshot):
+        """
+        Add the counts of an lbws this one took over from (its L{snapshot}
+        with C{routes}, see L{lbws.ops.handoff}): totals go on across a
+        take-over.
+        """
+        self.handshakes.update(snapshot.get("handshakes", {}))
+        for name, key in (
+            ("closes", "closes"),
+            ("protocolErrors", "protocolErrors"),
+            ("httpRequests", "httpRequests"),
+            ("routes", "routes"),
+        ):
+            counter = getattr(self, name)
+            for *parts, n in snapshot.get(key, ()):
+                counter[tuple(parts)] += n
+
     def fromWorker(self, index, snapshot):
         """
         Keep worker C{index}'s latest L{snapshot}, replacing its previous.

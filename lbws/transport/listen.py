@@ -91,6 +91,14 @@ def _sslEndpoints(endpoint):
         endpoint = innerEndpoint(endpoint)
 
 
+def sslEndpoint(endpoint):
+    """
+    The C{SSL4ServerEndpoint} of C{endpoint} (itself or inside wrappers),
+    or None.
+    """
+    return next(_sslEndpoints(endpoint), None)
+
+
 def _tls12(options):
     """
     TLS options serving the same certificate as C{options}, TLS 1.2+.
@@ -189,6 +197,13 @@ class Listener(Service):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(failure)
+
+    @property
+    def port(self):
+        """
+        The listening port, or None when not listening.
+        """
+        return self._port
 
     @property
     def factory(self):

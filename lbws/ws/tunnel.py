@@ -70,7 +70,7 @@ the other side: a leg that takes no more relayed frames releases the pause
 its full buffer put on the other side (L{PeerProducer.release}).
 """
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -92,7 +92,7 @@ from lbws.protocol.frames import (
     closeViolation,
     parseClosePayload,
 )
-from lbws.compat import isPlainTcp
+from lbws.compat import hasQueuedWrites, isPlainTcp
 from lbws.transport.sockets import tcpTraffic, writerFor
 
 _log = Logger()
@@ -129,6 +129,21 @@ _NOT_YET = object()
 WRITTEN = "written"
 HELD = "held"  # until the stream reaches a frame boundary
 IMPOSSIBLE = "impossible"  # that boundary will never come
+
+
+def tcpOf(transport):
+    """
+    The TCP connection under a leg's transport, which can move to another
+    process: the transport itself, or the one a PROXY protocol wrapper
+    stands for once its header is read. None under TLS, whose state cannot
+    move.
+    """
+    if isPlainTcp(transport):
+        return transport
+    if ISSLTransport.providedBy(transport):
+        return None
+    inner = getattr(transport, "transport", None)
+    return inner if isPlainTcp(inner) else None
 
 
 class _Rate:
@@ -442,6 +457,35 @@ class Leg:
                 self._endWritingIfUnfindable()
         self.tunnel.heldWritten(self)
 
+    # A take-over (lbws.ops.handoff): the leg's counts and its scanner move.
+
+    def exportState(self):
+        return {
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "scanner": self.scanner.exportState(),
+        }
+
+    def importState(self, state):
+        self.messages = int(state["messages"])
+        self.bytes = int(state["bytes"])
+        self.scanner.importState(state["scanner"])
+
+    def quiet(self):
+        """
+        Whether the leg can move to another process now: open, between
+        frames it relays to the other side, nothing of lbws's own waiting
+        for a boundary, nothing queued for its socket.
+        """
+        tcp = tcpOf(self.transport)
+        return (
+            self.state == OPEN
+            and self._held is None
+            and self.scanner.atBoundary
+            and not tcp.disconnecting
+            and not hasQueuedWrites(tcp)
+        )
+
     def _cancelTimer(self):
         if self._timer is not None:
             if self._timer.active():
@@ -520,6 +564,7 @@ class Tunnel:
         "owed",
         "closedFirstBy",
         "done",
+        "away",
         "_backendProducer",
         "_clientProducer",
         "_traffic",
@@ -593,6 +638,7 @@ class Tunnel:
         self.owed = None
         self.closedFirstBy = None
         self.done = False
+        self.away = False  # on its way to another process (a take-over)
         self._pingPayload = None
         self._pingWrittenAt = None
         self._pingSeq = 0
@@ -626,9 +672,14 @@ class Tunnel:
     def movable(self):
         """
         Whether rebalancing may move this connection: nobody has started
-        to close it.
+        to close it, and it is not on its way to another process.
         """
-        return not self.done and self.client.state == OPEN and self.backend.state == OPEN
+        return (
+            not self.done
+            and not self.away
+            and self.client.state == OPEN
+            and self.backend.state == OPEN
+        )
 
     # What the legs report.
 
@@ -958,6 +1009,149 @@ class Tunnel:
             self._idleCall = self.reactor.callLater(self._idleTimeout - idle, self._idleCheck)
             return
         self.close(CLOSE_GOING_AWAY, CLOSE_GOING_AWAY, "idle timeout", "lbws")
+
+    # A take-over (lbws.ops.handoff): the tunnel moves to another process.
+
+    @property
+    def canMove(self):
+        """
+        Whether the tunnel could ever move to another process: both legs
+        TCP underneath without TLS (its state does not cross processes) and
+        nobody closing.
+        """
+        return (
+            not self.done
+            and self.client.state == OPEN
+            and self.backend.state == OPEN
+            and tcpOf(self.client.transport) is not None
+            and tcpOf(self.backend.transport) is not None
+        )
+
+    @property
+    def sockets(self):
+        """
+        The TCP connections of both legs, C{(client, backend)}, for a tunnel
+        that L{canMove}: what goes to the other process.
+        """
+        return tcpOf(self.client.transport), tcpOf(self.backend.transport)
+
+    def handoffState(self):
+        """
+        The tunnel's state as JSON values, if it can move now: both legs
+        L{Leg.quiet}. Else None: try again at another moment.
+        """
+        if not (self.canMove and self.client.quiet() and self.backend.quiet()):
+            return None
+        return self.exportState()
+
+    def exportState(self):
+        """
+        The tunnel's state as JSON values, for L{importState} in another
+        process: counts, scanners, the client info of the access log, the
+        ping and idle timers (as times left, the clocks being others).
+        """
+        client, backend = self.client, self.backend
+        now = self.reactor.seconds()
+        info = self.info
+
+        def left(call):
+            return max(0.0, call.getTime() - now) if call is not None and call.active() else None
+
+        payload = self._pingPayload
+        lastTraffic = self._lastTraffic
+        return {
+            "client": client.exportState(),
+            "backend": backend.exportState(),
+            "member": self.member.name,
+            "route": info.route.name,
+            "peer": info.peer,
+            "target": info.target,
+            "key": info.key,
+            "keySource": info.keySource,
+            "subprotocol": info.subprotocol,
+            "age": now - self.started,
+            "idle": now - self.lastActivity,
+            "pingSeq": self._pingSeq,
+            "pingPayload": None if payload is None else payload.decode("latin-1"),
+            "pingWrittenAgo": None if self._pingWrittenAt is None else now - self._pingWrittenAt,
+            "lastTickAgo": now - self._lastTick,
+            "lastTraffic": list(lastTraffic) if isinstance(lastTraffic, tuple) else lastTraffic,
+            "nextPing": left(self._pingCall),
+            "nextIdle": left(self._idleCall),
+            "idleProgress": list(self._idleProgress),
+        }
+
+    def detach(self):
+        """
+        Stop reading both sides and stop the timers, so that the state just
+        taken by L{handoffState} stays true while it is on its way.
+        """
+        self.away = True
+        for tcp in self.sockets:
+            tcp.stopReading()
+        self._stopTimers()
+
+    def reattach(self, state):
+        """
+        The other process did not take the tunnel: go on here, from the
+        state L{detach} froze.
+        """
+        self.away = False
+        self._startTimers(state)
+        for tcp in self.sockets:
+            tcp.startReading()
+
+    def importState(self, state):
+        """
+        Go on from the state of the same tunnel in another process
+        (L{handoffState}): counts, scanners, ping and idle timers.
+        """
+        now = self.reactor.seconds()
+        self.client.importState(state["client"])
+        self.backend.importState(state["backend"])
+        self.started = now - float(state["age"])
+        self.lastActivity = now - float(state["idle"])
+        self._pingSeq = int(state["pingSeq"])
+        payload = state["pingPayload"]
+        self._pingPayload = None if payload is None else payload.encode("latin-1")
+        ago = state["pingWrittenAgo"]
+        self._pingWrittenAt = None if ago is None else now - float(ago)
+        self._lastTick = now - float(state["lastTickAgo"])
+        lastTraffic = state["lastTraffic"]
+        self._lastTraffic = tuple(lastTraffic) if isinstance(lastTraffic, list) else lastTraffic
+        self._idleProgress = tuple(state["idleProgress"])
+        self._stopTimers()
+        self._startTimers(state)
+
+    def _stopTimers(self):
+        for call in (self._pingCall, self._idleCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._pingCall = self._idleCall = None
+
+    def _startTimers(self, state):
+        reactor = self.reactor
+        if self._pingInterval:
+            delay = state["nextPing"]
+            delay = self._pingInterval if delay is None else min(float(delay), self._pingInterval)
+            self._pingCall = reactor.callLater(delay, self._ping)
+        if self._idleTimeout:
+            delay = state["nextIdle"]
+            delay = self._idleTimeout if delay is None else min(float(delay), self._idleTimeout)
+            self._idleCall = reactor.callLater(delay, self._idleCheck)
+
+    def moved(self):
+        """
+        Another process took the tunnel over: this one forgets it without
+        closing either connection (the sockets live on over there).
+        """
+        self.done = True
+        self._stopTimers()
+        self.client.transport.unregisterProducer()
+        self.backend.transport.unregisterProducer()
+        self.connection.close()
+        self.relay.clientGone(self.info)
+        self.relay.tunnelMoved(self)
 
     def _end(self):
         if self.done:
