@@ -7,11 +7,12 @@ threads) as the client; every answer is compared with the backend's own.
 import hashlib
 import http.client
 import json
+import os
 import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import reactor, threads, utils
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -59,6 +60,8 @@ class _Backend(Resource):
                 },
                 "body": len(body),
                 "sha": hashlib.sha256(body).hexdigest(),
+                # What a TLS connection negotiated by ALPN, as text.
+                "alpn": (getattr(request.transport, "negotiatedProtocol", None) or b"").decode(),
             }
         ).encode()
 
@@ -528,12 +531,11 @@ def _httpsExchange(port, caFile, path):
 @pytest_twisted.ensureDeferred
 async def test_https_client_and_wss_backend_url_as_https(harness, pki):
     from twisted.internet.endpoints import SSL4ServerEndpoint
-    from twisted.internet.ssl import PrivateCertificate
 
     from tests.test_tls import sslListen
 
     resource = _Backend("tls")
-    options = PrivateCertificate.loadPEM(pki["server-pem"]).options()
+    options = support.tlsServerOptions(pki["server-pem"])
     port = await harness.listen(
         Site(resource), SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
     )
@@ -549,6 +551,42 @@ async def test_https_client_and_wss_backend_url_as_https(harness, pki):
     assert seen["uri"] == "/app/echo"
     assert seen["headers"]["x-forwarded-proto"] == ["https"]
     assert seen["headers"]["host"] == [f"localhost:{port.getHost().port}"]
+    assert seen["alpn"] == "http/1.1"  # lbws offers it to https backends, as browsers do
+
+
+@pytest_twisted.ensureDeferred
+async def test_curl_default_https_through_lbws(harness, pki):
+    """
+    curl with its defaults (ALPN h2 and http/1.1) gets HTTP/1.1 over TLS
+    from lbws and the backend's answer.
+    """
+    from tests.test_tls import sslListen
+
+    backend = await _httpBackend(harness)
+    lbws = await harness.lbws([("a", backend.url)], listen=sslListen(pki))
+    port = int(lbws.url.rsplit(":", 1)[1])
+    curl = await utils.getProcessOutputAndValue(
+        "curl",
+        [
+            "--silent",
+            "--show-error",
+            "--verbose",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(pki["ca"]),
+            "--write-out",
+            "\n%{http_code} %{http_version}",
+            f"https://localhost:{port}/echo?from=curl",
+        ],
+        env={"PATH": os.environ["PATH"]},
+    )
+    out, err, code = curl
+    assert code == 0, err
+    body, status = out.rsplit(b"\n", 1)
+    assert status == b"200 1.1"
+    assert json.loads(body)["uri"] == "/echo?from=curl"
+    assert b"ALPN: offers h2" in err and b"ALPN: server accepted http/1.1" in err, err
 
 
 async def _rawAnswers(url, data, timeout=10):

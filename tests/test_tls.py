@@ -13,26 +13,33 @@ import pytest_twisted
 import trustme
 from autobahn.twisted.websocket import WebSocketClientFactory
 from OpenSSL import SSL
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lbws.backends.backend import _tlsOptions
 from lbws.config import ConfigError, parseConfig
 from lbws.protocol.frames import OP_BINARY, OP_TEXT
-from lbws.transport.listen import listenEndpoint
+from lbws.transport.listen import listenEndpoint, selectHttp11
 from tests import wire
 from tests.support import (
     Harness,
     EchoFactory,
+    EchoServerProtocol,
     HandshakeFailed,
     RecordingClient,
     connect,
     eventually,
+    AlpnRequired,
     handshakeRequest,
+    tlsServerOptions,
 )
 
 
@@ -67,7 +74,7 @@ class TlsHarness(Harness):
         An echo backend on wss://127.0.0.1:PORT with the given key and chain.
         """
         factory = EchoFactory("tls")
-        options = PrivateCertificate.loadPEM(pem).options()
+        options = tlsServerOptions(pem)
         port = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(
             factory
         )
@@ -168,6 +175,167 @@ async def test_wss_client_frames_sent_with_its_handshake_wait_for_a_slow_backend
     )
 
 
+# ALPN: what browsers, curl and most TLS clients offer
+
+
+def _alpnExchange(port, caFile, offer):
+    """
+    A WebSocket client (Python's websockets) over TLS offering C{offer} by
+    ALPN: what it negotiated, and the echo of one message through lbws.
+    """
+    import ssl
+
+    from websockets.sync.client import connect as wsConnect
+
+    context = ssl.create_default_context(cafile=str(caFile))
+    context.set_alpn_protocols(offer)
+    with wsConnect(
+        f"wss://localhost:{port}/", ssl=context, open_timeout=10, close_timeout=5, proxy=None
+    ) as ws:
+        negotiated = ws.socket.selected_alpn_protocol()
+        ws.send("over " + ",".join(offer))
+        return negotiated, ws.recv(timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_alpn_clients_get_http_1_1_and_never_h2(harness, pki):
+    """
+    A client offering h2 and http/1.1, as browsers and curl do, gets
+    http/1.1 (Twisted 26.10 alone fails it with alert 80); one offering
+    only h2 gets no protocol and a TLS connection that speaks HTTP/1.1;
+    each relays its message.
+    """
+    events = harness.logged()
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], listen=sslListen(pki))
+    for offer, wanted in (
+        (["h2", "http/1.1"], "http/1.1"),
+        (["http/1.1"], "http/1.1"),
+        (["h2"], None),
+    ):
+        negotiated, echo = await threads.deferToThread(
+            _alpnExchange, portOf(lbws), pki["ca"], offer
+        )
+        assert (negotiated, echo) == (wanted, "over " + ",".join(offer))
+    assert len(backend.connections) == 3
+    assert not [e for e in events if e.get("log_level") == LogLevel.error]
+
+
+def test_the_listener_chooses_http_1_1_or_nothing():
+    assert selectHttp11(None, [b"h2", b"http/1.1"]) == b"http/1.1"
+    assert selectHttp11(None, [b"http/1.1", b"h2"]) == b"http/1.1"
+    assert selectHttp11(None, [b"h2"]) is SSL.NO_OVERLAPPING_PROTOCOLS
+    assert selectHttp11(None, [b"spdy/3", b"http/1.0"]) is SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def spkiHash(certFile):
+    """
+    What Chromium's --ignore-certificate-errors-spki-list takes for a
+    certificate: the base64 SHA-256 of its public key.
+    """
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    certificate = x509.load_pem_x509_certificate(certFile.read_bytes())
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+# The browser app's page (no favicon to ask for).
+PAGE = b'<!doctype html><title>chat</title><link rel="icon" href="data:,">'
+
+# Run in the page: open a WebSocket, send a text and a binary message, read
+# their echoes, then have the backend close with 4001 (first run) or close
+# from the page with 4000 (second run); resolves with what the page saw.
+WSS_PAGE_SCRIPT = """
+const [url, closer, done] = arguments;
+const ws = new WebSocket(url);
+ws.binaryType = "arraybuffer";
+const seen = {messages: [], errors: 0};
+ws.onopen = () => {
+  ws.send("text over wss");
+  ws.send(new Uint8Array([0, 1, 2, 255]).buffer);
+};
+ws.onmessage = (e) => {
+  seen.messages.push(typeof e.data === "string" ? e.data : Array.from(new Uint8Array(e.data)));
+  if (seen.messages.length === 2) {
+    if (closer === "backend") ws.send("__close 4001 done by the backend");
+    else ws.close(4000, "done by the page");
+  }
+};
+ws.onerror = () => { seen.errors += 1; };
+ws.onclose = (e) => { seen.code = e.code; seen.reason = e.reason; seen.clean = e.wasClean; done(seen); };
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_in_headless_chromium(harness, pki, tmp_path):
+    """
+    Chromium (which offers ALPN) loads a page over https:// through lbws
+    and opens a wss:// WebSocket from it, as a browser app does: text and
+    binary messages are relayed, and it gets the close codes and reasons of
+    either side.
+    """
+    from autobahn.twisted.resource import WebSocketResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+    from twisted.web.static import Data
+
+    from tests.test_dashboard import Browser, browserInstalled
+
+    browserInstalled()
+    events = harness.logged()
+    backend = EchoFactory("app")
+    # The backend answers a close with the same code and reason, so the
+    # page sees its own close come back through lbws.
+    backend.setProtocolOptions(echoCloseCodeReason=True)
+    site = Resource()
+    site.putChild(b"", Data(PAGE, "text/html; charset=utf-8"))
+    site.putChild(b"chat", WebSocketResource(backend))
+    port = await harness.listen(Site(site))
+    lbws = await harness.lbws(
+        [("app", f"ws://127.0.0.1:{port.getHost().port}")], listen=sslListen(pki)
+    )
+    origin = f"https://127.0.0.1:{portOf(lbws)}"
+    browser = await threads.deferToThread(
+        Browser,
+        tmp_path / "chromium-profile",
+        [f"--ignore-certificate-errors-spki-list={spkiHash(pki['server-cert'])}"],
+    )
+    try:
+        await threads.deferToThread(browser.driver.set_script_timeout, 20)
+        await threads.deferToThread(browser.driver.get, origin + "/")
+        assert await threads.deferToThread(lambda: browser.driver.title) == "chat"
+        url = f"wss://127.0.0.1:{portOf(lbws)}/chat"
+        seen = await threads.deferToThread(
+            browser.driver.execute_async_script, WSS_PAGE_SCRIPT, url, "backend"
+        )
+        assert seen == {
+            "messages": ["text over wss", [0, 1, 2, 255]],
+            "errors": 0,
+            "code": 4001,
+            "reason": "done by the backend",
+            "clean": True,
+        }
+        seen = await threads.deferToThread(
+            browser.driver.execute_async_script, WSS_PAGE_SCRIPT, url, "page"
+        )
+        assert seen["messages"] == ["text over wss", [0, 1, 2, 255]]
+        assert (seen["code"], seen["reason"], seen["clean"]) == (4000, "done by the page", True)
+        assert await threads.deferToThread(browser.problems) == []
+    finally:
+        await threads.deferToThread(browser.quit)
+    await eventually(lambda: len(backend.closes) == 2)
+    assert backend.closes[1] == (True, 4000, "done by the page")
+    assert [c.request.headers["origin"] for c in backend.connections] == [origin, origin]
+    assert not [e for e in events if e.get("log_level") == LogLevel.error]
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class PinnedVersions:
     """
@@ -245,7 +413,7 @@ def tlsFlags(description):
     endpoint = listenEndpoint(None, description)
     while not hasattr(endpoint, "_sslContextFactory"):
         endpoint = endpoint._wrappedEndpoint
-    options = endpoint._sslContextFactory
+    options = endpoint._sslContextFactory.options
     wanted = OP_NO_SSLv3 | OP_NO_TLSv1 | OP_NO_TLSv1_1
     return options._options & wanted == wanted
 
@@ -302,6 +470,38 @@ async def test_backend_with_a_good_name_and_trusted_ca(harness, pki):
     assert await client.messages.get() == (b"to a wss backend", False)
     await _until(lambda: lbws.pool["a"].checks["ok"] >= 2)
     assert lbws.pool["a"].state == "up" and lbws.pool["a"].failed == 0
+
+
+class StrictEcho(AlpnRequired, EchoServerProtocol):
+    pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_backend_that_requires_alpn(harness, pki):
+    """
+    A backend that serves only clients negotiating http/1.1 by ALPN (as
+    some do) gets it from lbws's relayed connections and from its
+    websocket and http probes alike.
+    """
+    strict = EchoFactory("strict")
+    strict.protocol = StrictEcho
+    strict.negotiated = []
+    port = await harness.listen(
+        strict,
+        SSL4ServerEndpoint(
+            reactor, 0, tlsServerOptions(pki["server-pem"]), interface="127.0.0.1"
+        ),
+    )
+    url = f"wss://127.0.0.1:{port.getHost().port}"
+    for probe in ("websocket", "http"):
+        lbws = await harness.lbws([("a", url, f"ca = {pki['ca']}")], health=FAST, probe=probe)
+        await _until(lambda: lbws.pool["a"].checks["ok"] + lbws.pool["a"].checks["failed"] >= 2)
+        assert lbws.pool["a"].checks["failed"] == 0, lbws.pool["a"].lastError
+    client = await _client(harness, lbws)
+    client.sendMessage(b"to a backend that requires ALPN")
+    assert await client.messages.get() == (b"to a backend that requires ALPN", False)
+    assert len(strict.connections) >= 3  # two websocket probes, one client
+    assert set(strict.negotiated) == {b"http/1.1"}
 
 
 async def _client(harness, lbws):
@@ -387,3 +587,42 @@ def test_backend_tls_context_is_built_once_and_again_for_a_replaced_ca(pki, tmp_
     ca.write_bytes(pki["stranger"].read_bytes())
     os.utime(ca, ns=(0, ca.stat().st_mtime_ns + 1_000_000))
     assert _tlsOptions(backend) is not first
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class EmptyAlpnChoice:
+    """
+    A TLS server that answers any ALPN offer with an empty choice, as
+    Twisted 26.10 does when its factory declares no protocol: OpenSSL fails
+    the handshake with alert 80 (internal error).
+    """
+
+    def __init__(self, pem):
+        self.context = tlsServerOptions(pem).getContext()
+        self.context.set_alpn_select_callback(lambda connection, offered: b"")
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return SSL.Connection(self.context, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_that_fails_the_alpn_offer_is_described(harness, pki):
+    """
+    A backend failing lbws's ALPN offer with alert 80 is refused with a
+    reason that names the likely cause.
+    """
+    backend = EchoFactory("bare")
+    port = await harness.listen(
+        backend,
+        SSL4ServerEndpoint(
+            reactor, 0, EmptyAlpnChoice(pki["server-pem"]), interface="127.0.0.1"
+        ),
+    )
+    url = f"wss://127.0.0.1:{port.getHost().port}"
+    lbws = await harness.lbws([("a", url, f"ca = {pki['ca']}")], health=PASSIVE)
+    with pytest.raises(HandshakeFailed) as refused:
+        await _client(harness, lbws)
+    assert refused.value.status == 502
+    why = lbws.pool["a"].lastError
+    assert "alert internal error" in why and "ALPN offer of http/1.1" in why, why
+    assert not backend.connections

@@ -135,6 +135,11 @@ def hostForUrl(host):
     return f"[{host}]" if ":" in host else host
 
 
+# What lbws offers a wss:// backend by ALPN, as browsers do: some servers
+# refuse a client that offers nothing.
+ALPN = [b"http/1.1"]
+
+
 def _tlsOptions(backend):
     if not backend.verify:
         _log.warn(
@@ -150,7 +155,7 @@ def _tlsOptions(backend):
 
 @functools.lru_cache(maxsize=1)
 def _unverifiedOptions():
-    return CertificateOptions(verify=False)
+    return CertificateOptions(verify=False, acceptableProtocols=ALPN)
 
 
 @functools.lru_cache(maxsize=256)
@@ -165,7 +170,7 @@ def _verifiedOptions(host, ca, stamp):
             trust = trustRootFromCertificates([Certificate.loadPEM(f.read())])
     else:
         trust = platformTrust()
-    return optionsForClientTLS(host, trustRoot=trust)
+    return optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=ALPN)
 
 
 def backendEndpoint(reactor, backend, timeout, tls=True):

@@ -11,6 +11,10 @@ endpoint, also one wrapped by C{haproxy:}, from the same certificate, key,
 chain and DH parameters with TLS 1.2 as the floor, and refuses C{sslmethod}
 values that name anything but "negotiate the best version".
 
+Every TLS listener speaks HTTP/1.1 and says so by ALPN (L{ServerTls}):
+browsers and curl offer it, and Twisted 26.10 fails any client that
+offers ALPN to a server that declares no protocol (docs/upstream.md).
+
 The listen backlog (connections the kernel queues before lbws accepts them)
 is 511 as nginx's, not Twisted's 50: bursts of 1,000 simultaneous connects
 saw SYN drops with 50. An endpoint string's own C{backlog=} wins.
@@ -19,9 +23,12 @@ saw SYN drops with 50. An endpoint string's own C{backlog=} wins.
 import ipaddress
 import re
 
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from lbws.compat import innerEndpoint, replaceTlsOptions, tlsOptionsOf
 
@@ -91,11 +98,59 @@ def _sslEndpoints(endpoint):
         endpoint = innerEndpoint(endpoint)
 
 
+# What every lbws listener speaks after TLS.
+HTTP11 = b"http/1.1"
+
+
+def selectHttp11(connection, offered):
+    """
+    The ALPN choice of an lbws listener among the protocols a client
+    C{offered}: HTTP/1.1 when offered (browsers and curl offer
+    C{h2,http/1.1}), else no protocol at all, and the handshake goes on
+    as with a server without ALPN. A client that offered only C{h2} so
+    learns that lbws does not speak it; OpenSSL's other way out, a fatal
+    no_application_protocol alert, would only fail it earlier.
+    """
+    return HTTP11 if HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTls:
+    """
+    What a TLS listener of lbws makes its connections with: C{options}'
+    context, with lbws's own ALPN choice (L{selectHttp11}).
+
+    Why lbws chooses itself rather than declare C{http/1.1} to Twisted
+    (C{acceptableProtocols} of C{CertificateOptions}, or the factory
+    providing C{IProtocolNegotiationFactory}): Twisted's choice answers a
+    client that offered nothing it declared with an empty protocol, which
+    OpenSSL fails with alert 80 (internal error), the very failure of
+    Twisted 26.10 with no protocol declared (docs/upstream.md). The
+    factory's declaration would also not be seen behind C{haproxy:}, where
+    the TLS layer wraps the PROXY header's factory, and Twisted before
+    26.10 applies it by changing the shared context for each connection,
+    which pyOpenSSL 26 refuses (ValueError: "Context has already been used
+    to create a Connection"). A callback set on the context once works
+    the same on every Twisted and pyOpenSSL within lbws's requirements
+    (tested with Twisted 23.10, 25.5 and 26.10), through public APIs only.
+
+    @ivar options: the C{CertificateOptions} (certificate, key, versions).
+    """
+
+    def __init__(self, options):
+        self.options = options
+        self._context = options.getContext()
+        self._context.set_alpn_select_callback(selectHttp11)
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return SSL.Connection(self._context, None)
+
+
 def _tls12(options):
     """
-    TLS options serving the same certificate as C{options}, TLS 1.2+.
+    TLS for a listener serving the same certificate as C{options}, TLS
+    1.2+, HTTP/1.1 by ALPN.
     """
-    from OpenSSL import SSL
     from twisted.internet.ssl import CertificateOptions, TLSVersion
 
     if options.method not in (SSL.TLS_METHOD, SSL.SSLv23_METHOD):
@@ -103,12 +158,14 @@ def _tls12(options):
             "sslmethod: lbws accepts TLS 1.2 and later only and negotiates the"
             " best version itself; remove sslmethod"
         )
-    return CertificateOptions(
-        privateKey=options.privateKey,
-        certificate=options.certificate,
-        extraCertChain=options.extraCertChain or None,
-        dhParameters=options.dhParameters,
-        raiseMinimumTo=TLSVersion.TLSv1_2,
+    return ServerTls(
+        CertificateOptions(
+            privateKey=options.privateKey,
+            certificate=options.certificate,
+            extraCertChain=options.extraCertChain or None,
+            dhParameters=options.dhParameters,
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+        )
     )
 
 

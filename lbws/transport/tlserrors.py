@@ -79,5 +79,12 @@ def describeTlsFailure(failure, transport=None):
                 f"TLS certificate not trusted ({reasons}): not issued by the"
                 " backend's ca file, or by a system CA when it has none"
             )
+        if "alert internal error" in reasons:
+            # What a Twisted 26.10 server that declares no ALPN protocol
+            # answers lbws's offer of http/1.1 with (docs/upstream.md).
+            return (
+                f"TLS handshake failed: {reasons}: the backend failed on its side, e.g."
+                " a server that cannot answer the ALPN offer of http/1.1"
+            )
         return f"TLS handshake failed: {reasons}"
     return None
