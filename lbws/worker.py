@@ -2,7 +2,7 @@
 A worker process of C{workers = N} (see L{lbws.workers}): a relay that
 accepts on the listening socket its parent handed it.
 
-    python -m lbws.worker CONFIG FD FAMILY INDEX
+    python -m lbws.worker CONFIG FD FAMILY INDEX GENERATION
 
 It has no dashboard, no health checks and no signal handling of its own:
 backends' states come from the parent, its traffic goes back to it, and it
@@ -28,9 +28,10 @@ _log = Logger()
 STATS_INTERVAL = 0.5
 
 
-def statsOf(core):
+def statsOf(core, generation):
     """
-    What a worker reports to its parent.
+    What a worker reports to its parent, with the generation of its
+    settings (how many reloads the parent had applied when it took them).
     """
     pool, counters, relay = core.pool, core.counters, core.relay
     return {
@@ -46,14 +47,16 @@ def statsOf(core):
             "routes": [[r, what, n] for (r, what), n in relay.routeCounts().items()],
         },
         "clients": relay.clients,
+        "generation": generation,
     }
 
 
 class Worker:
-    def __init__(self, reactor, path, fd, family, index):
+    def __init__(self, reactor, path, fd, family, index, generation):
         self.reactor = reactor
         self.path = path
         self.index = index
+        self.generation = generation
         self.core = buildCore(reactor, loadConfig(path))
         self.port = reactor.adoptStreamPort(fd, family, self.core.factory())
         self._stats = LoopingCall(self._report)
@@ -66,7 +69,7 @@ class Worker:
         self._stats.start(STATS_INTERVAL)
 
     def _report(self):
-        self.channel.sendLine(json.dumps({"stats": statsOf(self.core)}).encode())
+        self.channel.sendLine(json.dumps({"stats": statsOf(self.core, self.generation)}).encode())
 
     def handle(self, message):
         if "state" in message:
@@ -75,6 +78,7 @@ class Worker:
                 if member is not None:
                     member.follow(healthy, drained, changed)
         elif "reload" in message:
+            self.generation = message["reload"]
             self._reload()
         elif "stop" in message:
             self.stop(message["stop"])
@@ -127,7 +131,7 @@ def main(argv):
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
 
-    path, fd, family, index = argv
+    path, fd, family, index, generation = argv
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     # A terminal's Ctrl-C reaches the whole process group: the parent
     # decides when workers stop, and how.
@@ -135,7 +139,7 @@ def main(argv):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     family = socket.AF_INET6 if family == "6" else socket.AF_INET
     compat.lazyAutobahnDebugFormatting()
-    worker = Worker(reactor, path, int(fd), family, int(index))
+    worker = Worker(reactor, path, int(fd), family, int(index), int(generation))
     StandardIO(ParentChannel(worker), reactor=reactor)
     _log.info("worker {index} relaying", index=index)
     reactor.run(installSignalHandlers=False)

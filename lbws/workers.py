@@ -9,25 +9,35 @@ parent and the workers talk over the workers' standard input and output,
 one JSON object a line:
 
   - to a worker: C{{"state": {NAME: [healthy, drained, changed]}}} whenever a
-    backend's state changes (and once at start), C{{"reload": true}} after a
-    reload the parent applied (L{Workers.apply}), C{{"stop": SECONDS}} to drain and exit,
+    backend's state changes (and once at start), C{{"reload": GENERATION}}
+    after a reload the parent applied (L{Workers.apply}; the generation
+    counts the reloads), C{{"stop": SECONDS}} to drain and exit,
     C{{"abort": true}} to cut every connection and exit;
   - from a worker: C{{"stats": ...}} twice a second, its per-backend
-    traffic and counters (see L{lbws.worker.statsOf}), which the dashboard
-    and metrics add to the parent's own.
+    traffic and counters and the generation of its settings (see
+    L{lbws.worker.statsOf}), which the dashboard and metrics add to the
+    parent's own.
 
-A worker that dies is started again, unless lbws is stopping.
+What the workers count adds up the same as one process would count it: the
+totals of a worker that ends are kept (counters never go back, which
+Prometheus' C{rate()} relies on), its open connections are gone. A backend
+removed by a reload stays in the parent's pool, draining, until every
+worker reported, with the new settings, that it has no connection left.
+
+A worker that dies is started again, unless lbws is stopping; the parent
+counts the restarts and records each end and restart as an event.
 """
 
 import json
 import os
 import sys
+from collections import Counter
 
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 _log = Logger()
 
@@ -85,6 +95,12 @@ class Workers(Service):
         self._executable = executable
         self._processes = {}
         self._connections = {}  # client connections of each worker, by index
+        self._since = {}  # when each worker started, by index (clock seconds)
+        self._restarts = Counter()  # by index
+        # The reloads applied, and the generation each worker last reported.
+        self._generation = 0
+        self._reported = {}
+        core.pool.countedByWorkers = True
         self._sentState = None
         self._stateLoop = LoopingCall(self._sendState)
         self._stateLoop.clock = reactor
@@ -120,31 +136,46 @@ class Workers(Service):
                 str(self._fd),
                 self._family,
                 str(index),
+                str(self._generation),
             ],
             env=os.environ.copy(),
             childFDs={0: "w", 1: "r", 2: 2, self._fd: self._fd},
         )
         self._sentState = None  # the new worker needs the whole state
+        self._since[index] = self._reactor.seconds()
         _log.info("worker {index} started", index=index)
 
     def ended(self, process, reason):
-        if self._processes.get(process.index) is process:
-            del self._processes[process.index]
-        self._core.pool.forgetWorker(process.index)
-        self._core.counters.forgetWorker(process.index)
-        self._connections.pop(process.index, None)
+        index = process.index
+        if self._processes.get(index) is process:
+            del self._processes[index]
+        self._core.pool.forgetWorker(index)
+        self._core.counters.forgetWorker(index)
+        self._connections.pop(index, None)
+        self._reported.pop(index, None)
+        self._since.pop(index, None)
+        self._settle()
         if self._stopping:
             return
-        _log.error(
-            "worker {index} ended unexpectedly ({why}); starting it again",
-            index=process.index,
+        self._core.events.record(
+            "worker_ended",
+            "worker {worker} ended unexpectedly ({why}); starting it again",
+            LogLevel.error,
+            worker=index,
             why=reason.getErrorMessage(),
         )
-        self._reactor.callLater(RESPAWN_DELAY, self._respawn, process.index)
+        self._reactor.callLater(RESPAWN_DELAY, self._respawn, index)
 
     def _respawn(self, index):
         if not self._stopping and index not in self._processes:
+            self._restarts[index] += 1
             self._spawn(index)
+            self._core.events.record(
+                "worker_restarted",
+                "worker {worker} started again ({restarts} restart(s) of it so far)",
+                worker=index,
+                restarts=self._restarts[index],
+            )
 
     def _sendState(self):
         state = {m.name: [m.healthy, m.drained, m.changed] for m in self._core.pool}
@@ -164,9 +195,12 @@ class Workers(Service):
         pool = self._core.pool
         health = self._core.settings.health
         now = self._reactor.seconds()
-        for name, counts in stats["members"].items():
-            member = pool.members.get(name)
-            if member is None:
+        reported = stats["members"]
+        for member in list(pool):
+            counts = reported.get(member.name)
+            if counts is None:
+                # Not (or no longer) in that worker's pool.
+                member.traffic.forget(index)
                 continue
             before = member.traffic.remote.get(index, {}).get("failed", 0)
             for _ in range(max(0, counts["failed"] - before)):
@@ -174,6 +208,18 @@ class Workers(Service):
             member.traffic.report(index, counts)
         self._core.counters.fromWorker(index, stats["counters"])
         self._connections[index] = stats["clients"]
+        self._reported[index] = stats.get("generation")
+        self._settle()
+
+    def _settle(self):
+        """
+        Once every worker reported with the settings running now, the
+        backends a reload removed that no worker has a connection to left
+        leave the pool.
+        """
+        if all(self._reported.get(i) == self._generation for i in self._processes):
+            for member in list(self._core.pool):
+                self._core.pool.leaveIfIdle(member)
 
     def connections(self):
         """
@@ -181,12 +227,29 @@ class Workers(Service):
         """
         return dict(self._connections)
 
+    def workers(self):
+        """
+        Each worker running now, by index: its client connections as last
+        reported, when it started (clock seconds) and how many times it was
+        started again after it ended.
+        """
+        return [
+            {
+                "index": index,
+                "connections": self._connections.get(index, 0),
+                "started": self._since.get(index),
+                "restarts": self._restarts[index],
+            }
+            for index in sorted(self._processes)
+        ]
+
     def apply(self, settings):
         """
         The parent runs with new settings: every worker reloads the same
         file (the parent accepted it a moment ago).
         """
-        self._broadcast({"reload": True})
+        self._generation += 1
+        self._broadcast({"reload": self._generation})
         self._sentState = None
 
     def abort(self):

@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from lbws.config import IMPLICIT_ROUTE
 from tests import support
 from tests.test_dashboard import request
 
@@ -138,3 +139,246 @@ async def test_a_dead_worker_is_replaced(lbws):
     )
     client = await support.connect(lbws.url)
     await echo(client, b"still serving")
+
+
+# What the supervisor adds up: totals that never go back.
+
+
+def test_a_members_totals_survive_the_workers_that_counted_them():
+    from lbws.backends.pool import Traffic
+
+    traffic = Traffic()
+    counts = dict(active=3, total=5, failed=1, messagesIn=7, messagesOut=6, bytesIn=70, bytesOut=60)
+    traffic.report(1, counts)
+    traffic.report(2, {**counts, "active": 1, "total": 2})
+    assert (traffic.count("active"), traffic.count("total")) == (4, 7)
+    # Worker 1 ends: its open connections go, its totals stay.
+    traffic.forget(1)
+    assert (traffic.count("active"), traffic.count("total")) == (1, 7)
+    assert traffic.count("messagesIn") == 14 and traffic.count("bytesOut") == 120
+    # Its replacement starts from zero under the same index.
+    traffic.report(1, {n: 0 for n in counts} | {"active": 1, "total": 1})
+    assert (traffic.count("active"), traffic.count("total")) == (2, 8)
+    # Worker 2 starts over without the parent seeing it end (lower totals):
+    # what it had counted stays too.
+    traffic.report(2, {n: 0 for n in counts} | {"total": 1})
+    assert (traffic.count("active"), traffic.count("total")) == (1, 9)
+    traffic.forget(3)  # a worker that never reported
+    assert traffic.count("total") == 9
+
+
+def test_process_counters_survive_the_workers_that_counted_them():
+    from lbws.telemetry.metrics import Counters
+
+    def snapshot(ok, closes, requests, routeOpen, routeOk):
+        return {
+            "handshakes": {"ok": ok},
+            "closes": [["client", 1000, closes]],
+            "protocolErrors": [],
+            "httpRequests": [["a", "2xx", requests]],
+            "routes": [["-", "connections", routeOpen], ["-", "handshakes_ok", routeOk]],
+        }
+
+    counters = Counters()
+    counters.handshakes["ok"] = 1
+    counters.fromWorker(1, snapshot(10, 4, 3, 6, 10))
+    counters.fromWorker(2, snapshot(5, 1, 2, 4, 5))
+    handshakes, closes, _ = counters.merged()
+    assert (handshakes["ok"], closes[("client", 1000)]) == (16, 5)
+    routes = counters.routesMerged({("-", "connections"): 0})
+    assert (routes[("-", "connections")], routes[("-", "handshakes_ok")]) == (10, 15)
+    counters.forgetWorker(1)
+    handshakes, closes, _ = counters.merged()
+    assert (handshakes["ok"], closes[("client", 1000)]) == (16, 5)
+    assert counters.httpMerged()[("a", "2xx")] == 5
+    routes = counters.routesMerged({})
+    assert (routes[("-", "connections")], routes[("-", "handshakes_ok")]) == (4, 15)
+    # A new process as worker 2, unseen: its predecessor's totals stay.
+    counters.fromWorker(2, snapshot(1, 0, 0, 1, 1))
+    handshakes, closes, _ = counters.merged()
+    assert (handshakes["ok"], closes[("client", 1000)]) == (17, 5)
+    routes = counters.routesMerged({})
+    assert (routes[("-", "connections")], routes[("-", "handshakes_ok")]) == (1, 16)
+
+
+async def metricSamples(process):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await request(b"GET", await process.dashboardUrl() + "/metrics")
+    samples = {}
+    for family in text_string_to_metric_families(response.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def sample(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_totals_never_go_back_when_a_worker_is_killed(lbws):
+    """
+    kill -9 of a worker: the totals of /metrics and status.json stay where
+    they were at every scrape, the open connections drop to those really
+    open, the restart is counted and shown on the timeline, and the new
+    worker's traffic adds on top.
+    """
+    await support.eventually(lambda: len(workerPids(lbws)) == 2)
+    clients = [await support.connect(lbws.url) for _ in range(20)]
+    for i, client in enumerate(clients):
+        await echo(client, b"before %d" % i)
+
+    async def totals():
+        samples = await metricSamples(lbws)
+        status = await dashboardStatus(lbws)
+        (member,) = status["backends"]
+        return (
+            sample(samples, "lbws_backend_connections_total", backend="a"),
+            sample(samples, "lbws_messages_total", backend="a", direction="to_backend"),
+            sample(samples, "lbws_handshakes_total", result="ok"),
+            member["total"],
+            member["messages_in"],
+        ), samples, status
+
+    seen = []
+
+    async def counted(expected):
+        values, samples, status = await totals()
+        seen.append(values)
+        return values == expected
+
+    await support.eventually(lambda: counted((20, 20, 20, 20, 20)), step=0.1)
+    before, seen[:] = list(seen), []
+    victim = workerPids(lbws)[0]
+    os.kill(victim, signal.SIGKILL)
+    # The killed worker's clients are cut with it.
+    lost = []
+    for client in clients:
+        client.closed.addCallback(lambda _, c=client: lost.append(c))
+
+    async def replaced():
+        values, samples, status = await totals()
+        seen.append(values)
+        pids = workerPids(lbws)
+        return (
+            len(pids) == 2
+            and victim not in pids
+            and sum(sample(samples, "lbws_worker_restarts_total", worker=w) for w in "12") == 1
+            and status["backends"][0]["active"] == 20 - len(lost)
+            and lost
+        )
+
+    await support.eventually(replaced, timeout=15, step=0.1)
+    assert all(values == (20, 20, 20, 20, 20) for values in seen), seen
+    assert all(x <= y for a, b in zip(before, before[1:]) for x, y in zip(a, b)), before
+    values, samples, status = await totals()
+    open_ = 20 - len(lost)
+    assert sample(samples, "lbws_backend_connections_active", backend="a") == open_
+    assert sample(samples, "lbws_connections_active") == open_
+    assert sum(w["connections"] for w in status["workers"]) == open_
+    assert sorted(w["restarts"] for w in status["workers"]) == [0, 1]
+    restarted = next(w["index"] for w in status["workers"] if w["restarts"])
+    assert sample(samples, "lbws_worker_restarts_total", worker=str(restarted)) == 1
+    assert sample(samples, "lbws_worker_connections", worker=str(restarted)) == 0
+    events = (await request(b"GET", await lbws.dashboardUrl() + "/events.json")).json()["events"]
+    kinds = [(e["kind"], e.get("worker")) for e in events if e["kind"].startswith("worker")]
+    assert kinds == [("worker_ended", restarted), ("worker_restarted", restarted)]
+
+    # New traffic adds on top of what the dead worker had counted.
+    more = [await support.connect(lbws.url) for _ in range(10)]
+    for client in more:
+        await echo(client, b"after")
+    await support.eventually(lambda: counted((30, 30, 30, 30, 30)), step=0.1)
+    for client in clients + more:
+        if client not in lost:
+            client.sendClose(1000)
+            await client.closed
+
+
+@pytest_twisted.async_yield_fixture
+async def second():
+    factory, port = await support.startEchoBackend("b")
+    yield factory
+    for connection in factory.connections:
+        if connection.transport is not None:
+            connection.transport.abortConnection()
+    await port.stopListening()
+
+
+def openOn(backend):
+    return [c for c in backend.connections if c.transport is not None and c.transport.connected]
+
+
+@pytest_twisted.ensureDeferred
+async def test_drained_and_removed_backends_show_draining_summed_over_workers(
+    tmp_path, backend, second
+):
+    """
+    With workers, a backend drained by the operator and one removed by a
+    reload show as draining with the open connections of every worker, in
+    status.json and /metrics, as with one process; the removed one leaves
+    once its last connection ended.
+    """
+    config = tmp_path / "lbws.ini"
+
+    def write(backends):
+        config.write_text(
+            support.configText(
+                backends,
+                lbws="workers = 2\nping_interval = 0\ndrain_timeout = 5\nadmin_token = secret\nbalance = round_robin",
+                dashboard="tcp:0:interface=127.0.0.1",
+            )
+        )
+
+    write([("a", backend.url), ("b", second.url)])
+    process = support.LbwsProcess(config)
+    try:
+        await support.eventually(lambda: len(workerPids(process)) == 2)
+        clients = [await support.connect(process.url) for _ in range(16)]
+        for client in clients:
+            await echo(client, b"x")
+        onA, onB = len(openOn(backend)), len(openOn(second))
+        assert onA + onB == 16 and onA and onB
+
+        async def shows(expected):
+            status = await dashboardStatus(process)
+            samples = await metricSamples(process)
+            got = {}
+            for b in status["backends"]:
+                name = b["name"]
+                got[name] = (
+                    b["state"],
+                    b["active"],
+                    sample(samples, "lbws_backend_state", backend=name, state=b["state"]),
+                    sample(samples, "lbws_backend_connections_active", backend=name),
+                )
+            routes = sample(samples, "lbws_route_connections_active", route=IMPLICIT_ROUTE)
+            return got == expected and routes == status["connections"]
+
+        await support.eventually(
+            lambda: shows({"a": ("up", onA, 1, onA), "b": ("up", onB, 1, onB)}), step=0.1
+        )
+        response = await request(
+            b"POST", await process.dashboardUrl() + "/backends/a/drain", token="secret"
+        )
+        assert response.code == 200
+        await support.eventually(
+            lambda: shows({"a": ("draining", onA, 1, onA), "b": ("up", onB, 1, onB)}), step=0.1
+        )
+
+        write([("a", backend.url)])
+        process.signal(signal.SIGHUP)
+        await process.waitForLine("reloaded")
+        # b is gone from the file, not from the dashboard: it drains.
+        for _ in range(10):  # several reports of each worker
+            assert await shows({"a": ("draining", onA, 1, onA), "b": ("draining", onB, 1, onB)})
+            await support.deferLater(0.1)
+        for connection in openOn(second):
+            connection.sendClose(1000)
+        await support.eventually(lambda: shows({"a": ("draining", onA, 1, onA)}), step=0.1)
+        assert not openOn(second)
+        for client in clients:
+            client.transport.abortConnection()
+    finally:
+        process.stop()

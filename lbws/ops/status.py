@@ -117,11 +117,11 @@ class StatusView:
             )
         return routes
 
-    def workerConnections(self):
+    def workers(self):
         """
-        Client connections of each worker process, by worker index; empty
-        without workers.
+        The worker processes running now (see
+        L{lbws.workers.Workers.workers}); empty without workers.
         """
         if self._workers is None:
-            return {}
-        return self._workers.connections()
+            return []
+        return self._workers.workers()
