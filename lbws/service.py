@@ -359,6 +359,8 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
     # them) and stop for removed ones.
     service.followers += [discovery.sync, lambda settings: health.sync(settings.health)]
     listener = Listener(listenEndpoint(reactor, settings.listen), core.factory(), settings.listen)
+    # A reload serves a renewed certificate to new clients.
+    service.followers.append(lambda settings: listener.renewCertificate())
     workers = None
     if settings.workers > 1:
         workers = Workers(reactor, core, listener, settings.workers)
@@ -374,6 +376,7 @@ def makeLbws(reactor, settings, handleSignals=False, notifier=None, resolver=Non
             settings.dashboard,
         )
         service.dashboard.setServiceParent(service)
+        service.followers.append(lambda settings: service.dashboard.renewCertificate())
     service.frontend = Frontend(reactor, core, listener, workers)
     service.frontend.setServiceParent(service)
     service.announcer = Announcer(reactor, core, listener, notifier)

@@ -1,12 +1,17 @@
 """
-A worker process of C{workers = N} (see L{lbws.workers}): a relay that
-accepts on the listening socket its parent handed it.
+A worker process of C{workers = N} (see L{lbws.workers}): a relay serving
+the client connections its parent accepted and hands it over its channel
+(descriptor FD).
 
     python -m lbws.worker CONFIG FD FAMILY INDEX GENERATION
 
-It has no dashboard, no health checks and no signal handling of its own:
-backends' states come from the parent, its traffic goes back to it, and it
-stops (draining like the parent) when the parent says so or goes away.
+It serves them as a single lbws serves the clients it accepts: with TLS for
+an C{ssl:} listen endpoint, with the certificate and key read by the worker
+itself (and read again on each reload, so a renewed certificate is served
+to new clients). It has no dashboard, no health checks and no signal
+handling of its own: backends' states come from the parent, its traffic
+goes back to it, and it stops (draining like the parent) when the parent
+says so or goes away.
 """
 
 import json
@@ -19,19 +24,25 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
 from lbws import compat
 from lbws.config import ConfigError, loadConfig
 from lbws.core import buildCore
+from lbws.transport.dispatch import Receiver, closeDescriptor
+from lbws.transport.listen import serverTls
 
 _log = Logger()
 
 STATS_INTERVAL = 0.5
 
 
-def statsOf(core, generation):
+def statsOf(core, generation, received):
     """
-    What a worker reports to its parent, with the generation of its
-    settings (how many reloads the parent had applied when it took them).
+    What a worker reports to its parent: its traffic, its clients, the
+    connections it was handed so far (C{received}), and the generation of
+    its settings (how many reloads the parent had applied when it took
+    them).
     """
     pool, counters, relay = core.pool, core.counters, core.relay
     return {
@@ -47,6 +58,7 @@ def statsOf(core, generation):
             "routes": [[r, what, n] for (r, what), n in relay.routeCounts().items()],
         },
         "clients": relay.clients,
+        "received": received,
         "generation": generation,
     }
 
@@ -57,8 +69,14 @@ class Worker:
         self.path = path
         self.index = index
         self.generation = generation
-        self.core = buildCore(reactor, loadConfig(path))
-        self.port = reactor.adoptStreamPort(fd, family, self.core.factory())
+        self.family = family
+        settings = loadConfig(path)
+        self.core = buildCore(reactor, settings)
+        self.factory = self.core.factory()
+        self.tls = serverTls(settings.listen)
+        if self.tls is not None:
+            self.factory = TLSMemoryBIOFactory(self.tls, False, self.factory)
+        self.receiver = Receiver(reactor, fd, self._adopt, self._parentGone)
         self._stats = LoopingCall(self._report)
         self._stats.clock = reactor
         self._stopping = False
@@ -67,9 +85,25 @@ class Worker:
     def start(self, channel):
         self.channel = channel
         self._stats.start(STATS_INTERVAL)
+        self.receiver.start()
+
+    def _adopt(self, fd):
+        """
+        A client's connection, accepted by the parent: serve it.
+        """
+        try:
+            self.reactor.adoptStreamConnection(fd, self.family, self.factory)
+        except OSError:
+            pass  # the client left already
+        finally:
+            closeDescriptor(fd)
+
+    def _parentGone(self, reason):
+        self.stop(self.core.settings.drain_timeout)
 
     def _report(self):
-        self.channel.sendLine(json.dumps({"stats": statsOf(self.core, self.generation)}).encode())
+        stats = statsOf(self.core, self.generation, self.receiver.count)
+        self.channel.sendLine(json.dumps({"stats": stats}).encode())
 
     def handle(self, message):
         if "state" in message:
@@ -95,13 +129,24 @@ class Worker:
             _log.error("worker {index}: reload refused: {error}", index=self.index, error=str(e))
             return
         self.core.apply(settings)
+        if self.tls is not None:
+            try:
+                self.tls.renew(serverTls(settings.listen))
+            except Exception as e:
+                _log.error(
+                    "worker {index}: certificate not read again, the old one stays: {error}",
+                    index=self.index,
+                    error=str(e),
+                )
 
     def stop(self, timeout):
         if self._stopping:
             return
         self._stopping = True
-        d = self.port.stopListening()
-        d.addCallback(lambda _: self.core.relay.stop(timeout))
+        # The clients the parent handed over before it stopped accepting
+        # are served (and drained) too.
+        self.receiver.drain()
+        d = self.core.relay.stop(timeout)
         d.addBoth(lambda _: self.reactor.stop())
 
 

@@ -7,6 +7,8 @@ CA, the verify = false opt-out).
 
 import json
 import os
+import re
+import signal
 
 import pytest
 import pytest_twisted
@@ -180,21 +182,30 @@ async def test_wss_client_frames_sent_with_its_handshake_wait_for_a_slow_backend
 
 def _alpnExchange(port, caFile, offer):
     """
-    A WebSocket client (Python's websockets) over TLS offering C{offer} by
-    ALPN: what it negotiated, and the echo of one message through lbws.
+    A WebSocket client over TLS offering C{offer} by ALPN (Python's ssl
+    module, one blocking socket in this thread): what it negotiated, and
+    the echo of one message through lbws.
     """
+    import socket
     import ssl
-
-    from websockets.sync.client import connect as wsConnect
 
     context = ssl.create_default_context(cafile=str(caFile))
     context.set_alpn_protocols(offer)
-    with wsConnect(
-        f"wss://localhost:{port}/", ssl=context, open_timeout=10, close_timeout=5, proxy=None
-    ) as ws:
-        negotiated = ws.socket.selected_alpn_protocol()
-        ws.send("over " + ",".join(offer))
-        return negotiated, ws.recv(timeout=10)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            negotiated = tls.selected_alpn_protocol()
+            text = "over " + ",".join(offer)
+            tls.sendall(handshakeRequest(host="localhost") + wire.frame(OP_TEXT, text.encode()))
+            received = b""
+            while b"\r\n\r\n" not in received or not wire.parseFrame(
+                received.split(b"\r\n\r\n", 1)[1]
+            ):
+                chunk = tls.recv(65536)
+                assert chunk, received
+                received += chunk
+            head, rest = received.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            return negotiated, wire.parseFrame(rest)[0].payload.decode()
 
 
 @pytest_twisted.ensureDeferred
@@ -626,3 +637,76 @@ async def test_backend_that_fails_the_alpn_offer_is_described(harness, pki):
     why = lbws.pool["a"].lastError
     assert "alert internal error" in why and "ALPN offer of http/1.1" in why, why
     assert not backend.connections
+
+
+# TLS with workers, and a renewed certificate
+
+
+def _issue(ca, where):
+    """
+    A certificate for localhost from C{ca}, written over the key and
+    certificate files in C{where}, as certbot renews them; its serial.
+    """
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_pem.write_to_path(str(where / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(where / "cert.pem"))
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest_twisted.ensureDeferred
+async def test_a_reload_serves_a_renewed_certificate_and_keeps_connections(
+    harness, backend, tmp_path, workers
+):
+    """
+    A twistd lbws terminating TLS (itself, or in each of its workers):
+    after the certificate files are replaced and lbws gets SIGHUP, new
+    clients get the new certificate, and the clients connected before keep
+    relaying on the old one.
+    """
+    from tests.support import LbwsProcess, configText
+
+    ca = trustme.CA()
+    old = _issue(ca, tmp_path)
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        configText(
+            [("a", backend.url)],
+            lbws=f"workers = {workers}\nping_interval = 0\ndrain_timeout = 5",
+            listen=f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'key.pem'}"
+            f":certKey={tmp_path / 'cert.pem'}",
+        )
+    )
+    process = LbwsProcess(config)
+    caPem = ca.cert_pem.bytes()
+
+    async def client(text):
+        client = await connectTls(harness, process.port, caPem)
+        client.sendMessage(text.encode())
+        assert await client.messages.get() == (text.encode(), False)
+        return client, client.transport.getPeerCertificate().get_serial_number()
+
+    try:
+        before = [await client(f"before {i}") for i in range(4)]
+        assert {serial for _, serial in before} == {old}
+        new = _issue(ca, tmp_path)
+        assert new != old
+        process.signal(signal.SIGHUP)
+        await process.waitForLine("reloaded")
+        for i in range(4):
+            after, serial = await client(f"after {i}")
+            assert serial == new
+            after.sendClose(1000)
+            assert await after.closed == (1000, None)
+        for i, (still, _) in enumerate(before):
+            still.sendMessage(b"still %d" % i)
+            assert await still.messages.get() == (b"still %d" % i, False)
+            still.sendClose(1000)
+            assert await still.closed == (1000, None)
+    finally:
+        process.stop()
+    assert not [
+        line for line in process.lines if "Traceback" in line or re.search(r"#(error|critical)\]", line)
+    ]

@@ -382,3 +382,76 @@ async def test_drained_and_removed_backends_show_draining_summed_over_workers(
             client.transport.abortConnection()
     finally:
         process.stop()
+
+
+def evenly(workers, total, count=3, tolerance=0.3):
+    """
+    Whether C{workers} (status.json's) hold C{total} connections, each
+    within C{tolerance} of an even share.
+    """
+    held = [w["connections"] for w in workers]
+    share = total / count
+    return (
+        len(held) == count
+        and sum(held) == total
+        and all(abs(n - share) <= tolerance * share for n in held)
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_spread_evenly_and_a_restarted_worker_takes_its_share(tmp_path, backend):
+    """
+    60 clients over 3 workers: each holds 20 +/- 30%; after one is killed
+    and started again, 60 more bring every worker to an even share again
+    (the restarted one takes the new clients until it has caught up).
+    """
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        support.configText(
+            [("a", backend.url)],
+            lbws="workers = 3\nping_interval = 0\ndrain_timeout = 5",
+            dashboard="tcp:0:interface=127.0.0.1",
+        )
+    )
+    process = support.LbwsProcess(config)
+    clients = []
+    try:
+        await support.eventually(lambda: len(workerPids(process)) == 3)
+        status = {}
+
+        async def spread(total):
+            status.update(await dashboardStatus(process))
+            return evenly(status["workers"], total)
+
+        for i in range(60):
+            clients.append(await support.connect(process.url))
+            await echo(clients[-1], b"first %d" % i)
+        await support.eventually(lambda: spread(60), step=0.1)
+        first = [w["connections"] for w in status["workers"]]
+
+        victim = workerPids(process)[1]
+        os.kill(victim, signal.SIGKILL)
+        lost = []
+        for client in clients:
+            client.closed.addCallback(lambda _, c=client: lost.append(c))
+
+        async def restarted():
+            status.update(await dashboardStatus(process))
+            return (
+                len(workerPids(process)) == 3
+                and victim not in workerPids(process)
+                and sum(w["restarts"] for w in status["workers"]) == 1
+                and sum(w["connections"] for w in status["workers"]) == 60 - len(lost)
+            )
+
+        await support.eventually(restarted, timeout=15, step=0.1)
+        assert 14 <= len(lost) <= 26, (first, len(lost))
+        for i in range(60):
+            clients.append(await support.connect(process.url))
+            await echo(clients[-1], b"second %d" % i)
+        await support.eventually(lambda: spread(120 - len(lost)), step=0.1)
+    finally:
+        for client in clients:
+            if client.transport.connected:
+                client.transport.abortConnection()
+        process.stop()

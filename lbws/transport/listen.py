@@ -28,9 +28,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from lbws.compat import innerEndpoint, replaceTlsOptions, tlsOptionsOf
+
+_log = Logger()
 
 ALLOWED_METHODS = ("TLS_METHOD", "SSLv23_METHOD")
 
@@ -145,6 +148,15 @@ class ServerTls:
     def serverConnectionForTLS(self, tlsProtocol):
         return SSL.Connection(self._context, None)
 
+    def renew(self, other):
+        """
+        Serve new connections with the certificate and key of C{other} (a
+        L{ServerTls} just read from the same files, e.g. after certbot
+        renewed them); open connections keep theirs.
+        """
+        self.options = other.options
+        self._context = other._context
+
 
 def _tls12(options):
     """
@@ -190,6 +202,35 @@ def listenEndpoint(reactor, description):
     for ssl in _sslEndpoints(endpoint):
         replaceTlsOptions(ssl, _tls12(tlsOptionsOf(ssl)))
     return endpoint
+
+
+def serverTls(description):
+    """
+    The L{ServerTls} of an C{ssl:} endpoint string, its certificate and key
+    read now; None for other endpoint types (also C{haproxy:ssl:}).
+
+    @raise ListenError: see L{listenEndpoint}.
+    """
+    if description.split(":", 1)[0] != "ssl":
+        return None
+    (ssl,) = _sslEndpoints(listenEndpoint(None, description))
+    return tlsOptionsOf(ssl)
+
+
+def renewTls(endpoint, description):
+    """
+    Have the TLS of C{endpoint} (built by L{listenEndpoint} from
+    C{description}) serve the certificate and key its files hold now, for
+    new connections: what a reload does, so that a renewed certificate is
+    served without a restart. Nothing for an endpoint without TLS.
+
+    @raise ListenError: and the errors of reading the files, which leave
+        the certificate served as it was.
+    """
+    for ssl, fresh in zip(
+        _sslEndpoints(endpoint), _sslEndpoints(listenEndpoint(None, description))
+    ):
+        tlsOptionsOf(ssl).renew(tlsOptionsOf(fresh))
 
 
 class ListenFailed(Exception):
@@ -253,6 +294,22 @@ class Listener(Service):
         The factory it serves.
         """
         return self._factory
+
+    def renewCertificate(self):
+        """
+        Serve new TLS connections with the certificate and key the files
+        of its C{ssl:} endpoint hold now (L{renewTls}): on reload, so that
+        a renewed certificate is served without a restart. An error reading
+        them is logged and the certificate served stays.
+        """
+        try:
+            renewTls(self._endpoint, self._description)
+        except Exception as e:
+            _log.error(
+                "{endpoint}: certificate not read again, the one served stays: {error}",
+                endpoint=self._description,
+                error=str(e),
+            )
 
     def whenListening(self):
         """
