@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from lbws.backends import sticky
 from lbws.backends.balance import hashKeyOf
 from lbws.backends.routes import RouteTable
+from lbws.transport.tlserrors import ClientTlsFailures
 from lbws.ws.server import FrontendFactory
 
 _log = Logger()
@@ -26,12 +27,18 @@ class Relay:
     open tunnels, and draining them on stop.
     """
 
-    def __init__(self, reactor, settings, pool, dialer, counters):
+    def __init__(self, reactor, settings, pool, dialer, counters, tlsFailures=None):
+        """
+        @param tlsFailures: where clients' failed TLS handshakes are
+            counted (a L{lbws.transport.tlserrors.ClientTlsFailures}); by
+            default one logging on C{reactor}.
+        """
         self.reactor = reactor
         self.settings = settings
         self.pool = pool
         self.dialer = dialer
         self.counters = counters
+        self.tlsFailures = tlsFailures or ClientTlsFailures(reactor)
         self.tunnels = set()
         self.clients = 0  # client connections past admission, open or pending
         self.perPeer = {}  # the same, by client address (PROXY protocol's if used)
@@ -209,6 +216,7 @@ class Relay:
             side gets up to C{timeout} to answer its close).
         """
         self.stopping = True
+        self.tlsFailures.flush()
         # Clients whose handshake waits for a backend get 503 now; left to
         # finish, they would open after the drain and be cut at exit.
         for attempt in list(self.opening.values()):

@@ -31,6 +31,7 @@ from twisted.logger import Logger, LogLevel
 
 from lbws import compat
 from lbws.config import ConfigError, checkReload, loadConfig
+from lbws.backends.backend import warnUnverified
 from lbws.core import buildCore
 from lbws.ops.dashboard import dashboardSite
 from lbws.backends.discovery import Discovery
@@ -217,6 +218,7 @@ class LbwsService(MultiService):
 
     def startService(self):
         compat.lazyAutobahnDebugFormatting()
+        warnUnverified(self.settings)
         super().startService()
 
     def stopService(self):
@@ -296,6 +298,7 @@ class LbwsService(MultiService):
         checks, worker processes).
         """
         self.core.apply(settings)
+        warnUnverified(settings)
         for follow in self.followers:
             follow(settings)
 

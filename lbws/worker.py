@@ -24,13 +24,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.basic import LineOnlyReceiver
 
-from twisted.protocols.tls import TLSMemoryBIOFactory
-
 from lbws import compat
 from lbws.config import ConfigError, loadConfig
 from lbws.core import buildCore
 from lbws.transport.dispatch import Receiver, closeDescriptor
-from lbws.transport.listen import serverTls
+from lbws.transport.listen import TlsServerFactory, serverTls
 
 _log = Logger()
 
@@ -39,10 +37,11 @@ STATS_INTERVAL = 0.5
 
 def statsOf(core, generation, received):
     """
-    What a worker reports to its parent: its traffic, its clients, the
-    connections it was handed so far (C{received}), and the generation of
-    its settings (how many reloads the parent had applied when it took
-    them).
+    What a worker reports to its parent: its traffic, its clients, its
+    clients' failed TLS handshakes since the last report (the parent logs
+    them), the connections it was handed so far (C{received}), and the
+    generation of its settings (how many reloads the parent had applied
+    when it took them).
     """
     pool, counters, relay = core.pool, core.counters, core.relay
     return {
@@ -58,6 +57,7 @@ def statsOf(core, generation, received):
             "routes": [[r, what, n] for (r, what), n in relay.routeCounts().items()],
         },
         "clients": relay.clients,
+        "tlsFailures": relay.tlsFailures.take(),
         "received": received,
         "generation": generation,
     }
@@ -71,11 +71,11 @@ class Worker:
         self.generation = generation
         self.family = family
         settings = loadConfig(path)
-        self.core = buildCore(reactor, settings)
+        self.core = buildCore(reactor, settings, worker=True)
         self.factory = self.core.factory()
         self.tls = serverTls(settings.listen)
         if self.tls is not None:
-            self.factory = TLSMemoryBIOFactory(self.tls, False, self.factory)
+            self.factory = TlsServerFactory(self.tls, self.factory)
         self.receiver = Receiver(reactor, fd, self._adopt, self._parentGone)
         self._stats = LoopingCall(self._report)
         self._stats.clock = reactor
@@ -146,6 +146,8 @@ class Worker:
         # The clients the parent handed over before it stopped accepting
         # are served (and drained) too.
         self.receiver.drain()
+        if self.channel is not None:
+            self._report()  # what happened since the last report, before the drain
         d = self.core.relay.stop(timeout)
         d.addBoth(lambda _: self.reactor.stop())
 

@@ -292,6 +292,7 @@ class Workers(Service):
                 member.recordCheck(False, now, health.rise, health.fall, counts["lastError"])
             member.traffic.report(index, counts)
         self._core.counters.fromWorker(index, stats["counters"])
+        self._core.relay.tlsFailures.add(stats["tlsFailures"])
         process.clients = stats["clients"]
         process.received = stats["received"]
         self._reported[index] = stats["generation"]

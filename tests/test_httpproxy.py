@@ -555,6 +555,38 @@ async def test_https_client_and_wss_backend_url_as_https(harness, pki):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_backend_tls_failure_is_told_in_the_words_of_the_websocket_path(harness, pki):
+    """
+    An https:// backend whose certificate names another host: the plain
+    HTTP path refuses it (502) and says why as the WebSocket path and the
+    probes do, not as "connection lost before a response: VerificationError".
+    """
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    from tests.test_tls import _client
+
+    resource = _Backend("tls")
+    options = support.tlsServerOptions(pki["other-pem"])
+    port = await harness.listen(
+        Site(resource), SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+    )
+    url = f"wss://127.0.0.1:{port.getHost().port}"
+    lbws = await harness.lbws(
+        [("tls", url, f"ca = {pki['ca']}")], health="interval = 3600\nfall = 1"
+    )
+    (status, _, body), = (await exchange(_hostPort(lbws.url), [("GET", "/echo", None, None)]))[0]
+    assert status == 502
+    viaHttp = lbws.pool["tls"].lastError
+    words = "TLS name check failed: the backend's certificate is for other.example, not 127.0.0.1"
+    assert viaHttp == words, viaHttp
+    assert not resource.requests
+    # The WebSocket path, to the same backend, says the same.
+    with pytest.raises(support.HandshakeFailed):
+        await _client(harness, lbws)
+    assert lbws.pool["tls"].lastError == viaHttp
+
+
+@pytest_twisted.ensureDeferred
 async def test_curl_default_https_through_lbws(harness, pki):
     """
     curl with its defaults (ALPN h2 and http/1.1) gets HTTP/1.1 over TLS

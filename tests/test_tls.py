@@ -22,14 +22,14 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lbws.backends.backend import _tlsOptions
 from lbws.config import ConfigError, parseConfig
 from lbws.protocol.frames import OP_BINARY, OP_TEXT
-from lbws.transport.listen import listenEndpoint, selectHttp11
+from lbws.transport.listen import listenEndpoint, selectHttp11, serverTlsOf
 from tests import wire
 from tests.support import (
     Harness,
@@ -421,10 +421,8 @@ async def test_tls_below_1_2_is_refused(harness, pki):
 def tlsFlags(description):
     from OpenSSL.SSL import OP_NO_SSLv3, OP_NO_TLSv1, OP_NO_TLSv1_1
 
-    endpoint = listenEndpoint(None, description)
-    while not hasattr(endpoint, "_sslContextFactory"):
-        endpoint = endpoint._wrappedEndpoint
-    options = endpoint._sslContextFactory.options
+    (tls,) = serverTlsOf(listenEndpoint(None, description))
+    options = tls.options
     wanted = OP_NO_SSLv3 | OP_NO_TLSv1 | OP_NO_TLSv1_1
     return options._options & wanted == wanted
 
@@ -569,19 +567,34 @@ async def test_backend_with_an_unknown_ca_is_refused(harness, pki):
 
 
 @pytest_twisted.ensureDeferred
-async def test_verify_false_connects_and_warns(harness, pki):
+async def test_verify_false_connects_and_warns_once_per_start_and_reload(harness, pki):
+    """
+    verify = false: connections and probes go through unverified, and the
+    warning says so once when lbws starts and once per reload, not for
+    each connection or probe (43,000 lines a day at the default interval).
+    """
     events = harness.logged()
     backend = await harness.tlsBackend(pki["other-pem"])
     lbws = await harness.lbws(
-        [("a", backend.url, "verify = false")], health=PASSIVE, probe="websocket"
+        [("a", backend.url, "verify = false")], health=FAST, probe="websocket"
     )
-    client = await _client(harness, lbws)
-    client.sendMessage(b"unverified")
-    assert await client.messages.get() == (b"unverified", False)
-    warnings = [
-        e for e in events if "NOT verified" in str(e.get("log_format")) and e.get("backend") == "a"
-    ]
-    assert warnings and all(e["log_level"].name == "warn" for e in warnings)
+
+    def warnings():
+        return [
+            e
+            for e in events
+            if "NOT verified" in str(e.get("log_format")) and e.get("backend") == "a"
+        ]
+
+    for i in range(3):
+        client = await _client(harness, lbws)
+        client.sendMessage(b"unverified %d" % i)
+        assert await client.messages.get() == (b"unverified %d" % i, False)
+    await _until(lambda: lbws.pool["a"].checks["ok"] >= 3)
+    assert len(warnings()) == 1 and warnings()[0]["log_level"].name == "warn"
+    lbws.apply(lbws.settings)  # what a reload of the same file does
+    await _until(lambda: lbws.pool["a"].checks["ok"] >= 6)
+    assert len(warnings()) == 2
 
 
 def test_backend_tls_context_is_built_once_and_again_for_a_replaced_ca(pki, tmp_path):
@@ -709,4 +722,102 @@ async def test_a_reload_serves_a_renewed_certificate_and_keeps_connections(
         process.stop()
     assert not [
         line for line in process.lines if "Traceback" in line or re.search(r"#(error|critical)\]", line)
+    ]
+
+
+# What bad clients of a TLS port cost the log
+
+
+def test_client_tls_failures_are_logged_once_a_minute_with_their_reasons():
+    from twisted.internet.task import Clock
+    from twisted.logger import capturedLogs
+
+    from lbws.transport.tlserrors import ClientTlsFailures
+
+    clock = Clock()
+    failures = ClientTlsFailures(clock)
+    with capturedLogs() as logged:
+        failures.note("wrong version number")
+        clock.advance(10)
+        failures.note("wrong version number")
+        failures.note("no shared cipher")
+        clock.advance(49.9)
+        assert logged == []
+        clock.advance(0.1)
+        (line,) = logged
+        assert line["log_level"] == LogLevel.info
+        assert formatEvent(line) == (
+            "3 client TLS handshake(s) failed in the last minute:"
+            " no shared cipher (1); wrong version number (2)"
+        )
+        clock.advance(3600)  # quiet: nothing to say
+        assert len(logged) == 1 and not clock.getDelayedCalls()
+        failures.note("http request")
+        clock.advance(60)
+        assert len(logged) == 2 and "http request (1)" in formatEvent(logged[1])
+    assert failures.totals == {"wrong version number": 2, "no shared cipher": 1, "http request": 1}
+
+    # A worker's: counted for its parent, never logged by itself.
+    worker = ClientTlsFailures(clock, log=False)
+    with capturedLogs() as logged:
+        worker.note("unexpected message")
+        worker.note("unexpected message")
+        worker.flush()
+        assert not clock.getDelayedCalls()
+        assert worker.take() == {"unexpected message": 2}
+        assert worker.take() == {}
+        failures.add({"unexpected message": 2})
+        clock.advance(60)
+    (line,) = logged
+    assert "2 client TLS handshake(s)" in formatEvent(line)
+
+
+async def plainAnswer(port, data):
+    """
+    What lbws answers C{data} sent in plain text to its TLS port, until it
+    closes.
+    """
+    client = await wire.rawConnect(f"ws://127.0.0.1:{port}")
+    client.send(data)
+    return await client.closed.addTimeout(10, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_tls_clients_get_no_error_lines_and_plain_http_gets_400(harness, pki):
+    """
+    Clients that fail their TLS handshake (TLS 1.0, garbage, plain HTTP)
+    leave no error line: they are counted by reason and logged at info, in
+    one line, never with OpenSSL's empty "(in )". Plain HTTP on the TLS port
+    gets a 400 saying so, as nginx answers.
+    """
+    from lbws.transport.listen import PLAIN_HTTP_REFUSED
+
+    events = harness.logged()
+    backend = await harness.backend()
+    lbws = await harness.lbws([("a", backend.url)], listen=sslListen(pki))
+    port = portOf(lbws)
+    for _ in range(2):
+        assert await plainAnswer(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == PLAIN_HTTP_REFUSED
+    for _ in range(3):
+        answer = await tryVersions(port, SSL.TLS1_VERSION, SSL.TLS1_VERSION)
+        assert not isinstance(answer, bytes)
+    # A TLS record header followed by nonsense.
+    assert not (await plainAnswer(port, b"\x16\x03\x01\x00\x05hello")).startswith(b"HTTP")
+    client = await connectTls(harness, port, pki["ca-pem"])  # a good one still works
+    client.sendMessage(b"fine")
+    assert await client.messages.get() == (b"fine", False)
+
+    assert lbws.view.clientTlsFailures() == {
+        "plain HTTP request (answered 400)": 2,
+        "unsupported protocol": 3,
+        "unexpected message": 1,
+    }
+    text = [formatEvent(e) for e in events]
+    assert not [e for e in events if e["log_level"] in (LogLevel.warn, LogLevel.error)], text
+    assert not [line for line in text if "(in )" in line or "SSL error" in line], text
+    lbws.relay.tlsFailures.flush()  # what the minute's end (or a stop) does
+    logged = [formatEvent(e) for e in events if "client TLS handshake" in str(e.get("log_format"))]
+    assert logged == [
+        "6 client TLS handshake(s) failed in the last minute: plain HTTP request (answered 400)"
+        " (2); unexpected message (1); unsupported protocol (3)"
     ]

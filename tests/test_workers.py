@@ -5,6 +5,7 @@ that dies being replaced.
 """
 
 import os
+import re
 import signal
 
 import psutil
@@ -455,3 +456,112 @@ async def test_clients_spread_evenly_and_a_restarted_worker_takes_its_share(tmp_
             if client.transport.connected:
                 client.transport.abortConnection()
         process.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backend_events_are_logged_once_not_once_per_worker(tmp_path, backend):
+    """
+    A backend that fails the workers' real connections goes down once in
+    the log (the supervisor's verdict), not once per process; a reload
+    that removes it says so once, and so does its leaving.
+    """
+    dead = support.reservedPort()
+    config = tmp_path / "lbws.ini"
+
+    def write(backends):
+        config.write_text(
+            support.configText(
+                backends,
+                lbws="workers = 2\nping_interval = 0\ndrain_timeout = 5\nbalance = round_robin",
+                health="interval = 60\nfall = 1",
+                dashboard="tcp:0:interface=127.0.0.1",
+            )
+        )
+
+    write([("a", backend.url), ("b", f"ws://127.0.0.1:{dead.getsockname()[1]}")])
+    process = support.LbwsProcess(config)
+    clients = []
+    try:
+        await support.eventually(lambda: len(workerPids(process)) == 2)
+        for i in range(8):
+            clients.append(await support.connect(process.url))
+            await echo(clients[-1], b"%d" % i)
+
+        async def down():
+            status = await dashboardStatus(process)
+            return {b["name"]: b["state"] for b in status["backends"]}["b"] == "down"
+
+        await support.eventually(down, step=0.1)
+        failed = [line for line in process.lines if "backend b failed for" in line]
+        assert failed  # each failed connect, by the worker that met it
+        write([("a", backend.url)])
+        process.signal(signal.SIGHUP)
+        await process.waitForLine("reloaded")
+        await process.waitForLine("backend b left the pool")
+        for client in clients:
+            client.sendClose(1000)
+            await client.closed
+    finally:
+        process.stop()
+        dead.close()
+    log = "".join(process.lines)
+    assert log.count("backend b is down") == 1, log
+    assert log.count("backend b removed") == 1, log
+    assert log.count("backend b left the pool") == 1, log
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_through_workers_bad_tls_clients_add_up_in_one_line(tmp_path, backend):
+    """
+    workers = 2 with TLS: plain HTTP to the TLS port gets the 400 from
+    whichever worker it reaches, failed handshakes leave no error line, and
+    the supervisor counts them all (/metrics) and logs them in one line.
+    """
+    import trustme
+
+    from lbws.transport.listen import PLAIN_HTTP_REFUSED
+    from tests.test_tls import plainAnswer, tryVersions
+    from OpenSSL import SSL
+
+    cert = trustme.CA().issue_cert("localhost")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    config = tmp_path / "lbws.ini"
+    config.write_text(
+        support.configText(
+            [("a", backend.url)],
+            lbws="workers = 2\nping_interval = 0\ndrain_timeout = 5",
+            listen=f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'key.pem'}"
+            f":certKey={tmp_path / 'cert.pem'}",
+            dashboard="tcp:0:interface=127.0.0.1",
+        )
+    )
+    process = support.LbwsProcess(config)
+    try:
+        await support.eventually(lambda: len(workerPids(process)) == 2)
+        for _ in range(4):
+            answer = await plainAnswer(process.port, b"GET /x HTTP/1.1\r\nHost: y\r\n\r\n")
+            assert answer == PLAIN_HTTP_REFUSED
+        for _ in range(2):
+            assert not isinstance(
+                await tryVersions(process.port, SSL.TLS1_VERSION, SSL.TLS1_VERSION), bytes
+            )
+
+        async def counted():
+            samples = await metricSamples(process)
+            return (
+                sample(samples, "lbws_client_tls_failures_total",
+                       reason="plain HTTP request (answered 400)"),
+                sample(samples, "lbws_client_tls_failures_total", reason="unsupported protocol"),
+            ) == (4, 2)
+
+        await support.eventually(counted, step=0.1)
+        process.signal(signal.SIGTERM)
+        assert await process.exited() == 0
+    finally:
+        process.stop()
+    log = "".join(process.lines)
+    lines = [line for line in process.lines if "client TLS handshake(s) failed" in line]
+    assert len(lines) == 1 and "6 client TLS handshake(s)" in lines[0], lines
+    assert "(in )" not in log and "SSL error" not in log
+    assert not re.search(r"#(error|critical)\]", log), log

@@ -140,12 +140,22 @@ def hostForUrl(host):
 ALPN = [b"http/1.1"]
 
 
+def warnUnverified(settings):
+    """
+    Warn of each wss:// backend of C{settings} whose certificate lbws does
+    not verify (C{verify = false}): once per start and per reload, not per
+    connection or probe.
+    """
+    for backend in settings.backends:
+        if backend.secure and not backend.verify:
+            _log.warn(
+                "backend {backend}: TLS certificate NOT verified (verify = false)",
+                backend=backend.name,
+            )
+
+
 def _tlsOptions(backend):
     if not backend.verify:
-        _log.warn(
-            "backend {backend}: TLS certificate NOT verified (verify = false)",
-            backend=backend.name,
-        )
         return _unverifiedOptions()
     # The CA file's modification time is part of the key, so a replaced file
     # is read again; otherwise every connection and probe shares one context.

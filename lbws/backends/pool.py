@@ -9,7 +9,7 @@ L{Pool}'s: reloads and DNS discovery go through its one reconcile.
 from collections import Counter
 from types import MappingProxyType
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 
 from lbws.backends.balance import STRATEGIES
 from lbws.telemetry.events import Events
@@ -18,8 +18,6 @@ from lbws.telemetry.metrics import Durations
 UP = "up"
 DOWN = "down"
 DRAINING = "draining"
-
-_log = Logger()
 
 
 class Health:
@@ -540,7 +538,9 @@ class Pool:
                 )
             elif member.settings != backend:
                 member._configure(backend)
-                _log.info("backend {backend} changed: weight {weight}", backend=name, weight=backend.weight)
+                self.events.note(
+                    "backend {backend} changed: weight {weight}", backend=name, weight=backend.weight
+                )
             kept[name] = member
         for name, member in current.items():
             if name in kept:
@@ -553,7 +553,7 @@ class Pool:
             if active > 0 or self.countedByWorkers:
                 kept[name] = member
             else:
-                _log.info("backend {backend} left the pool", backend=name)
+                self.events.note("backend {backend} left the pool", backend=name)
         return kept
 
     def leaveIfIdle(self, member):
@@ -568,7 +568,7 @@ class Pool:
             and self.members.get(member.name) is member
         ):
             del self.members[member.name]
-            _log.info("backend {backend} left the pool", backend=member.name)
+            self.events.note("backend {backend} left the pool", backend=member.name)
 
     def __iter__(self):
         return iter(self.members.values())

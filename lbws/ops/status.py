@@ -117,6 +117,13 @@ class StatusView:
             )
         return routes
 
+    def clientTlsFailures(self):
+        """
+        Clients' failed TLS handshakes since start, by reason, of this
+        process and its workers together.
+        """
+        return dict(self._core.relay.tlsFailures.totals)
+
     def workers(self):
         """
         The worker processes running now (see

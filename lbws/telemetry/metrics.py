@@ -432,6 +432,15 @@ class LbwsCollector:
                 routeHandshakes.add_metric([name, result], route[f"handshakes_{result}"])
             for direction in ("to_backend", "to_client"):
                 routeMessages.add_metric([name, direction], route[f"messages_{direction}"])
+        tlsFailures = CounterMetricFamily(
+            "lbws_client_tls_failures",
+            "Client connections whose TLS failed (mostly the handshake), by"
+            " OpenSSL's reason; plain HTTP sent to a TLS port is counted as"
+            " \"plain HTTP request (answered 400)\".",
+            labels=["reason"],
+        )
+        for reason, count in sorted(service.clientTlsFailures().items()):
+            tlsFailures.add_metric([reason], count)
         workerConnections = GaugeMetricFamily(
             "lbws_worker_connections",
             "Client connections of each worker process (workers = N), as it"
@@ -457,7 +466,7 @@ class LbwsCollector:
             durations, rtt, lastCheck, handshakes, closes, errors, connections,
             started, effective, rebalanced, maxConnections, httpRequests,
             routeConnections, routeHandshakes, routeMessages, workerConnections,
-            workerRestarts,
+            workerRestarts, tlsFailures,
         ]
 
 

@@ -14,6 +14,11 @@ values that name anything but "negotiate the best version".
 Every TLS listener speaks HTTP/1.1 and says so by ALPN (L{ServerTls}):
 browsers and curl offer it, and Twisted 26.10 fails any client that
 offers ALPN to a server that declares no protocol (docs/upstream.md).
+lbws listens with TCP and puts its own TLS layer on top
+(L{TlsServerEndpoint}, L{TlsServerFactory}), the same one each worker of
+C{workers = N} puts on the connections it is handed: it answers plain HTTP
+sent to the TLS port with a 400 that says so, as nginx does, where
+Twisted's C{ssl:} endpoint would just close.
 
 The listen backlog (connections the kernel queues before lbws accepts them)
 is 511 as nginx's, not Twisted's 50: bursts of 1,000 simultaneous connects
@@ -26,12 +31,13 @@ import re
 from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from lbws.compat import innerEndpoint, replaceTlsOptions, tlsOptionsOf
+from lbws.compat import innerEndpoint, replaceTlsOptions, tcpListenArguments, tlsOptionsOf
 
 _log = Logger()
 
@@ -181,10 +187,95 @@ def _tls12(options):
     )
 
 
+# What plain HTTP sent to a TLS port gets (nginx answers the same, in HTML).
+_PLAIN_HTTP_BODY = b"400 Bad Request: plain HTTP was sent to this HTTPS (wss://) port\n"
+PLAIN_HTTP_REFUSED = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"Connection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
+)
+
+
+class _TlsServerProtocol(TLSMemoryBIOFactory.protocol):
+    """
+    Twisted's TLS layer, with a look at the first byte a client sends: a
+    TLS handshake starts with 0x16 (SSL 2's with a byte above 0x7F), an
+    HTTP request with the letter of its method. Plain HTTP gets
+    L{PLAIN_HTTP_REFUSED} in plain text and the connection is closed;
+    nothing of it reaches OpenSSL.
+
+    @ivar plainHttp: True once that happened (the protocol it wraps then
+        sees the connection lost, and counts a plain HTTP request rather
+        than what OpenSSL says of an empty handshake).
+    """
+
+    plainHttp = False
+    _looked = False
+
+    def dataReceived(self, data):
+        if self.plainHttp:
+            return
+        if not self._looked and data:
+            self._looked = True
+            if data[:1].isalpha():
+                self.plainHttp = True
+                self.transport.write(PLAIN_HTTP_REFUSED)
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class TlsServerFactory(TLSMemoryBIOFactory):
+    """
+    lbws's TLS layer for C{wrappedFactory}'s connections, with
+    C{serverTls} (a L{ServerTls}): what a TLS listener serves, and what a
+    worker puts on the connections it is handed.
+    """
+
+    protocol = _TlsServerProtocol
+
+    def __init__(self, serverTls, wrappedFactory):
+        super().__init__(serverTls, False, wrappedFactory)
+
+
+@implementer(IStreamServerEndpoint)
+class TlsServerEndpoint:
+    """
+    An C{ssl:} endpoint as lbws serves it: TCP on the string's port,
+    interface and backlog, with L{TlsServerFactory} on top.
+
+    @ivar tls: its L{ServerTls}.
+    """
+
+    def __init__(self, reactor, port, backlog, interface, tls):
+        self._reactor = reactor
+        self._port = port
+        self._backlog = backlog
+        self._interface = interface
+        self.tls = tls
+
+    def listen(self, factory):
+        endpoint = TCP4ServerEndpoint(self._reactor, self._port, self._backlog, self._interface)
+        return endpoint.listen(TlsServerFactory(self.tls, factory))
+
+
+def serverTlsOf(endpoint):
+    """
+    The L{ServerTls} of each TLS layer of an endpoint built by
+    L{listenEndpoint}.
+    """
+    if isinstance(endpoint, TlsServerEndpoint):
+        return [endpoint.tls]
+    return [tlsOptionsOf(ssl) for ssl in _sslEndpoints(endpoint)]
+
+
 def listenEndpoint(reactor, description):
     """
     The server endpoint for C{description} (the C{listen} setting), TLS
-    1.2+ for C{ssl:}, with a backlog of L{BACKLOG} unless it sets one.
+    1.2+ for C{ssl:} (a L{TlsServerEndpoint}; inside C{haproxy:}, Twisted's
+    own with lbws's options), with a backlog of L{BACKLOG} unless it sets
+    one.
 
     @param reactor: the reactor, or None to only validate the string (the
         C{ssl:} certificate and key files are read then too).
@@ -194,6 +285,8 @@ def listenEndpoint(reactor, description):
     """
     import warnings
 
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
     with warnings.catch_warnings():
         # Twisted warns that `method` is deprecated when sslmethod is given:
         # lbws reports that as its own error instead.
@@ -201,6 +294,10 @@ def listenEndpoint(reactor, description):
         endpoint = serverFromString(reactor, withBacklog(description))
     for ssl in _sslEndpoints(endpoint):
         replaceTlsOptions(ssl, _tls12(tlsOptionsOf(ssl)))
+    if isinstance(endpoint, SSL4ServerEndpoint):
+        endpoint = TlsServerEndpoint(
+            reactor, *tcpListenArguments(endpoint), tlsOptionsOf(endpoint)
+        )
     return endpoint
 
 
@@ -213,8 +310,8 @@ def serverTls(description):
     """
     if description.split(":", 1)[0] != "ssl":
         return None
-    (ssl,) = _sslEndpoints(listenEndpoint(None, description))
-    return tlsOptionsOf(ssl)
+    (tls,) = serverTlsOf(listenEndpoint(None, description))
+    return tls
 
 
 def renewTls(endpoint, description):
@@ -227,10 +324,10 @@ def renewTls(endpoint, description):
     @raise ListenError: and the errors of reading the files, which leave
         the certificate served as it was.
     """
-    for ssl, fresh in zip(
-        _sslEndpoints(endpoint), _sslEndpoints(listenEndpoint(None, description))
+    for tls, fresh in zip(
+        serverTlsOf(endpoint), serverTlsOf(listenEndpoint(None, description))
     ):
-        tlsOptionsOf(ssl).renew(tlsOptionsOf(fresh))
+        tls.renew(fresh)
 
 
 class ListenFailed(Exception):
