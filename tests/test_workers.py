@@ -7,11 +7,17 @@ that dies being replaced.
 import os
 import re
 import signal
+import socket
 
 import psutil
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from lbws.config import IMPLICIT_ROUTE
 from tests import support
@@ -565,3 +571,174 @@ async def test_wss_through_workers_bad_tls_clients_add_up_in_one_line(tmp_path, 
     assert len(lines) == 1 and "6 client TLS handshake(s)" in lines[0], lines
     assert "(in )" not in log and "SSL error" not in log
     assert not re.search(r"#(error|critical)\]", log), log
+
+
+# The supervisor's choice of a worker, with a reactor the test drives.
+
+
+class SpawningReactor(MemoryReactorClock):
+    """
+    Records the worker processes it is asked to start, keeping each one's
+    end of its channel as a forked child would.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, processProtocol, executable, args, env, childFDs):
+        from lbws.workers import CHANNEL_FD
+
+        end = socket.socket(fileno=os.dup(childFDs[CHANNEL_FD]))
+        end.setblocking(False)
+        self.spawned.append((processProtocol, end))
+        processProtocol.makeConnection(StringTransport())
+        return processProtocol
+
+
+class Listening:
+    """
+    A listener whose port is a real listening socket on 127.0.0.1.
+    """
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(64)
+
+    def whenListening(self):
+        return succeed(self)
+
+    def stopReading(self):
+        pass
+
+    def fileno(self):
+        return self.socket.fileno()
+
+    def getHost(self):
+        return IPv4Address("TCP", *self.socket.getsockname())
+
+
+def handedTo(end):
+    """
+    The clients that reached a worker's end of its channel since the last
+    look (their descriptors are closed).
+    """
+    fds = []
+    while True:
+        try:
+            _, got, _, _ = socket.recv_fds(end, 16, 4)
+        except BlockingIOError:
+            break
+        fds += got
+    for fd in fds:
+        os.close(fd)
+    return fds
+
+
+def report(clients, received):
+    return {
+        "members": {},
+        "counters": {"handshakes": {}, "closes": [], "protocolErrors": []},
+        "clients": clients,
+        "received": received,
+        "tlsFailures": {},
+        "generation": 0,
+    }
+
+
+def test_each_client_goes_to_the_worker_holding_the_fewest():
+    from lbws.config import parseConfig
+    from lbws.core import buildCore
+    from lbws.workers import Workers
+
+    reactor = SpawningReactor()
+    core = buildCore(reactor, parseConfig("[backend:a]\nurl = ws://127.0.0.1:1\n", "t.ini"))
+    listening = Listening()
+    workers = Workers(reactor, core, listening, 2)
+    workers.startService()
+    (one, first), (two, second) = reactor.spawned
+    clients = []
+
+    def connect(count):
+        for _ in range(count):
+            clients.append(socket.create_connection(listening.socket.getsockname()))
+        for reader in list(reactor.getReaders()):
+            reader.doRead()
+
+    try:
+        connect(6)
+        # Nothing reported yet: they alternate.
+        assert (len(handedTo(first)), len(handedTo(second))) == (3, 3)
+        # Worker 1 says it holds 9 (old clients), worker 2 holds its 3:
+        # the next 6 all go to worker 2, then they alternate again.
+        workers.statsFrom(1, report(clients=9, received=3))
+        workers.statsFrom(2, report(clients=3, received=3))
+        connect(6)
+        assert (len(handedTo(first)), len(handedTo(second))) == (0, 6)
+        connect(2)
+        assert (len(handedTo(first)), len(handedTo(second))) == (1, 1)
+        assert [w["connections"] for w in workers.workers()] == [9, 3]
+        # A worker that ended gets nothing more.
+        workers.ended(two, Failure(ProcessTerminated(signal=9)))
+        connect(2)
+        assert len(handedTo(first)) == 2
+        assert [w["index"] for w in workers.workers()] == [1]
+    finally:
+        workers.stopService()
+        for client in clients:
+            client.close()
+        for _, end in reactor.spawned:
+            end.close()
+        listening.socket.close()
+
+
+def test_a_removed_backend_leaves_once_every_worker_reported_with_the_new_config():
+    """
+    A report taken before a worker applied the reload may say "no
+    connection" to a backend that the worker still has: the supervisor
+    keeps a removed backend, draining, until every worker reported with
+    the new generation.
+    """
+    from lbws.config import parseConfig
+    from lbws.core import buildCore
+    from lbws.workers import Workers
+
+    both = parseConfig(
+        "[backend:a]\nurl = ws://127.0.0.1:1\n[backend:b]\nurl = ws://127.0.0.1:2\n", "t.ini"
+    )
+    reactor = SpawningReactor()
+    core = buildCore(reactor, both)
+    listening = Listening()
+    workers = Workers(reactor, core, listening, 2)
+    workers.startService()
+
+    def stats(generation, bActive):
+        counts = dict(active=0, total=0, failed=0, messagesIn=0, messagesOut=0, bytesIn=0,
+                      bytesOut=0, lastError="")
+        members = {"a": counts, "b": {**counts, "active": bActive, "total": bActive}}
+        return {**report(clients=bActive, received=0), "members": members,
+                "generation": generation}
+
+    try:
+        workers.statsFrom(1, stats(0, 2))
+        workers.statsFrom(2, stats(0, 0))
+        assert core.pool["b"].count("active") == 2
+        core.apply(parseConfig("[backend:a]\nurl = ws://127.0.0.1:1\n", "t.ini"))
+        workers.apply(core.settings)
+        assert core.pool["b"].state == "draining"
+        # Reports from before the workers applied the reload: b stays.
+        workers.statsFrom(1, stats(0, 0))
+        workers.statsFrom(2, stats(0, 0))
+        assert core.pool["b"].state == "draining"
+        workers.statsFrom(1, stats(1, 1))
+        workers.statsFrom(2, stats(1, 0))
+        assert core.pool["b"].count("active") == 1
+        # Worker 1's last connection to b ended.
+        workers.statsFrom(1, stats(1, 0))
+        assert "b" not in core.pool.members
+    finally:
+        workers.stopService()
+        for _, end in reactor.spawned:
+            end.close()
+        listening.socket.close()
