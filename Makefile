@@ -15,10 +15,10 @@ setup: $(STAMP) tests/node/node_modules/.installed $(VENV)/.system-deps
 # Debian packages the tests use: node/npm for the seed's `ws` backend,
 # headless Chromium for the dashboard test, systemd-analyze to verify the
 # unit file, HAProxy as the L4 balancer in front of the fleet test,
-# Prometheus (with promtool) for the fleet's rules and scraping test, and
-# nginx, side by side with lbws in front of the real applications
-# (tests/test_real_apps.py).
-# Installed only when missing.
+# Prometheus (with promtool) for the fleet's rules and scraping test, nginx,
+# side by side with lbws in front of the real applications
+# (tests/test_real_apps.py), and curl for the HTTPS test with curl's
+# defaults. Installed only when missing.
 $(VENV)/.system-deps: | $(STAMP)
 	@missing=""; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
@@ -29,6 +29,7 @@ $(VENV)/.system-deps: | $(STAMP)
 	command -v haproxy >/dev/null || missing="$$missing haproxy"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v nginx >/dev/null || missing="$$missing nginx"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \

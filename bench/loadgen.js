@@ -3,7 +3,12 @@
 //
 // Usage: node bench/loadgen.js --port PORT --scenario S1|S2|S3|S4|S5|H1|probe|hprobe
 //            [--duration SECONDS] [--connections N] [--hold-timeout SECONDS]
-//            [--storm-timeout SECONDS] [--reconnect-port PORT]
+//            [--storm-timeout SECONDS] [--reconnect-port PORT] [--tls]
+//
+//   --tls  wss:// (and https://): every connection makes a full TLS
+//          handshake (no session resumption), offering ALPN http/1.1 as
+//          browsers do; the target's certificate is not verified (it is
+//          made for the run, on loopback)
 //
 //   S1     N (50) connections ping-pong 32-byte text: round trips/s, p50/p99 ms
 //   S2     one connection echoes 1 MiB binary messages: MB/s (1 MB = 1e6 bytes)
@@ -58,9 +63,13 @@ function option(name, fallback) {
 const port = Number(option('port'));
 const scenario = option('scenario');
 const durationMs = Number(option('duration', '10')) * 1000;
-const url = `ws://127.0.0.1:${port}/`;
+const tls = args.includes('--tls');
+const url = `${tls ? 'wss' : 'ws'}://127.0.0.1:${port}/`;
 const reconnectUrl = `ws://127.0.0.1:${Number(option('reconnect-port', port))}/`;
 const clientOptions = { perMessageDeflate: false, handshakeTimeout: HANDSHAKE_TIMEOUT_MS };
+if (tls) {
+  Object.assign(clientOptions, { rejectUnauthorized: false, ALPNProtocols: ['http/1.1'] });
+}
 
 function emit(obj) {
   process.stdout.write(JSON.stringify(obj) + '\n');

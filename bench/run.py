@@ -83,7 +83,7 @@ http {{
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     server {{
-        listen 127.0.0.1:{port} backlog={backlog};
+        listen 127.0.0.1:{port} backlog={backlog}{ssl};{certificate}
         location / {{
             proxy_pass http://127.0.0.1:{backend};
             proxy_http_version 1.1;
@@ -108,7 +108,7 @@ defaults
     timeout server 1h
     timeout tunnel 1h
 frontend ws
-    bind 127.0.0.1:{port} backlog {backlog}
+    bind 127.0.0.1:{port} backlog {backlog}{ssl}
     default_backend echo
 backend echo
     server echo 127.0.0.1:{backend}
@@ -394,17 +394,24 @@ def target_argv(name, workdir, port, backend_port, args):
     everywhere."""
     if name in ("nginx", "nginx-w2"):
         conf = workdir / f"{name}.conf"
-        conf.write_text(NGINX_CONF.format(dir=workdir, port=port, backend=backend_port,
-                                          workers=2 if name == "nginx-w2" else 1,
-                                          nofile=args.nofile, connections=args.nofile * 5 // 4,
-                                          backlog=args.listen_backlog))
+        tls = args.tls and workdir / "tls"
+        conf.write_text(NGINX_CONF.format(
+            dir=workdir, port=port, backend=backend_port,
+            workers=2 if name == "nginx-w2" else 1,
+            nofile=args.nofile, connections=args.nofile * 5 // 4, backlog=args.listen_backlog,
+            ssl=" ssl" if tls else "",
+            certificate=(f"\n        ssl_certificate {tls}/cert.pem;"
+                         f"\n        ssl_certificate_key {tls}/key.pem;") if tls else ""))
         return ["nginx", "-p", workdir, "-e", workdir / "nginx-error.log", "-c", conf,
                 "-g", "daemon off;"]
     if name == "haproxy":
         conf = workdir / "haproxy.cfg"
+        tls = args.tls and workdir / "tls"
         conf.write_text(HAPROXY_CONF.format(port=port, backend=backend_port,
                                             maxconn=args.max_clients,
-                                            backlog=args.listen_backlog))
+                                            backlog=args.listen_backlog,
+                                            ssl=f" ssl crt {tls}/both.pem alpn http/1.1"
+                                            if tls else ""))
         return ["haproxy", "-db", "-f", conf]
     return lbws_argv(name, workdir, port, backend_port, args,
                      {"workers": "2"} if name == "lbws-w2" else {})
@@ -423,8 +430,12 @@ def lbws_argv(name, workdir, port, backend_port, args, settings):
     settings = {"max_connections": str(args.max_clients), **dict(args.lbws_config_extra),
                 **settings}
     ini = workdir / f"{name}.ini"
+    tls = args.tls and workdir / "tls"
+    listen = (f"ssl:{port}:interface=127.0.0.1:backlog={args.listen_backlog}"
+              f":privateKey={tls}/key.pem:certKey={tls}/cert.pem" if tls else
+              f"tcp:{port}:interface=127.0.0.1:backlog={args.listen_backlog}")
     ini.write_text("\n".join([
-        "[lbws]", f"listen = tcp:{port}:interface=127.0.0.1:backlog={args.listen_backlog}",
+        "[lbws]", f"listen = {listen}",
         "dashboard =", *(f"{key} = {value}" for key, value in settings.items()),
         "", "[health]", "probe = tcp",
         "", "[backend:echo]", f"url = ws://127.0.0.1:{backend_port}",
@@ -432,7 +443,12 @@ def lbws_argv(name, workdir, port, backend_port, args, settings):
     return [TWISTD, "-n", "--pidfile=", "lbws", "--config", ini]
 
 
-def wait_ready(proc, port, log, probe="probe"):
+def loadgen_argv(port, scenario, tls):
+    """The load generator's command line for `scenario` against `port`."""
+    return ["node", LOADGEN, "--port", str(port), "--scenario", scenario] + ["--tls"] * tls
+
+
+def wait_ready(proc, port, log, probe="probe", tls=False):
     """Wait until `port` accepts TCP, then until a WebSocket echo goes through it.
 
     A proxy may accept before it can reach the backend (lbws waits for its
@@ -450,7 +466,7 @@ def wait_ready(proc, port, log, probe="probe"):
         except OSError:
             time.sleep(0.1)
             continue
-        done = subprocess.run(["node", LOADGEN, "--port", str(port), "--scenario", probe],
+        done = subprocess.run(loadgen_argv(port, probe, tls),
                               capture_output=True, text=True, timeout=30)
         if done.returncode == 0:
             return
@@ -463,8 +479,7 @@ def run_scenario(procs, scenario, port, measured, backend, args):
     """Run one loadgen scenario; add the CPU and memory seen by run.py."""
     if measured.poll() is not None:
         raise BenchError(f"target exited with status {measured.returncode}")
-    argv = ["node", LOADGEN, "--port", port, "--scenario", scenario,
-            "--duration", args.duration]
+    argv = loadgen_argv(port, scenario, args.tls) + ["--duration", args.duration]
     if scenario == "S4":
         argv += ["--connections", args.idle_connections]
     rss_before = rss_bytes(measured)
@@ -518,8 +533,8 @@ def run_storm(procs, port, measured, backend, args):
     """
     if measured is not None and measured.poll() is not None:
         raise BenchError(f"target exited with status {measured.returncode}")
-    argv = ["node", LOADGEN, "--port", port, "--scenario", "S5",
-            "--connections", args.storm_connections, "--storm-timeout", STORM_TIMEOUT]
+    argv = loadgen_argv(port, "S5", args.tls) + [
+        "--connections", args.storm_connections, "--storm-timeout", STORM_TIMEOUT]
     rss_start = rss_bytes(measured) if measured else None
     loadgen = procs.start(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     grace = 0.0
@@ -696,7 +711,7 @@ def bench_target(procs, name, workdir, backend, args, scenarios):
             with log.open("w") as out:
                 proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         wait_ready(proc, port, workdir / f"{name}.log",
-                   "hprobe" if scenarios == ["H1"] else "probe")
+                   "hprobe" if scenarios == ["H1"] else "probe", args.tls)
         if proc is not None and pinning(args, name) is not None:
             outcome["cpu_affinity"] = sorted({tuple(sorted(p.cpu_affinity()))
                                               for p in process_tree(proc)})
@@ -810,12 +825,14 @@ def format_table(report):
         rows.append(row)
         cpu_rows.append(cpu_row)
     lower = [s for s in scenarios if s in LOWER_IS_BETTER] + ["CPU per connection"] * bool(extras)
-    lines = [] if not scenarios else [
-        render(header, rows),
-        "(x) = ratio to nginx" + (f"; for {' and '.join(lower)} lower is better"
-                                  if lower else "") + ". "
-        f"* = load generator at >= {SATURATED:.0%} of a core: a lower bound. "
-        "!N = N failed connections or errors (see the JSON)."]
+    lines = ["wss: every target terminates TLS, each connection a full handshake"]
+    lines = lines if report.get("tls") else []
+    if scenarios:
+        lines += [render(header, rows),
+                  "(x) = ratio to nginx" + (f"; for {' and '.join(lower)} lower is better"
+                                            if lower else "") + ". "
+                  f"* = load generator at >= {SATURATED:.0%} of a core: a lower bound. "
+                  "!N = N failed connections or errors (see the JSON)."]
     if storm_rows:
         lines += ["", f"S5 reconnect storm, {report['storm_connections']:,} idle clients;"
                   " the backend is killed and restarted at 0 s",
@@ -1011,10 +1028,17 @@ def parse_args():
                         " them (default: a temporary directory, removed afterwards)")
     parser.add_argument("--lbws-config-extra", type=key_value, action="append", default=[],
                         metavar="KEY=VALUE", help="extra [lbws] key for the lbws targets (repeatable)")
+    parser.add_argument("--tls", action="store_true",
+                        help="wss://: every target but direct terminates TLS (TLS 1.2+, an ECDSA"
+                        " P-256 certificate made for the run) and every connection makes a full"
+                        " handshake; WebSocket scenarios only (not H1)")
     parser.add_argument("--lbws-routes", type=int, default=0, metavar="N",
                         help="give the lbws targets N [route:NAME] sections, the last the"
                         " one every client matches (0: none, the default)")
     args = parser.parse_args()
+    if args.tls and ("direct" in args.targets or "H1" in args.scenarios):
+        parser.error("--tls measures proxies terminating wss: leave out the direct target"
+                     " and H1 (e.g. --targets nginx,lbws --scenarios S3)")
     args.pin_proxy = dict(args.pin_proxy)
     args.idle_connections = 2000
     if args.smoke:
@@ -1062,6 +1086,20 @@ def start_backend(start, what):
         raise SystemExit(f"{what} did not start: {error} (did bench/setup.sh run?)") from None
 
 
+def make_certificate(workdir):
+    """A certificate for 127.0.0.1 from a CA made for the run (trustme, of
+    the test dependencies), for `--tls`: key, certificate and both in one
+    file (HAProxy's), under workdir/tls."""
+    import trustme
+
+    where = workdir / "tls"
+    where.mkdir(exist_ok=True)
+    cert = trustme.CA().issue_cert("127.0.0.1", "localhost")
+    cert.private_key_pem.write_to_path(str(where / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(where / "cert.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(where / "both.pem"))
+
+
 def run(args, procs, workdir):
     """WebSocket scenarios S1-S4 against the echo backend, H1 against the
     plain HTTP one, then S5 against an echo backend of its own for each
@@ -1075,7 +1113,7 @@ def run(args, procs, workdir):
               "listen_backlog": args.listen_backlog,
               "pin_proxy": args.pin_proxy,
               "lbws_config_extra": dict(args.lbws_config_extra),
-              "lbws_routes": args.lbws_routes, "versions": tool_versions(),
+              "lbws_routes": args.lbws_routes, "tls": args.tls, "versions": tool_versions(),
               "targets": {}}
     # S6 is lbws against itself, not a target against the others.
     report["scenarios"] = [s for s in args.scenarios if s != "S6"]
@@ -1085,6 +1123,8 @@ def run(args, procs, workdir):
                [s for s in args.scenarios if s == "H1"]),
               (lambda: HeldBackend(procs), "echo-server.js", True,
                [s for s in args.scenarios if s == "S5"])]
+    if args.tls:
+        make_certificate(workdir)
     for start, what, per_target, scenarios in passes:
         if not scenarios:
             continue
@@ -1152,6 +1192,9 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     if args.smoke:
         write_json(report, RESULTS / "smoke.json")
+    elif args.tls:
+        # A comparison of its own: the plain run's latest.json stays.
+        write_json(report, RESULTS / "tls.json")
     elif not report["scenarios"]:
         # S6 alone: its own file, so that the full run's stays.
         write_json(report, RESULTS / "paced-stop.json")

@@ -80,6 +80,16 @@ def _quietHttpFactory():
     return QuietFactory
 
 
+def tcpListenArguments(endpoint):
+    """
+    C{(port, backlog, interface)} an C{SSL4ServerEndpoint} listens with
+    (its private C{_port}, C{_backlog}, C{_interface}, parsed from the
+    C{ssl:} string): lbws listens on them with TCP and puts its own TLS
+    layer on top (L{lbws.transport.listen.TlsServerEndpoint}).
+    """
+    return endpoint._port, endpoint._backlog, endpoint._interface
+
+
 def hasQueuedWrites(transport):
     """
     True when a TCP transport holds bytes not yet handed to the kernel:

@@ -718,11 +718,13 @@ def _parseMain(path, parser, backends, health):
         handoff_timeout=reader.seconds("handoff_timeout", 10),
     )
     if settings.workers > 1:
-        if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6"):
-            # Workers adopt the parent's listening socket: only a plain TCP
-            # one can be handed over (TLS and PROXY wrap it in the parent).
+        if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6", "ssl"):
+            # The parent hands each client's TCP connection to a worker,
+            # which serves it with TLS itself for ssl:; the PROXY header
+            # of haproxy: would stay behind in the parent.
             raise reader.error(
-                "workers", f"{settings.workers} workers need a tcp: listen endpoint"
+                "workers",
+                f"{settings.workers} workers need a tcp: or ssl: listen endpoint",
             )
         if settings.rebalance != "off" or any(b.discovered for b in backends):
             # Both change members or move connections from the parent only.

@@ -12,6 +12,7 @@ from lbws.telemetry.events import Events
 from lbws.telemetry.metrics import Counters
 from lbws.backends.pool import Pool
 from lbws.relay import Relay
+from lbws.transport.tlserrors import ClientTlsFailures
 
 
 class Core:
@@ -52,13 +53,19 @@ class Core:
         self.relay.settings = settings
 
 
-def buildCore(reactor, settings):
+def buildCore(reactor, settings, worker=False):
     """
     The core for C{settings}, its parts wired to each other.
+
+    @param worker: True in a worker process of C{workers = N}: its parent
+        logs what happens to the backends (the worker's own events are not
+        logged: each would be logged N + 1 times), and the clients' failed
+        TLS handshakes the worker counts go to its parent in its reports.
     """
     counters = Counters()
-    events = Events(reactor)
+    events = Events(reactor, quiet=worker)
     pool = Pool(settings, reactor, events)
     dialer = Dialer(reactor, pool, settings, counters)
-    relay = Relay(reactor, settings, pool, dialer, counters)
+    tlsFailures = ClientTlsFailures(reactor, log=not worker)
+    relay = Relay(reactor, settings, pool, dialer, counters, tlsFailures=tlsFailures)
     return Core(reactor, settings, counters, events, pool, dialer, relay)

@@ -17,6 +17,7 @@ from lbws.backends import sticky
 from lbws.backends.balance import hashKeyOf
 from lbws.backends.routes import RouteTable
 from lbws.config import closeWindow
+from lbws.transport.tlserrors import ClientTlsFailures
 from lbws.ws.server import FrontendFactory
 
 _log = Logger()
@@ -28,10 +29,15 @@ class Relay:
     open tunnels, and draining them on stop.
     """
 
-    def __init__(self, reactor, settings, pool, dialer, counters, random=None):
+    def __init__(
+        self, reactor, settings, pool, dialer, counters, random=None, tlsFailures=None
+    ):
         """
         @param random: a C{random.Random} for the order of the closes of a
             stop (tests give a seeded one).
+        @param tlsFailures: where clients' failed TLS handshakes are
+            counted (a L{lbws.transport.tlserrors.ClientTlsFailures}); by
+            default one logging on C{reactor}.
         """
         self.reactor = reactor
         self.random = random or _random.Random()
@@ -39,6 +45,7 @@ class Relay:
         self.pool = pool
         self.dialer = dialer
         self.counters = counters
+        self.tlsFailures = tlsFailures or ClientTlsFailures(reactor)
         self.tunnels = set()
         self.clients = 0  # client connections past admission, open or pending
         self.perPeer = {}  # the same, by client address (PROXY protocol's if used)
@@ -246,6 +253,7 @@ class Relay:
             spread gets C{timeout - t} to answer.
         """
         self.stopping = True
+        self.tlsFailures.flush()
         # Clients whose handshake waits for a backend get 503 now; left to
         # finish, they would open after the drain and be cut at exit.
         for attempt in list(self.opening.values()):

@@ -36,6 +36,7 @@ from twisted.logger import Logger, LogLevel
 
 from lbws import compat
 from lbws.config import ConfigError, checkReload, closeWindow, loadConfig
+from lbws.backends.backend import warnUnverified
 from lbws.core import buildCore
 from lbws.ops.dashboard import dashboardSite
 from lbws.backends.discovery import Discovery
@@ -242,6 +243,7 @@ class LbwsService(MultiService):
     def startService(self):
         compat.lazyAutobahnDebugFormatting()
         _logNotes(self.settings)
+        warnUnverified(self.settings)
         super().startService()
 
     def stopService(self):
@@ -326,6 +328,7 @@ class LbwsService(MultiService):
         checks, worker processes).
         """
         self.core.apply(settings)
+        warnUnverified(settings)
         for follow in self.followers:
             follow(settings)
 
@@ -420,6 +423,8 @@ def makeLbws(
     # then checks start for added members (which join after `rise` of
     # them) and stop for removed ones.
     service.followers += [discovery.sync, lambda settings: health.sync(settings.health)]
+    # A reload serves a renewed certificate to new clients.
+    service.followers.append(lambda settings: listener.renewCertificate())
     if workers is not None:
         service.followers.append(workers.apply)
     view = StatusView(
@@ -439,6 +444,7 @@ def makeLbws(
             settings.dashboard,
         )
         service.dashboard.setServiceParent(service)
+        service.followers.append(lambda settings: service.dashboard.renewCertificate())
     service.frontend = Frontend(reactor, core, listener, workers)
     service.frontend.setServiceParent(service)
     service.announcer = Announcer(

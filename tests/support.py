@@ -25,7 +25,9 @@ from autobahn.twisted.websocket import (
 )
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import globalLogPublisher
+from zope.interface import implementer
 
 from lbws.config import parseConfig
 from lbws.service import makeLbws
@@ -153,6 +155,40 @@ async def startEchoBackend(name="echo", **kwargs):
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
     factory.url = f"ws://127.0.0.1:{port.getHost().port}"
     return factory, port
+
+
+def tlsServerOptions(pem):
+    """
+    The TLS options of a wss:// (or https://) test backend serving the key
+    and chain in C{pem}: HTTP/1.1 declared for ALPN, as any HTTPS server
+    does. lbws offers it as browsers do, and a Twisted 26.10 server that
+    declares no protocol fails every client offering one
+    (docs/upstream.md).
+    """
+    from twisted.internet.ssl import CertificateOptions, PrivateCertificate
+
+    certificate = PrivateCertificate.loadPEM(pem)
+    return CertificateOptions(
+        privateKey=certificate.privateKey.original,
+        certificate=certificate.original,
+        acceptableProtocols=[b"http/1.1"],
+    )
+
+
+@implementer(IHandshakeListener)
+class AlpnRequired:
+    """
+    A mixin for a server protocol behind TLS that serves only clients that
+    negotiated C{http/1.1} by ALPN, as some servers do: the others are cut
+    once their TLS handshake is over. Its factory's C{negotiated} list
+    gets what each connection negotiated.
+    """
+
+    def handshakeCompleted(self):
+        negotiated = self.transport.negotiatedProtocol
+        self.factory.negotiated.append(negotiated)
+        if negotiated != b"http/1.1":
+            self.transport.abortConnection()
 
 
 class Silent(protocol.Protocol):

@@ -149,6 +149,18 @@ async def test_tlsOptionsOf_and_replaceTlsOptions(certificates, tmp_path):
         await port.stopListening()
 
 
+def test_tcpListenArguments(certificates):
+    _, files = certificates
+    first = files["first.example"]
+    endpoint = serverFromString(
+        reactor,
+        f"ssl:8443:interface=127.0.0.2:backlog=77:privateKey={first}:certKey={first}",
+    )
+    assert compat.tcpListenArguments(endpoint) == (8443, 77, "127.0.0.2")
+    default = serverFromString(reactor, f"ssl:port=8444:privateKey={first}")
+    assert compat.tcpListenArguments(default) == (8444, 50, "")
+
+
 @contextlib.asynccontextmanager
 async def tcpPair():
     """

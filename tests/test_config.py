@@ -129,7 +129,7 @@ verify = false
         ("[lbws]\nlisten =\n" + MINIMAL, "lbws", "listen", "required"),
         ("[lbws]\nhash_key = body\n" + MINIMAL, "lbws", "hash_key", "header:NAME"),
         ("[lbws]\nworkers = 0\n" + MINIMAL, "lbws", "workers", "at least 1"),
-        ("[lbws]\nworkers = 2\nlisten = unix:/tmp/x\n" + MINIMAL, "lbws", "workers", "tcp: listen"),
+        ("[lbws]\nworkers = 2\nlisten = unix:/tmp/x\n" + MINIMAL, "lbws", "workers", "tcp: or ssl:"),
         ("[lbws]\nrebalance = fast\n" + MINIMAL, "lbws", "rebalance", "off, gradual"),
         ("[lbws]\nrebalance_rate = 0\n" + MINIMAL, "lbws", "rebalance_rate", "greater than 0"),
         ("[lbws]\nslow_start = -1\n" + MINIMAL, "lbws", "slow_start", "at least 0"),

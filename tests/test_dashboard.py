@@ -354,13 +354,13 @@ class Browser:
     makes them in a thread while the reactor serves the dashboard.
     """
 
-    def __init__(self, profile):
+    def __init__(self, profile, flags=()):
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
-        for flag in CHROMIUM_FLAGS:
+        for flag in [*CHROMIUM_FLAGS, *flags]:
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={profile}")
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})

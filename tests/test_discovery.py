@@ -446,7 +446,6 @@ async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tm
     """
     import trustme
     from twisted.internet.endpoints import SSL4ServerEndpoint
-    from twisted.internet.ssl import PrivateCertificate
     from twisted.web.client import Agent, readBody
     from twisted.web.http_headers import Headers
 
@@ -454,7 +453,7 @@ async def test_wss_members_check_the_name_and_can_be_drained_by_name(harness, tm
     caFile = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(caFile))
     cert = ca.issue_cert("chat.example")
-    options = PrivateCertificate.loadPEM(cert.private_key_and_cert_chain_pem.bytes()).options()
+    options = support.tlsServerOptions(cert.private_key_and_cert_chain_pem.bytes())
     backend = EchoFactory("tls")
     listening = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.2").listen(backend)
     harness.atEnd(listening.stopListening)

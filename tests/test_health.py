@@ -12,7 +12,6 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -35,6 +34,7 @@ from tests.support import (
     nodeAvailable,
     reservedPort,
     setHealthy,
+    tlsServerOptions,
 )
 
 
@@ -454,9 +454,7 @@ async def test_wss_probes_verify_the_certificate_like_the_relay(harness, tmp_pat
     ca.cert_pem.write_to_path(str(caFile))
     otherCaFile = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(otherCaFile))
-    serverOptions = PrivateCertificate.loadPEM(
-        cert.private_key_and_cert_chain_pem.bytes()
-    ).options()
+    serverOptions = tlsServerOptions(cert.private_key_and_cert_chain_pem.bytes())
     backend = EchoFactory()
     port = await harness.listen(
         backend, SSL4ServerEndpoint(reactor, 0, serverOptions, interface="127.0.0.1")

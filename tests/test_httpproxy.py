@@ -7,11 +7,12 @@ threads) as the client; every answer is compared with the backend's own.
 import hashlib
 import http.client
 import json
+import os
 import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import reactor, threads, utils
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -59,6 +60,8 @@ class _Backend(Resource):
                 },
                 "body": len(body),
                 "sha": hashlib.sha256(body).hexdigest(),
+                # What a TLS connection negotiated by ALPN, as text.
+                "alpn": (getattr(request.transport, "negotiatedProtocol", None) or b"").decode(),
             }
         ).encode()
 
@@ -532,12 +535,11 @@ def _httpsExchange(port, caFile, path):
 @pytest_twisted.ensureDeferred
 async def test_https_client_and_wss_backend_url_as_https(harness, pki):
     from twisted.internet.endpoints import SSL4ServerEndpoint
-    from twisted.internet.ssl import PrivateCertificate
 
     from tests.test_tls import sslListen
 
     resource = _Backend("tls")
-    options = PrivateCertificate.loadPEM(pki["server-pem"]).options()
+    options = support.tlsServerOptions(pki["server-pem"])
     port = await harness.listen(
         Site(resource), SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
     )
@@ -554,6 +556,74 @@ async def test_https_client_and_wss_backend_url_as_https(harness, pki):
     assert seen["headers"]["x-forwarded-proto"] == ["https"]
     # The client's Host (host_header = client): lbws's own address.
     assert seen["headers"]["host"] == [f"localhost:{lbws.url.rsplit(':', 1)[1]}"]
+    assert seen["alpn"] == "http/1.1"  # lbws offers it to https backends, as browsers do
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_tls_failure_is_told_in_the_words_of_the_websocket_path(harness, pki):
+    """
+    An https:// backend whose certificate names another host: the plain
+    HTTP path refuses it (502) and says why as the WebSocket path and the
+    probes do, not as "connection lost before a response: VerificationError".
+    """
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    from tests.test_tls import _client
+
+    resource = _Backend("tls")
+    options = support.tlsServerOptions(pki["other-pem"])
+    port = await harness.listen(
+        Site(resource), SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+    )
+    url = f"wss://127.0.0.1:{port.getHost().port}"
+    lbws = await harness.lbws(
+        [("tls", url, f"ca = {pki['ca']}")], health="interval = 3600\nfall = 1"
+    )
+    (status, _, body), = (await exchange(_hostPort(lbws.url), [("GET", "/echo", None, None)]))[0]
+    assert status == 502
+    viaHttp = lbws.pool["tls"].lastError
+    words = "TLS name check failed: the backend's certificate is for other.example, not 127.0.0.1"
+    assert viaHttp == words, viaHttp
+    assert not resource.requests
+    # The WebSocket path, to the same backend, says the same.
+    with pytest.raises(support.HandshakeFailed):
+        await _client(harness, lbws)
+    assert lbws.pool["tls"].lastError == viaHttp
+
+
+@pytest_twisted.ensureDeferred
+async def test_curl_default_https_through_lbws(harness, pki):
+    """
+    curl with its defaults (ALPN h2 and http/1.1) gets HTTP/1.1 over TLS
+    from lbws and the backend's answer.
+    """
+    from tests.test_tls import sslListen
+
+    backend = await _httpBackend(harness)
+    lbws = await harness.lbws([("a", backend.url)], listen=sslListen(pki))
+    port = int(lbws.url.rsplit(":", 1)[1])
+    curl = await utils.getProcessOutputAndValue(
+        "curl",
+        [
+            "--silent",
+            "--show-error",
+            "--verbose",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(pki["ca"]),
+            "--write-out",
+            "\n%{http_code} %{http_version}",
+            f"https://localhost:{port}/echo?from=curl",
+        ],
+        env={"PATH": os.environ["PATH"]},
+    )
+    out, err, code = curl
+    assert code == 0, err
+    body, status = out.rsplit(b"\n", 1)
+    assert status == b"200 1.1"
+    assert json.loads(body)["uri"] == "/echo?from=curl"
+    assert b"ALPN: offers h2" in err and b"ALPN: server accepted http/1.1" in err, err
 
 
 async def _rawAnswers(url, data, timeout=10):

@@ -16,7 +16,6 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP6ClientEndpoint, TCP6ServerEndpoint
-from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import (
     IHostnameResolver,
@@ -32,7 +31,14 @@ from zope.interface import directlyProvides, implementer, providedBy
 from lbws.backends.backend import Attempt
 from lbws.config import ConfigError, parseConfig
 from lbws.backends.dial import RelayProtocol
-from tests.support import EchoFactory, HandshakeFailed, RecordingClient, connect, eventually
+from tests.support import (
+    EchoFactory,
+    HandshakeFailed,
+    RecordingClient,
+    connect,
+    eventually,
+    tlsServerOptions,
+)
 
 
 async def backendOn6(harness, name="six", factory=None):
@@ -98,7 +104,7 @@ async def test_a_wss_backend_at_an_ipv6_literal_is_verified_by_its_address(harne
     caFile = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(caFile))
     factory = EchoFactory("tls6")
-    options = PrivateCertificate.loadPEM(cert.private_key_and_cert_chain_pem.bytes()).options()
+    options = tlsServerOptions(cert.private_key_and_cert_chain_pem.bytes())
     port = await harness.listen(factory, SSL4ServerEndpoint(reactor, 0, options, interface="::1"))
     url = f"wss://[::1]:{port.getHost().port}/app"
     lbws = await harness.lbws(

@@ -140,12 +140,27 @@ def hostForUrl(host):
     return f"[{host}]" if ":" in host else host
 
 
+# What lbws offers a wss:// backend by ALPN, as browsers do: some servers
+# refuse a client that offers nothing.
+ALPN = [b"http/1.1"]
+
+
+def warnUnverified(settings):
+    """
+    Warn of each wss:// backend of C{settings} whose certificate lbws does
+    not verify (C{verify = false}): once per start and per reload, not per
+    connection or probe.
+    """
+    for backend in settings.backends:
+        if backend.secure and not backend.verify:
+            _log.warn(
+                "backend {backend}: TLS certificate NOT verified (verify = false)",
+                backend=backend.name,
+            )
+
+
 def _tlsOptions(backend):
     if not backend.verify:
-        _log.warn(
-            "backend {backend}: TLS certificate NOT verified (verify = false)",
-            backend=backend.name,
-        )
         return _unverifiedOptions()
     # The CA file's modification time is part of the key, so a replaced file
     # is read again; otherwise every connection and probe shares one context.
@@ -155,7 +170,7 @@ def _tlsOptions(backend):
 
 @functools.lru_cache(maxsize=1)
 def _unverifiedOptions():
-    return CertificateOptions(verify=False)
+    return CertificateOptions(verify=False, acceptableProtocols=ALPN)
 
 
 @functools.lru_cache(maxsize=256)
@@ -170,7 +185,7 @@ def _verifiedOptions(host, ca, stamp):
             trust = trustRootFromCertificates([Certificate.loadPEM(f.read())])
     else:
         trust = platformTrust()
-    return optionsForClientTLS(host, trustRoot=trust)
+    return optionsForClientTLS(host, trustRoot=trust, acceptableProtocols=ALPN)
 
 
 def backendEndpoint(reactor, backend, timeout, tls=True):

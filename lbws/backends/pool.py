@@ -9,7 +9,7 @@ L{Pool}'s: reloads and DNS discovery go through its one reconcile.
 from collections import Counter
 from types import MappingProxyType
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 
 from lbws.backends.balance import STRATEGIES
 from lbws.telemetry.events import Events
@@ -18,8 +18,6 @@ from lbws.telemetry.metrics import Durations
 UP = "up"
 DOWN = "down"
 DRAINING = "draining"
-
-_log = Logger()
 
 
 class Health:
@@ -167,6 +165,8 @@ class Traffic:
     """
 
     COUNTS = ("active", "total", "failed", "messagesIn", "messagesOut", "bytesIn", "bytesOut")
+    # The counts that only grow (all but the open connections).
+    TOTALS = COUNTS[1:]
 
     def __init__(self):
         self._active = 0
@@ -178,8 +178,10 @@ class Traffic:
         self._bytesOut = 0
         self._rebalanced = 0  # connections gradual rebalancing moved away
         # With workers = N: each worker's counts for this backend, by worker
-        # index (see lbws.workers).
+        # index (see lbws.workers), and what workers that ended (or started
+        # over) had counted, so that totals never go back.
         self._remote = {}
+        self._retired = Counter()
 
     active = property(lambda self: self._active)
     total = property(lambda self: self._total)
@@ -244,19 +246,39 @@ class Traffic:
 
     def report(self, index, counts):
         """
-        Worker C{index} reported its counts for this member.
+        Worker C{index} reported its counts for this member. Counts lower
+        than its last report's are a new start (a new process, or the
+        member new in it): the last report's totals are kept.
         """
+        last = self._remote.get(index)
+        if last is not None and any(counts.get(n, 0) < last.get(n, 0) for n in self.TOTALS):
+            self._retire(last)
         self._remote[index] = counts
 
     def forget(self, index):
-        self._remote.pop(index, None)
+        """
+        Worker C{index} ended, or no longer has this member: its open
+        connections are gone, its totals stay.
+        """
+        last = self._remote.pop(index, None)
+        if last is not None:
+            self._retire(last)
+
+    def _retire(self, counts):
+        for name in self.TOTALS:
+            self._retired[name] += counts.get(name, 0)
 
     def count(self, name):
         """
-        A traffic count of this process and its workers together: what the
-        dashboard and metrics show.
+        A traffic count of this process and its workers together (those
+        running, and for totals those that ended): what the dashboard and
+        metrics show.
         """
-        return getattr(self, name) + sum(counts.get(name, 0) for counts in self._remote.values())
+        return (
+            getattr(self, name)
+            + self._retired[name]
+            + sum(counts.get(name, 0) for counts in self._remote.values())
+        )
 
 
 class Member:
@@ -445,6 +467,10 @@ class Pool:
         self.clock = clock
         self.events = events if events is not None else Events(clock)
         self._strategy = STRATEGIES[settings.balance]()
+        # True in the supervisor of workers = N (lbws.workers): the open
+        # connections are the workers', so a removed member stays until
+        # their reports say it is idle (see leaveIfIdle).
+        self.countedByWorkers = False
         # Each [route:NAME]'s own strategy, by route name and balance: the
         # balancing state of one route does not move another's.
         self._routeStrategies = {}
@@ -547,34 +573,44 @@ class Pool:
                 )
             elif member.settings != backend:
                 member._configure(backend)
-                _log.info("backend {backend} changed: weight {weight}", backend=name, weight=backend.weight)
+                self.events.note(
+                    "backend {backend} changed: weight {weight}", backend=name, weight=backend.weight
+                )
             kept[name] = member
         for name, member in current.items():
             if name in kept:
                 continue
+            active = member.count("active")
             if not member.removed:
                 member.admin.remove()
                 record("drain", words["removed"], source=source, backend=name,
-                       group=member.group, active=member.count("active"))
-            if member.inUse:
+                       group=member.group, active=active)
+            if member.inUse or self.countedByWorkers:
                 kept[name] = member
             else:
-                _log.info("backend {backend} left the pool", backend=name)
+                self.events.note("backend {backend} left the pool", backend=name)
         return kept
 
-    def leaveIfIdle(self, member):
+    def leaveIfIdle(self, member, reportsCurrent=False):
         """
-        A connection of C{member} ended (or, with C{workers = N}, a worker
-        reported its count): if it was removed and that was its last one,
-        it leaves the pool.
+        A connection of C{member} ended (or, with workers, their reports
+        came): if it was removed and that was its last one, it leaves the
+        pool.
+
+        @param reportsCurrent: every worker reported under the settings
+            running now (L{lbws.workers.Workers}), so a member they report
+            with no open connection is idle; otherwise a member any worker
+            still reports may have connections newer than that report
+            (L{Member.inUse}).
         """
+        idle = member.count("active") <= 0 if reportsCurrent else not member.inUse
         if (
             member.removed
-            and not member.inUse
+            and idle
             and self.members.get(member.name) is member
         ):
             del self.members[member.name]
-            _log.info("backend {backend} left the pool", backend=member.name)
+            self.events.note("backend {backend} left the pool", backend=member.name)
 
     def __iter__(self):
         return iter(self.members.values())
@@ -650,7 +686,7 @@ class Pool:
 
     def forgetWorker(self, index):
         """
-        A worker ended: its connections ended with it.
+        A worker ended: its connections ended with it, its totals stay.
         """
         for member in self.members.values():
             member.traffic.forget(index)

@@ -49,6 +49,7 @@ from lbws.protocol.http1 import (
     responseFraming,
 )
 from lbws.transport.sockets import setNoDelay, writerFor
+from lbws.transport.tlserrors import describeTlsFailure
 from lbws.ws.tunnel import PeerProducer
 
 _log = Logger()
@@ -744,13 +745,20 @@ class Exchange:
             self.keepAlive = False
         self.finish()
 
-    def backendLost(self, reason):
+    def backendLost(self, reason, transport=None):
+        """
+        @param transport: the backend connection's transport, to read the
+            names on its certificate from when TLS failed.
+        """
         self.backend = None
         self.front.resume("backend")
         if self.finished:
             return
         if self.response is None:
-            why = f"connection lost before a response: {reason.getErrorMessage()}"
+            # A TLS failure in the words of the WebSocket path and the probes.
+            why = describeTlsFailure(reason, transport) or (
+                f"connection lost before a response: {reason.getErrorMessage()}"
+            )
             self._backendFailed(why, retry=not self._head)
         elif self.out.kind == "close":
             self._complete()
@@ -895,7 +903,7 @@ class _BackendProtocol(Protocol):
 
     def connectionLost(self, reason):
         if self.exchange is not None:
-            self.exchange.backendLost(reason)
+            self.exchange.backendLost(reason, self.transport)
 
 
 class _BackendFactory(Factory):

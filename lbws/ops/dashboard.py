@@ -137,10 +137,7 @@ def status(service):
         "backends": backends,
         "routes": service.routes(),
         "connections": sum(b["active"] for b in backends),
-        "workers": [
-            {"index": i, "connections": n}
-            for i, n in sorted(service.workerConnections().items())
-        ],
+        "workers": service.workers(),
         "uptime": now - service.started,
         "now": now,
         "health": {

@@ -54,7 +54,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from lbws import compat
-from lbws.transport.listen import listenEndpoint, sslEndpoint
+from lbws.transport.listen import (
+    TlsServerEndpoint,
+    TlsServerFactory,
+    listenEndpoint,
+    sslEndpoint,
+)
 from lbws.ws.server import ClientInfo
 from lbws.ws.tunnel import Tunnel
 
@@ -557,6 +562,9 @@ def _wrapped(reactor, description, factory):
     while compat.innerEndpoint(endpoint) is not None:
         factory = compat.wrapperFactoryOf(endpoint)(factory)
         endpoint = compat.innerEndpoint(endpoint)
+    if isinstance(endpoint, TlsServerEndpoint):
+        # lbws's own TLS over TCP (ssl:, see lbws.transport.listen).
+        return TlsServerFactory(endpoint.tls, factory)
     ssl = sslEndpoint(endpoint)
     if ssl is not None:
         factory = TLSMemoryBIOFactory(compat.tlsOptionsOf(ssl), False, factory)

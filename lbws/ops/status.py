@@ -136,11 +136,18 @@ class StatusView:
             return Counter(), Counter()
         return self._shedding()
 
-    def workerConnections(self):
+    def clientTlsFailures(self):
         """
-        Client connections of each worker process, by worker index; empty
-        without workers.
+        Clients' failed TLS handshakes since start, by reason, of this
+        process and its workers together.
+        """
+        return dict(self._core.relay.tlsFailures.totals)
+
+    def workers(self):
+        """
+        The worker processes running now (see
+        L{lbws.workers.Workers.workers}); empty without workers.
         """
         if self._workers is None:
-            return {}
-        return self._workers.connections()
+            return []
+        return self._workers.workers()

@@ -34,10 +34,15 @@ class Events:
         one (unit tests of the pool alone) events are only logged.
     """
 
-    def __init__(self, clock=None, size=SIZE):
+    def __init__(self, clock=None, size=SIZE, quiet=False):
+        """
+        @param quiet: log nothing (a worker of C{workers = N}, whose parent
+            logs the same events).
+        """
         self._clock = clock
         self._events = deque(maxlen=size)
         self._seq = 0
+        self._quiet = quiet
 
     def record(self, kind, message, level=LogLevel.info, **fields):
         """
@@ -47,7 +52,7 @@ class Events:
             C{enable}, C{reload}, C{rebalance}, C{stop}, C{handoff}.
         @param fields: JSON values (strings, numbers, booleans, lists).
         """
-        _log.emit(level, message, event=kind, **fields)
+        self.note(message, level, event=kind, **fields)
         if self._clock is None:
             return
         self._seq += 1
@@ -62,6 +67,14 @@ class Events:
                 **fields,
             }
         )
+
+    def note(self, message, level=LogLevel.info, **fields):
+        """
+        Log C{message} with C{fields}, without keeping it as an event (a
+        line that only explains one).
+        """
+        if not self._quiet:
+            _log.emit(level, message, **fields)
 
     def recent(self, since=None):
         """

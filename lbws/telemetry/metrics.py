@@ -42,8 +42,11 @@ class Counters:
         # (messages_to_backend, messages_to_client); open connections are
         # added when read (L{lbws.relay.Relay.routeCounts}).
         self.routes = Counter()
-        # With workers = N: each worker's last L{snapshot}, by worker index.
+        # With workers = N: each worker's last snapshot (as L{WorkerCounts}),
+        # by worker index, and the totals of workers that ended or started
+        # over, so that no total goes back.
         self._remote = {}
+        self._retired = WorkerCounts()
 
     def snapshot(self):
         """
@@ -81,24 +84,41 @@ class Counters:
     def fromWorker(self, index, snapshot):
         """
         Keep worker C{index}'s latest L{snapshot}, replacing its previous.
+        A snapshot with a total below the previous one's comes from a new
+        process under the same index: the previous one's totals are kept.
         """
-        self._remote[index] = snapshot
+        counts = WorkerCounts.fromSnapshot(snapshot)
+        last = self._remote.get(index)
+        if last is not None and counts.wentBack(last):
+            self._retired.add(last.totals())
+        self._remote[index] = counts
 
     def forgetWorker(self, index):
         """
-        Worker C{index} ended: its counts leave the totals.
+        Worker C{index} ended: its open connections leave the counts, its
+        totals stay.
         """
-        self._remote.pop(index, None)
+        last = self._remote.pop(index, None)
+        if last is not None:
+            self._retired.add(last.totals())
+
+    def _workers(self):
+        """
+        The L{WorkerCounts} of the workers together: the totals of those
+        running and ended, the open connections of those running.
+        """
+        merged = WorkerCounts()
+        merged.add(self._retired)
+        for counts in self._remote.values():
+            merged.add(counts)
+        return merged
 
     def httpMerged(self):
         """
         L{httpRequests} of this process and its workers together.
         """
-        requests = Counter(self.httpRequests)
-        for snapshot in self._remote.values():
-            requests.update(
-                {(b, c): n for b, c, n in snapshot.get("httpRequests", ())}
-            )
+        requests = self._workers().httpRequests
+        requests.update(self.httpRequests)
         return requests
 
     def routesMerged(self, local):
@@ -106,9 +126,8 @@ class Counters:
         The per-route counts C{local} of this process (see
         L{lbws.relay.Relay.routeCounts}) with those its workers reported.
         """
-        routes = Counter(local)
-        for snapshot in self._remote.values():
-            routes.update({(r, what): n for r, what, n in snapshot.get("routes", ())})
+        routes = self._workers().routes
+        routes.update(local)
         return routes
 
     def merged(self):
@@ -116,14 +135,63 @@ class Counters:
         C{(handshakes, closes, protocolErrors)} of this process and its
         workers together.
         """
-        handshakes = Counter(self.handshakes)
-        closes = Counter(self.closes)
-        errors = Counter(self.protocolErrors)
-        for snapshot in self._remote.values():
-            handshakes.update(snapshot["handshakes"])
-            closes.update({(side, code): n for side, code, n in snapshot["closes"]})
-            errors.update({(side, code): n for side, code, n in snapshot["protocolErrors"]})
-        return handshakes, closes, errors
+        workers = self._workers()
+        workers.handshakes.update(self.handshakes)
+        workers.closes.update(self.closes)
+        workers.protocolErrors.update(self.protocolErrors)
+        return workers.handshakes, workers.closes, workers.protocolErrors
+
+
+class WorkerCounts:
+    """
+    A worker's L{Counters.snapshot} as counters, and sums of them.
+    """
+
+    # The per-route count that is not a total: the open connections.
+    ROUTE_GAUGES = frozenset(["connections"])
+
+    def __init__(self, handshakes=(), closes=(), protocolErrors=(), httpRequests=(), routes=()):
+        self.handshakes = Counter(dict(handshakes))
+        self.closes = Counter(dict(closes))
+        self.protocolErrors = Counter(dict(protocolErrors))
+        self.httpRequests = Counter(dict(httpRequests))
+        self.routes = Counter(dict(routes))
+
+    @classmethod
+    def fromSnapshot(cls, snapshot):
+        return cls(
+            snapshot["handshakes"],
+            {(side, code): n for side, code, n in snapshot["closes"]},
+            {(side, code): n for side, code, n in snapshot["protocolErrors"]},
+            {(b, c): n for b, c, n in snapshot.get("httpRequests", ())},
+            {(r, what): n for r, what, n in snapshot.get("routes", ())},
+        )
+
+    def _counters(self):
+        return (self.handshakes, self.closes, self.protocolErrors, self.httpRequests, self.routes)
+
+    def totals(self):
+        """
+        These counts without the routes' open connections.
+        """
+        return WorkerCounts(
+            *self._counters()[:4],
+            {k: n for k, n in self.routes.items() if k[1] not in self.ROUTE_GAUGES},
+        )
+
+    def add(self, other):
+        for mine, theirs in zip(self._counters(), other._counters()):
+            mine.update(theirs)
+
+    def wentBack(self, before):
+        """
+        True when a total here is below the same one in C{before}.
+        """
+        return any(
+            mine[key] < n
+            for mine, theirs in zip(self._counters(), before.totals()._counters())
+            for key, n in theirs.items()
+        )
 
 
 # Close codes with a series of their own in lbws_closes_total: those IANA
@@ -381,6 +449,30 @@ class LbwsCollector:
                 routeHandshakes.add_metric([name, result], route[f"handshakes_{result}"])
             for direction in ("to_backend", "to_client"):
                 routeMessages.add_metric([name, direction], route[f"messages_{direction}"])
+        tlsFailures = CounterMetricFamily(
+            "lbws_client_tls_failures",
+            "Client connections whose TLS failed (mostly the handshake), by"
+            " OpenSSL's reason; plain HTTP sent to a TLS port is counted as"
+            " \"plain HTTP request (answered 400)\".",
+            labels=["reason"],
+        )
+        for reason, count in sorted(service.clientTlsFailures().items()):
+            tlsFailures.add_metric([reason], count)
+        workerConnections = GaugeMetricFamily(
+            "lbws_worker_connections",
+            "Client connections of each worker process (workers = N), as it"
+            " last reported them.",
+            labels=["worker"],
+        )
+        workerRestarts = CounterMetricFamily(
+            "lbws_worker_restarts",
+            "Times a worker process (workers = N) was started again after it"
+            " ended unexpectedly.",
+            labels=["worker"],
+        )
+        for worker in service.workers():
+            workerConnections.add_metric([str(worker["index"])], worker["connections"])
+            workerRestarts.add_metric([str(worker["index"])], worker["restarts"])
         started = GaugeMetricFamily(
             "lbws_start_time_seconds",
             "When this lbws started, Unix time.",
@@ -390,7 +482,8 @@ class LbwsCollector:
             up, state, weight, active, total, failed, messages, payload, checks,
             durations, rtt, lastCheck, handshakes, closes, errors, connections,
             started, effective, rebalanced, maxConnections, httpRequests,
-            routeConnections, routeHandshakes, routeMessages,
+            routeConnections, routeHandshakes, routeMessages, workerConnections,
+            workerRestarts, tlsFailures,
         ]
 
 

@@ -11,6 +11,15 @@ endpoint, also one wrapped by C{haproxy:}, from the same certificate, key,
 chain and DH parameters with TLS 1.2 as the floor, and refuses C{sslmethod}
 values that name anything but "negotiate the best version".
 
+Every TLS listener speaks HTTP/1.1 and says so by ALPN (L{ServerTls}):
+browsers and curl offer it, and Twisted 26.10 fails any client that
+offers ALPN to a server that declares no protocol (docs/upstream.md).
+lbws listens with TCP and puts its own TLS layer on top
+(L{TlsServerEndpoint}, L{TlsServerFactory}), the same one each worker of
+C{workers = N} puts on the connections it is handed: it answers plain HTTP
+sent to the TLS port with a 400 that says so, as nginx does, where
+Twisted's C{ssl:} endpoint would just close.
+
 The listen backlog (connections the kernel queues before lbws accepts them)
 is 511 as nginx's, not Twisted's 50: bursts of 1,000 simultaneous connects
 saw SYN drops with 50. An endpoint string's own C{backlog=} wins.
@@ -19,11 +28,18 @@ saw SYN drops with 50. An endpoint string's own C{backlog=} wins.
 import ipaddress
 import re
 
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
-from lbws.compat import innerEndpoint, replaceTlsOptions, tlsOptionsOf
+from lbws.compat import innerEndpoint, replaceTlsOptions, tcpListenArguments, tlsOptionsOf
+
+_log = Logger()
 
 ALLOWED_METHODS = ("TLS_METHOD", "SSLv23_METHOD")
 
@@ -99,11 +115,68 @@ def sslEndpoint(endpoint):
     return next(_sslEndpoints(endpoint), None)
 
 
+# What every lbws listener speaks after TLS.
+HTTP11 = b"http/1.1"
+
+
+def selectHttp11(connection, offered):
+    """
+    The ALPN choice of an lbws listener among the protocols a client
+    C{offered}: HTTP/1.1 when offered (browsers and curl offer
+    C{h2,http/1.1}), else no protocol at all, and the handshake goes on
+    as with a server without ALPN. A client that offered only C{h2} so
+    learns that lbws does not speak it; OpenSSL's other way out, a fatal
+    no_application_protocol alert, would only fail it earlier.
+    """
+    return HTTP11 if HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTls:
+    """
+    What a TLS listener of lbws makes its connections with: C{options}'
+    context, with lbws's own ALPN choice (L{selectHttp11}).
+
+    Why lbws chooses itself rather than declare C{http/1.1} to Twisted
+    (C{acceptableProtocols} of C{CertificateOptions}, or the factory
+    providing C{IProtocolNegotiationFactory}): Twisted's choice answers a
+    client that offered nothing it declared with an empty protocol, which
+    OpenSSL fails with alert 80 (internal error), the very failure of
+    Twisted 26.10 with no protocol declared (docs/upstream.md). The
+    factory's declaration would also not be seen behind C{haproxy:}, where
+    the TLS layer wraps the PROXY header's factory, and Twisted before
+    26.10 applies it by changing the shared context for each connection,
+    which pyOpenSSL 26 refuses (ValueError: "Context has already been used
+    to create a Connection"). A callback set on the context once works
+    the same on every Twisted and pyOpenSSL within lbws's requirements
+    (tested with Twisted 23.10, 25.5 and 26.10), through public APIs only.
+
+    @ivar options: the C{CertificateOptions} (certificate, key, versions).
+    """
+
+    def __init__(self, options):
+        self.options = options
+        self._context = options.getContext()
+        self._context.set_alpn_select_callback(selectHttp11)
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return SSL.Connection(self._context, None)
+
+    def renew(self, other):
+        """
+        Serve new connections with the certificate and key of C{other} (a
+        L{ServerTls} just read from the same files, e.g. after certbot
+        renewed them); open connections keep theirs.
+        """
+        self.options = other.options
+        self._context = other._context
+
+
 def _tls12(options):
     """
-    TLS options serving the same certificate as C{options}, TLS 1.2+.
+    TLS for a listener serving the same certificate as C{options}, TLS
+    1.2+, HTTP/1.1 by ALPN.
     """
-    from OpenSSL import SSL
     from twisted.internet.ssl import CertificateOptions, TLSVersion
 
     if options.method not in (SSL.TLS_METHOD, SSL.SSLv23_METHOD):
@@ -111,19 +184,106 @@ def _tls12(options):
             "sslmethod: lbws accepts TLS 1.2 and later only and negotiates the"
             " best version itself; remove sslmethod"
         )
-    return CertificateOptions(
-        privateKey=options.privateKey,
-        certificate=options.certificate,
-        extraCertChain=options.extraCertChain or None,
-        dhParameters=options.dhParameters,
-        raiseMinimumTo=TLSVersion.TLSv1_2,
+    return ServerTls(
+        CertificateOptions(
+            privateKey=options.privateKey,
+            certificate=options.certificate,
+            extraCertChain=options.extraCertChain or None,
+            dhParameters=options.dhParameters,
+            raiseMinimumTo=TLSVersion.TLSv1_2,
+        )
     )
+
+
+# What plain HTTP sent to a TLS port gets (nginx answers the same, in HTML).
+_PLAIN_HTTP_BODY = b"400 Bad Request: plain HTTP was sent to this HTTPS (wss://) port\n"
+PLAIN_HTTP_REFUSED = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"Connection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
+)
+
+
+class _TlsServerProtocol(TLSMemoryBIOFactory.protocol):
+    """
+    Twisted's TLS layer, with a look at the first byte a client sends: a
+    TLS handshake starts with 0x16 (SSL 2's with a byte above 0x7F), an
+    HTTP request with the letter of its method. Plain HTTP gets
+    L{PLAIN_HTTP_REFUSED} in plain text and the connection is closed;
+    nothing of it reaches OpenSSL.
+
+    @ivar plainHttp: True once that happened (the protocol it wraps then
+        sees the connection lost, and counts a plain HTTP request rather
+        than what OpenSSL says of an empty handshake).
+    """
+
+    plainHttp = False
+    _looked = False
+
+    def dataReceived(self, data):
+        if self.plainHttp:
+            return
+        if not self._looked and data:
+            self._looked = True
+            if data[:1].isalpha():
+                self.plainHttp = True
+                self.transport.write(PLAIN_HTTP_REFUSED)
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class TlsServerFactory(TLSMemoryBIOFactory):
+    """
+    lbws's TLS layer for C{wrappedFactory}'s connections, with
+    C{serverTls} (a L{ServerTls}): what a TLS listener serves, and what a
+    worker puts on the connections it is handed.
+    """
+
+    protocol = _TlsServerProtocol
+
+    def __init__(self, serverTls, wrappedFactory):
+        super().__init__(serverTls, False, wrappedFactory)
+
+
+@implementer(IStreamServerEndpoint)
+class TlsServerEndpoint:
+    """
+    An C{ssl:} endpoint as lbws serves it: TCP on the string's port,
+    interface and backlog, with L{TlsServerFactory} on top.
+
+    @ivar tls: its L{ServerTls}.
+    """
+
+    def __init__(self, reactor, port, backlog, interface, tls):
+        self._reactor = reactor
+        self._port = port
+        self._backlog = backlog
+        self._interface = interface
+        self.tls = tls
+
+    def listen(self, factory):
+        endpoint = TCP4ServerEndpoint(self._reactor, self._port, self._backlog, self._interface)
+        return endpoint.listen(TlsServerFactory(self.tls, factory))
+
+
+def serverTlsOf(endpoint):
+    """
+    The L{ServerTls} of each TLS layer of an endpoint built by
+    L{listenEndpoint}.
+    """
+    if isinstance(endpoint, TlsServerEndpoint):
+        return [endpoint.tls]
+    return [tlsOptionsOf(ssl) for ssl in _sslEndpoints(endpoint)]
 
 
 def listenEndpoint(reactor, description):
     """
     The server endpoint for C{description} (the C{listen} setting), TLS
-    1.2+ for C{ssl:}, with a backlog of L{BACKLOG} unless it sets one.
+    1.2+ for C{ssl:} (a L{TlsServerEndpoint}; inside C{haproxy:}, Twisted's
+    own with lbws's options), with a backlog of L{BACKLOG} unless it sets
+    one.
 
     @param reactor: the reactor, or None to only validate the string (the
         C{ssl:} certificate and key files are read then too).
@@ -133,6 +293,8 @@ def listenEndpoint(reactor, description):
     """
     import warnings
 
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
     with warnings.catch_warnings():
         # Twisted warns that `method` is deprecated when sslmethod is given:
         # lbws reports that as its own error instead.
@@ -140,7 +302,40 @@ def listenEndpoint(reactor, description):
         endpoint = serverFromString(reactor, withBacklog(description))
     for ssl in _sslEndpoints(endpoint):
         replaceTlsOptions(ssl, _tls12(tlsOptionsOf(ssl)))
+    if isinstance(endpoint, SSL4ServerEndpoint):
+        endpoint = TlsServerEndpoint(
+            reactor, *tcpListenArguments(endpoint), tlsOptionsOf(endpoint)
+        )
     return endpoint
+
+
+def serverTls(description):
+    """
+    The L{ServerTls} of an C{ssl:} endpoint string, its certificate and key
+    read now; None for other endpoint types (also C{haproxy:ssl:}).
+
+    @raise ListenError: see L{listenEndpoint}.
+    """
+    if description.split(":", 1)[0] != "ssl":
+        return None
+    (tls,) = serverTlsOf(listenEndpoint(None, description))
+    return tls
+
+
+def renewTls(endpoint, description):
+    """
+    Have the TLS of C{endpoint} (built by L{listenEndpoint} from
+    C{description}) serve the certificate and key its files hold now, for
+    new connections: what a reload does, so that a renewed certificate is
+    served without a restart. Nothing for an endpoint without TLS.
+
+    @raise ListenError: and the errors of reading the files, which leave
+        the certificate served as it was.
+    """
+    for tls, fresh in zip(
+        serverTlsOf(endpoint), serverTlsOf(listenEndpoint(None, description))
+    ):
+        tls.renew(fresh)
 
 
 class ListenFailed(Exception):
@@ -211,6 +406,22 @@ class Listener(Service):
         The factory it serves.
         """
         return self._factory
+
+    def renewCertificate(self):
+        """
+        Serve new TLS connections with the certificate and key the files
+        of its C{ssl:} endpoint hold now (L{renewTls}): on reload, so that
+        a renewed certificate is served without a restart. An error reading
+        them is logged and the certificate served stays.
+        """
+        try:
+            renewTls(self._endpoint, self._description)
+        except Exception as e:
+            _log.error(
+                "{endpoint}: certificate not read again, the one served stays: {error}",
+                endpoint=self._description,
+                error=str(e),
+            )
 
     def whenListening(self):
         """

@@ -12,8 +12,10 @@ from http import HTTPStatus
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from lbws.http import httpproxy
 from lbws.backends import sticky
@@ -37,6 +39,7 @@ from lbws.backends.dial import Refused
 from lbws.protocol.http1 import isWebSocketUpgrade
 from lbws.protocol.headers import parseFields
 from lbws.telemetry.logs import printable
+from lbws.transport.tlserrors import clientTlsReason
 from lbws.protocol.request import (
     BadTarget,
     checkHead,
@@ -337,6 +340,16 @@ class FrontendProtocol(UnparsedExtensions, WriteThrough, WebSocketServerProtocol
             self.transport.pauseProducing()
 
     def connectionLost(self, reason):
+        tls = clientTlsReason(reason)
+        if getattr(self.transport, "plainHttp", False):
+            self.factory.relay.tlsFailures.note("plain HTTP request (answered 400)")
+        elif tls is not None:
+            # The client's TLS failed (mostly its handshake): counted with
+            # the others and logged once a minute, where Autobahn would log
+            # an error for each.
+            self.factory.relay.tlsFailures.note(tls)
+        if tls is not None:
+            reason = Failure(ConnectionLost(f"TLS failed: {tls}"))
         self._lost = True
         self._stopHandshakeTimer()
         if self.leg is not None:
