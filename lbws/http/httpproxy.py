@@ -27,7 +27,6 @@ from twisted.logger import Logger
 from lbws.backends import sticky
 from lbws.backends.balance import hashKeyOf
 from lbws.backends.redirects import RedirectRewriter
-from lbws.compat import isPlainTcp
 from lbws.backends.backend import backendEndpoint, hostForUrl, localShortage
 from lbws.protocol.headers import PROXY_HEADERS, proxyHeaders
 from lbws.protocol.request import (
@@ -48,7 +47,7 @@ from lbws.protocol.http1 import (
     requestFraming,
     responseFraming,
 )
-from lbws.transport.sockets import setNoDelay, writerFor
+from lbws.transport.sockets import endWriting, setNoDelay, writerFor
 from lbws.transport.tlserrors import describeTlsFailure
 from lbws.ws.tunnel import PeerProducer
 
@@ -339,12 +338,8 @@ class HttpFront:
         self._stopTimer()
         self._pauses.clear()
         self.transport.resumeProducing()
-        if not isPlainTcp(self.transport):
-            # TLS and PROXY-protocol wrappers cannot half-close.
-            self.transport.loseConnection()
-            return
-        self.transport.loseWriteConnection()
-        self._timer = self.reactor.callLater(LINGER, self.transport.abortConnection)
+        if endWriting(self.transport):
+            self._timer = self.reactor.callLater(LINGER, self.transport.abortConnection)
 
     def pause(self, reason):
         if not self._pauses and not self.gone:

@@ -106,6 +106,22 @@ def tcpTraffic(transport):
     return traffic if traffic() is not None else None
 
 
+def endWriting(transport):
+    """
+    Send the peer a FIN and keep reading: a TCP connection's write side is
+    shut (the peer's bytes are still read, so closing later leaves none
+    unread to turn into a reset); a TLS or PROXY-protocol wrapper cannot
+    half-close, so it closes whole (TLS with its close_notify).
+
+    @return: True if the connection was half-closed (plain TCP).
+    """
+    if isPlainTcp(transport):
+        transport.loseWriteConnection()
+        return True
+    transport.loseConnection()
+    return False
+
+
 def endGently(transport, clock, linger):
     """
     End a connection lbws gives up on with FIN, not a reset: a backend that
@@ -119,8 +135,5 @@ def endGently(transport, clock, linger):
     @return: the DelayedCall of that cut, for the caller to cancel once the
         connection is lost.
     """
-    if isPlainTcp(transport):
-        transport.loseWriteConnection()
-    else:
-        transport.loseConnection()
+    endWriting(transport)
     return clock.callLater(linger, transport.abortConnection)

@@ -189,8 +189,7 @@ class FrontendProtocol(UnparsedExtensions, WriteThrough, WebSocketServerProtocol
         relay = self.factory.relay
         if self._fields is not None:
             request.headers = self._fields
-        peer = self.transport.getPeer()
-        peerHost = getattr(peer, "host", None) or str(peer)
+        peerHost = self._peerHost()
         target = requestTarget(self)
         try:
             path = normaliseTarget(target).partition("?")[0]
@@ -259,9 +258,12 @@ class FrontendProtocol(UnparsedExtensions, WriteThrough, WebSocketServerProtocol
                 LINGER, self.transport.abortConnection
             )
 
-    def _logRefused(self, code, reason):
+    def _peerHost(self):
         peer = self.transport.getPeer()
-        peer = getattr(peer, "host", None) or str(peer)
+        return getattr(peer, "host", None) or str(peer)
+
+    def _logRefused(self, code, reason):
+        peer = self._peerHost()
         try:
             target = printable(requestTarget(self))
         except (AttributeError, IndexError):

@@ -93,7 +93,7 @@ from lbws.protocol.frames import (
     parseClosePayload,
 )
 from lbws.compat import hasQueuedWrites, isPlainTcp
-from lbws.transport.sockets import tcpTraffic, writerFor
+from lbws.transport.sockets import endWriting, tcpTraffic, writerFor
 
 _log = Logger()
 
@@ -282,10 +282,7 @@ class Leg:
             and self.state < FINISHED
         ):
             self.transport.unregisterProducer()
-            if isPlainTcp(self.transport):
-                self.transport.loseWriteConnection()
-            else:
-                self.transport.loseConnection()
+            endWriting(self.transport)
 
     def boundary(self):
         self.other.flushHeld()
