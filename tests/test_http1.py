@@ -1,23 +1,16 @@
 """
-Units of the plain HTTP proxy: its config keys, HTTP/1.1 head parsing and
-body framing (fed at random byte boundaries), and the sticky cookie.
+Units of the plain HTTP proxy: its config keys, request heads as h11 and
+lbws's stricter rules read them together, and the sticky cookie. Bodies
+at random byte boundaries are in tests/test_httpproxy_states.py.
 """
 
+import h11
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from lbws.backends import sticky
 from lbws.config import ConfigError, parseConfig
-from lbws.protocol.http1 import (
-    BadMessage,
-    BodyReader,
-    isWebSocketUpgrade,
-    parseRequestHead,
-    parseResponseHead,
-    requestFraming,
-    responseFraming,
-)
+from lbws.protocol.http1 import Head, isWebSocketUpgrade
+from lbws.protocol.strict import headProblem
 from lbws.backends.pool import Pool
 from tests.support import setHealthy
 
@@ -61,136 +54,78 @@ def test_http_key_mistakes_name_file_section_and_key(line, key, words):
     assert words in str(raised.value)
 
 
+def _read(head):
+    """
+    A request head as the proxy reads it: lbws's rules, then h11.
+    """
+    problem = headProblem(head)
+    if problem is not None:
+        raise ValueError(problem)
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    return Head.ofEvent(conn.next_event())
+
+
 def test_request_head():
-    request = parseRequestHead(
+    request = _read(
         b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCookie: b=2\r\n"
-        b"Content-Length: 3"
+        b"Content-Length: 3\r\n\r\n"
     )
     assert (request.method, request.target, request.version) == ("POST", "/a?b=1", "HTTP/1.1")
     assert request.headers["cookie"] == "a=1, b=2"
+    assert request.fields[0] == ("Host", "x")  # names as sent
     assert request.path == "/a" and request.params == {"b": ["1"]}
-    assert requestFraming(request) == ("length", 3)
-    assert request.keepAlive()
-    assert not parseRequestHead(b"GET / HTTP/1.0\r\nHost: x").keepAlive()
 
 
 @pytest.mark.parametrize(
     "head",
     [
         b"GET / HTTP/1.1\r\nHost : x",  # space before the colon
-        b"GET / HTTP/1.1\r\nA: b\r\n folded",  # obs-fold
-        b"GET  / HTTP/1.1",
-        b"GET / HTTP/2.0",
+        b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\n folded",  # obs-fold, which h11 unfolds
+        b"GET  / HTTP/1.1\r\nHost: x",
+        b"GET / HTTP/2.0\r\nHost: x",
         b"\x00\x01garbage",
-        b"GET / HTTP/1.1\r\nX: a\x00b",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b",  # h11 takes it
+        b"GET / HTTP/1.1\r\nHost: a,b",  # h11 takes it
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: a",
+        b"GET / HTTP/1.1\r\nX: y",  # no Host
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a\rb",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked",
     ],
 )
-def test_malformed_request_heads_are_refused(head):
-    with pytest.raises(BadMessage):
-        parseRequestHead(head)
+def test_malformed_and_ambiguous_request_heads_are_refused(head):
+    with pytest.raises((ValueError, h11.RemoteProtocolError)):
+        _read(head + b"\r\n\r\n")
 
 
 @pytest.mark.parametrize(
-    "fields",
+    "head",
     [
-        b"Content-Length: 3\r\nTransfer-Encoding: chunked",
-        b"Content-Length: 3\r\nContent-Length: 4",
-        b"Content-Length: -1",
-        b"Transfer-Encoding: gzip",
-        b"Transfer-Encoding: chunked, chunked",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\n folded\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a,b\r\n\r\n",
     ],
 )
-def test_ambiguous_request_framing_is_refused(fields):
-    request = parseRequestHead(b"POST / HTTP/1.1\r\n" + fields)
-    with pytest.raises(BadMessage):
-        requestFraming(request)
-
-
-def test_response_framing():
-    def framing(head, method="GET"):
-        return responseFraming(parseResponseHead(head), method)
-
-    assert framing(b"HTTP/1.1 200 OK\r\nContent-Length: 5") == ("length", 5)
-    assert framing(b"HTTP/1.1 200 OK\r\nContent-Length: 5", "HEAD") == ("none", 0)
-    assert framing(b"HTTP/1.1 204 No Content") == ("none", 0)
-    assert framing(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5") == ("none", 0)
-    assert framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked") == ("chunked", 0)
-    assert framing(b"HTTP/1.1 200 OK") == ("close", 0)
-    assert framing(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: gzip") == ("close", 0)
-    with pytest.raises(BadMessage):
-        parseResponseHead(b"HTTP/1.1 20 OK")
+def test_h11_alone_takes_what_lbws_refuses(head):
+    # Why lbws.protocol.strict exists: if h11 started refusing these, the
+    # strict rules could shrink.
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    assert type(conn.next_event()) is h11.Request
+    assert headProblem(head) is not None
 
 
 def test_websocket_upgrade_test():
     assert isWebSocketUpgrade(b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: WebSocket")
+    assert isWebSocketUpgrade(b"GET / HTTP/1.1\nConnection: Upgrade\nUpgrade: websocket\n")
     assert not isWebSocketUpgrade(b"GET / HTTP/1.1\r\nUpgrade: h2c")
     assert not isWebSocketUpgrade(b"GET /websocket HTTP/1.1\r\nHost: x")
-
-
-def _chunked(pieces, trailer=b""):
-    out = b""
-    for piece in pieces:
-        out += b"%x;ext=1\r\n%s\r\n" % (len(piece), piece)
-    return out + b"0\r\n" + trailer + b"\r\n"
-
-
-def _feed(reader, data, cuts):
-    """
-    Feed C{data} cut at C{cuts}; return (body bytes, decoded, rest).
-    """
-    body, decoded, rest = b"", b"", b""
-    bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    for start, end in zip(bounds, bounds[1:]):
-        part, after = reader.feed(data[start:end])
-        body += part
-        decoded += b"".join(reader.pieces)
-        if after:
-            rest += after + data[end:]
-            break
-    return body, decoded, rest
-
-
-@given(
-    pieces=st.lists(st.binary(min_size=1, max_size=300), max_size=8),
-    next_request=st.binary(max_size=50),
-    cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=12),
-)
-def test_chunked_body_end_found_at_any_cut(pieces, next_request, cuts):
-    encoded = _chunked(pieces, b"X-Sum: 1\r\n")
-    reader = BodyReader("chunked", decode=True)
-    body, decoded, rest = _feed(reader, encoded + next_request, cuts)
-    assert reader.done
-    assert body == encoded
-    assert decoded == b"".join(pieces)
-    assert rest == next_request
-    assert reader.payload == sum(map(len, pieces))
-
-
-@given(
-    length=st.integers(min_value=1, max_value=2000),
-    extra=st.binary(max_size=50),
-    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=12),
-)
-def test_length_body_end_found_at_any_cut(length, extra, cuts):
-    data = b"b" * length
-    reader = BodyReader("length", length)
-    body, _, rest = _feed(reader, data + extra, cuts)
-    assert (reader.done, body, rest) == (True, data, extra)
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"5\r\nabcdef\r\n",  # longer than its size
-        b"zz\r\n",
-        b"5\nabcde\r\n",  # bare LF
-        b"\r\n",
-        b"1" * 17 + b"\r\n",
-    ],
-)
-def test_malformed_chunked_coding_is_refused(data):
-    with pytest.raises(BadMessage):
-        BodyReader("chunked").feed(data)
 
 
 def test_sticky_cookie_names_a_member_opaquely_while_it_is_up():

@@ -40,15 +40,8 @@ from lbws.protocol.http1 import isWebSocketUpgrade
 from lbws.protocol.headers import parseFields
 from lbws.telemetry.logs import printable
 from lbws.transport.tlserrors import clientTlsReason
-from lbws.protocol.request import (
-    BadTarget,
-    checkHead,
-    headEnd,
-    headProblem,
-    hostProblem,
-    isToken,
-    normaliseTarget,
-)
+from lbws.protocol.request import BadTarget, normaliseTarget
+from lbws.protocol.strict import headEnd, headProblem, isToken, withCrlf
 from lbws.transport.sockets import setNoDelay
 from lbws.ws.tunnel import Tunnel
 from lbws.protocol.wsoptions import PASSTHROUGH
@@ -131,9 +124,10 @@ class FrontendProtocol(UnparsedExtensions, WriteThrough, WebSocketServerProtocol
 
     def processHandshake(self):
         """
-        Check the raw request head before Autobahn parses it (see
-        L{lbws.protocol.request}): a head that breaks the field syntax gets 400, one
-        that is not a WebSocket upgrade goes to the HTTP proxy.
+        Send a request that is not a WebSocket upgrade to the HTTP proxy,
+        and check the raw head of one that is before Autobahn parses it
+        (L{lbws.protocol.strict}, as the proxy checks its heads): one that
+        breaks the field syntax gets 400.
         Autobahn reads a head with bare LF line ends as one with CRLF, and
         lbws forwards the headers it parsed itself when a value has bytes
         above 0x7F, which Autobahn versions read differently (see
@@ -150,21 +144,18 @@ class FrontendProtocol(UnparsedExtensions, WriteThrough, WebSocketServerProtocol
             return
         self._headSeen = True
         raw = data[:end]
-        head = checkHead(raw)
-        if head is None:
-            refuseHandshake(self, f"Bad Request: {headProblem(raw)}", 400)
+        if not isWebSocketUpgrade(raw):
+            # Plain HTTP: the HTTP proxy takes the connection over (README,
+            # "Plain HTTP and long-polling") and checks the head itself.
+            self._stopHandshakeTimer()
+            takeReceived(self)
+            httpproxy.takeOver(self, data)
             return
-        problem = hostProblem(head)
+        problem = headProblem(raw)
         if problem is not None:
             refuseHandshake(self, f"Bad Request: {problem}", 400)
             return
-        if not isWebSocketUpgrade(head):
-            # Plain HTTP: the HTTP proxy takes the connection over (README,
-            # "Plain HTTP and long-polling").
-            self._stopHandshakeTimer()
-            takeReceived(self)
-            httpproxy.takeOver(self, head + data[end:])
-            return
+        head = withCrlf(raw)
         readable = autobahnReadableHead(head)
         if readable is not head:
             self._fields = parseFields(head)
