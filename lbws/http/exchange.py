@@ -296,6 +296,8 @@ class Exchange:
         protocol.send(h11.Request(**self._requestHead(self.member)))
         for body in self.early:
             protocol.send(h11.Data(data=body))
+        if self.requestDone:
+            protocol.send(h11.EndOfMessage())
         self.sent += self.earlyBytes
         self.early = []
         self.earlyBytes = 0
