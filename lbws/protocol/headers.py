@@ -94,7 +94,7 @@ def proxyHeaders(clientHeaders, peerHost, secure):
 def parseFields(head):
     """
     The header fields of a request head that passed
-    L{lbws.protocol.request.checkHead}, as Autobahn's C{ConnectionRequest.headers}
+    L{lbws.protocol.strict.headProblem}, as Autobahn's C{ConnectionRequest.headers}
     has them: lower-case names, values decoded as ISO-8859-1 without the
     spaces and tabs around them (RFC 9110 5.5), repeats joined with ", ".
 
