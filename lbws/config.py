@@ -243,6 +243,10 @@ class Settings:
     drain_mode: str = "keep"
     http_timeout: float = 60.0
     max_body_size: int = 1024 * 1024
+    # Upstream keep-alive (lbws.backends.keepalive): idle plain-HTTP backend
+    # connections kept per backend (0 = none), and for how many seconds.
+    http_keepalive: int = 32
+    http_keepalive_timeout: float = 60.0
     sticky_cookie: str = ""
     # Take-over (README "Upgrading without closing connections"): the unix
     # socket a running lbws hands its listeners and tunnels over on.
@@ -714,6 +718,8 @@ def _parseMain(path, parser, backends, health):
         max_message_rate=reader.number("max_message_rate", 0, int, 0),
         http_timeout=reader.number("http_timeout", 60, float, 0, exclusive=True),
         max_body_size=reader.number("max_body_size", 1048576, int, 0),
+        http_keepalive=reader.number("http_keepalive", 32, int, 0),
+        http_keepalive_timeout=reader.seconds("http_keepalive_timeout", 60),
         handoff_socket=_parseSocketPath(reader, "handoff_socket"),
         handoff_timeout=reader.seconds("handoff_timeout", 10),
     )
