@@ -19,7 +19,7 @@ class Counters:
     L{lbws.backends.pool.Member}).
 
     @ivar handshakes: client handshakes by result: C{ok}, C{no_backend}
-        (503, nothing up), C{backend_failed} (502, every try failed),
+        (503, nothing up), C{backend_failed} (502, or 504 when the last try timed out),
         C{backend_refused} (the backend answered other than 101, passed
         on), C{over_capacity} (503, max_connections or lbws out of
         resources), C{timeout} (the client did
