@@ -245,6 +245,10 @@ class Settings:
     max_body_size: int = 1024 * 1024
     body_timeout: float = 60.0
     send_timeout: float = 60.0
+    # Upstream keep-alive (lbws.backends.keepalive): idle plain-HTTP backend
+    # connections kept per backend (0 = none), and for how many seconds.
+    http_keepalive: int = 32
+    http_keepalive_timeout: float = 60.0
     sticky_cookie: str = ""
     # Take-over (README "Upgrading without closing connections"): the unix
     # socket a running lbws hands its listeners and tunnels over on.
@@ -718,6 +722,8 @@ def _parseMain(path, parser, backends, health):
         max_body_size=reader.number("max_body_size", 1048576, int, 0),
         body_timeout=reader.number("body_timeout", 60, float, 0, exclusive=True),
         send_timeout=reader.number("send_timeout", 60, float, 0, exclusive=True),
+        http_keepalive=reader.number("http_keepalive", 32, int, 0),
+        http_keepalive_timeout=reader.seconds("http_keepalive_timeout", 60),
         handoff_socket=_parseSocketPath(reader, "handoff_socket"),
         handoff_timeout=reader.seconds("handoff_timeout", 10),
     )

@@ -8,6 +8,7 @@ is the one path a new configuration takes into them.
 """
 
 from lbws.backends.dial import Dialer
+from lbws.backends.keepalive import IdleConnections
 from lbws.telemetry.events import Events
 from lbws.telemetry.metrics import Counters
 from lbws.backends.pool import Pool
@@ -22,12 +23,15 @@ class Core:
     @ivar settings: the configuration running now (replaced by L{apply}).
     @ivar pool: the backends (L{lbws.backends.pool.Pool}).
     @ivar relay: admission and the open tunnels (L{lbws.relay.Relay}).
+    @ivar idle: the idle plain-HTTP backend connections kept for reuse
+        (L{lbws.backends.keepalive.IdleConnections}), also C{relay.idle}.
     @ivar counters: process-wide totals (L{lbws.telemetry.metrics.Counters}).
     @ivar events: what happened, for the dashboard (L{lbws.telemetry.events.Events}).
     """
 
     def __init__(self, reactor, settings, counters, events, pool, dialer, relay):
         self.reactor = reactor
+        self.idle = relay.idle
         self.settings = settings
         self.counters = counters
         self.events = events
@@ -49,6 +53,7 @@ class Core:
         """
         self.settings = settings
         self.pool.update(settings)
+        self.idle.configure(settings.http_keepalive, settings.http_keepalive_timeout)
         self.dialer.settings = settings
         self.relay.settings = settings
 
@@ -67,5 +72,10 @@ def buildCore(reactor, settings, worker=False):
     pool = Pool(settings, reactor, events)
     dialer = Dialer(reactor, pool, settings, counters)
     tlsFailures = ClientTlsFailures(reactor, log=not worker)
-    relay = Relay(reactor, settings, pool, dialer, counters, tlsFailures=tlsFailures)
+    idle = IdleConnections(reactor, settings.http_keepalive, settings.http_keepalive_timeout)
+    # A drained, removed or down member's idle connections close at once.
+    pool.unavailable.append(idle.forget)
+    relay = Relay(
+        reactor, settings, pool, dialer, counters, tlsFailures=tlsFailures, idle=idle
+    )
     return Core(reactor, settings, counters, events, pool, dialer, relay)

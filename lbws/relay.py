@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from lbws.backends import sticky
 from lbws.backends.balance import hashKeyOf
+from lbws.backends.keepalive import IdleConnections
 from lbws.backends.routes import RouteTable
 from lbws.config import closeWindow
 from lbws.transport.tlserrors import ClientTlsFailures
@@ -30,7 +31,8 @@ class Relay:
     """
 
     def __init__(
-        self, reactor, settings, pool, dialer, counters, random=None, tlsFailures=None
+        self, reactor, settings, pool, dialer, counters, random=None, tlsFailures=None,
+        idle=None,
     ):
         """
         @param random: a C{random.Random} for the order of the closes of a
@@ -38,6 +40,9 @@ class Relay:
         @param tlsFailures: where clients' failed TLS handshakes are
             counted (a L{lbws.transport.tlserrors.ClientTlsFailures}); by
             default one logging on C{reactor}.
+        @param idle: the idle plain-HTTP backend connections kept for reuse
+            (a L{lbws.backends.keepalive.IdleConnections}), closed on stop;
+            by default one with the settings' C{http_keepalive}.
         """
         self.reactor = reactor
         self.random = random or _random.Random()
@@ -46,6 +51,9 @@ class Relay:
         self.dialer = dialer
         self.counters = counters
         self.tlsFailures = tlsFailures or ClientTlsFailures(reactor)
+        self.idle = idle or IdleConnections(
+            reactor, settings.http_keepalive, settings.http_keepalive_timeout
+        )
         self.tunnels = set()
         self.clients = 0  # client connections past admission, open or pending
         self.perPeer = {}  # the same, by client address (PROXY protocol's if used)
@@ -235,6 +243,7 @@ class Relay:
         C{drain_timeout}.
         """
         self.stopping = True
+        self.idle.closeAll()
         if self._spread is not None:
             self._spread.cancel()
         for tunnel in list(self.tunnels):
@@ -254,6 +263,9 @@ class Relay:
         """
         self.stopping = True
         self.tlsFailures.flush()
+        # Idle backend connections serve no one any more; those of the
+        # responses still under way close after them (give refuses).
+        self.idle.closeAll()
         # Clients whose handshake waits for a backend get 503 now; left to
         # finish, they would open after the drain and be cut at exit.
         for attempt in list(self.opening.values()):

@@ -51,6 +51,7 @@ def statsOf(core, rebalancer, generation, received):
         "members": {
             member.name: {
                 **member.traffic.own(),
+                "idle": core.idle.count(member),
                 "lastError": member.lastError,
             }
             for member in pool

@@ -71,6 +71,14 @@ class BackendHandshakeError(Exception):
         self.reason = reason
 
 
+class BackendTimeout(BackendHandshakeError):
+    """
+    The backend did not connect (C{connect_timeout}) or answer
+    (C{handshake_timeout}) in time: its failure, which a client gets as
+    504 (L{lbws.backends.attempts}).
+    """
+
+
 class OpeningError(Exception):
     """
     lbws could not even start connecting (a CA file gone, a bug): its own
@@ -486,7 +494,7 @@ class Attempt:
             # a lookup cut short.
             return None
         if failure.check(TimeoutError, ConnectTimeoutError):
-            failure = BackendHandshakeError(f"connect timed out after {self._connectTimeout:g}s")
+            failure = BackendTimeout(f"connect timed out after {self._connectTimeout:g}s")
         self.failed(failure)
         return None
 
@@ -498,9 +506,7 @@ class Attempt:
             protocol.refused()
             return
         self.failed(
-            BackendHandshakeError(
-                f"backend handshake timed out after {self._handshakeTimeout:g}s"
-            )
+            BackendTimeout(f"backend handshake timed out after {self._handshakeTimeout:g}s")
         )
         protocol.giveUp(self._reactor)
 

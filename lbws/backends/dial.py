@@ -1,26 +1,20 @@
 """
-Opening the backend WebSocket for a client: choose a member, connect with
-C{connect_timeout}, handshake with C{handshake_timeout}, and try other
-members (C{retries}) when one fails.
+Opening the backend WebSocket for a client: members tried in turn
+(L{lbws.backends.attempts}: choice, retries, what a failure counts as and
+the status the client gets), each with C{connect_timeout} and
+C{handshake_timeout}.
 
-What counts against a backend (towards C{fall}, see the README) is only
-its own failure: a connect refused or timed out, a reset, a handshake
-timed out, a malformed answer, a TLS failure. An answer other than 101 is
-the application speaking: the client gets it as it is, and it is neither
-retried nor counted. Nor is lbws failing to start a connection (an
-exception, a CA file gone): the client gets 502, the log one line. lbws
-running out of its own resources (EMFILE and
-the like) is not counted either: the client gets 503 and lbws says so in
-its log once per burst.
+An answer other than 101 is the application speaking: the client gets it
+as it is, and it is neither retried nor counted.
 """
 
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from lbws.protocol import extensions
 from lbws.protocol.answers import Head, render
+from lbws.backends.attempts import Attempts
 from lbws.backends.backend import (
     Attempt,
     BackendHandshakeError,
@@ -28,7 +22,6 @@ from lbws.backends.backend import (
     BackendRefused,
     OpeningError,
     Shortages,
-    localShortage,
 )
 from lbws.compat import OctetRequest, UnparsedExtensions, takeReceived
 from lbws.protocol.headers import forwardedHeaders
@@ -36,7 +29,6 @@ from lbws.protocol.request import joinTarget, normaliseTarget
 from lbws.backends.redirects import RedirectRewriter
 from lbws.backends.routes import forwardTarget
 
-_log = Logger()
 
 class Refused(ConnectionDeny):
     """
@@ -119,7 +111,6 @@ class _ClientDial:
     def __init__(self, dialer, request, target, peerHost, secure, key, prefer=None, route=None):
         self._dialer = dialer
         self._route = route
-        self._prefer = prefer
         # The client's permessage-deflate offer, as the backend gets it.
         self._offer = extensions.forwardedOffer(request.headers, dialer.settings.compression)
         self._settings = dialer.settings
@@ -127,8 +118,10 @@ class _ClientDial:
         self._target = target
         self._peer = peerHost
         self._secure = secure
-        self._key = key
-        self._tried = []
+        self._tries = Attempts(
+            dialer._reactor, dialer._pool, dialer.settings, dialer.shortages, peerHost,
+            key, prefer, route,
+        )
         self._attempt = None
         self.result = Deferred(self._cancel)
 
@@ -137,20 +130,10 @@ class _ClientDial:
             self._attempt.cancel()
 
     def next(self):
-        dialer = self._dialer
-        if self._prefer is not None and not self._tried:
-            member = self._prefer
-        else:
-            member = dialer._pool.choose(self._key, exclude=self._tried, route=self._route)
+        member = self._tries.next()
         if member is None:
-            if self._tried:
-                dialer._counters.handshakes["backend_failed"] += 1
-                self._fail(ConnectionDeny(502, "Bad Gateway: no backend could be reached"))
-            else:
-                dialer._counters.handshakes["no_backend"] += 1
-                self._fail(ConnectionDeny(503, "Service Unavailable: no healthy backend"))
+            self._giveUp(self._tries.exhausted())
             return self.result
-        self._tried.append(member)
         connection = member.opened()
         try:
             d = self._attempt = self._open(member, connection)
@@ -214,7 +197,7 @@ class _ClientDial:
             self._failed(Failure(BackendHandshakeError(f"backend handshake failed: {why}")), member)
             return
         protocol.extensions = answer
-        member.connectionSucceeded(self._dialer._reactor.seconds(), self._settings.health)
+        self._tries.succeeded()
         self.result.callback((member, protocol))
 
     def _failed(self, failure, member):
@@ -225,39 +208,19 @@ class _ClientDial:
             return
         if failure.check(BackendRefused):
             # The application answered: the backend is running.
-            member.connectionSucceeded(dialer._reactor.seconds(), self._settings.health)
+            self._tries.succeeded()
             dialer._counters.handshakes["backend_refused"] += 1
             self._fail(Refused(failure.value, self._redirects(member)))
             return
-        if failure.check(OpeningError):
-            _log.error(
-                "opening backend {backend} for {peer} failed: {why}",
-                backend=member.name,
-                peer=self._peer,
-                why=failure.getErrorMessage(),
-            )
-            dialer._counters.handshakes["backend_failed"] += 1
-            self._fail(ConnectionDeny(502, "Bad Gateway: the backend could not be opened"))
-            return
-        shortage = localShortage(failure)
-        if shortage is not None:
-            dialer._counters.handshakes["over_capacity"] += 1
-            dialer.shortages.note(shortage)
-            self._fail(ConnectionDeny(503, "Service Unavailable: lbws is out of resources"))
-            return
-        why = failure.getErrorMessage()
-        member.connectionFailed(why, dialer._reactor.seconds(), self._settings.health)
-        _log.warn(
-            "backend {backend} failed for {peer}: {why}",
-            backend=member.name,
-            peer=self._peer,
-            why=why,
-        )
-        if len(self._tried) <= self._settings.retries:
+        giveUp = self._tries.failed(failure)
+        if giveUp is None:
             self.next()
         else:
-            dialer._counters.handshakes["backend_failed"] += 1
-            self._fail(ConnectionDeny(502, f"Bad Gateway: {why}"))
+            self._giveUp(giveUp)
+
+    def _giveUp(self, giveUp):
+        self._dialer._counters.handshakes[giveUp.result] += 1
+        self._fail(ConnectionDeny(giveUp.status, f"{giveUp.phrase}: {giveUp.reason}"))
 
     def _fail(self, deny):
         if not self.result.called:

@@ -295,10 +295,15 @@ class Member:
 
     @param events: the L{lbws.telemetry.events.Events} its going up and down is
         recorded in (the pool's).
+    @param unavailable: called with the member after each change that
+        leaves it taking no new connections (down, drained, removed, or
+        starting over at a new address): what it kept for new ones, such
+        as idle keep-alive connections (L{lbws.backends.keepalive}), goes.
     """
 
-    def __init__(self, settings, healthy=True, events=None):
+    def __init__(self, settings, healthy=True, events=None, unavailable=None):
         self._events = events if events is not None else Events()
+        self._unavailable = unavailable
         self._settings = settings
         self._health = Health(healthy)
         self._admin = Admin()
@@ -368,6 +373,8 @@ class Member:
         See L{Health.record}; a change of health is an event.
         """
         changed = self.health.record(ok, when, rise, fall, error, rtt)
+        if changed:
+            self._changed()
         if changed and self.healthy:
             self._events.record("backend_up", "backend {backend} is up", backend=self.name)
         elif changed:
@@ -409,6 +416,26 @@ class Member:
         """
         self.health.follow(healthy, changed)
         self.admin.drain(drained)
+        self._changed()
+
+    def drain(self, drained=True):
+        """
+        The operator drained the member (or enabled it again, C{drained}
+        False): see L{Admin.drain}.
+        """
+        self.admin.drain(drained)
+        self._changed()
+
+    def remove(self):
+        """
+        A reload or DNS discovery removed the member: see L{Admin.remove}.
+        """
+        self.admin.remove()
+        self._changed()
+
+    def _changed(self):
+        if self._unavailable is not None and self.state != UP:
+            self._unavailable(self)
 
     def _configure(self, settings):
         self._settings = settings
@@ -422,6 +449,7 @@ class Member:
         self._settings = settings
         self.admin.remove(False)
         self.health.restart()
+        self._changed()
 
 
 def _address(backend):
@@ -465,6 +493,9 @@ class Pool:
         self.members = {}
         self.settings = settings
         self.clock = clock
+        # Called with a member each time it stops taking new connections
+        # (see Member's unavailable).
+        self.unavailable = []
         self.events = events if events is not None else Events(clock)
         self._strategy = STRATEGIES[settings.balance]()
         # True in the supervisor of workers = N (lbws.workers): the open
@@ -476,7 +507,14 @@ class Pool:
         self._routeStrategies = {}
         for backend in settings.backends:
             if not backend.discovered:
-                self.members[backend.name] = Member(backend, events=self.events)
+                self.members[backend.name] = self._member(backend, True)
+
+    def _member(self, backend, healthy):
+        return Member(backend, healthy, self.events, self._unavailableNow)
+
+    def _unavailableNow(self, member):
+        for listener in self.unavailable:
+            listener(member)
 
     def update(self, settings):
         """
@@ -551,7 +589,7 @@ class Pool:
         for name, backend in wanted.items():
             member = current.get(name)
             if member is None:
-                member = Member(backend, healthy=False, events=self.events)
+                member = self._member(backend, False)
                 record("enable", words["added"], source=source, backend=name,
                        group=backend.group, url=backend.url, rise=rise)
             elif member.removed:
@@ -582,7 +620,7 @@ class Pool:
                 continue
             active = member.count("active")
             if not member.removed:
-                member.admin.remove()
+                member.remove()
                 record("drain", words["removed"], source=source, backend=name,
                        group=member.group, active=active)
             if member.inUse or self.countedByWorkers:

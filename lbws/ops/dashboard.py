@@ -323,7 +323,7 @@ class _BackendAction(_Admin):
         member = self._service.member(self._name)
         if member is None:
             return _json(request, {"error": f"no backend named {self._name!r}"}, 404)
-        member.admin.drain(self._action == "drain")
+        member.drain(self._action == "drain")
         self._service.events.record(
             self._action,
             "backend {backend} {done} from the dashboard ({peer}): now {state}",

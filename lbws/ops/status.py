@@ -76,6 +76,15 @@ class StatusView:
     def effectiveWeight(self, member, now=None):
         return self._core.pool.effectiveWeight(member, now)
 
+    def idleConnections(self, member):
+        """
+        The idle plain-HTTP connections kept open to C{member} for reuse,
+        of this process and (with C{workers = N}) as its workers last
+        reported them.
+        """
+        reported = sum(counts.get("idle", 0) for counts in member.traffic.remote.values())
+        return self._core.idle.count(member) + reported
+
     def anyUp(self):
         """
         True when at least one backend takes new connections.

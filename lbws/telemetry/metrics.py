@@ -19,7 +19,7 @@ class Counters:
     L{lbws.backends.pool.Member}).
 
     @ivar handshakes: client handshakes by result: C{ok}, C{no_backend}
-        (503, nothing up), C{backend_failed} (502, every try failed),
+        (503, nothing up), C{backend_failed} (502, or 504 when the last try timed out),
         C{backend_refused} (the backend answered other than 101, passed
         on), C{over_capacity} (503, max_connections or lbws out of
         resources), C{timeout} (the client did
@@ -311,6 +311,12 @@ class LbwsCollector:
             "Client connections open (or being opened) on the backend.",
             labels=["backend"],
         )
+        idle = GaugeMetricFamily(
+            "lbws_backend_idle_connections",
+            "Plain HTTP connections to the backend kept idle for the next"
+            " requests (http_keepalive).",
+            labels=["backend"],
+        )
         total = CounterMetricFamily(
             "lbws_backend_connections",
             "Client connections relayed to the backend since start.",
@@ -364,6 +370,7 @@ class LbwsCollector:
             effective.add_metric([name], service.effectiveWeight(member))
             rebalanced.add_metric([name], member.rebalanced)
             active.add_metric([name], member.count("active"))
+            idle.add_metric([name], service.idleConnections(member))
             total.add_metric([name], member.count("total"))
             failed.add_metric([name], member.count("failed"))
             messages.add_metric([name, "to_backend"], member.count("messagesIn"))
@@ -479,7 +486,7 @@ class LbwsCollector:
             value=service.started,
         )
         return [
-            up, state, weight, active, total, failed, messages, payload, checks,
+            up, state, weight, active, idle, total, failed, messages, payload, checks,
             durations, rtt, lastCheck, handshakes, closes, errors, connections,
             started, effective, rebalanced, maxConnections, httpRequests,
             routeConnections, routeHandshakes, routeMessages, workerConnections,
