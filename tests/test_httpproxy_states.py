@@ -21,6 +21,8 @@ from lbws.http import exchange as ex
 from lbws.relay import Relay
 
 GET = b"GET /x HTTP/1.1\r\nHost: public\r\n\r\n"
+# A backend connection per request, for the tests about the client's side.
+NO_REUSE = "http_keepalive = 0"
 
 
 class Proxy:
@@ -110,7 +112,7 @@ def test_states_in_order_for_an_upload():
 
 
 def test_pipelined_requests_go_one_at_a_time_in_order():
-    proxy = Proxy()
+    proxy = Proxy(NO_REUSE)
     proxy.send(GET + b"GET /y HTTP/1.1\r\nHost: public\r\n\r\n")
     assert len(proxy.reactor.tcpClients) == 1  # /y waits for /x's answer
     _, first = proxy.backend()
@@ -123,7 +125,7 @@ def test_pipelined_requests_go_one_at_a_time_in_order():
 
 
 def test_the_next_request_waits_until_the_last_response_left():
-    proxy = Proxy()
+    proxy = Proxy(NO_REUSE)
     proxy.send(GET)
     proxy.front.pauseProducing()  # the client reads nothing: its buffer fills
     proxy.answered()
@@ -247,7 +249,7 @@ def test_client_closing_mid_upload_aborts_the_backend():
 
 
 def test_a_connection_header_never_removes_the_framing():
-    proxy = Proxy()
+    proxy = Proxy(NO_REUSE)
     proxy.send(GET + GET)
     proxy.answered(
         b"HTTP/1.1 200 OK\r\nConnection: Content-Length, Transfer-Encoding\r\n"
@@ -384,7 +386,7 @@ _REQUESTS = [
 )
 def test_a_pipelined_stream_cut_anywhere_gives_the_same_exchanges(order, cuts):
     stream = b"".join(_REQUESTS[i] for i in order)
-    proxy = Proxy()
+    proxy = Proxy(NO_REUSE)
     bounds = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     for start, end in zip(bounds, bounds[1:]):
         proxy.send(stream[start:end])
@@ -528,3 +530,93 @@ def test_a_begun_request_head_gets_handshake_timeout_then_408():
     proxy.send(b"GET /y HTTP/1.1\r\n")  # the head's first line, then nothing
     proxy.reactor.advance(1)
     assert "408 " in proxy.answer()
+
+
+def test_a_backend_connection_is_reused_when_both_messages_ended():
+    proxy = Proxy()
+    proxy.send(GET)
+    transport, backend = proxy.backend()
+    assert b"Connection" not in transport.value()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    assert not transport.disconnecting and proxy.relay.idle.count() == 1
+    transport.clear()
+    proxy.send(GET)
+    assert len(proxy.reactor.tcpClients) == 1 and proxy.relay.idle.count() == 0
+    assert transport.value().startswith(b"GET /x HTTP/1.1\r\n")
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+    assert proxy.answer().endswith("\r\n\r\n2")
+    assert proxy.pool["a"].active == 0
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n1",
+        b"HTTP/1.1 200 OK\r\n\r\n1",  # ends with the connection
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1HTTP/1.1 200 OK\r\n",  # more than asked
+    ],
+)
+def test_a_backend_connection_is_not_reused_after_an_answer_that_says_so(response):
+    proxy = Proxy()
+    proxy.send(GET)
+    transport, backend = proxy.backend()
+    backend.dataReceived(response)
+    if not response.endswith(b"1"):
+        assert transport.disconnecting
+    elif b"close" not in response:
+        backend.connectionLost(Failure(ConnectionDone()))
+    assert proxy.relay.idle.count() == 0
+
+
+def test_never_reused_after_an_answer_that_came_before_the_whole_request():
+    proxy = Proxy()
+    proxy.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    transport, backend = proxy.backend()
+    backend.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert "Connection: close" in proxy.answer()
+    assert transport.disconnecting and proxy.relay.idle.count() == 0
+    assert proxy.client.disconnecting
+
+
+def test_never_reused_after_a_response_not_read_whole():
+    proxy = Proxy()
+    proxy.send(GET)
+    transport, backend = proxy.backend()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    proxy.protocol.connectionLost(Failure(ConnectionLost()))
+    assert transport.disconnected and proxy.relay.idle.count() == 0
+
+
+def test_a_pooled_connection_found_closed_is_replaced_unseen():
+    proxy = Proxy("retries = 0")
+    proxy.send(GET)
+    _, backend = proxy.backend()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    proxy.send(GET)  # over the pooled connection...
+    backend.connectionLost(Failure(ConnectionDone()))  # ...which the backend had closed
+    assert len(proxy.reactor.tcpClients) == 2  # a new one, to the same backend
+    _, fresh = proxy.backend()
+    fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+    assert proxy.answer().count("200 OK") == 2 and proxy.answer().endswith("2")
+    assert proxy.pool["a"].consecutiveFailures == 0
+
+
+def test_a_post_over_a_pooled_connection_found_closed_is_not_sent_again():
+    proxy = Proxy()
+    proxy.send(GET)
+    _, backend = proxy.backend()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    proxy.send(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz")
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert len(proxy.reactor.tcpClients) == 1
+    assert "502 Bad Gateway" in proxy.answer()
+
+
+def test_a_parked_connection_that_speaks_or_closes_leaves_the_pool():
+    proxy = Proxy()
+    proxy.send(GET)
+    transport, backend = proxy.backend()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+    assert proxy.relay.idle.count() == 1
+    backend.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+    assert proxy.relay.idle.count() == 0 and transport.disconnected

@@ -20,13 +20,12 @@ is bounded.
 """
 
 import h11
-from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from lbws.backends import sticky
-from lbws.backends.backend import backendEndpoint, hostForUrl, localShortage
+from lbws.backends.attempts import NO_BACKEND, SHORTAGE, Attempts
+from lbws.backends.backend import BackendTimeout, hostForUrl
 from lbws.backends.balance import hashKeyOf
 from lbws.backends.redirects import RedirectRewriter
 from lbws.backends.routes import forwardTarget
@@ -95,6 +94,12 @@ REASONS = {
 }
 
 
+class BadAnswer(Exception):
+    """
+    The backend closed or broke HTTP before its answer was complete.
+    """
+
+
 def hostHeader(backend):
     """
     The Host header for a backend, as nginx's C{proxy_pass} sends it.
@@ -103,6 +108,20 @@ def hostHeader(backend):
     if backend.port == (443 if backend.secure else 80):
         return host
     return f"{host}:{backend.port}"
+
+
+def _giveUpText(giveUp):
+    """
+    What lbws's error page says when no backend answered: never the
+    reason, which names backends (README "When no backend answers").
+    """
+    if giveUp is NO_BACKEND:
+        return "no healthy backend"
+    if giveUp is SHORTAGE:
+        return "lbws is out of resources"
+    if giveUp.status == 504:
+        return "the backend did not answer"
+    return "the backend failed"
 
 
 def codeClass(status):
@@ -174,7 +193,7 @@ class Exchange:
         self.earlyBytes = 0
         self.bodyIn = 0  # body bytes read from the client
         self.sent = 0  # body bytes written to a backend
-        self.tried = []
+        self.tries = None  # the Attempts, once the exchange starts
         self.member = None
         self._holding = None  # the member's Connection this attempt counts in
         self.backend = None
@@ -187,7 +206,6 @@ class Exchange:
         self._connecting = None
         self._timer = None
         self._pumping = False
-        self._lastFailure = 502
 
     def __repr__(self):
         return f"<Exchange {self.request.method} {self.request.target} {STATE_NAMES[self.state]}>"
@@ -208,29 +226,27 @@ class Exchange:
             # HTTP connections count towards max_connections with WebSockets.
             self.fail(503, "too many connections")
             return
+        route = self.route
+        request = self.request
+        self.tries = Attempts(
+            self.reactor,
+            relay.pool,
+            self.settings,
+            relay.dialer.shortages,
+            self.front.peer,
+            hashKeyOf(route.hash_key, self.front.peer, request),
+            sticky.preferred(relay.pool, route.sticky_cookie, request.headers.get("cookie"), route),
+            route,
+            note=" (HTTP)",
+        )
         self.attempt()
 
     def attempt(self):
-        pool = self.relay.pool
-        route = self.route
-        request = self.request
-        member = None
-        if not self.tried:
-            member = sticky.preferred(
-                pool, route.sticky_cookie, request.headers.get("cookie"), route
-            )
+        member = self.tries.next()
         if member is None:
-            key = hashKeyOf(route.hash_key, self.front.peer, request)
-            member = pool.choose(key, exclude=self.tried, route=route)
-        if member is None:
-            if self.tried:
-                # Every backend tried failed: the last one's failure (504
-                # when it timed out) is the client's answer.
-                self.fail(self._lastFailure, "no backend could be reached")
-            else:
-                self.fail(503, "no healthy backend")
+            giveUp = self.tries.exhausted()
+            self.fail(giveUp.status, _giveUpText(giveUp))
             return
-        self.tried.append(member)
         self._use(member)
 
     def _use(self, member):
@@ -240,22 +256,12 @@ class Exchange:
         """
         self.member = member
         self._holding = member.opened()
-        idle = getattr(self.relay, "idle", None)
-        protocol = None if idle is None or self._fresh else idle.take(member)
+        protocol = None if self._fresh else self.relay.idle.take(member)
         if protocol is not None:
             self._holding.established()
             self._attach(protocol, reused=True)
             return
-        settings = self.settings
-        try:
-            endpoint = backendEndpoint(self.reactor, member.settings, settings.connect_timeout)
-            d = self._connecting = endpoint.connect(_BackendFactory())
-        except Exception as e:
-            # E.g. a CA file that became unreadable: this backend fails,
-            # with its active count given back, like a refused connect.
-            self._backendFailed(f"cannot connect: {e}", retry=True)
-            return
-        d.addTimeout(settings.connect_timeout, self.reactor)
+        d = self._connecting = self.tries.connect(member, _BackendFactory())
         d.addCallbacks(self._connected, self._connectFailed)
 
     def _connected(self, protocol):
@@ -270,20 +276,7 @@ class Exchange:
         self._connecting = None
         if self.state == DONE:
             return  # finish() cancelled the attempt
-        shortage = localShortage(failure)
-        if shortage is not None:
-            # lbws's own limits (EMFILE...): shed load, blame no backend.
-            self.relay.dialer.shortages.note(shortage)
-            self._release()
-            self.fail(503, "lbws is out of resources")
-            return
-        # addTimeout cancels the endpoint's attempt: TCP endpoints report
-        # that as ConnectingCancelledError, not as the TimeoutError.
-        if failure.check(TimeoutError, CancelledError, ConnectingCancelledError):
-            why = f"connect timed out after {self.settings.connect_timeout:g}s"
-            self._backendFailed(why, retry=True, status=504)
-        else:
-            self._backendFailed(failure.getErrorMessage(), retry=True)
+        self._backendFailed(failure, retry=True)
 
     def _attach(self, protocol, reused):
         """
@@ -341,7 +334,7 @@ class Exchange:
             headers.append(("Transfer-Encoding", "chunked"))
         elif "content-length" in request.headers:
             headers.append(("Content-Length", request.headers["content-length"]))
-        if getattr(self.relay, "idle", None) is None:
+        if not self.settings.http_keepalive:
             headers.append(("Connection", "close"))
         return {
             "method": request.method,
@@ -462,7 +455,7 @@ class Exchange:
         elif self.backend.lostReason is not None and not self.backend.gotBytes:
             self._backendClosed()
         else:
-            self._backendFailed(f"malformed response: {why}", retry=False)
+            self._backendFailed(BadAnswer(f"malformed response: {why}"), retry=False)
 
     def _interim(self, event):
         """
@@ -493,13 +486,13 @@ class Exchange:
 
     def _responseHead(self, event):
         self._stopTimer()
-        # The application answered: a backend that was down is up again.
-        self.member.connectionSucceeded(self.reactor.seconds(), self.settings.health)
         response = Head.ofEvent(event)
         problem = fieldsProblem(event.headers.raw_items())
         if problem is not None:
-            self._backendFailed(f"malformed response: {problem}", retry=False)
+            self._backendFailed(BadAnswer(f"malformed response: {problem}"), retry=False)
             return
+        # The application answered: a backend that was down is up again.
+        self.tries.succeeded()
         self.status = response.status
         request = self.request
         listed = set(response.tokens("connection")) - FRAMING
@@ -539,10 +532,9 @@ class Exchange:
         self.front.send(h11.EndOfMessage())
         backend, self.backend = self.backend, None
         self._detach(backend)
-        idle = getattr(self.relay, "idle", None)
-        if idle is not None and backend.reusable():
+        if backend.reusable():
             backend.conn.start_next_cycle()
-            if idle.give(self.member, backend):
+            if self.relay.idle.give(self.member, backend):
                 backend = None
         if backend is not None:
             backend.transport.loseConnection()
@@ -572,7 +564,7 @@ class Exchange:
             why = describeTlsFailure(reason, backend.transport) or (
                 f"connection lost before a response: {reason.getErrorMessage()}"
             )
-            self._backendFailed(why, retry=not backend.gotBytes)
+            self._backendFailed(BadAnswer(why), retry=not backend.gotBytes)
             return
         _log.warn(
             "backend {backend} cut a response short: {why}",
@@ -584,9 +576,8 @@ class Exchange:
     def _headTimedOut(self):
         self._timer = None
         self._backendFailed(
-            f"no response within http_timeout ({self.settings.http_timeout:g}s)",
+            BackendTimeout(f"no response within http_timeout ({self.settings.http_timeout:g}s)"),
             retry=False,
-            status=504,
         )
 
     # Flow control from the client's side
@@ -605,36 +596,30 @@ class Exchange:
 
     # Ends
 
-    def _backendFailed(self, why, retry, status=502):
+    def _backendFailed(self, failure, retry):
         """
-        The backend could not be reached or broke the protocol: a failure
-        towards C{fall}, then another backend (idempotent requests whose
-        body did not go out yet) or an error for the client.
+        The backend could not be reached or broke HTTP: L{Attempts} counts
+        it and says whether another backend comes (idempotent requests
+        whose body did not go out yet, and to which no 1xx came) or what
+        the client gets.
+
+        @param failure: a C{Failure} or an exception.
         """
-        member = self.member
-        self._lastFailure = status
-        member.connectionFailed(why, self.reactor.seconds(), self.settings.health)
-        _log.warn(
-            "backend {backend} failed for {peer} (HTTP): {why}",
-            backend=member.name,
-            peer=self.front.peer,
-            why=why,
-        )
         self._stopTimer()
         self._dropBackend()
         self._release()
-        if (
+        retry = (
             retry
             and self.request.method in IDEMPOTENT
             and self.sent == 0
             and self.interims == 0
-            and len(self.tried) <= self.settings.retries
-            and self.state != DONE
-        ):
+        )
+        giveUp = self.tries.failed(failure, retry=retry)
+        if giveUp is None:
             self.state = CONNECTING
             self.attempt()
             return
-        self.fail(status, "the backend did not answer" if status == 504 else "the backend failed")
+        self.fail(giveUp.status, _giveUpText(giveUp))
 
     def fail(self, status, text):
         """
