@@ -3,15 +3,15 @@ Plain HTTP flow control over real sockets (issue 21): a client that
 pipelines and reads nothing holds at most a few responses in lbws, and a
 client pipelining into a route whose backends are down does not hold the
 reactor from the others. Real lbws, real twisted.web backends, raw socket
-clients in threads.
+clients in threads or processes of their own.
 """
 
 import socket
-import threading
-import time
+import subprocess
+import sys
 
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import threads, utils
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -91,70 +91,49 @@ async def test_a_client_that_pipelines_and_reads_nothing_holds_a_few_responses()
         await harness.close()
 
 
-def _response(sock):
-    """
-    Read one response with a Content-Length body from C{sock}.
-    """
+# The two clients of the next test, each a process of its own (threads of
+# this one would share the reactor's interpreter lock).
+_FLOOD = """
+import socket, sys, threading
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def send():
+    while True:
+        sock.sendall(b"GET /down HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n" * 500)
+threading.Thread(target=send, daemon=True).start()
+while sock.recv(1 << 20):
+    pass
+"""
+
+_LATENCIES = """
+import socket, sys, time
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sock.settimeout(10)
+times = []
+for _ in range(int(sys.argv[2])):
+    start = time.monotonic()
+    sock.sendall(b"GET /up HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n")
     data = b""
-    while b"\r\n\r\n" not in data:
-        data += _recv(sock)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+    while b"\\r\\n\\r\\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\\r\\n\\r\\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    length = int(head.lower().split(b"content-length:", 1)[1].split(b"\\r\\n", 1)[0])
     while len(body) < length:
-        body += _recv(sock)
-    return head
+        body += sock.recv(65536)
+    times.append(time.monotonic() - start)
+print(" ".join(f"{t:.6f}" for t in times))
+"""
 
 
-def _recv(sock):
-    data = sock.recv(65536)
-    if not data:
-        raise AssertionError("lbws closed the connection")
-    return data
-
-
-def _latencies(port, count):
+async def _latencies(port, count):
     """
-    C{count} keep-alive GETs one after the other; their round trips in
-    seconds.
+    C{count} keep-alive GETs one after the other from another process;
+    their round trips in seconds.
     """
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.settimeout(10)
-    times = []
-    try:
-        for _ in range(count):
-            start = time.monotonic()
-            sock.sendall(b"GET /up HTTP/1.1\r\nHost: t\r\n\r\n")
-            assert _response(sock).startswith(b"HTTP/1.1 200 ")
-            times.append(time.monotonic() - start)
-    finally:
-        sock.close()
-    return times
-
-
-def _flood(port, stop):
-    """
-    Pipeline GETs into the route whose backends are down from one thread,
-    and read the answers, until C{stop} is set.
-    """
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.settimeout(10)
-
-    def send():
-        try:
-            while not stop:
-                sock.sendall(b"GET /down HTTP/1.1\r\nHost: t\r\n\r\n" * 500)
-        except OSError:
-            pass  # closed below
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    try:
-        while not stop:
-            sock.recv(1 << 20)
-    finally:
-        sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-        sender.join(10)
+    out = await utils.getProcessOutput(
+        sys.executable, ["-c", _LATENCIES, str(port), str(count)], errortoo=True
+    )
+    return [float(t) for t in out.split()]
 
 
 @pytest_twisted.ensureDeferred
@@ -170,13 +149,14 @@ async def test_a_pipeline_into_a_dead_route_does_not_hold_the_other_clients():
             "[route:up]\npath = /up\nbackends = up\n",
         )
         lbwsPort = int(lbws.url.rsplit(":", 1)[1])
-        await threads.deferToThread(_latencies, lbwsPort, 20)  # warm
-        stop = []
-        flood = threads.deferToThread(_flood, lbwsPort, stop)
-        await eventually(lambda: lbws.counters.httpRequests.get(("down", "5xx"), 0) > 1000)
-        times = sorted(await threads.deferToThread(_latencies, lbwsPort, 200))
-        stop.append(True)
-        await flood
+        await _latencies(lbwsPort, 20)  # warm
+        flood = subprocess.Popen([sys.executable, "-c", _FLOOD, str(lbwsPort)])
+        harness.atEnd(lambda: (flood.kill(), flood.wait(10)), first=True)
+        # The flood is on (it goes on while the other client measures).
+        await eventually(lambda: lbws.counters.httpRequests.get(("down", "5xx"), 0) > 100)
+        before = lbws.counters.httpRequests[("down", "5xx")]
+        times = sorted(await _latencies(lbwsPort, 200))
+        assert lbws.counters.httpRequests[("down", "5xx")] > before + 100  # it went on
         p99 = times[int(len(times) * 0.99) - 1]
         assert p99 < 0.050, f"p99 {p99 * 1000:.1f} ms"
     finally:

@@ -88,7 +88,6 @@ class HttpFront:
         self.exchange = None
         self.closing = False  # no more requests: close after this response
         self.writable = True
-        self.ahead = 0  # bytes read behind the request being answered
         self._pauses = set()
         self._timer = None  # waiting for a head, or lingering
         self._timerIdle = False
@@ -112,12 +111,17 @@ class HttpFront:
     def received(self, data):
         if self.state >= CLOSING:
             return
-        self.conn.receive_data(data)
+        conn = self.conn
+        conn.receive_data(data)
         exchange = self.exchange
-        if exchange is not None and exchange.requestDone:
-            self.ahead += len(data)
-            if self.ahead > MAX_REQUEST_HEAD:
-                self.pause("pipelined")
+        if (
+            exchange is not None
+            and exchange.requestDone
+            and len(conn.trailing_data[0]) > MAX_REQUEST_HEAD
+        ):
+            # Requests pipelined behind the one being answered: read no
+            # more of them until they are taken (L{_readHead}).
+            self.pause("pipelined")
         self.pump()
 
     def pump(self):
@@ -164,6 +168,7 @@ class HttpFront:
             if len(raw) > MAX_REQUEST_HEAD:
                 self.reject(431, "request head too large")
             else:
+                self.resume("pipelined")
                 self._waitForHead(raw)
             return False
         self._stopTimer()
@@ -207,8 +212,8 @@ class HttpFront:
                 headers=[("Upgrade", "websocket"), ("Connection", "Upgrade")],
             )
             return False
-        self.ahead = 0
-        self.resume("pipelined")
+        if len(raw) - end <= MAX_REQUEST_HEAD:
+            self.resume("pipelined")
         self.state = EXCHANGE
         self.exchange = Exchange(self, request, route)
         self.exchange.start()
@@ -234,6 +239,7 @@ class HttpFront:
             exchange.requestEnded(event.headers.raw_items())
             return True
         # NEED_DATA: body_timeout runs from this read to the next.
+        self.resume("pipelined")
         self._stopBodyTimer()
         self._bodyTimer = self.reactor.callLater(self.settings.body_timeout, self._bodyTimedOut)
         return False
@@ -342,7 +348,6 @@ class HttpFront:
             return
         conn.start_next_cycle()
         self.state = HEAD
-        self.resume("pipelined")
         if self._pumping:
             self._next = self.reactor.callLater(0, self._nextTurn)
         else:
