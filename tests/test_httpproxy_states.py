@@ -620,3 +620,14 @@ def test_a_parked_connection_that_speaks_or_closes_leaves_the_pool():
     assert proxy.relay.idle.count() == 1
     backend.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
     assert proxy.relay.idle.count() == 0 and transport.disconnected
+
+
+def test_a_response_with_both_framings_is_a_502():
+    proxy = Proxy()
+    proxy.send(GET)
+    proxy.answered(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n"
+    )
+    assert proxy.answer().startswith("HTTP/1.1 502 Bad Gateway\r\n")
+    assert proxy.pool["a"].consecutiveFailures == 1

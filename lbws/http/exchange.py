@@ -417,6 +417,11 @@ class Exchange:
             while self.state != DONE and self.backend is not None and self.front.writable:
                 if not self._nextEvent():
                     break
+        except Exception:
+            # A bug must cost this exchange only, never leave the client
+            # waiting.
+            _log.failure("plain HTTP exchange for {peer} failed", peer=self.front.peer)
+            self.finish(abort=True)
         finally:
             self._pumping = False
 
@@ -488,6 +493,9 @@ class Exchange:
         self._stopTimer()
         response = Head.ofEvent(event)
         problem = fieldsProblem(event.headers.raw_items())
+        if "content-length" in response.headers and "transfer-encoding" in response.headers:
+            # h11 reads the coding; passed on, the length would frame it.
+            problem = "both Content-Length and Transfer-Encoding"
         if problem is not None:
             self._backendFailed(BadAnswer(f"malformed response: {problem}"), retry=False)
             return
