@@ -46,11 +46,13 @@ _HOST_VALUE = re.compile(
     # ("::1:8020"): invalid, but it cannot smuggle a name in either.
     rb"|[0-9A-Fa-f:.]+"
 )
-_HOST_LINE = re.compile(rb"^host[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
-# Both framings at once: RFC 9112 6.3 lets a server read such a request,
-# but a proxy that forwards it lets the next hop choose the other one.
-_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:", re.IGNORECASE | re.MULTILINE)
-_CODING_LINE = re.compile(rb"^transfer-encoding[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# The fields with rules of their own, found in one scan: Host, and the
+# two framings (both at once: RFC 9112 6.3 lets a server read such a
+# request, but a proxy that forwards it lets the next hop choose the other).
+_RULED_LINE = re.compile(
+    rb"^(host|content-length|transfer-encoding)[ \t]*:[ \t]*(.*?)[ \t]*\r?$",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 def headEnd(data):
@@ -82,12 +84,18 @@ def headProblem(head):
     """
     if _HEAD.fullmatch(head) is None:
         return _syntaxProblem(head)
-    problem = _hostProblem(head)
-    if problem is not None:
-        return problem
-    if _LENGTH_LINE.search(head) is not None and _CODING_LINE.search(head) is not None:
+    line, _, fields = head.partition(b"\n")
+    hosts = []
+    framings = set()
+    for name, value in _RULED_LINE.findall(fields):
+        name = name.lower()
+        if name == b"host":
+            hosts.append(value)
+        else:
+            framings.add(name)
+    if len(framings) > 1:
         return "both Content-Length and Transfer-Encoding"
-    return None
+    return _hostProblem(line, hosts)
 
 
 def withCrlf(head):
@@ -113,16 +121,18 @@ def fieldsProblem(fields):
     return None
 
 
-def _hostProblem(head):
+def _hostProblem(line, values):
     """
     RFC 9112 (3.2) has a server answer 400 to an HTTP/1.1 request with no
     Host, more than one, or one that is not a valid host[:port].
+
+    @param line: the request line.
+    @param values: the Host fields' values.
     """
-    values = _HOST_LINE.findall(head.split(b"\n", 1)[1] if b"\n" in head else b"")
     if len(values) > 1:
         return "more than one Host header"
     if not values:
-        return "no Host header" if head.split(b"\n", 1)[0].rstrip(b"\r").endswith(b"HTTP/1.1") else None
+        return "no Host header" if line.rstrip(b"\r").endswith(b"HTTP/1.1") else None
     if _HOST_VALUE.fullmatch(values[0]) is None:
         return f"invalid Host {printable(values[0].decode('latin-1'))[:80]!r}"
     return None
