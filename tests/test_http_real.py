@@ -154,3 +154,46 @@ async def test_curl_and_httpx_get_what_they_get_direct_and_through_nginx(upload,
             assert answers[3] == (200, expected)
     finally:
         await harness.close()
+
+
+def _get(address, path, count):
+    """
+    C{count} keep-alive GETs over one client connection, with httpx.
+    """
+    with httpx.Client(timeout=10) as client:
+        return [client.get(f"http://{address}{path}").json() for _ in range(count)]
+
+
+@pytest.mark.skipif(not support.nodeAvailable(), reason="needs node (make setup)")
+@pytest_twisted.ensureDeferred
+async def test_node_http_backend_connections_are_reused_and_replaced_when_it_closes_them():
+    harness = support.Harness()
+    # node closes an idle connection after 300 ms, before lbws's pool would.
+    node = support.NodeBackend("--keep-alive-ms", "300", script="http-server.js")
+    harness.atEnd(node.stop)
+    try:
+        lbws = await harness.lbws(
+            [("node", node.url)], lbws="http_keepalive = 4\nhttp_keepalive_timeout = 60"
+        )
+        address = lbws.url.split("://", 1)[1]
+        answers = await threads.deferToThread(_get, address, "/a", 50)
+        # 50 requests over one pooled backend connection.
+        assert {a["connections"] for a in answers} == {1}
+        assert lbws.relay.idle.count() == 1
+        # node closes it; lbws notices (or finds it closed when it sends),
+        # and the next request goes over a new one, the client none the wiser.
+        await eventually(lambda: lbws.relay.idle.count() == 0)
+        answers = await threads.deferToThread(_get, address, "/b", 3)
+        assert [a["connections"] for a in answers] == [2, 2, 2]
+        assert lbws.pool["node"].consecutiveFailures == 0
+
+        def chunkedUpload():
+            with httpx.Client(timeout=10) as client:
+                return client.post(
+                    f"http://{address}/up", content=iter([b"x" * 1000, b"y" * 5])
+                ).json()
+
+        answer = await threads.deferToThread(chunkedUpload)
+        assert (answer["method"], answer["length"], answer["trailers"]) == ("POST", 1005, {})
+    finally:
+        await harness.close()
