@@ -77,6 +77,12 @@ class Attempts:
     returns None, the caller calls L{next} again; None from L{next} means
     no member is left: L{exhausted} says what the client gets.
 
+    A plain HTTP request may first go over an idle kept connection of the
+    member (L{lbws.backends.keepalive}); one that the backend closed before
+    any byte of the answer came is not the member's failure (it may have
+    closed it just then): the caller connects to the same L{member} again
+    with L{connect}, without L{failed}.
+
     @param pool: the L{lbws.backends.pool.Pool}.
     @param settings: the L{lbws.config.Settings} the request started under
         (C{connect_timeout}, C{retries}, C{[health]}).
