@@ -8,6 +8,8 @@ on L{StringTransport} that keep the park/unpark contract.
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from twisted.internet import task
 from twisted.internet.error import ConnectionDone
@@ -330,3 +332,59 @@ def test_bad_values_name_the_key(line, says):
     with pytest.raises(ConfigError) as caught:
         parseConfig(support.configText(BACKENDS, lbws=line), "t.ini")
     assert line.split(" ")[0] in str(caught.value) and says in str(caught.value)
+
+
+# Any sequence of what can happen keeps the pool's promises.
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["give", "take", "byte", "lost", "tick", "forget", "configure"]),
+        st.sampled_from(["a", "b"]),
+        st.integers(0, 3),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS)
+def test_any_sequence_keeps_the_promises(ops):
+    """
+    Whatever happens: no member holds more than the limit, a connection
+    handed out was never closed, nor is one still parked, each parked
+    connection has exactly one timer, and one that went or was closed is
+    never handed out again.
+    """
+    clock, a, b, idle = pool(limit=2, timeout=5)
+    members = {"a": a, "b": b}
+    parked = {"a": [], "b": []}  # what the test gave and the pool kept
+    limit = 2
+    for op, name, n in ops:
+        member = members[name]
+        if op == "give":
+            one = leg()
+            if idle.give(member, one):
+                parked[name].append(one)
+        elif op == "take":
+            got = idle.take(member)
+            if got is not None:
+                assert got in parked[name] and not closed(got) and got.onGone is None
+                parked[name].remove(got)
+                got.transport.loseConnection()  # used up
+        elif op in ("byte", "lost") and parked[name]:
+            one = parked[name][n % len(parked[name])]
+            if op == "byte":
+                one.dataReceived(b"x")
+            else:
+                one.connectionLost(Failure(ConnectionDone()))
+        elif op == "tick":
+            clock.advance(n * 2)
+        elif op == "forget":
+            idle.forget(member)
+        elif op == "configure":
+            limit = n
+            idle.configure(limit, 5)
+        for key in parked:
+            parked[key] = [p for p in parked[key] if not closed(p) and p.onGone is not None]
+            assert idle.count(members[key]) == len(parked[key]) <= limit
+    assert len(clock.getDelayedCalls()) == idle.count()
