@@ -18,7 +18,6 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 
 from lbws.protocol.frames import DEFAULT_MAX_FRAMES
 from lbws.protocol.origins import AllowedOrigins, OriginError, parseOrigins
-from lbws.protocol.request import ESCAPED_SLASHES
 from lbws.backends.routes import RouteTable, describe
 
 SECTION_MAIN = "lbws"
@@ -192,6 +191,8 @@ ROUTE_OVERRIDES = (
     "underscores_in_headers",
 )
 DRAIN_MODES = ("keep", "shed")
+# escaped_slashes: see lbws.protocol.request.checkEscapes.
+ESCAPED_SLASHES = ("reject", "keep")
 # close_spread's default, in seconds: see closeWindow and the README
 # ("Stopping and draining").
 DEFAULT_CLOSE_SPREAD = 10.0

@@ -18,9 +18,10 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from lbws.config import ConfigError, parseConfig
 from lbws.protocol.headers import forwardedHeaders, underscoreDropped
 
-from tests import wire
+from tests import support, wire
 from tests.support import eventually, handshakeRequest
 from tests.test_hostile import backendHead, fields
 from tests.test_httpproxy import _httpBackend
@@ -241,3 +242,21 @@ def test_http_connection_counts_end_once():
     relay.httpEnded(front)
     relay.httpEnded(front)
     assert relay.httpPerPeer == {"192.0.2.1": 1} and len(relay.http) == 1
+
+
+def test_underscores_in_headers_is_checked_and_routes_inherit_it():
+    settings = parseConfig(
+        support.configText(
+            [("a", "ws://127.0.0.1:1")],
+            lbws="underscores_in_headers = pass",
+            routes="[route:r]\nbackends = a\n",
+        )
+    )
+    assert (settings.underscores_in_headers, settings.routes[0].underscores_in_headers) == (
+        "pass", "pass"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parseConfig(
+            support.configText([("a", "ws://127.0.0.1:1")], routes="[route:r]\nbackends = a\nunderscores_in_headers = yes\n")
+        )
+    assert str(raised.value) == "<config>: [route:r] underscores_in_headers: 'yes' is not one of drop, pass"

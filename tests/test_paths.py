@@ -8,9 +8,11 @@ segments, so that it shows where a target would really land; curl
 import os
 import textwrap
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, utils
 
+from lbws.config import ConfigError, parseConfig
 from tests import support, wire
 
 class DecodingBackend(support.Nginx):
@@ -146,3 +148,18 @@ async def test_a_route_overrides_escaped_slashes_and_strip_prefix_stays_confined
     for target in ("/files/..%2fsecret", "/files/x%2f..%2f..%2f..%2fsecret"):
         assert await both(lbws, target) == (400, ""), target
     assert await both(lbws, "/files/x/../y") == (200, "inside /app/y")
+
+
+def test_escaped_slashes_is_checked_and_routes_inherit_it():
+    config = support.configText(
+        [("a", "ws://127.0.0.1:1")],
+        lbws="escaped_slashes = keep",
+        routes="[route:r]\nbackends = a\n[route:s]\npath = /s\nescaped_slashes = reject\nbackends = a\n",
+    )
+    settings = parseConfig(config)
+    assert settings.escaped_slashes == "keep"
+    assert [r.escaped_slashes for r in settings.routes] == ["keep", "reject"]
+    assert parseConfig(support.configText([("a", "ws://127.0.0.1:1")])).escaped_slashes == "reject"
+    with pytest.raises(ConfigError) as raised:
+        parseConfig(support.configText([("a", "ws://127.0.0.1:1")], lbws="escaped_slashes = merge"))
+    assert str(raised.value) == "<config>: [lbws] escaped_slashes: 'merge' is not one of reject, keep"

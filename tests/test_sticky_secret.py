@@ -6,7 +6,6 @@ warning when there is none, in C{--check} and in the start log.
 """
 
 import os
-import signal
 from types import SimpleNamespace
 
 import pytest

@@ -123,10 +123,6 @@ class BadTarget(ValueError):
     """
 
 
-# The values of C{escaped_slashes} (README, "Paths"): refuse a path with
-# an encoded slash or backslash, or pass it on.
-ESCAPED_SLASHES = ("reject", "keep")
-
 _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
 _DOT_SEGMENT = re.compile(r"(?:\.|%2[eE]){1,2}")
 # An encoded "/" or "\\": a backend that decodes the path before it resolves
@@ -206,7 +202,8 @@ def checkEscapes(target, escapedSlashes):
     its routes, another to a backend that decodes them first.
 
     @param target: the client's request target as it sent it.
-    @param escapedSlashes: one of L{ESCAPED_SLASHES}.
+    @param escapedSlashes: C{escaped_slashes}, C{reject} or C{keep}
+        (README, "Paths").
     @raise BadTarget: for a target C{reject} refuses.
     """
     if escapedSlashes == "keep":
