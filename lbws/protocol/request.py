@@ -154,14 +154,16 @@ def normaliseTarget(target):
     RFC 3986 (5.2.4). The query is kept byte for byte.
 
     Whatever C{escaped_slashes} says, a dot segment that only a backend
-    decoding C{%2F} or C{%5C} would see (C{/..%2fsecret}) is refused:
-    lbws cannot resolve it without changing the path the application
-    gets, and passed on it would climb out of the prefix on such a
-    backend (see L{checkEscapes} for the rest of C{escaped_slashes}).
+    decoding C{%2F} or C{%5C} would see (C{/..%2fsecret}), or one that
+    strips path parameters (C{/..;/secret}), is refused: lbws cannot
+    resolve it without changing the path the application gets, and passed
+    on it would climb out of the prefix on such a backend (see
+    L{checkEscapes} for the rest of C{escaped_slashes}).
 
     @raise BadTarget: for a target that is not origin-form or
         absolute-form, or has a fragment, or a backslash in its path, or a
-        dot segment behind an encoded slash or backslash.
+        dot segment behind an encoded slash or backslash or before path
+        parameters.
     """
     target = _split(target)[1]
     if not target.startswith("/"):
@@ -173,8 +175,8 @@ def normaliseTarget(target):
         # WHATWG URL parsers (Node's new URL(), browsers) read a backslash
         # in an http path as "/": "/app/..\\admin" would climb out there.
         raise BadTarget("request target has a backslash in its path")
-    if "%" in path and _hiddenDotSegment(path):
-        raise BadTarget("request target has a dot segment behind an encoded slash")
+    if ("%" in path or ";" in path) and _hiddenDotSegment(path):
+        raise BadTarget("request target has a dot segment hidden from lbws")
     if "." in path or "%" in path:
         path = _removeDotSegments(path)
     return path + mark + query
@@ -182,14 +184,18 @@ def normaliseTarget(target):
 
 def _hiddenDotSegment(path):
     """
-    Whether a segment of C{path}, cut again at its encoded slashes and
-    backslashes, has a dot segment among its pieces.
+    Whether C{path} has a dot segment that lbws does not see as one but a
+    backend may: behind an encoded slash or backslash (C{..%2f}, resolved
+    after decoding by nginx), or before path parameters (C{..;x}, which
+    Tomcat and Spring strip before they resolve dot segments).
     """
     for segment in path.split("/"):
-        if _ESCAPED_SEPARATOR.search(segment) is not None and any(
-            _DOT_SEGMENT.fullmatch(piece) for piece in _ESCAPED_SEPARATOR.split(segment)
-        ):
-            return True
+        if "%" not in segment and ";" not in segment:
+            continue
+        for piece in _ESCAPED_SEPARATOR.split(segment):
+            bare = piece.partition(";")[0]
+            if _DOT_SEGMENT.fullmatch(bare) and bare != segment:
+                return True
     return False
 
 
