@@ -51,7 +51,8 @@ class Relay:
         self.perPeer = {}  # the same, by client address (PROXY protocol's if used)
         self.opening = {}  # client protocol -> its backend attempt, until settled
         self.http = set()  # client connections speaking plain HTTP (lbws.http.httpproxy)
-        self.httpPerPeer = {}  # the same, by client address
+        self.httpPerPeer = {}  # the same, by client address, if admitted:
+        self.httpOverLimit = set()  # those over max_connections_per_ip at their start
         self.stopping = False
         self._drained = None
         self._spread = None  # the SpreadClose of a stop in progress
@@ -138,33 +139,43 @@ class Relay:
         """
         A client connection speaks plain HTTP (an
         L{lbws.http.httpproxy.HttpFront}), until L{httpEnded}: it counts
-        towards C{max_connections} and C{max_connections_per_ip}.
+        towards C{max_connections}, and towards C{max_connections_per_ip}
+        unless its address had as many connections already (then each of
+        its requests gets 503, see L{httpRefusal}, and the connections
+        admitted before it keep working, as WebSockets do).
         """
         self.http.add(front)
-        self.httpPerPeer[front.peer] = self.httpPerPeer.get(front.peer, 0) + 1
+        if self._overIpLimit(front.peer, 1):
+            self.httpOverLimit.add(front)
+        else:
+            self.httpPerPeer[front.peer] = self.httpPerPeer.get(front.peer, 0) + 1
 
     def httpEnded(self, front):
         """
         A plain HTTP connection closed, or went back to the WebSocket
         handshake; a second call for it changes nothing.
         """
-        if front in self.http:
-            self.http.discard(front)
-            left = self.httpPerPeer.pop(front.peer) - 1
-            if left:
-                self.httpPerPeer[front.peer] = left
+        if front not in self.http:
+            return
+        self.http.discard(front)
+        if front in self.httpOverLimit:
+            self.httpOverLimit.discard(front)
+            return
+        left = self.httpPerPeer.pop(front.peer) - 1
+        if left:
+            self.httpPerPeer[front.peer] = left
 
-    def httpRefusal(self, peer):
+    def httpRefusal(self, front):
         """
-        Why a plain HTTP request from C{peer}, whose connection counts
-        already, gets a 503 now (lbws stopping, C{max_connections},
-        C{max_connections_per_ip}), or None.
+        Why a plain HTTP request on C{front}'s connection gets a 503 now
+        (lbws stopping, C{max_connections}, C{max_connections_per_ip}), or
+        None.
         """
         if self.stopping:
             return "lbws is stopping"
         if self.clients + len(self.http) > self.settings.max_connections:
             return "too many connections"
-        if self._overIpLimit(peer, 0):
+        if front in self.httpOverLimit:
             return "too many connections from your address"
         return None
 

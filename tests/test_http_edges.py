@@ -209,20 +209,25 @@ def test_underscore_names_dropped_from_the_websocket_handshake_headers():
     assert not underscoreDropped("x-y", "drop")
 
 
-def test_http_requests_over_the_per_ip_limit_get_503():
+def test_http_connections_over_the_per_ip_limit_get_503_and_earlier_ones_keep_working():
     proxy = Proxy("max_connections_per_ip = 1")
-    proxy.send(GET)
     relay = proxy.relay
+    proxy.send(GET)
     [peer] = relay.httpPerPeer
-    assert relay.httpPerPeer == {peer: 1} and relay.httpRefusal(peer) is None
     other = relay.factory().buildProtocol(None)
     otherClient = StringTransport()
     other.makeConnection(otherClient)
     other.dataReceived(GET)
     assert otherClient.value().startswith(b"HTTP/1.1 503 "), otherClient.value()
     assert b"too many connections from your address" in otherClient.value()
+    # The first connection's next request is still served.
+    transport, backend = proxy.backend()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    proxy.send(GET)
+    assert len(proxy.reactor.tcpClients) == 2
+    assert relay.httpPerPeer == {peer: 1} and len(relay.httpOverLimit) == 1
     other.connectionLost(Failure(ConnectionDone()))
-    assert relay.httpPerPeer == {peer: 1}
+    assert relay.httpPerPeer == {peer: 1} and not relay.httpOverLimit
     # A WebSocket from that address would be one too many as well.
     assert relay._refusal(SimpleNamespace(peer=peer)) is not None
     proxy.protocol.connectionLost(Failure(ConnectionDone()))

@@ -452,7 +452,7 @@ class Exchange:
         if limit and kind == "length" and length > limit:
             self.fail(413, f"request body larger than {limit} bytes")
             return
-        refusal = self.relay.httpRefusal(self.front.peer)
+        refusal = self.relay.httpRefusal(self.front)
         if refusal is not None:
             self.fail(503, refusal)
             return
