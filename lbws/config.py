@@ -1028,7 +1028,12 @@ def summary(settings):
             if settings.http == "proxy"
             else ""
         )
-        + f"; sticky_cookie {settings.sticky_cookie or 'off'}",
+        + f"; sticky_cookie {settings.sticky_cookie or 'off'}"
+        + (
+            f" (ids keyed with {settings.sticky_secret_file})"
+            if settings.sticky_secret_file
+            else ""
+        ),
         f"handoff_socket {settings.handoff_socket or 'off'}"
         + (
             f" (handoff_timeout {settings.handoff_timeout:g}s)"

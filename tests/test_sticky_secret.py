@@ -52,6 +52,7 @@ def test_secret_file_is_read_and_its_line_end_dropped(tmp_path):
     settings = parseConfig(_config(f"sticky_cookie = LB\nsticky_secret_file = {path}"))
     assert (settings.sticky_secret, settings.sticky_secret_file) == (SECRET, str(path))
     assert settings.notes == ()
+    assert f"sticky_cookie LB (ids keyed with {path})" in summary(settings)
     assert SECRET.decode() not in repr(settings) + summary(settings)
 
 
