@@ -134,6 +134,8 @@ def _split(target):
     """
     The authority (None for origin-form) and the rest of C{target}.
     """
+    if target.startswith("/"):
+        return None, target  # origin-form, nearly every request
     absolute = _ABSOLUTE.match(target)
     if absolute is None:
         return None, target
