@@ -146,7 +146,10 @@ class _ClientDial:
     def _open(self, member, connection):
         settings = self._settings
         backend = member.settings
-        headers, useragent, origin = forwardedHeaders(self._request, self._peer, self._secure)
+        headers, useragent, origin = forwardedHeaders(
+            self._request, self._peer, self._secure,
+            (self._route or settings).underscores_in_headers,
+        )
         if self._offer is not None:
             headers["Sec-WebSocket-Extensions"] = self._offer
         attempt = Attempt(

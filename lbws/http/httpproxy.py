@@ -28,14 +28,16 @@ from lbws.backends import sticky
 from lbws.backends.balance import hashKeyOf
 from lbws.backends.redirects import RedirectRewriter
 from lbws.backends.backend import backendEndpoint, hostForUrl, localShortage
-from lbws.protocol.headers import PROXY_HEADERS, proxyHeaders
+from lbws.protocol.headers import PROXY_HEADERS, proxyHeaders, underscoreDropped
 from lbws.protocol.request import (
     BadTarget,
+    checkEscapes,
     checkHead,
     headProblem,
     hostProblem,
     joinTarget,
     normaliseTarget,
+    takeAuthority,
 )
 from lbws.backends.routes import forwardTarget
 from lbws.protocol.http1 import (
@@ -168,7 +170,7 @@ class HttpFront:
         self._receiving = False
         self._more = b""  # bytes behind a request head, while one is read
         self.lingering = False
-        relay.http.add(self)
+        relay.httpStarted(self)
 
     def received(self, data):
         if self.lingering:
@@ -230,14 +232,17 @@ class HttpFront:
                 raise BadMessage(problem)
             request = parseRequestHead(head)
             framing = requestFraming(request)
-            request.target = normaliseTarget(request.target)
+            takeAuthority(request.target, request.headers)
+            target, request.target = request.target, normaliseTarget(request.target)
+            route = self.relay.routes.match(
+                request.headers.get("host"), request.target.partition("?")[0]
+            )
+            if route is not None:
+                checkEscapes(target, route.escaped_slashes)
         except (BadMessage, BadTarget) as e:
             _log.info("bad HTTP request from {peer}: {why}", peer=self.peer, why=str(e))
             self.reject(400, "bad request")
             return
-        route = self.relay.routes.match(
-            request.headers.get("host"), request.target.partition("?")[0]
-        )
         if route is None:
             self.reject(404, "no route for this request", request)
             return
@@ -261,7 +266,7 @@ class HttpFront:
         this request as if it were the first.
         """
         self.gone = True
-        self.relay.http.discard(self)
+        self.relay.httpEnded(self)
         if self._pauses:
             self._pauses.clear()
             self.transport.resumeProducing()
@@ -374,7 +379,7 @@ class HttpFront:
     def connectionLost(self, reason):
         self.gone = True
         self._stopTimer()
-        self.relay.http.discard(self)
+        self.relay.httpEnded(self)
         if self.exchange is not None:
             self.exchange.clientLost()
 
@@ -447,13 +452,9 @@ class Exchange:
         if limit and kind == "length" and length > limit:
             self.fail(413, f"request body larger than {limit} bytes")
             return
-        relay = self.relay
-        if relay.stopping:
-            self.fail(503, "lbws is stopping")
-            return
-        if relay.clients + len(relay.http) > self.settings.max_connections:
-            # HTTP connections count towards max_connections with WebSockets.
-            self.fail(503, "too many connections")
+        refusal = self.relay.httpRefusal(self.front)
+        if refusal is not None:
+            self.fail(503, refusal)
             return
         self.attempt()
 
@@ -465,7 +466,8 @@ class Exchange:
         member = None
         if not self.tried:
             member = sticky.preferred(
-                pool, route.sticky_cookie, request.headers.get("cookie"), route
+                pool, route.sticky_cookie, request.headers.get("cookie"), route,
+                settings.sticky_secret,
             )
         if member is None:
             key = hashKeyOf(route.hash_key, self.front.peer, request)
@@ -563,6 +565,7 @@ class Exchange:
                 or key in listed
                 or key in PROXY_HEADERS
                 or key in ("host", "content-length")
+                or underscoreDropped(key, self.route.underscores_in_headers)
             ):
                 continue
             lines.append(f"{name}: {value}")
@@ -705,7 +708,8 @@ class Exchange:
         if (kind == "chunked" and not self.dechunk) or self.rechunk:
             lines.append("Transfer-Encoding: chunked")
         cookie = sticky.setCookie(
-            self.route.sticky_cookie, self.member, request.headers.get("cookie")
+            self.route.sticky_cookie, self.member, request.headers.get("cookie"),
+            self.settings.sticky_secret,
         )
         if cookie is not None:
             lines.append(f"Set-Cookie: {cookie}")
