@@ -155,6 +155,32 @@ async def test_a_route_overrides_escaped_slashes_and_strip_prefix_stays_confined
     assert await both(lbws, "/files/x/../y") == (200, "inside /app/y")
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_route_matches_encoded_letters_as_the_backend_decodes_them(harness, tmp_path):
+    """
+    C{/%61dmin} is C{/admin} to a decoding backend (RFC 3986 6.2.2.2): it
+    must take the C{/admin} route, never slip past it to another one (a
+    route may be the place of its own C{allowed_origins}).
+    """
+    nginx = await decodingBackend(harness, tmp_path)
+    lbws = await harness.lbws(
+        [("a", nginx.url + "/app"), ("b", nginx.url + "/app/b")],
+        health="interval = 60",
+        routes="""
+        [route:admin]
+        path = /admin
+        backends = b
+        [route:rest]
+        backends = a
+        """,
+    )
+    assert await both(lbws, "/admin/x") == (200, "inside /app/b/admin/x")
+    for target in ("/%61dmin/x", "/%61%64%6D%69%6E/x", "/x/../%61dmin/x"):
+        assert await both(lbws, target) == (200, "inside /app/b/admin/x"), target
+    # Other escapes stay as they came: "%40" is not "@" to a route.
+    assert await both(lbws, "/%40dmin") == (200, "inside /app/@dmin")
+
+
 def test_escaped_slashes_is_checked_and_routes_inherit_it():
     config = support.configText(
         [("a", "ws://127.0.0.1:1")],

@@ -128,6 +128,11 @@ _DOT_SEGMENT = re.compile(r"(?:\.|%2[eE]){1,2}")
 # An encoded "/" or "\\": a backend that decodes the path before it resolves
 # dot segments (nginx, many frameworks) reads either as a separator.
 _ESCAPED_SEPARATOR = re.compile(r"%(?:2[fF]|5[cC])")
+# A percent-encoded unreserved character (RFC 3986 2.3): ALPHA, DIGIT,
+# "-", ".", "_", "~". Decoding one gives an equivalent URI (6.2.2.2).
+_ESCAPED_UNRESERVED = re.compile(
+    r"%(4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|3[0-9]|2[dDeE]|5[fF]|7[eE])"
+)
 
 
 def _split(target):
@@ -153,7 +158,10 @@ def normaliseTarget(target):
     the request's host, see L{takeAuthority}); a target that does not then
     start with C{/} (C{*}, authority-form, a bare word) is refused. Dot
     segments, plain or percent-encoded (C{%2e}, C{%2E}), are removed as in
-    RFC 3986 (5.2.4). The query is kept byte for byte.
+    RFC 3986 (5.2.4). Percent-encoded unreserved characters are decoded
+    (RFC 3986 6.2.2.2), so that routes see the path a decoding backend
+    serves: C{/%61dmin} is C{/admin}, for an C{/admin} route as for the
+    backend. The query is kept byte for byte.
 
     Whatever C{escaped_slashes} says, a dot segment that only a backend
     decoding C{%2F} or C{%5C} would see (C{/..%2fsecret}), or one that
@@ -179,9 +187,15 @@ def normaliseTarget(target):
         raise BadTarget("request target has a backslash in its path")
     if ("%" in path or ";" in path) and _hiddenDotSegment(path):
         raise BadTarget("request target has a dot segment hidden from lbws")
+    if "%" in path:
+        path = _ESCAPED_UNRESERVED.sub(_unescaped, path)
     if "." in path or "%" in path:
         path = _removeDotSegments(path)
     return path + mark + query
+
+
+def _unescaped(match):
+    return chr(int(match.group(1), 16))
 
 
 def _hiddenDotSegment(path):
