@@ -58,7 +58,7 @@ def writeThrough(transport, data):
         transport.write(data)
         return
     try:
-        sent = transport.getHandle().send(data)
+        sent = transport.socket.send(data)
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:
