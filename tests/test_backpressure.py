@@ -14,7 +14,8 @@ from tests.support import connect, eventually, startEchoBackend, startLbws
 CHUNK = 64 * 1024
 TOTAL = 200 * 1024 * 1024
 # What lbws may hold for one connection: Twisted pauses the producer once a
-# transport buffers more than its bufferSize (64 KiB); one more read can
+# transport buffers more than its bufferSize (256 KiB for a tunnel leg,
+# lbws.transport.sockets.RELAY_READ_SIZE); one more read can
 # land on top of that.
 BOUND = 1024 * 1024
 # Seconds to wait for the flood to be held back.

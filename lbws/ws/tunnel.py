@@ -93,7 +93,7 @@ from lbws.protocol.frames import (
     parseClosePayload,
 )
 from lbws.compat import hasQueuedWrites, isPlainTcp
-from lbws.transport.sockets import endWriting, tcpTraffic, writerFor
+from lbws.transport.sockets import endWriting, setRelayReadSize, tcpTraffic, writerFor
 
 _log = Logger()
 
@@ -221,6 +221,7 @@ class Leg:
         self.tunnel = tunnel
         self.transport = transport
         self.write = writerFor(transport)
+        setRelayReadSize(transport)
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
         self.scanner = FrameScanner(
