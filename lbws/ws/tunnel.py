@@ -93,7 +93,7 @@ from lbws.protocol.frames import (
     parseClosePayload,
 )
 from lbws.compat import hasQueuedWrites, isPlainTcp
-from lbws.transport.sockets import endWriting, setRelayReadSize, tcpTraffic, writerFor
+from lbws.transport.sockets import adjustReadSize, endWriting, tcpTraffic, writerFor
 
 _log = Logger()
 
@@ -201,6 +201,7 @@ class Leg:
         "accepting",
         "closeSent",
         "closeReceived",
+        "_tcp",
         "_held",
         "_closeHeld",
         "_closeUnfindable",
@@ -221,7 +222,8 @@ class Leg:
         self.tunnel = tunnel
         self.transport = transport
         self.write = writerFor(transport)
-        setRelayReadSize(transport)
+        # The TCP transport whose read size follows the reads, if plain TCP.
+        self._tcp = transport if isPlainTcp(transport) else None
         self.isClient = isClient
         self.name = "client" if isClient else "backend"
         self.scanner = FrameScanner(
@@ -300,6 +302,8 @@ class Leg:
     # protocol (see lbws.compat.handOver).
 
     def dataReceived(self, data):
+        if self._tcp is not None:
+            adjustReadSize(self._tcp, len(data))
         scanner = self.scanner
         messages = scanner.messages
         size = scanner.bytes
