@@ -674,7 +674,8 @@ def test_frames_of_one_read_leave_in_one_write():
 
     relay.reactor.advance(1)
     (ping,) = client.frames()[4:]
-    before, after = fromClient(OP_TEXT, b"a"), fromClient(OP_PING, b"b") + fromClient(OP_TEXT, b"c")
+    before = fromClient(OP_TEXT, b"a")
+    after = fromClient(OP_PING, b"b") + fromClient(OP_TEXT, b"c")
     tunnel.client.dataReceived(before + fromClient(OP_PONG, ping.payload) + after)
     assert backend.writes == [before, after]
     assert (member.traffic.messagesIn, tunnel.client.messages) == (2, 2)

@@ -76,10 +76,12 @@ class FrameScanner:
     exactly as received. A ping or pong for which it returns True goes on
     with the frames around it, in the same C{forward} call; one for which it
     returns False is dropped. A close is the handler's to pass on (it gets
-    everything before the close first). Completed data messages are counted in C{messages} and C{bytes},
-    without a call per message: the handler reads the counts once per
-    L{feed} (see L{lbws.ws.tunnel.Leg.dataReceived}). A frame that breaks the rules raises L{ProtocolViolation} from
-    L{feed}, after everything before it has been forwarded. Setting
+    everything before the close first). Completed data messages are
+    counted in C{messages} and C{bytes}, without a call per message: the
+    handler reads the counts once per L{feed} (see
+    L{lbws.ws.tunnel.Leg.dataReceived}). A frame that breaks the rules
+    raises L{ProtocolViolation} from L{feed}, after everything before it
+    has been forwarded. Setting
     C{stopped} (the handler does, after a close frame) drops whatever the
     stream carries from then on. After a violation nothing more is
     forwarded either, but the handler, once it has sent its close, may

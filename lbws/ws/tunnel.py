@@ -93,7 +93,13 @@ from lbws.protocol.frames import (
     parseClosePayload,
 )
 from lbws.compat import hasQueuedWrites, isPlainTcp
-from lbws.transport.sockets import adjustReadSize, endWriting, tcpTraffic, writerFor
+from lbws.transport.sockets import (
+    DEFAULT_READ_SIZE,
+    adjustReadSize,
+    endWriting,
+    tcpTraffic,
+    writerFor,
+)
 
 _log = Logger()
 
@@ -302,8 +308,12 @@ class Leg:
     # protocol (see lbws.compat.handOver).
 
     def dataReceived(self, data):
-        if self._tcp is not None:
-            adjustReadSize(self._tcp, len(data))
+        tcp = self._tcp
+        # A small read at the default size, the common case, changes nothing.
+        if tcp is not None and (
+            len(data) == tcp.bufferSize or tcp.bufferSize != DEFAULT_READ_SIZE
+        ):
+            adjustReadSize(tcp, len(data))
         scanner = self.scanner
         messages = scanner.messages
         size = scanner.bytes
