@@ -105,6 +105,49 @@ def test_valid_stream_passes_unchanged(msgs, cuts, masked):
     assert scanner.atBoundary
 
 
+class PongDropper(Recorder):
+    """
+    A handler that lets pings go on with the bytes around them and takes
+    pongs out, as the tunnel does with the pong answering lbws's own ping.
+    """
+
+    def control(self, opcode, payload, raw):
+        self.controls.append((opcode, payload))
+        return opcode == OP_PING
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages,
+    st.lists(st.booleans(), max_size=40),
+    st.lists(st.integers(min_value=0), max_size=20),
+    st.booleans(),
+)
+def test_control_frames_taken_out_or_left_in_whatever_the_cuts(msgs, pongs, cuts, masked):
+    """
+    Pings left in the run and pongs taken out of it: the bytes forwarded
+    are the stream without the pongs, in order, wherever reads are cut.
+    """
+    stream = kept = b""
+    controls = iter(pongs)
+    for opcode, fragments, _ in msgs:
+        for i, payload in enumerate(fragments):
+            last = i == len(fragments) - 1
+            data = frame(opcode if i == 0 else OP_CONTINUATION, payload, last, masked)
+            stream += data
+            kept += data
+            control = next(controls, None)
+            if control is not None:
+                data = frame(OP_PONG if control else OP_PING, b"c%d" % i, masked=masked)
+                stream += data
+                kept += b"" if control else data
+    recorder = PongDropper()
+    scanner = FrameScanner(recorder, masked, 10**9)
+    feedInPieces(scanner, stream, cuts)
+    assert b"".join(recorder.stream) == kept
+    assert scanner.messages == len(msgs)
+
+
 @settings(max_examples=200, deadline=None)
 @given(messages, st.lists(st.integers(min_value=0), max_size=20), st.integers(min_value=0), st.booleans())
 def test_a_scanner_moved_anywhere_reads_on_as_one(msgs, cuts, at, masked):
