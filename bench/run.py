@@ -39,7 +39,7 @@ COUNTING_BACKEND = BENCH / "counting-backend.js"
 TWISTD = REPO / ".venv" / "bin" / "twistd"
 
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "H1", "S6")
-TARGETS = ("direct", "nginx", "nginx-w2", "haproxy", "lbws", "lbws-w2")
+TARGETS = ("direct", "nginx", "nginx-w2", "haproxy", "lbws", "lbws-w2", "lbws-base")
 READY_TIMEOUT = 30.0      # seconds for a target to accept and echo
 STOP_TIMEOUT = 5.0        # seconds for a process to exit on SIGTERM before SIGKILL
 SCENARIO_SLACK = 60.0     # seconds allowed beyond a scenario's duration
@@ -61,9 +61,10 @@ HEADLINE = {"S1": "round_trips_per_s", "S2": "mb_per_s", "S3": "connections_per_
             "S4": "bytes_per_conn", "S5": "reconnect_seconds", "H1": "requests_per_s"}
 UNIT = {"S1": "round trips/s", "S2": "MB/s", "S3": "conn/s", "S4": "bytes/conn",
         "S5": "s all back", "H1": "req/s"}
-LOWER_IS_BETTER = {"S4", "S5", "S3_cpu", "H1_cpu"}
+LOWER_IS_BETTER = {"S4", "S5", "S1_cpu", "S3_cpu", "H1_cpu"}
 # Second numbers compared with nginx too: key -> (scenario, field, label).
-EXTRA_RATIOS = {"S3_cpu": ("S3", "cpu_ms_per_conn", "S3 CPU ms/conn"),
+EXTRA_RATIOS = {"S1_cpu": ("S1", "cpu_us_per_round_trip", "S1 CPU us/round trip"),
+                "S3_cpu": ("S3", "cpu_ms_per_conn", "S3 CPU ms/conn"),
                 "H1_cpu": ("H1", "cpu_us_per_request", "H1 CPU us/req")}
 H1_CONNECTIONS = 50       # wrk's keep-alive connections in H1
 
@@ -459,6 +460,17 @@ def target_argv(name, workdir, port, backend_port, args, http=False):
                      {"workers": "2"} if name == "lbws-w2" else {})
 
 
+def target_env(name, args):
+    """The environment of target `name`: `lbws-base` runs the lbws package
+    of `--lbws-baseline DIR` (a checkout of another commit), for a before
+    and after in one run."""
+    if name != "lbws-base":
+        return None
+    if args.lbws_baseline is None:
+        raise BenchError("lbws-base needs --lbws-baseline DIR")
+    return dict(os.environ, PYTHONPATH=str(args.lbws_baseline))
+
+
 def lbws_argv(name, workdir, port, backend_port, args, settings):
     """Write `workdir/NAME.ini` for an lbws in front of the echo backend,
     with `settings` ([lbws] keys) over the run's own; return its argv."""
@@ -623,6 +635,8 @@ def with_cpu(result, scenario, measured, backend, cpu_before, cpu_after):
     result.update(target_cpu_seconds=target_cpu, target_cpu_share=target_cpu / seconds,
                   backend_cpu_seconds=backend_cpu, backend_cpu_share=backend_cpu / seconds,
                   other_cpu_share=max(0.0, machine_cpu - ours) / seconds)
+    if scenario == "S1" and result["round_trips"]:
+        result["cpu_us_per_round_trip"] = 1e6 * target_cpu / result["round_trips"]
     if scenario == "S3" and result["connections"]:
         # What one connection costs the target (for `direct`, the backend).
         result["cpu_ms_per_conn"] = 1000 * target_cpu / result["connections"]
@@ -820,7 +834,8 @@ def bench_target(procs, name, workdir, backend, args, scenarios):
             argv = target_command(name, workdir, port, backend.port, args,
                                   http=scenarios == ["H1"])
             with log.open("w") as out:
-                proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+                proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env=target_env(name, args))
         wait_ready(proc, port, workdir / f"{name}.log",
                    "hprobe" if scenarios == ["H1"] else "probe", args.tls)
         if proc is not None and pinning(args, name) is not None:
@@ -870,7 +885,8 @@ def headline_text(scenario, result):
 
 def ratios_to_nginx(targets):
     """Each target's headline number divided by nginx's, per scenario, and
-    the EXTRA_RATIOS numbers (S3's CPU per connection) under their keys;
+    the EXTRA_RATIOS numbers (S1's CPU per round trip, S3's per connection)
+    under their keys;
     `direct` has no proxy whose CPU could be compared."""
     base = targets.get("nginx", {}).get("scenarios", {})
     headlines = {s: (s, key) for s, key in HEADLINE.items()}
@@ -1143,6 +1159,9 @@ def parse_args():
                         help="wss://: every target but direct terminates TLS (TLS 1.2+, an ECDSA"
                         " P-256 certificate made for the run) and every connection makes a full"
                         " handshake; WebSocket scenarios only (not H1)")
+    parser.add_argument("--lbws-baseline", type=Path, metavar="DIR",
+                        help="for the lbws-base target: a directory holding the lbws package"
+                        " to compare with (e.g. `git archive BASE lbws | tar -x -C DIR`)")
     parser.add_argument("--lbws-routes", type=int, default=0, metavar="N",
                         help="give the lbws targets N [route:NAME] sections, the last the"
                         " one every client matches (0: none, the default)")
