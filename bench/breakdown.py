@@ -1,15 +1,18 @@
 """Where a connection's CPU time and idle memory go in lbws.
 
-    .venv/bin/python bench/breakdown.py cpu [--duration 10]
+    .venv/bin/python bench/breakdown.py cpu [--scenario S3] [--duration 10]
     .venv/bin/python bench/breakdown.py memory [--connections 2000]
 
 `cpu` runs lbws (twistd) in front of one node `ws` echo backend, drives it
-with the load generator's S3 scenario (connect, one round trip, close) and
-samples it with py-spy meanwhile. Every sample is put in the phase of a
-connection's life it was taken in (the innermost frame that names one, see
-PHASES); the table gives each phase's share of lbws's busy samples and, from
-lbws's CPU time over the run divided by the connections made, its
-milliseconds per connection.
+with one of the load generator's scenarios and samples it with py-spy
+meanwhile. Every sample is put in a phase (the innermost frame that names
+one): for S3 (connect, one round trip, close) the phases of a connection's
+life (PHASES), for S1 (50 connections ping-ponging 32 B) and S2 (one
+connection echoing 1 MiB) the steps of relaying a message (RELAY_PHASES:
+read, frame scan, write, producer pauses, counting, reactor, system calls).
+The table gives each phase's share of lbws's busy samples and, from lbws's
+CPU time over the run, its microseconds per connection (S3) or per message
+relayed (S1, S2: a round trip is two, one each way).
 
 `memory` runs lbws in this process, opens the load generator's S4 idle
 connections through it and compares what Python holds before and after:
@@ -77,6 +80,26 @@ PHASES = [
      r"|PosixReactorBase\.connectTCP|Connector\.|BaseClient\.|_BaseTCPClient\.|sticky\.)"),
     ("accept", r"^(Port\.doRead|Server\.__init__|_accept)"),
 ]
+# S1 and S2: the steps of relaying a message, tried the same way. A system
+# call's own time is its own phase (RELAY_SYSCALLS, by the leaf frame).
+RELAY_SYSCALLS = [
+    ("system call: recv", r"^(Connection\._dataReceived|Connection\.doRead) "),
+    ("system call: send", r"^(writeThrough|FileDescriptor\.writeSomeData|Connection\.writeSomeData"
+     r"|_SocketWriter\.) "),
+    ("system call: epoll_ctl (pause, resume, write events)",
+     r"^(EPollReactor\._add|EPollReactor\._remove|_ContinuousPolling\.) "),
+]
+RELAY_PHASES = [
+    ("producer pauses and resumes",
+     r"^(PeerProducer\.|FileDescriptor\.(pauseProducing|resumeProducing|stopReading|startReading"
+     r"|startWriting|stopWriting)|_PullToPush)"),
+    ("messages counted (metrics, idle clock)",
+     r"^(Leg\.messageEnd|Tunnel\.messageFrom|Traffic\.|.*\.message |Leg\.flushCounts)"),
+    ("write (writeThrough, transport.write)",
+     r"^(writeThrough|Leg\.forward|FileDescriptor\.write|Connection\.write|hasQueuedWrites)"),
+    ("frame scan (FrameScanner)", r"^(FrameScanner\.|frameExtent|Leg\.dataReceived)"),
+    ("read (recv, bytes to the protocol)", r"^(Connection\.doRead|Connection\._dataReceived)"),
+]
 REACTOR = "reactor: event dispatch, timers, buffered writes, Deferreds"
 KERNEL = "system calls (send, recv, connect, accept, close, epoll_ctl)"
 OTHER_LOGS = "other log lines"
@@ -118,9 +141,21 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def classify(frames):
-    """The phase of one sample, given its frames from the root to the leaf."""
+def classify(frames, relay=False):
+    """The phase of one sample, given its frames from the root to the leaf:
+    of a connection's life, or with `relay` of a message's relaying."""
     names = [re.sub(r" \(.*\)$", " ", frame) for frame in frames]
+    if relay:
+        for phase, pattern in RELAY_SYSCALLS:
+            if re.match(pattern, names[-1]):
+                return phase
+        if "Logger.emit " in names:
+            return OTHER_LOGS
+        for name in reversed(names):
+            for phase, pattern in RELAY_PHASES:
+                if re.match(pattern, name):
+                    return phase
+        return REACTOR
     if SYSCALLS.match(names[-1]):
         return KERNEL
     if "Logger.emit " in names and "Relay.tunnelEnded " not in names:
@@ -154,7 +189,7 @@ def cpu(args):
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(spy)
             before = cpu_seconds(lbws.pid)
-            load = subprocess.run(["node", LOADGEN, "--port", str(port), "--scenario", "S3",
+            load = subprocess.run(["node", LOADGEN, "--port", str(port), "--scenario", args.scenario,
                                    "--duration", str(args.duration)],
                                   capture_output=True, text=True, timeout=args.duration + 60)
             used = cpu_seconds(lbws.pid) - before
@@ -168,6 +203,7 @@ def cpu(args):
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait(timeout=10)
+    relay = args.scenario != "S3"
     phases = collections.Counter()
     idle = 0
     for line in samples:
@@ -176,16 +212,23 @@ def cpu(args):
         if frames[-1].startswith("EPollReactor.doPoll "):
             idle += int(count)
         else:
-            phases[classify(frames)] += int(count)
+            phases[classify(frames, relay)] += int(count)
     busy = sum(phases.values())
-    connections = result["connections"]
-    per = 1000 * used / connections
-    print(f"S3 for {args.duration} s: {connections} connections, "
-          f"{result['connections_per_s']:.0f}/s; lbws CPU {used:.2f} s = {per:.3f} ms per connection")
+    if relay:
+        # Each round trip is two messages through lbws, one each way.
+        unit, count = "message", 2 * result["round_trips"]
+        rate = (f"{result['round_trips_per_s']:.0f} round trips/s, p99 {result['p99_ms']:.2f} ms"
+                + (f", {result['mb_per_s']:.0f} MB/s" if "mb_per_s" in result else ""))
+    else:
+        unit, count = "connection", result["connections"]
+        rate = f"{result['connections_per_s']:.0f} connections/s"
+    per = 1e6 * used / count
+    print(f"{args.scenario} for {args.duration} s: {count} {unit}s, {rate};"
+          f" lbws CPU {used:.2f} s = {per:.1f} us per {unit}")
     print(f"py-spy: {busy} busy samples, {idle} idle (in epoll)\n")
-    print(f"| phase | share of lbws's CPU | ms per connection |\n| --- | --- | --- |")
-    for phase, count in phases.most_common():
-        print(f"| {phase} | {100 * count / busy:.1f}% | {per * count / busy:.3f} |")
+    print(f"| phase | share of lbws's CPU | us per {unit} |\n| --- | --- | --- |")
+    for phase, n in phases.most_common():
+        print(f"| {phase} | {100 * n / busy:.1f}% | {per * n / busy:.1f} |")
 
 
 def memory(args):
@@ -272,7 +315,9 @@ def memory(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["cpu", "memory"])
-    parser.add_argument("--duration", type=int, default=10, help="cpu: seconds of S3")
+    parser.add_argument("--scenario", choices=["S1", "S2", "S3"], default="S3",
+                        help="cpu: the load generator's scenario (default S3)")
+    parser.add_argument("--duration", type=int, default=10, help="cpu: seconds of the scenario")
     parser.add_argument("--connections", type=int, default=2000, help="memory: idle connections")
     parser.add_argument("--top", type=int, default=20, help="memory: rows per table")
     parser.add_argument("--lbws-path", help="a directory holding another lbws package")

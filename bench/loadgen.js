@@ -1,7 +1,7 @@
 // WebSocket load generator for bench/run.py: the same client drives every
 // target, so differences between targets come from the targets.
 //
-// Usage: node bench/loadgen.js --port PORT --scenario S1|S2|S3|S4|S5|H1|probe|hprobe
+// Usage: node bench/loadgen.js --port PORT --scenario S1|S2|S3|S4|S5|probe|hprobe
 //            [--duration SECONDS] [--connections N] [--hold-timeout SECONDS]
 //            [--storm-timeout SECONDS] [--reconnect-port PORT] [--tls]
 //
@@ -23,7 +23,6 @@
 //          --storm-timeout passed), then hold them until stdin closes;
 //          with --reconnect-port the reconnects go to that port (S6: the
 //          clients of an lbws that stops come back through another)
-//   H1     plain HTTP: N (20) keep-alive connections loop small GETs: requests/s
 //   probe  one connect + round trip + close; exit status 0 if it worked
 //   hprobe one plain HTTP GET; exit status 0 if it got a 200
 //
@@ -427,8 +426,8 @@ async function storm(count, stormTimeoutMs, holdMs) {
   };
 }
 
-// H1: each of `concurrency` keep-alive connections sends the next GET as soon
-// as the last response ended; only 200s inside the window count.
+// hprobe: one plain HTTP GET; a 200 resolves. (H1's load is wrk, run by
+// bench/run.py.)
 function httpGet(agent) {
   const http = require('http');
   return new Promise((resolve, reject) => {
@@ -440,34 +439,6 @@ function httpGet(agent) {
     req.setTimeout(CYCLE_TIMEOUT_MS, () => req.destroy(new Error('request timed out')));
     req.on('error', reject);
   });
-}
-
-async function httpGets(concurrency) {
-  const http = require('http');
-  const agent = new http.Agent({ keepAlive: true, maxSockets: concurrency });
-  const latencies = [];
-  let errors = 0;
-  const end = Date.now() + durationMs;
-  const stop = measureWindow();
-  await Promise.all(Array.from({ length: concurrency }, async () => {
-    while (Date.now() < end) {
-      const t0 = process.hrtime.bigint();
-      try {
-        await httpGet(agent);
-        latencies.push(Number(process.hrtime.bigint() - t0) / 1e6);
-      } catch {
-        errors++;
-      }
-    }
-  }));
-  const window = stop();
-  agent.destroy();
-  latencies.sort((a, b) => a - b);
-  return {
-    ...window, requests: latencies.length, errors,
-    requests_per_s: latencies.length / window.seconds,
-    p50_ms: percentile(latencies, 0.5), p99_ms: percentile(latencies, 0.99),
-  };
 }
 
 async function main() {
@@ -494,9 +465,6 @@ async function main() {
       result = await storm(Number(option('connections', '10000')),
         Number(option('storm-timeout', '120')) * 1000,
         Number(option('hold-timeout', '600')) * 1000);
-      break;
-    case 'H1':
-      result = await httpGets(Number(option('connections', '20')));
       break;
     case 'probe':
       await cycle(text);

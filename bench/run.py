@@ -39,7 +39,7 @@ COUNTING_BACKEND = BENCH / "counting-backend.js"
 TWISTD = REPO / ".venv" / "bin" / "twistd"
 
 SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "H1", "S6")
-TARGETS = ("direct", "nginx", "nginx-w2", "haproxy", "lbws", "lbws-w2")
+TARGETS = ("direct", "nginx", "nginx-w2", "haproxy", "lbws", "lbws-w2", "lbws-base")
 READY_TIMEOUT = 30.0      # seconds for a target to accept and echo
 STOP_TIMEOUT = 5.0        # seconds for a process to exit on SIGTERM before SIGKILL
 SCENARIO_SLACK = 60.0     # seconds allowed beyond a scenario's duration
@@ -61,9 +61,12 @@ HEADLINE = {"S1": "round_trips_per_s", "S2": "mb_per_s", "S3": "connections_per_
             "S4": "bytes_per_conn", "S5": "reconnect_seconds", "H1": "requests_per_s"}
 UNIT = {"S1": "round trips/s", "S2": "MB/s", "S3": "conn/s", "S4": "bytes/conn",
         "S5": "s all back", "H1": "req/s"}
-LOWER_IS_BETTER = {"S4", "S5", "S3_cpu"}
+LOWER_IS_BETTER = {"S4", "S5", "S1_cpu", "S3_cpu", "H1_cpu"}
 # Second numbers compared with nginx too: key -> (scenario, field, label).
-EXTRA_RATIOS = {"S3_cpu": ("S3", "cpu_ms_per_conn", "S3 CPU ms/conn")}
+EXTRA_RATIOS = {"S1_cpu": ("S1", "cpu_us_per_round_trip", "S1 CPU us/round trip"),
+                "S3_cpu": ("S3", "cpu_ms_per_conn", "S3 CPU ms/conn"),
+                "H1_cpu": ("H1", "cpu_us_per_request", "H1 CPU us/req")}
+H1_CONNECTIONS = 50       # wrk's keep-alive connections in H1
 
 # worker_connections is above the descriptor limit on purpose: once fewer
 # than 1/16 of its connection slots are free, nginx closes connections that
@@ -91,6 +94,38 @@ http {{
             proxy_set_header Connection "upgrade";
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+# H1's nginx: plain HTTP through an upstream with `keepalive 32`, as nginx's
+# docs recommend for a reverse proxy (proxy_http_version 1.1 and an empty
+# Connection header, or nginx closes each upstream connection after one
+# request).
+NGINX_H1_CONF = """\
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log;
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {connections}; }}
+http {{
+    access_log {dir}/nginx-access.log;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream backend {{
+        server 127.0.0.1:{backend};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog={backlog};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
         }}
     }}
 }}
@@ -374,11 +409,12 @@ def route_sections(count):
     return lines
 
 
-def target_command(name, workdir, port, backend_port, args):
+def target_command(name, workdir, port, backend_port, args, http=False):
     """Write the target's config under `workdir`; return the argv that runs
     it, under `taskset -c CPUS` when `--pin-proxy` pins this target (its
-    forked workers inherit the affinity)."""
-    argv = target_argv(name, workdir, port, backend_port, args)
+    forked workers inherit the affinity). `http`: for H1 (nginx's upstream
+    keeps idle connections)."""
+    argv = target_argv(name, workdir, port, backend_port, args, http)
     cpus = pinning(args, name)
     return argv if cpus is None else ["taskset", "-c", cpus] + argv
 
@@ -388,10 +424,17 @@ def pinning(args, name):
     return args.pin_proxy.get(name, args.pin_proxy.get("*"))
 
 
-def target_argv(name, workdir, port, backend_port, args):
+def target_argv(name, workdir, port, backend_port, args, http=False):
     """Each proxy may hold args.max_clients clients (two descriptors each)
     and queues LISTEN_BACKLOG connects, so S5's storm meets the same limits
     everywhere."""
+    if name == "nginx" and http:
+        conf = workdir / "nginx-h1.conf"
+        conf.write_text(NGINX_H1_CONF.format(
+            dir=workdir, port=port, backend=backend_port, nofile=args.nofile,
+            connections=args.nofile * 5 // 4, backlog=args.listen_backlog))
+        return ["nginx", "-p", workdir, "-e", workdir / "nginx-error.log", "-c", conf,
+                "-g", "daemon off;"]
     if name in ("nginx", "nginx-w2"):
         conf = workdir / f"{name}.conf"
         tls = args.tls and workdir / "tls"
@@ -415,6 +458,17 @@ def target_argv(name, workdir, port, backend_port, args):
         return ["haproxy", "-db", "-f", conf]
     return lbws_argv(name, workdir, port, backend_port, args,
                      {"workers": "2"} if name == "lbws-w2" else {})
+
+
+def target_env(name, args):
+    """The environment of target `name`: `lbws-base` runs the lbws package
+    of `--lbws-baseline DIR` (a checkout of another commit), for a before
+    and after in one run."""
+    if name != "lbws-base":
+        return None
+    if args.lbws_baseline is None:
+        raise BenchError("lbws-base needs --lbws-baseline DIR")
+    return dict(os.environ, PYTHONPATH=str(args.lbws_baseline))
 
 
 def lbws_argv(name, workdir, port, backend_port, args, settings):
@@ -475,10 +529,69 @@ def wait_ready(proc, port, log, probe="probe", tls=False):
     raise BenchError(f"not ready within {READY_TIMEOUT:.0f} s ({problem})\n{log_tail(log)}")
 
 
+def wrk_result(text, seconds):
+    """H1's numbers from wrk's report (`--latency`)."""
+    def number(pattern, default=None):
+        found = re.search(pattern, text, re.MULTILINE)
+        if found is None:
+            if default is None:
+                raise BenchError(f"wrk's report has no {pattern!r}:\n{text[-2000:]}")
+            return default
+        return found.group(1)
+
+    def millis(value):
+        amount, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()
+        return float(amount) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    requests = int(number(r"^\s*(\d+) requests in "))
+    errors = int(number(r"^\s*Non-2xx or 3xx responses: (\d+)", "0"))
+    socket_errors = number(r"^\s*Socket errors: (.*)$", "")
+    errors += sum(int(n) for n in re.findall(r"\d+", socket_errors))
+    return {"requests": requests, "errors": errors,
+            "requests_per_s": float(number(r"^Requests/sec:\s*([\d.]+)")),
+            "p50_ms": millis(number(r"^\s*50%\s+(\S+)")),
+            "p99_ms": millis(number(r"^\s*99%\s+(\S+)")),
+            "seconds": seconds}
+
+
+def run_wrk(procs, port, measured, backend, args):
+    """H1: wrk with one thread and H1_CONNECTIONS keep-alive connections,
+    each sending its next GET as soon as the last response ended. The
+    window is wrk's run; wrk's own CPU comes from its rusage once it
+    exited (the only child that ends meanwhile)."""
+    argv = ["wrk", "-t1", f"-c{H1_CONNECTIONS}", f"-d{args.duration:g}s", "--latency",
+            f"http://127.0.0.1:{port}/"]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        wrk = procs.start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except FileNotFoundError:
+        raise BenchError("wrk is not installed (bash bench/setup.sh)") from None
+    try:
+        cpu_before = cpu_snapshot(measured, backend)
+        try:
+            out, _ = wrk.communicate(timeout=args.duration + SCENARIO_SLACK)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"wrk did not end within {args.duration + SCENARIO_SLACK:g} s") from None
+        cpu_after = cpu_snapshot(measured, backend)
+    finally:
+        procs.stop(wrk)
+    if wrk.returncode != 0:
+        raise BenchError(f"wrk exited with status {wrk.returncode}: {out.strip()[-500:]}")
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = wrk_result(out, cpu_after[0] - cpu_before[0])
+    result["loadgen_cpu_seconds"] = ((used.ru_utime + used.ru_stime)
+                                     - (children.ru_utime + children.ru_stime))
+    result["loadgen_cpu_share"] = result["loadgen_cpu_seconds"] / result["seconds"]
+    return result, cpu_before, cpu_after
+
+
 def run_scenario(procs, scenario, port, measured, backend, args):
     """Run one loadgen scenario; add the CPU and memory seen by run.py."""
     if measured.poll() is not None:
         raise BenchError(f"target exited with status {measured.returncode}")
+    if scenario == "H1":
+        result, cpu_before, cpu_after = run_wrk(procs, port, measured, backend, args)
+        return with_cpu(result, scenario, measured, backend, cpu_before, cpu_after)
     argv = loadgen_argv(port, scenario, args.tls) + ["--duration", args.duration]
     if scenario == "S4":
         argv += ["--connections", args.idle_connections]
@@ -511,14 +624,25 @@ def run_scenario(procs, scenario, port, measured, backend, args):
         grace = STOP_TIMEOUT  # let it close its connections cleanly
     finally:
         procs.stop(loadgen, grace)
+    return with_cpu(result, scenario, measured, backend, cpu_before, cpu_after)
+
+
+def with_cpu(result, scenario, measured, backend, cpu_before, cpu_after):
+    """Add to `result` the CPU shares over the window, and the target's CPU
+    per connection (S3) or per request (H1)."""
     seconds, target_cpu, backend_cpu, machine_cpu = (a - b for a, b in zip(cpu_after, cpu_before))
     ours = backend_cpu + result["loadgen_cpu_seconds"] + (target_cpu if measured is not backend else 0)
     result.update(target_cpu_seconds=target_cpu, target_cpu_share=target_cpu / seconds,
                   backend_cpu_seconds=backend_cpu, backend_cpu_share=backend_cpu / seconds,
                   other_cpu_share=max(0.0, machine_cpu - ours) / seconds)
+    if scenario == "S1" and result["round_trips"]:
+        result["cpu_us_per_round_trip"] = 1e6 * target_cpu / result["round_trips"]
     if scenario == "S3" and result["connections"]:
         # What one connection costs the target (for `direct`, the backend).
         result["cpu_ms_per_conn"] = 1000 * target_cpu / result["connections"]
+    if scenario == "H1" and result["requests"]:
+        # What one request costs the target (for `direct`, the backend).
+        result["cpu_us_per_request"] = 1e6 * target_cpu / result["requests"]
     return result
 
 
@@ -707,9 +831,11 @@ def bench_target(procs, name, workdir, backend, args, scenarios):
         else:
             port = free_port()
             log = workdir / f"{name}.log"
-            argv = target_command(name, workdir, port, backend.port, args)
+            argv = target_command(name, workdir, port, backend.port, args,
+                                  http=scenarios == ["H1"])
             with log.open("w") as out:
-                proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+                proc = procs.start(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env=target_env(name, args))
         wait_ready(proc, port, workdir / f"{name}.log",
                    "hprobe" if scenarios == ["H1"] else "probe", args.tls)
         if proc is not None and pinning(args, name) is not None:
@@ -759,7 +885,8 @@ def headline_text(scenario, result):
 
 def ratios_to_nginx(targets):
     """Each target's headline number divided by nginx's, per scenario, and
-    the EXTRA_RATIOS numbers (S3's CPU per connection) under their keys;
+    the EXTRA_RATIOS numbers (S1's CPU per round trip, S3's per connection)
+    under their keys;
     `direct` has no proxy whose CPU could be compared."""
     base = targets.get("nginx", {}).get("scenarios", {})
     headlines = {s: (s, key) for s, key in HEADLINE.items()}
@@ -824,7 +951,7 @@ def format_table(report):
             row.append("-" if s1.get("p50_ms") is None else f"{s1['p50_ms']:.2f}/{s1['p99_ms']:.2f}")
         rows.append(row)
         cpu_rows.append(cpu_row)
-    lower = [s for s in scenarios if s in LOWER_IS_BETTER] + ["CPU per connection"] * bool(extras)
+    lower = [s for s in scenarios if s in LOWER_IS_BETTER] + ["CPU per connection or request"] * bool(extras)
     lines = ["wss: every target terminates TLS, each connection a full handshake"]
     lines = lines if report.get("tls") else []
     if scenarios:
@@ -1032,6 +1159,9 @@ def parse_args():
                         help="wss://: every target but direct terminates TLS (TLS 1.2+, an ECDSA"
                         " P-256 certificate made for the run) and every connection makes a full"
                         " handshake; WebSocket scenarios only (not H1)")
+    parser.add_argument("--lbws-baseline", type=Path, metavar="DIR",
+                        help="for the lbws-base target: a directory holding the lbws package"
+                        " to compare with (e.g. `git archive BASE lbws | tar -x -C DIR`)")
     parser.add_argument("--lbws-routes", type=int, default=0, metavar="N",
                         help="give the lbws targets N [route:NAME] sections, the last the"
                         " one every client matches (0: none, the default)")

@@ -30,7 +30,7 @@ has_candidate() {
 }
 
 quiet apt-get update
-packages=(haproxy)
+packages=(haproxy wrk)
 if has_candidate nginx-light; then packages+=(nginx-light); else packages+=(nginx); fi
 command -v node >/dev/null || packages+=(nodejs)
 command -v npm >/dev/null || packages+=(npm)

@@ -168,6 +168,11 @@ class RouteSettings:
     # drained, removed by a reload or gone from DNS: "keep" (they stay) or
     # "shed" (moved off at rebalance_rate, see lbws.backends.rebalance).
     drain_mode: str = "keep"
+    # Paths with %2F or %5C: "reject" (400) or "keep" (README, "Paths").
+    escaped_slashes: str = "reject"
+    # Client header names with "_": "drop" (never reach the backend) or
+    # "pass" (README, "Security").
+    underscores_in_headers: str = "drop"
 
 
 # The name of the one route of a configuration without [route:NAME].
@@ -182,8 +187,12 @@ ROUTE_OVERRIDES = (
     "http",
     "host_header",
     "drain_mode",
+    "escaped_slashes",
+    "underscores_in_headers",
 )
 DRAIN_MODES = ("keep", "shed")
+# escaped_slashes: see lbws.protocol.request.checkEscapes.
+ESCAPED_SLASHES = ("reject", "keep")
 # close_spread's default, in seconds: see closeWindow and the README
 # ("Stopping and draining").
 DEFAULT_CLOSE_SPREAD = 10.0
@@ -241,6 +250,8 @@ class Settings:
     http: str = "proxy"
     host_header: str = "client"
     drain_mode: str = "keep"
+    escaped_slashes: str = "reject"
+    underscores_in_headers: str = "drop"
     http_timeout: float = 60.0
     max_body_size: int = 1024 * 1024
     body_timeout: float = 60.0
@@ -250,6 +261,10 @@ class Settings:
     http_keepalive: int = 32
     http_keepalive_timeout: float = 60.0
     sticky_cookie: str = ""
+    # The key of sticky cookie ids (lbws.backends.sticky): the contents of
+    # sticky_secret_file, read at start and reload; b"" without one.
+    sticky_secret_file: str = ""
+    sticky_secret: bytes = attrs.field(default=b"", repr=False)
     # Take-over (README "Upgrading without closing connections"): the unix
     # socket a running lbws hands its listeners and tunnels over on.
     handoff_socket: str = ""
@@ -473,6 +488,39 @@ def _parseCookieName(reader, default=""):
     return name
 
 
+# Fewer bytes of sticky_secret_file than this, and a note says the ids
+# can be guessed by trying secrets (128 bits, as a random hex string of 32
+# characters has).
+MIN_STICKY_SECRET = 16
+
+
+def _parseStickySecret(reader):
+    """
+    C{sticky_secret_file} and its contents (without the line end an editor
+    or C{openssl rand -hex 32 > FILE} leaves), read now: at start and at
+    each reload, in every worker. An unreadable or empty file is an error.
+    """
+    path = reader.string("sticky_secret_file")
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip(b" \t\r\n")
+    except OSError as e:
+        raise reader.error(
+            "sticky_secret_file", f"cannot read {path!r}: {e.strerror}"
+        ) from None
+    if not secret:
+        raise reader.error("sticky_secret_file", f"{path!r} is empty: put a random secret in it")
+    if len(secret) < MIN_STICKY_SECRET:
+        reader.note(
+            f"sticky_secret_file {path!r} holds {len(secret)} bytes: sticky ids can be"
+            f" reversed by trying short secrets; use at least {MIN_STICKY_SECRET}"
+            " random bytes (openssl rand -hex 32)"
+        )
+    return {"sticky_secret_file": path, "sticky_secret": secret}
+
+
 def _parseOverrides(reader, base):
     """
     The keys of L{ROUTE_OVERRIDES} in C{reader}'s section, those not given
@@ -491,6 +539,12 @@ def _parseOverrides(reader, base):
         "http": reader.choice("http", base.http, ("proxy", "refuse")),
         "host_header": reader.choice("host_header", base.host_header, ("client", "backend")),
         "drain_mode": reader.choice("drain_mode", base.drain_mode, DRAIN_MODES),
+        "escaped_slashes": reader.choice(
+            "escaped_slashes", base.escaped_slashes, ESCAPED_SLASHES
+        ),
+        "underscores_in_headers": reader.choice(
+            "underscores_in_headers", base.underscores_in_headers, ("drop", "pass")
+        ),
     }
     if reader.has("allowed_origins"):
         values["allowed_origins"] = _parseOrigins(reader)
@@ -726,6 +780,7 @@ def _parseMain(path, parser, backends, health):
         http_keepalive_timeout=reader.seconds("http_keepalive_timeout", 60),
         handoff_socket=_parseSocketPath(reader, "handoff_socket"),
         handoff_timeout=reader.seconds("handoff_timeout", 10),
+        **_parseStickySecret(reader),
     )
     if settings.workers > 1:
         if settings.listen.split(":", 1)[0] not in ("tcp", "tcp6", "ssl"):
@@ -813,6 +868,14 @@ def parseConfig(text, path="<config>"):
     if routeSections:
         routes = _parseRoutes(path, parser, routeSections, settings)
         settings = attrs.evolve(settings, routes=routes)
+    if not settings.sticky_secret and any(
+        route.sticky_cookie for route in settings.routes or (settings,)
+    ):
+        parser.lbwsNotes.append(
+            f"{path}: [{SECTION_MAIN}] sticky_cookie without sticky_secret_file: the"
+            " cookie's ids can be reversed by anyone who guesses backend names and URLs;"
+            " give every lbws the same sticky_secret_file (README, Sticky sessions)"
+        )
     if parser.lbwsNotes:
         settings = attrs.evolve(settings, notes=tuple(parser.lbwsNotes))
     return settings
@@ -975,7 +1038,12 @@ def summary(settings):
             if settings.http == "proxy"
             else ""
         )
-        + f"; sticky_cookie {settings.sticky_cookie or 'off'}",
+        + f"; sticky_cookie {settings.sticky_cookie or 'off'}"
+        + (
+            f" (ids keyed with {settings.sticky_secret_file})"
+            if settings.sticky_secret_file
+            else ""
+        ),
         f"handoff_socket {settings.handoff_socket or 'off'}"
         + (
             f" (handoff_timeout {settings.handoff_timeout:g}s)"

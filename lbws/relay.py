@@ -59,6 +59,8 @@ class Relay:
         self.perPeer = {}  # the same, by client address (PROXY protocol's if used)
         self.opening = {}  # client protocol -> its backend attempt, until settled
         self.http = set()  # client connections speaking plain HTTP (lbws.http.httpproxy)
+        self.httpPerPeer = {}  # the same, by client address, if admitted:
+        self.httpOverLimit = set()  # those over max_connections_per_ip at their start
         self.stopping = False
         self._drained = None
         self._spread = None  # the SpreadClose of a stop in progress
@@ -95,7 +97,8 @@ class Relay:
             info.keySource = str(route.hash_key)
             info.key = hashKeyOf(route.hash_key, info.peer, request)
         prefer = sticky.preferred(
-            self.pool, route.sticky_cookie, request.headers.get("cookie"), route
+            self.pool, route.sticky_cookie, request.headers.get("cookie"), route,
+            self.settings.sticky_secret,
         )
         d = self.opening[protocol] = self.dialer.dial(
             request, info.target, info.peer, info.secure, info.key, prefer, route
@@ -126,10 +129,62 @@ class Relay:
         if self.clients >= self.settings.max_connections:
             self.counters.handshakes["over_capacity"] += 1
             return ConnectionDeny(503, "Service Unavailable: too many connections")
-        perIp = self.settings.max_connections_per_ip
-        if perIp and self.perPeer.get(info.peer, 0) >= perIp:
+        if self._overIpLimit(info.peer, 1):
             self.counters.handshakes["over_ip_limit"] += 1
             return ConnectionDeny(503, "Service Unavailable: too many connections")
+        return None
+
+    def _overIpLimit(self, peer, more):
+        """
+        Whether C{peer}'s WebSockets and plain HTTP connections, with
+        C{more} besides, are more than C{max_connections_per_ip}.
+        """
+        perIp = self.settings.max_connections_per_ip
+        held = self.perPeer.get(peer, 0) + self.httpPerPeer.get(peer, 0)
+        return bool(perIp) and held + more > perIp
+
+    def httpStarted(self, front):
+        """
+        A client connection speaks plain HTTP (an
+        L{lbws.http.httpproxy.HttpFront}), until L{httpEnded}: it counts
+        towards C{max_connections}, and towards C{max_connections_per_ip}
+        unless its address had as many connections already (then each of
+        its requests gets 503, see L{httpRefusal}, and the connections
+        admitted before it keep working, as WebSockets do).
+        """
+        self.http.add(front)
+        if self._overIpLimit(front.peer, 1):
+            self.httpOverLimit.add(front)
+        else:
+            self.httpPerPeer[front.peer] = self.httpPerPeer.get(front.peer, 0) + 1
+
+    def httpEnded(self, front):
+        """
+        A plain HTTP connection closed, or went back to the WebSocket
+        handshake; a second call for it changes nothing.
+        """
+        if front not in self.http:
+            return
+        self.http.discard(front)
+        if front in self.httpOverLimit:
+            self.httpOverLimit.discard(front)
+            return
+        left = self.httpPerPeer.pop(front.peer) - 1
+        if left:
+            self.httpPerPeer[front.peer] = left
+
+    def httpRefusal(self, front):
+        """
+        Why a plain HTTP request on C{front}'s connection gets a 503 now
+        (lbws stopping, C{max_connections}, C{max_connections_per_ip}), or
+        None.
+        """
+        if self.stopping:
+            return "lbws is stopping"
+        if self.clients + len(self.http) > self.settings.max_connections:
+            return "too many connections"
+        if front in self.httpOverLimit:
+            return "too many connections from your address"
         return None
 
     def routeCounts(self):

@@ -4,7 +4,8 @@ for WebSocket and plain HTTP: the preferred member first, then the
 balancer's choice without the members tried; a connect within
 C{connect_timeout}; what counts against a member; and the status the
 client gets: 503 with nothing to try or lbws out of resources, 504 when
-the last member timed out, 502 when it failed otherwise. Connects go to a
+the last member timed out (502 for a WebSocket handshake), 502 when it
+failed otherwise. Connects go to a
 L{MemoryReactorClock}.
 """
 
@@ -27,7 +28,7 @@ BACKENDS = [
 ]
 
 
-def tries(lbws="retries = 2", prefer=None, route=None, backends=BACKENDS):
+def tries(lbws="retries = 2", prefer=None, route=None, backends=BACKENDS, **kwargs):
     reactor = MemoryReactorClock()
     settings = settingsFor(
         backends, lbws="balance = round_robin\nconnect_timeout = 2\n" + lbws,
@@ -39,7 +40,9 @@ def tries(lbws="retries = 2", prefer=None, route=None, backends=BACKENDS):
         prefer = pool[prefer]
     if route is not None:
         route = settings.routes[0]
-    return reactor, pool, Attempts(reactor, pool, settings, shortages, "10.0.0.9", None, prefer, route)
+    return reactor, pool, Attempts(
+        reactor, pool, settings, shortages, "10.0.0.9", None, prefer, route, **kwargs
+    )
 
 
 def failures(d):
@@ -104,6 +107,17 @@ def test_a_timeout_last_is_504():
     giveUp = attempts.failed(BackendTimeout("backend handshake timed out after 10s"))
     assert giveUp == GiveUp(504, "backend handshake timed out after 10s", "backend_failed")
     assert giveUp.phrase == "Gateway Timeout"
+
+
+def test_a_timeout_last_is_the_callers_timeout_status():
+    """
+    A WebSocket handshake is refused with 502 or 503 only (README "When
+    no backend answers"): its dialer passes 502 for a timeout.
+    """
+    reactor, pool, attempts = tries(lbws="retries = 0", timeoutStatus=502)
+    attempts.next()
+    giveUp = attempts.failed(BackendTimeout("connect timed out after 2s"))
+    assert giveUp == GiveUp(502, "connect timed out after 2s", "backend_failed")
 
 
 def test_members_running_out_before_retries_gives_the_last_failure():

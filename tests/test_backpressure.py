@@ -9,12 +9,14 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from lbws.transport.sockets import DEFAULT_READ_SIZE, RELAY_READ_SIZE, adjustReadSize
 from tests.support import connect, eventually, startEchoBackend, startLbws
 
 CHUNK = 64 * 1024
 TOTAL = 200 * 1024 * 1024
 # What lbws may hold for one connection: Twisted pauses the producer once a
-# transport buffers more than its bufferSize (64 KiB); one more read can
+# transport buffers more than its bufferSize (256 KiB for a tunnel leg,
+# lbws.transport.sockets.RELAY_READ_SIZE); one more read can
 # land on top of that.
 BOUND = 1024 * 1024
 # Seconds to wait for the flood to be held back.
@@ -112,3 +114,24 @@ async def test_paused_reader_bounds_lbws_buffers(direction):
     finally:
         await lbws.stopService()
         await port.stopListening()
+
+
+def test_read_size_follows_the_reads():
+    """
+    A read that fills the buffer makes the next ones RELAY_READ_SIZE; one
+    shorter than the default puts them back (recv(n) allocates n bytes
+    first, which costs a small read dearly above 128 KiB).
+    """
+
+    class TCP:
+        bufferSize = DEFAULT_READ_SIZE
+
+    tcp = TCP()
+    adjustReadSize(tcp, 100)
+    assert tcp.bufferSize == DEFAULT_READ_SIZE
+    adjustReadSize(tcp, DEFAULT_READ_SIZE)
+    assert tcp.bufferSize == RELAY_READ_SIZE
+    adjustReadSize(tcp, DEFAULT_READ_SIZE)  # between the two: no change
+    assert tcp.bufferSize == RELAY_READ_SIZE
+    adjustReadSize(tcp, DEFAULT_READ_SIZE - 1)
+    assert tcp.bufferSize == DEFAULT_READ_SIZE

@@ -158,14 +158,11 @@ def test_compression_key():
 class Recorder:
     def __init__(self):
         self.forwarded = []
-        self.messages = []
         self.controls = []
+        self.scanner = None
 
     def forward(self, data):
         self.forwarded.append(data)
-
-    def messageEnd(self, opcode, size):
-        self.messages.append((opcode, size))
 
     def control(self, opcode, payload, raw):
         self.controls.append(opcode)
@@ -173,7 +170,7 @@ class Recorder:
 
 def scan(data, deflate, masked=True, maxMessageSize=MIB):
     recorder = Recorder()
-    scanner = FrameScanner(recorder, masked, maxMessageSize, deflate=deflate)
+    scanner = recorder.scanner = FrameScanner(recorder, masked, maxMessageSize, deflate=deflate)
     scanner.feed(data)
     return recorder
 
@@ -184,7 +181,7 @@ def test_compressed_first_frames_pass_only_when_deflate_was_negotiated():
     recorder = scan(data, deflate=True)
     assert b"".join(recorder.forwarded) == data
     # Sizes are those on the wire: the compressed payloads.
-    assert recorder.messages == [(OP_TEXT, len(compressed)), (OP_BINARY, len(compressed))]
+    assert (recorder.scanner.messages, recorder.scanner.bytes) == (2, 2 * len(compressed))
     with pytest.raises(ProtocolViolation) as caught:
         scan(data, deflate=False)
     assert (caught.value.code, caught.value.reason) == (1002, "reserved bits set")
@@ -214,7 +211,7 @@ def test_max_message_size_counts_compressed_bytes():
     compressed = deflated(b"a" * 100000)
     assert len(compressed) < 1000
     recorder = scan(frame(OP_TEXT, compressed, rsv=0x40), deflate=True, maxMessageSize=1000)
-    assert recorder.messages == [(OP_TEXT, len(compressed))]
+    assert (recorder.scanner.messages, recorder.scanner.bytes) == (1, len(compressed))
     with pytest.raises(ProtocolViolation) as caught:
         scan(frame(OP_TEXT, os.urandom(1001), rsv=0x40), deflate=True, maxMessageSize=1000)
     assert caught.value.code == 1009
@@ -234,7 +231,8 @@ def test_max_message_size_counts_compressed_bytes():
 )
 def test_fragmented_compressed_messages_cut_anywhere_pass_unchanged(messages, cuts, masked):
     data = b""
-    expected = []
+    ends = {}  # where each message ends: (messages, bytes) counted by then
+    count = size = 0
     for opcode, compressed, fragments in messages:
         for i, fragment in enumerate(fragments):
             data += frame(
@@ -244,14 +242,18 @@ def test_fragmented_compressed_messages_cut_anywhere_pass_unchanged(messages, cu
                 masked=masked,
                 rsv=0x40 if compressed and i == 0 else 0,
             )
-        expected.append((opcode, sum(len(f) for f in fragments)))
+        count += 1
+        size += sum(len(f) for f in fragments)
+        ends[len(data)] = (count, size)
     recorder = Recorder()
     scanner = FrameScanner(recorder, masked, MIB, deflate=True)
-    points = sorted({min(c, len(data)) for c in cuts})
+    points = sorted({min(c, len(data)) for c in cuts} | set(ends))
     for start, end in zip([0, *points], [*points, len(data)]):
         scanner.feed(data[start:end])
+        if end in ends:
+            assert (scanner.messages, scanner.bytes) == ends[end]
     assert b"".join(recorder.forwarded) == data
-    assert recorder.messages == expected
+    assert (scanner.messages, scanner.bytes) == (count, size)
 
 
 # End to end.

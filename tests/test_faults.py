@@ -199,11 +199,11 @@ async def test_backendNeverAnswersHandshakeThenRetry(harness):
 
 
 @pytest_twisted.ensureDeferred
-async def test_backendsNeverAnswerHandshakeGives504(harness):
+async def test_backendsNeverAnswerHandshakeGives502(harness):
     """
-    When every backend tried hangs, the client gets HTTP 504 (a backend
-    timeout, as nginx answers) once each has had handshake_timeout, never
-    a hang.
+    When every backend tried hangs, the client gets HTTP 502 (a WebSocket
+    client is refused with 502 or 503 only, README "When no backend
+    answers") once each has had handshake_timeout, never a hang.
     """
     one = await harness.silent()
     two = await harness.silent()
@@ -216,7 +216,7 @@ async def test_backendsNeverAnswerHandshakeGives504(harness):
     with pytest.raises(support.HandshakeFailed) as failed:
         await support.connect(lbws.url)
     elapsed = time.monotonic() - started
-    assert failed.value.status == 504
+    assert failed.value.status == 502
     assert 2 * HANDSHAKE_TIMEOUT <= elapsed < 2 * HANDSHAKE_TIMEOUT + 2
     assert len(one.connections) >= 1 and len(two.connections) >= 1
     assert bystanderBackend.connections == []
@@ -377,11 +377,11 @@ async def test_clientLeavingDuringBackendConnectBlamesNoBackend(harness, host):
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 @pytest_twisted.ensureDeferred
-async def test_connectTimeoutGives504AndCountsAgainstTheBackend(harness, host):
+async def test_connectTimeoutGives502AndCountsAgainstTheBackend(harness, host):
     """
     A backend whose connect does not complete within C{connect_timeout}
-    fails the client's handshake with 504 (as nginx answers, and as a plain
-    HTTP request gets) and counts as the backend's
+    fails the client's handshake with 502 (a plain HTTP request gets 504,
+    as nginx answers) and counts as the backend's
     failure, named or not. A name's endpoint, cut short by the timeout,
     fails with ConnectingCancelledError, which was taken for a client
     that left: the client waited for ever, its backend attempt open.
@@ -395,7 +395,7 @@ async def test_connectTimeoutGives504AndCountsAgainstTheBackend(harness, host):
     client = await wire.rawConnect(lbws.url)
     client.send(support.handshakeRequest("/"))
     response = await client.response.addTimeout(5, reactor)
-    assert response.startswith("HTTP/1.1 504 ")
+    assert response.startswith("HTTP/1.1 502 ")
     member = lbws.pool["slow"]
     assert (member.consecutiveFailures, member.traffic.failed) == (1, 1)
     assert "connect timed out after 0.5s" in member.lastError

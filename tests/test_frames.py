@@ -27,7 +27,6 @@ from tests.wire import frame, frameHeader
 class Recorder:
     def __init__(self):
         self.stream = []  # what would reach the other side, in order
-        self.messages = []
         self.controls = []
         self.boundaries = 0
         self.skipped = []  # close payloads found after a violation
@@ -38,10 +37,9 @@ class Recorder:
 
     def control(self, opcode, payload, raw):
         self.controls.append((opcode, payload))
-        self.stream.append(raw)
-
-    def messageEnd(self, opcode, size):
-        self.messages.append((opcode, size))
+        if opcode == OP_CLOSE:
+            self.stream.append(raw)
+        return True  # pings and pongs go on with the bytes around them
 
     def boundary(self):
         self.boundaries += 1
@@ -75,23 +73,79 @@ messages = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(messages, st.lists(st.integers(min_value=0), max_size=20), st.booleans())
 def test_valid_stream_passes_unchanged(msgs, cuts, masked):
+    """
+    Whatever the cuts, the bytes pass unchanged and in order, and each
+    message is counted, with its size, by the time its last byte is fed.
+    """
     stream = b""
-    expected = []
+    ends = {}  # where each message ends in the stream: (count, bytes) so far
+    count = size = 0
     for opcode, fragments, ping in msgs:
         for i, payload in enumerate(fragments):
             last = i == len(fragments) - 1
             stream += frame(opcode if i == 0 else OP_CONTINUATION, payload, last, masked)
             if ping and not last:
                 stream += frame(OP_PING, b"p", masked=masked)
-        expected.append((opcode, sum(map(len, fragments))))
+        count += 1
+        size += sum(map(len, fragments))
+        ends[len(stream)] = (count, size)
     stream += frame(OP_CLOSE, closePayload(1000, "bye"), masked=masked)
     recorder = Recorder()
     scanner = FrameScanner(recorder, masked, 10**9)
-    feedInPieces(scanner, stream, cuts)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | set(ends) | {len(stream)})
+    start = 0
+    for point in points:
+        scanner.feed(stream[start:point])
+        start = point
+        if point in ends:
+            assert (scanner.messages, scanner.bytes) == ends[point]
     assert b"".join(recorder.stream) == stream
-    assert recorder.messages == expected
+    assert (scanner.messages, scanner.bytes) == (count, size)
     assert recorder.controls[-1] == (OP_CLOSE, closePayload(1000, "bye"))
     assert scanner.atBoundary
+
+
+class PongDropper(Recorder):
+    """
+    A handler that lets pings go on with the bytes around them and takes
+    pongs out, as the tunnel does with the pong answering lbws's own ping.
+    """
+
+    def control(self, opcode, payload, raw):
+        self.controls.append((opcode, payload))
+        return opcode == OP_PING
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages,
+    st.lists(st.booleans(), max_size=40),
+    st.lists(st.integers(min_value=0), max_size=20),
+    st.booleans(),
+)
+def test_control_frames_taken_out_or_left_in_whatever_the_cuts(msgs, pongs, cuts, masked):
+    """
+    Pings left in the run and pongs taken out of it: the bytes forwarded
+    are the stream without the pongs, in order, wherever reads are cut.
+    """
+    stream = kept = b""
+    controls = iter(pongs)
+    for opcode, fragments, _ in msgs:
+        for i, payload in enumerate(fragments):
+            last = i == len(fragments) - 1
+            data = frame(opcode if i == 0 else OP_CONTINUATION, payload, last, masked)
+            stream += data
+            kept += data
+            control = next(controls, None)
+            if control is not None:
+                data = frame(OP_PONG if control else OP_PING, b"c%d" % i, masked=masked)
+                stream += data
+                kept += b"" if control else data
+    recorder = PongDropper()
+    scanner = FrameScanner(recorder, masked, 10**9)
+    feedInPieces(scanner, stream, cuts)
+    assert b"".join(recorder.stream) == kept
+    assert scanner.messages == len(msgs)
 
 
 @settings(max_examples=200, deadline=None)
@@ -113,7 +167,8 @@ def test_a_scanner_moved_anywhere_reads_on_as_one(msgs, cuts, at, masked):
                 stream += frame(OP_PING, b"p", masked=masked)
     at %= len(stream) + 1
     whole = Recorder()
-    feedInPieces(FrameScanner(whole, masked, 10**9), stream, cuts)
+    wholeScanner = FrameScanner(whole, masked, 10**9)
+    feedInPieces(wholeScanner, stream, cuts)
     first, second = Recorder(), Recorder()
     before = FrameScanner(first, masked, 10**9)
     feedInPieces(before, stream[:at], cuts)
@@ -121,7 +176,10 @@ def test_a_scanner_moved_anywhere_reads_on_as_one(msgs, cuts, at, masked):
     after.importState(json.loads(json.dumps(before.exportState())))
     feedInPieces(after, stream[at:], cuts)
     assert b"".join(first.stream + second.stream) == stream
-    assert first.messages + second.messages == whole.messages
+    assert (before.messages + after.messages, before.bytes + after.bytes) == (
+        wholeScanner.messages,
+        wholeScanner.bytes,
+    )
 
 
 def test_a_scanner_state_of_the_wrong_kind_is_refused():

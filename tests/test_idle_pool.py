@@ -8,10 +8,14 @@ on L{StringTransport} that keep the park/unpark contract.
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
-from twisted.internet import task
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -22,6 +26,7 @@ from lbws.ops.status import StatusView
 from lbws.telemetry.metrics import metricsRegistry
 from tests import support
 from tests.test_balance import settingsFor
+from tests.test_dashboard import TOKEN, DashboardHarness, get, post
 
 BACKENDS = [("a", "ws://127.0.0.1:1"), ("b", "ws://127.0.0.1:2")]
 
@@ -330,3 +335,109 @@ def test_bad_values_name_the_key(line, says):
     with pytest.raises(ConfigError) as caught:
         parseConfig(support.configText(BACKENDS, lbws=line), "t.ini")
     assert line.split(" ")[0] in str(caught.value) and says in str(caught.value)
+
+
+# Any sequence of what can happen keeps the pool's promises.
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["give", "take", "byte", "lost", "tick", "forget", "configure"]),
+        st.sampled_from(["a", "b"]),
+        st.integers(0, 3),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS)
+def test_any_sequence_keeps_the_promises(ops):
+    """
+    Whatever happens: no member holds more than the limit, a connection
+    handed out was never closed, nor is one still parked, each parked
+    connection has exactly one timer, and one that went or was closed is
+    never handed out again.
+    """
+    clock, a, b, idle = pool(limit=2, timeout=5)
+    members = {"a": a, "b": b}
+    parked = {"a": [], "b": []}  # what the test gave and the pool kept
+    limit = 2
+    for op, name, n in ops:
+        member = members[name]
+        if op == "give":
+            one = leg()
+            if idle.give(member, one):
+                parked[name].append(one)
+        elif op == "take":
+            got = idle.take(member)
+            if got is not None:
+                assert got in parked[name] and not closed(got) and got.onGone is None
+                parked[name].remove(got)
+                got.transport.loseConnection()  # used up
+        elif op in ("byte", "lost") and parked[name]:
+            one = parked[name][n % len(parked[name])]
+            if op == "byte":
+                one.dataReceived(b"x")
+            else:
+                one.connectionLost(Failure(ConnectionDone()))
+        elif op == "tick":
+            clock.advance(n * 2)
+        elif op == "forget":
+            idle.forget(member)
+        elif op == "configure":
+            limit = n
+            idle.configure(limit, 5)
+        for key in parked:
+            parked[key] = [p for p in parked[key] if not closed(p) and p.onGone is not None]
+            assert idle.count(members[key]) == len(parked[key]) <= limit
+    assert len(clock.getDelayedCalls()) == idle.count()
+
+
+# End to end: a running lbws, real TCP connections to a real backend parked
+# in its pool, the dashboard's drain.
+
+
+class RealLeg(Leg):
+    def __init__(self):
+        super().__init__()
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason=None):
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+@pytest_twisted.async_yield_fixture
+async def harness():
+    h = DashboardHarness()
+    yield h
+    await h.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_from_the_dashboard_closes_idle_backend_connections(harness):
+    a = await harness.backend("a")
+    b = await harness.backend("b")
+    lbws = await harness.lbws([("a", a.url), ("b", b.url)])
+    legs = {}
+    for name, backend in (("a", a), ("b", b)):
+        port = int(backend.url.rsplit(":", 1)[1].split("/")[0])
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        legs[name] = [
+            await endpoint.connect(Factory.forProtocol(RealLeg)) for _ in range(2)
+        ]
+        for each in legs[name]:
+            assert lbws.relay.idle.give(lbws.pool[name], each)
+    metrics = (await get(lbws, "/metrics")).body.decode()
+    assert 'lbws_backend_idle_connections{backend="a"} 2.0' in metrics
+    assert (await post(lbws, "/backends/a/drain", token=TOKEN)).code == 200
+    await defer.gatherResults([each.lost for each in legs["a"]]).addTimeout(5, reactor)
+    assert lbws.relay.idle.count(lbws.pool["a"]) == 0
+    assert not any(each.lost.called for each in legs["b"])
+    metrics = (await get(lbws, "/metrics")).body.decode()
+    assert 'lbws_backend_idle_connections{backend="a"} 0.0' in metrics
+    assert 'lbws_backend_idle_connections{backend="b"} 2.0' in metrics
+    # The backend closing one while idle takes it out of the pool.
+    legs["b"][0].transport.loseConnection()
+    await legs["b"][0].lost.addTimeout(5, reactor)
+    assert lbws.relay.idle.count(lbws.pool["b"]) == 1

@@ -428,12 +428,12 @@ async def test_sockjs_server_outlives_handshakes_given_up_on(harness, tmp_path):
     server = await sockjs(harness, "--upgrade-delay", "800")
     lbws = await startLbws(harness, [("sockjs", server.url)], "handshake_timeout = 0.3")
     nginx = await startNginx(harness, tmp_path / "nginx", server.port)
-    # lbws gives up on the backend's handshake: the client gets 504, as
-    # for any backend timeout (README "When no backend answers").
+    # lbws gives up on the backend's handshake: the client gets 502 (a
+    # WebSocket handshake is refused with 502 or 503 only).
     client = await wire.rawConnect(lbws.url)
     client.send(handshakeRequest("/echo/websocket"))
     head = await client.response.addTimeout(10, reactor)
-    assert head.startswith("HTTP/1.1 504 "), head
+    assert head.startswith("HTTP/1.1 502 "), head
     await server.line("^upgrade handed 1$")
     for url in (server.url, lbws.url, nginx.url):
         await leaveMidHandshake(url, server)

@@ -11,7 +11,13 @@ from lbws.protocol.headers import parseFields
 from lbws.telemetry.logs import printable
 from lbws.telemetry.metrics import closeLabel
 from lbws.protocol.origins import parseOrigins
-from lbws.protocol.request import BadTarget, joinTarget, normaliseTarget
+from lbws.protocol.request import (
+    BadTarget,
+    checkEscapes,
+    joinTarget,
+    normaliseTarget,
+    takeAuthority,
+)
 from lbws.protocol.strict import headEnd, headProblem, withCrlf
 
 import pytest
@@ -98,7 +104,12 @@ def test_parse_fields_splits_at_line_ends_only_and_trims_spaces_and_tabs_only():
         ("/a/b/..", "/a/"),
         ("/a/.", "/a/"),
         ("/a/.%2E", "/"),
-        ("/a/..b/.c/%2e%2e%2e", "/a/..b/.c/%2e%2e%2e"),
+        ("/a/..b/.c/%2e%2e%2e", "/a/..b/.c/..."),
+        # Unreserved characters decoded (RFC 3986 6.2.2.2), others kept.
+        ("/%61dmin", "/admin"),
+        ("/%41%5A%7e%5f%2D%30", "/AZ~_-0"),
+        ("/%40%25%2f%20%C3%A9", "/%40%25%2f%20%C3%A9"),
+        ("/%2561", "/%2561"),
         ("/a/../..?x=/../../y#z", "/?x=/../../y#z"),
         ("http://internal.example/admin", "/admin"),
         ("HTTPS://internal.example:8443?q", "/?q"),
@@ -135,6 +146,92 @@ def test_joined_targets_stay_under_the_prefix(prefix, parts, query, scheme):
     below = path[len(prefix) :].split("/")
     assert not {".", "..", "%2e", "%2E%2e", ".%2e"} & set(below)
     assert normaliseTarget(joined[len(prefix) :]) == joined[len(prefix) :]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/..%2fsecret", "/a%2F..%2F..%2Fb", "/..%5csecret", "/x/%2e%2e%2Fy", "/.%2f", "http://h/..%2fx",
+     "/..;/secret", "/a/..;x=1/b", "/.;/a", "/%2e%2e;/x"],
+)
+def test_dot_segments_hidden_from_lbws_are_refused_in_any_mode(target):
+    with pytest.raises(BadTarget):
+        normaliseTarget(target)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/a%2Fb", "/a%2fb", "/a%5Cb", "/a%5cb", "/%2e%2e/x", "/.%2E/x", "/a/%2e", "/a/%2E%2E",
+     "http://h/a%2fb"],
+)
+def test_reject_refuses_escaped_slashes_and_encoded_dot_segments(target):
+    with pytest.raises(BadTarget):
+        checkEscapes(target, "reject")
+    checkEscapes(target, "keep")
+
+
+@pytest.mark.parametrize(
+    "target, path",
+    [
+        ("/", "/"),
+        ("/a/../b", "/b"),
+        ("/a.b/%2e%2ex/%20", "/a.b/..x/%20"),
+        ("/file%2ehtml", "/file.html"),
+        ("/q?x=%2F..%2f", "/q"),
+        ("/%41%2g", "/A%2g"),
+        ("/a;v=1/b", "/a;v=1/b"),
+        ("/x/...;y", "/x/...;y"),
+    ],
+)
+def test_reject_lets_other_targets_through(target, path):
+    checkEscapes(target, "reject")
+    assert normaliseTarget(target).partition("?")[0] == path
+
+
+def test_absolute_form_authority_replaces_host():
+    headers = {"host": "a.example"}
+    takeAuthority("http://b.example:8080/x?y", headers)
+    assert headers == {"host": "b.example:8080"}
+    takeAuthority("/x", headers)
+    assert headers == {"host": "b.example:8080"}
+    for target in ("http://user@b.example/", "http:///x", "http://b.example,c/x", "http://[zz]/"):
+        with pytest.raises(BadTarget):
+            takeAuthority(target, {"host": "a"})
+
+
+def _decodingBackendPath(path):
+    """
+    The path a backend that decodes before it resolves dot segments (as
+    nginx does) serves for C{path}: %2F, %5C and backslashes are "/", %2E
+    is "." (RFC 3986 5.2.4 then).
+    """
+    for encoded, plain in (("%2f", "/"), ("%5c", "/"), ("\\", "/"), ("%2e", ".")):
+        path = path.replace(encoded, plain).replace(encoded.upper(), plain)
+    kept = []
+    for segment in path.split("/")[1:]:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    return "/" + "/".join(kept)
+
+
+hostile = st.sampled_from(
+    ["", ".", "..", "%2e", "%2E%2e", "a", "..%2f", "%2F..", "a%2f..%2f..", "%5c..", "..%5C",
+     "%2e%2e%2f", "b%2fc", ".%2f."]
+)
+
+
+@given(st.sampled_from(["/app", "/a/b"]), st.lists(hostile, max_size=8), st.sampled_from(["keep", "reject"]))
+def test_no_accepted_target_leaves_the_prefix_on_a_decoding_backend(prefix, parts, mode):
+    target = "/" + "/".join(parts)
+    try:
+        joined = joinTarget(prefix, target)
+        checkEscapes(target, mode)
+    except BadTarget:
+        return
+    served = _decodingBackendPath(joined)
+    assert served == prefix or served.startswith(prefix + "/"), (target, joined, served)
 
 
 def test_allowed_origins_matching():

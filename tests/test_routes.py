@@ -157,9 +157,13 @@ async def test_strip_prefix_and_the_backend_prefix(harness):
     assert (name, seen["path"]) == ("b", "/svc/notify/n")
     # Dot segments are resolved before matching and stripping: a target
     # stays under its route and the backend's prefix.
-    name, seen = await _reaches(service, backends, path="/chat/a/%2e%2e/b")
+    name, seen = await _reaches(service, backends, path="/chat/a/../b")
     assert (name, seen["path"]) == ("a", "/app/b")
-    assert await _refused(service, path="/chat/%2e%2e/%2e%2e/etc") == 404
+    assert await _refused(service, path="/chat/../../etc") == 404
+    # Percent-encoded ones, and encoded slashes, are refused
+    # (escaped_slashes = reject, tests/test_paths.py).
+    assert await _refused(service, path="/chat/a/%2e%2e/b") == 400
+    assert await _refused(service, path="/chat/..%2f..%2fetc") == 400
 
 
 @pytest_twisted.ensureDeferred

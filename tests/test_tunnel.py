@@ -638,6 +638,49 @@ def test_stop_in_each_state(name, clientAfter, backendAfter, clientCloses, backe
         assert leg.state in (FINISHED, LOST)
 
 
+class CountingTransport(Transport):
+    """
+    A Transport that keeps each write apart.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        super().write(data)
+
+
+def test_frames_of_one_read_leave_in_one_write():
+    """
+    Messages and pings that arrive in one read go on in one write, in
+    order; the messages are counted once for the read. A pong answering
+    lbws's own ping is taken out: what was before it and what follows
+    leave in two writes.
+    """
+    relay = FakeRelay("ping_interval = 1")
+    member = relay.pool["a"]
+    client, backend = CountingTransport(), CountingTransport()
+    tunnel = Tunnel(relay, client, backend, member, member.opened(), Info())
+    read = b"".join(
+        [fromBackend(OP_TEXT, b"one"), fromBackend(OP_BINARY, b"two" * 50)]
+        + [fromBackend(OP_PING, b"p"), fromBackend(OP_TEXT, b"three")]
+    )
+    tunnel.backend.dataReceived(read)
+    assert client.writes == [read]
+    assert (member.traffic.messagesOut, member.traffic.bytesOut) == (3, 3 + 150 + 5)
+    assert (tunnel.backend.messages, tunnel.backend.bytes) == (3, 158)
+
+    relay.reactor.advance(1)
+    (ping,) = client.frames()[4:]
+    before = fromClient(OP_TEXT, b"a")
+    after = fromClient(OP_PING, b"b") + fromClient(OP_TEXT, b"c")
+    tunnel.client.dataReceived(before + fromClient(OP_PONG, ping.payload) + after)
+    assert backend.writes == [before, after]
+    assert (member.traffic.messagesIn, tunnel.client.messages) == (2, 2)
+
+
 def test_ping_answered_and_unanswered():
     """
     A written ping answered keeps the client; one unanswered for an

@@ -15,8 +15,10 @@ The statuses (README "What a client gets when no backend answers"):
 
   - 503: no member to try (none up, or all drained), or lbws out of its own
     resources;
-  - 504: the last member tried timed out (C{connect_timeout}, or the
-    backend did not answer in time), as nginx answers;
+  - 504 for plain HTTP, as nginx answers, 502 for a WebSocket handshake
+    (whose refusals are 502 or 503, the README's promise to clients that
+    only know those): the last member tried timed out (C{connect_timeout},
+    or the backend did not answer in time);
   - 502: the last member tried failed otherwise, or lbws could not start
     the connection.
 """
@@ -77,6 +79,12 @@ class Attempts:
     returns None, the caller calls L{next} again; None from L{next} means
     no member is left: L{exhausted} says what the client gets.
 
+    A plain HTTP request may first go over an idle kept connection of the
+    member (L{lbws.backends.keepalive}); one that the backend closed before
+    any byte of the answer came is not the member's failure (it may have
+    closed it just then): the caller connects to the same L{member} again
+    with L{connect}, without L{failed}.
+
     @param pool: the L{lbws.backends.pool.Pool}.
     @param settings: the L{lbws.config.Settings} the request started under
         (C{connect_timeout}, C{retries}, C{[health]}).
@@ -90,11 +98,13 @@ class Attempts:
         are tried; None for every member.
     @param note: after the client's address in the log lines: " (HTTP)"
         for a plain HTTP request, nothing for a WebSocket.
+    @param timeoutStatus: the status when the last try timed out: 504 for
+        plain HTTP, 502 for a WebSocket handshake.
     """
 
     def __init__(
         self, reactor, pool, settings, shortages, peer, key=None, prefer=None, route=None,
-        note="",
+        note="", timeoutStatus=504,
     ):
         self._reactor = reactor
         self._pool = pool
@@ -105,6 +115,7 @@ class Attempts:
         self._prefer = prefer
         self._route = route
         self._note = note
+        self._timeoutStatus = timeoutStatus
         self._last = None  # the GiveUp of the last member that failed
         self.tried = []
         self.member = None  # the member of the try under way (or the last)
@@ -197,7 +208,7 @@ class Attempts:
             note=self._note,
             why=why,
         )
-        status = 504 if failure.check(BackendTimeout) else 502
+        status = self._timeoutStatus if failure.check(BackendTimeout) else 502
         self._last = GiveUp(status, why, "backend_failed")
         if retry and len(self.tried) <= self._settings.retries:
             return None

@@ -29,6 +29,10 @@ from lbws.protocol.request import joinTarget, normaliseTarget
 from lbws.backends.redirects import RedirectRewriter
 from lbws.backends.routes import forwardTarget
 
+# A handshake whose backend timed out is refused with 502, not 504: the
+# README promises WebSocket clients 502 or 503 when no backend answers, and
+# client libraries retry on those.
+WEBSOCKET_TIMEOUT_STATUS = 502
 
 class Refused(ConnectionDeny):
     """
@@ -120,7 +124,7 @@ class _ClientDial:
         self._secure = secure
         self._tries = Attempts(
             dialer._reactor, dialer._pool, dialer.settings, dialer.shortages, peerHost,
-            key, prefer, route,
+            key, prefer, route, timeoutStatus=WEBSOCKET_TIMEOUT_STATUS,
         )
         self._attempt = None
         self.result = Deferred(self._cancel)
@@ -146,7 +150,10 @@ class _ClientDial:
     def _open(self, member, connection):
         settings = self._settings
         backend = member.settings
-        headers, useragent, origin = forwardedHeaders(self._request, self._peer, self._secure)
+        headers, useragent, origin = forwardedHeaders(
+            self._request, self._peer, self._secure,
+            (self._route or settings).underscores_in_headers,
+        )
         if self._offer is not None:
             headers["Sec-WebSocket-Extensions"] = self._offer
         attempt = Attempt(

@@ -211,12 +211,16 @@ class Traffic:
         """
         self._failed += 1
 
-    def message(self, toBackend, size):
+    def message(self, toBackend, size, count=1):
+        """
+        Count C{count} messages of C{size} bytes in all (a relay counts
+        the messages of one read at once).
+        """
         if toBackend:
-            self._messagesIn += 1
+            self._messagesIn += count
             self._bytesIn += size
         else:
-            self._messagesOut += 1
+            self._messagesOut += count
             self._bytesOut += size
 
     def moved(self):

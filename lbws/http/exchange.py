@@ -29,7 +29,7 @@ from lbws.backends.backend import BackendTimeout, hostForUrl
 from lbws.backends.balance import hashKeyOf
 from lbws.backends.redirects import RedirectRewriter
 from lbws.backends.routes import forwardTarget
-from lbws.protocol.headers import PROXY_HEADERS, proxyHeaders
+from lbws.protocol.headers import PROXY_HEADERS, proxyHeaders, underscoreDropped
 from lbws.protocol.http1 import Head
 from lbws.protocol.request import joinTarget
 from lbws.protocol.strict import fieldsProblem
@@ -219,12 +219,9 @@ class Exchange:
             self.fail(413, f"request body larger than {limit} bytes")
             return
         relay = self.relay
-        if relay.stopping:
-            self.fail(503, "lbws is stopping")
-            return
-        if relay.clients + len(relay.http) > self.settings.max_connections:
-            # HTTP connections count towards max_connections with WebSockets.
-            self.fail(503, "too many connections")
+        refusal = relay.httpRefusal(self.front)
+        if refusal is not None:
+            self.fail(503, refusal)
             return
         route = self.route
         request = self.request
@@ -235,7 +232,13 @@ class Exchange:
             relay.dialer.shortages,
             self.front.peer,
             hashKeyOf(route.hash_key, self.front.peer, request),
-            sticky.preferred(relay.pool, route.sticky_cookie, request.headers.get("cookie"), route),
+            sticky.preferred(
+                relay.pool,
+                route.sticky_cookie,
+                request.headers.get("cookie"),
+                route,
+                self.settings.sticky_secret,
+            ),
             route,
             note=" (HTTP)",
         )
@@ -326,6 +329,7 @@ class Exchange:
                 or key in listed
                 or key in PROXY_HEADERS
                 or key in ("host", "content-length")
+                or underscoreDropped(key, self.route.underscores_in_headers)
             ):
                 continue
             headers.append((name, value))
@@ -518,7 +522,10 @@ class Exchange:
                 value = redirects.rewrite(name, value)
             headers.append((name, value))
         cookie = sticky.setCookie(
-            self.route.sticky_cookie, self.member, request.headers.get("cookie")
+            self.route.sticky_cookie,
+            self.member,
+            request.headers.get("cookie"),
+            self.settings.sticky_secret,
         )
         if cookie is not None:
             headers.append(("Set-Cookie", cookie))

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from lbws.http.exchange import REASONS, Exchange, codeClass, logAccess
 from lbws.protocol.http1 import Head, isWebSocketUpgrade
-from lbws.protocol.request import BadTarget, normaliseTarget
+from lbws.protocol.request import BadTarget, checkEscapes, normaliseTarget, takeAuthority
 from lbws.protocol.strict import headEnd, headProblem
 from lbws.transport.sockets import endWriting, writerFor
 
@@ -96,7 +96,7 @@ class HttpFront:
         self._next = None  # the reactor turn that reads the next request
         self._pumping = False
         self.transport.registerProducer(self, True)
-        relay.http.add(self)
+        relay.httpStarted(self)
 
     @property
     def settings(self):
@@ -193,14 +193,17 @@ class HttpFront:
             # No body: h11's end of it comes without reading (their_state DONE).
             self.conn.next_event()
         try:
-            request.target = normaliseTarget(request.target)
+            takeAuthority(request.target, request.headers)
+            target, request.target = request.target, normaliseTarget(request.target)
+            route = self.relay.routes.match(
+                request.headers.get("host"), request.target.partition("?")[0]
+            )
+            if route is not None:
+                checkEscapes(target, route.escaped_slashes)
         except BadTarget as e:
             _log.info("bad HTTP request from {peer}: {why}", peer=self.peer, why=str(e))
             self.reject(400, "bad request")
             return False
-        route = self.relay.routes.match(
-            request.headers.get("host"), request.target.partition("?")[0]
-        )
         if route is None:
             self.reject(404, "no route for this request", request)
             return False
@@ -450,7 +453,7 @@ class HttpFront:
         if self.state != CLOSING:
             self.transport.unregisterProducer()
         self.state = GONE
-        self.relay.http.discard(self)
+        self.relay.httpEnded(self)
         self._stopTimer()
         self._stopBodyTimer()
         for name in ("_sendTimer", "_next"):

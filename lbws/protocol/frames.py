@@ -20,7 +20,6 @@ OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
 
-_DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
 _MESSAGE_OPCODES = (OP_TEXT, OP_BINARY)  # the first frame of a message
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
@@ -71,12 +70,18 @@ class FrameScanner:
     Reads one direction of a WebSocket stream, frame header by frame header.
 
     Bytes of data frames are handed on as they arrive through
-    C{handler.forward(data)}; control frames are collected whole and given to
-    C{handler.control(opcode, payload, raw)}, where C{payload} is unmasked and
-    C{raw} is the frame exactly as received, for the handler to forward or
-    not. C{handler.messageEnd(opcode, size)} is called when a data message
-    completes. A frame that breaks the rules raises L{ProtocolViolation} from
-    L{feed}, after everything before it has been forwarded. Setting
+    C{handler.forward(data)}, the frames of one read in one call; control
+    frames are collected whole and given to C{handler.control(opcode,
+    payload, raw)}, where C{payload} is unmasked and C{raw} is the frame
+    exactly as received. A ping or pong for which it returns True goes on
+    with the frames around it, in the same C{forward} call; one for which it
+    returns False is dropped. A close is the handler's to pass on (it gets
+    everything before the close first). Completed data messages are
+    counted in C{messages} and C{bytes}, without a call per message: the
+    handler reads the counts once per L{feed} (see
+    L{lbws.ws.tunnel.Leg.dataReceived}). A frame that breaks the rules
+    raises L{ProtocolViolation} from L{feed}, after everything before it
+    has been forwarded. Setting
     C{stopped} (the handler does, after a close frame) drops whatever the
     stream carries from then on. After a violation nothing more is
     forwarded either, but the handler, once it has sent its close, may
@@ -97,6 +102,8 @@ class FrameScanner:
 
     @ivar atBoundary: True between frames: the only place where another
         frame may be put into the stream this scanner feeds.
+    @ivar messages: data messages completed so far.
+    @ivar bytes: their payload bytes (compressed, with permessage-deflate).
     """
 
     __slots__ = (
@@ -117,6 +124,8 @@ class FrameScanner:
         "_seeking",
         "messageBudget",
         "controlBudget",
+        "messages",
+        "bytes",
     )
 
     def __init__(
@@ -148,6 +157,8 @@ class FrameScanner:
         self._seeking = False  # after a violation: looking for the close
         self.messageBudget = UNLIMITED
         self.controlBudget = UNLIMITED
+        self.messages = 0
+        self.bytes = 0
 
     @property
     def inMessage(self):
@@ -219,16 +230,20 @@ class FrameScanner:
         pos = 0
         start = 0  # first byte not yet forwarded
         while pos < end:
-            if self._remaining:
-                step = min(self._remaining, end - pos)
-                pos += step
-                self._remaining -= step
-                if not self._remaining:
-                    self._frameEnd()
-                    if self.boundaryWanted:
-                        handler.forward(data[start:pos])
-                        start = pos
-                        handler.boundary()
+            remaining = self._remaining
+            if remaining:
+                # The rest of a data frame begun in an earlier read.
+                if remaining > end - pos:
+                    self._remaining = remaining - (end - pos)
+                    pos = end
+                    break
+                pos += remaining
+                self._remaining = 0
+                self._frameEnd()
+                if self.boundaryWanted:
+                    handler.forward(data[start:pos])
+                    start = pos
+                    handler.boundary()
                 continue
             try:
                 header = self._header(data, pos, end)
@@ -241,37 +256,61 @@ class FrameScanner:
                 self._pending = data[pos:]
                 break
             headerLength, opcode, length = header
-            if opcode in _CONTROL_OPCODES:
-                frameEnd = pos + headerLength + length
+            frameEnd = pos + headerLength + length
+            if opcode & 0x08:  # a control frame (the header checked the opcode)
                 if frameEnd > end:
                     self._pending = data[pos:]
                     break
-                if start < pos:
-                    handler.forward(data[start:pos])
                 if opcode != OP_CLOSE:
                     self.controlBudget -= 1
                     if self.controlBudget < 0:
                         try:
                             handler.controlBudgetSpent()
                         except ProtocolViolation:
+                            if start < pos:
+                                handler.forward(data[start:pos])
                             self._stopAt(data, pos)
                             raise
                 raw = data[pos:frameEnd]
                 payload = data[pos + headerLength : frameEnd]
                 if self._maskBit:
                     payload = unmask(payload, data[pos + headerLength - 4 : pos + headerLength])
-                pos = start = frameEnd
-                handler.control(opcode, payload, raw)
-                if self.stopped:
-                    return
+                if opcode == OP_CLOSE:
+                    # The handler passes a close on, or not, itself.
+                    if start < pos:
+                        handler.forward(data[start:pos])
+                    pos = start = frameEnd
+                    handler.control(opcode, payload, raw)
+                    if self.stopped:
+                        return
+                elif handler.control(opcode, payload, raw):
+                    # A ping or pong that goes on stays in the run of bytes
+                    # forwarded in one write.
+                    pos = frameEnd
+                else:
+                    if start < pos:
+                        handler.forward(data[start:pos])
+                    pos = start = frameEnd
                 if self.boundaryWanted:
+                    if start < pos:
+                        handler.forward(data[start:pos])
+                        start = pos
+                    handler.boundary()
+                continue
+            if frameEnd <= end:
+                # The whole data frame is in this read (small messages
+                # are): past it at once, still at a boundary. Its bytes
+                # join the run forwarded in one write.
+                pos = frameEnd
+                self._frameEnd()
+                if self.boundaryWanted:
+                    handler.forward(data[start:pos])
+                    start = pos
                     handler.boundary()
                 continue
             pos += headerLength
             self.atBoundary = False
             self._remaining = length
-            if not length:
-                self._frameEnd()
         if start < pos:
             handler.forward(data if start == 0 and pos == end else data[start:pos])
 
@@ -349,47 +388,31 @@ class FrameScanner:
         @return: C{(headerLength, opcode, payloadLength)}, or None if the
             header is not complete yet.
         """
-        if end - pos < 2:
+        extent = frameExtent(data, pos, end)
+        if extent is None:
             return None
+        _, opcode, length = extent
         first = data[pos]
-        second = data[pos + 1]
-        opcode = first & 0x0F
-        length = second & 0x7F
-        headerLength = 2
-        if length == 126:
-            headerLength = 4
-            if end - pos < 4:
-                return None
-            (length,) = struct.unpack_from("!H", data, pos + 2)
-        elif length == 127:
-            headerLength = 10
-            if end - pos < 10:
-                return None
-            (length,) = struct.unpack_from("!Q", data, pos + 2)
-            if length >> 63:
-                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "invalid frame length")
-        if second & 0x80:
-            headerLength += 4
-        if end - pos < headerLength:
-            return None
+        if length >> 63:
+            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "invalid frame length")
         if first & 0x70 and not (
             first & 0x70 == self._compressedBit and opcode in _MESSAGE_OPCODES
         ):
             raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "reserved bits set")
-        if (second & 0x80) != self._maskBit:
+        if (data[pos + 1] & 0x80) != self._maskBit:
             raise ProtocolViolation(
                 CLOSE_PROTOCOL_ERROR,
                 "unmasked client frame" if self._maskBit else "masked server frame",
             )
         fin = bool(first & 0x80)
-        if opcode in _CONTROL_OPCODES:
+        if opcode > OP_BINARY:  # a control opcode, or a reserved one
+            if opcode not in _CONTROL_OPCODES:
+                raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode}")
             if not fin:
                 raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
             if length > 125:
                 raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, "control frame too long")
-            return headerLength, opcode, length
-        if opcode not in _DATA_OPCODES:
-            raise ProtocolViolation(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode}")
+            return extent
         if opcode == OP_CONTINUATION:
             if self._messageOpcode is None:
                 raise ProtocolViolation(
@@ -419,26 +442,32 @@ class FrameScanner:
                 f"message longer than {self._maxMessageSize} bytes",
             )
         self._fin = fin
-        return headerLength, opcode, length
+        return extent
 
     def _frameEnd(self):
         self.atBoundary = True
         if self._fin:
-            opcode = self._messageOpcode
             self._messageOpcode = None
-            self._handler.messageEnd(opcode, self._messageSize)
+            self.messages += 1
+            self.bytes += self._messageSize
 
 
 def frameExtent(data, pos, end):
     """
     The extent of the frame header at C{pos}, whatever the frame breaks:
     C{(headerLength, opcode, payloadLength)}, or None if the header is not
-    complete yet.
+    complete yet. The one parser of header bytes: L{FrameScanner} checks
+    the rules on top of it.
     """
     if end - pos < 2:
         return None
     second = data[pos + 1]
     length = second & 0x7F
+    if length < 126:
+        headerLength = 6 if second & 0x80 else 2
+        if end - pos < headerLength:
+            return None
+        return headerLength, data[pos] & 0x0F, length
     headerLength = 2
     if length == 126:
         headerLength = 4

@@ -40,7 +40,18 @@ _NOT_FORWARDED = frozenset(
 )
 
 
-def forwardedHeaders(request, peerHost, secure):
+def underscoreDropped(name, underscores):
+    """
+    Whether a client's header C{name} stays behind under
+    C{underscores_in_headers = underscores}: with C{drop}, as nginx does,
+    a name with "_" never reaches the backend. CGI and WSGI servers turn
+    "-" into "_" (X-Real-IP and X_Real_IP are both C{HTTP_X_REAL_IP}), so
+    a client's X_Real_IP could stand in for the X-Real-IP lbws sets.
+    """
+    return underscores == "drop" and "_" in name
+
+
+def forwardedHeaders(request, peerHost, secure, underscores="drop"):
     """
     The headers for the backend handshake.
 
@@ -49,6 +60,7 @@ def forwardedHeaders(request, peerHost, secure):
     @param peerHost: the client's address, as lbws sees it (or as the PROXY
         protocol header told it).
     @param secure: whether the client came over TLS.
+    @param underscores: C{underscores_in_headers} (L{underscoreDropped}).
     @return: C{(headers, userAgent, origin)} for Autobahn's client factory.
     """
     clientHeaders = request.headers
@@ -59,6 +71,8 @@ def forwardedHeaders(request, peerHost, secure):
     }
     for name, value in clientHeaders.items():
         if name in _NOT_FORWARDED or name in connectionTokens:
+            continue
+        if underscoreDropped(name, underscores):
             continue
         if name == "cookie":
             # Cookie is the one header whose repeats join with "; ".

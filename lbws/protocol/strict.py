@@ -121,6 +121,13 @@ def fieldsProblem(fields):
     return None
 
 
+def isHostValue(value):
+    """
+    Whether C{value} (bytes) is a host[:port] lbws routes on and forwards.
+    """
+    return _HOST_VALUE.fullmatch(value) is not None
+
+
 def _hostProblem(line, values):
     """
     RFC 9112 (3.2) has a server answer 400 to an HTTP/1.1 request with no

@@ -40,7 +40,7 @@ from lbws.protocol.http1 import isWebSocketUpgrade
 from lbws.protocol.headers import parseFields
 from lbws.telemetry.logs import printable
 from lbws.transport.tlserrors import clientTlsReason
-from lbws.protocol.request import BadTarget, normaliseTarget
+from lbws.protocol.request import BadTarget, checkEscapes, normaliseTarget, takeAuthority
 from lbws.protocol.strict import headEnd, headProblem, isToken, withCrlf
 from lbws.transport.sockets import setNoDelay
 from lbws.ws.tunnel import Tunnel
@@ -182,15 +182,18 @@ class FrontendProtocol(UnparsedExtensions, WriteThrough, WebSocketServerProtocol
             request.headers = self._fields
         peerHost = self._peerHost()
         target = requestTarget(self)
-        try:
-            path = normaliseTarget(target).partition("?")[0]
-        except BadTarget as e:
-            raise ConnectionDeny(400, f"Bad Request: {e}") from None
         for subprotocol in request.protocols:
             # They go to the backend in its request: tokens only.
             if not isToken(subprotocol):
                 raise ConnectionDeny(400, f"Bad Request: subprotocol {subprotocol!r}")
-        route = relay.routes.match(request.headers.get("host"), path, request.protocols)
+        try:
+            takeAuthority(target, request.headers)
+            path = normaliseTarget(target).partition("?")[0]
+            route = relay.routes.match(request.headers.get("host"), path, request.protocols)
+            if route is not None:
+                checkEscapes(target, route.escaped_slashes)
+        except BadTarget as e:
+            raise ConnectionDeny(400, f"Bad Request: {e}") from None
         if route is None:
             relay.counters.handshakes["no_route"] += 1
             self._answer = NO_ROUTE
@@ -209,7 +212,8 @@ class FrontendProtocol(UnparsedExtensions, WriteThrough, WebSocketServerProtocol
             self._member, self._backend = result
             headers = acceptedHeaders(self._backend.head)
             cookie = sticky.setCookie(
-                route.sticky_cookie, self._member, request.headers.get("cookie")
+                route.sticky_cookie, self._member, request.headers.get("cookie"),
+                relay.settings.sticky_secret,
             )
             if cookie is not None:
                 headers.setdefault("Set-Cookie", []).append(cookie)
