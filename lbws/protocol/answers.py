@@ -6,14 +6,19 @@ An answer other than 101 is the application speaking (a 401 asking for
 credentials, a 302 to a login page, a 503 with Retry-After): lbws reads it
 whole, with its body up to L{MAX_BODY}, and the client gets its status,
 its end-to-end headers and its body (see the README, "On the wire"). lbws
-writes that answer itself, only from parts checked here: a three-digit
+writes that answer itself, only from parts checked here: the head by
+lbws's own rules (L{lbws.protocol.strict.answerProblem}: a three-digit
 status, a reason phrase and header fields that follow RFC 9110/9112 field
-syntax. A raw line is never copied, so a backend cannot slip a header past
-lbws with a bare LF; an answer that breaks the syntax is malformed, which
-counts as a backend failure.
+syntax, CRLF line ends), then read, with its body, by h11 (the grammar of
+the plain HTTP side too), as the answer to the handshake lbws sent. A raw
+line is never copied, so a backend cannot slip a header past lbws with a
+bare LF; an answer that breaks the syntax is malformed, which counts as a
+backend failure.
 """
 
-import re
+import h11
+
+from lbws.protocol.strict import answerProblem
 
 # The longest answer head lbws reads from a backend, and the most of a
 # refusal's body it keeps for the client (the rest is read and dropped).
@@ -46,9 +51,13 @@ _HANDSHAKE = frozenset(
     ]
 )
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
-_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[\t ]*([\t\x20-\x7e\x80-\xff]*?)[\t ]*")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[\t ]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
+# What h11 is told lbws asked: a WebSocket handshake (so a 101 is an
+# answer it expects).
+_HANDSHAKE_REQUEST = h11.Request(
+    method="GET",
+    target="/",
+    headers=[("Host", "backend"), ("Connection", "Upgrade"), ("Upgrade", "websocket")],
+)
 
 
 class MalformedAnswer(Exception):
@@ -64,10 +73,11 @@ class Head:
     order and case.
     """
 
-    def __init__(self, status, reason, headers):
+    def __init__(self, status, reason, headers, reader=None):
         self.status = status
         self.reason = reason
         self.headers = headers
+        self._reader = reader  # the h11 connection that read it
 
     def values(self, name):
         name = name.lower()
@@ -96,32 +106,29 @@ def parseHead(data):
     """
     Parse an answer head ending with an empty line (CRLF CRLF).
 
-    @raise MalformedAnswer: when any line breaks RFC 9112 syntax (a bare
-        CR or LF, a control character, an obs-fold, a line without a
-        colon).
+    @raise MalformedAnswer: when it breaks lbws's rules or h11's grammar
+        (a bare CR or LF, a control character, an obs-fold, a line
+        without a colon, conflicting lengths).
     """
-    lines = data[: data.index(b"\r\n\r\n")].split(b"\r\n")
-    status = _STATUS_LINE.fullmatch(lines[0])
-    if status is None:
-        raise MalformedAnswer(f"bad status line {_shown(lines[0])}")
-    headers = []
-    for line in lines[1:]:
-        field = _FIELD.fullmatch(line)
-        if field is None:
-            raise MalformedAnswer(f"bad header line {_shown(line)}")
-        headers.append((field.group(1), field.group(2)))
-    return Head(int(status.group(1)), status.group(2) or b"", headers)
-
-
-def _shown(line):
-    return repr(line[:80])[1:]
+    problem = answerProblem(data)
+    if problem is not None:
+        raise MalformedAnswer(problem)
+    reader = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+    reader.send(_HANDSHAKE_REQUEST)
+    reader.send(h11.EndOfMessage())
+    reader.receive_data(data)
+    try:
+        event = reader.next_event()
+    except h11.RemoteProtocolError as e:
+        raise MalformedAnswer(str(e)) from None
+    return Head(event.status_code, bytes(event.reason), event.headers.raw_items(), reader)
 
 
 class BodyReader:
     """
-    Reads a refusal's body as its head frames it (RFC 9112 6.3): none for
-    1xx, 204 and 304, chunked, Content-Length, or up to the end of the
-    connection. Keeps at most L{MAX_BODY} bytes.
+    Reads a refusal's body as h11 frames it from its head (RFC 9112 6.3):
+    none for 1xx, 204 and 304, chunked, Content-Length, or up to the end
+    of the connection. Keeps at most L{MAX_BODY} bytes.
 
     @ivar body: what was kept.
     @ivar cut: True if the body was longer than what was kept.
@@ -130,29 +137,12 @@ class BodyReader:
 
     def __init__(self, head, limit=MAX_BODY):
         self._limit = limit
+        self._reader = head._reader
         self.body = b""
         self.cut = False
-        self.done = False
-        self._buffer = b""
-        self._remaining = None  # bytes left of a Content-Length or chunk
-        self._state = None
-        codings = [c.strip().lower() for v in head.values(b"transfer-encoding") for c in v.split(b",")]
-        lengths = {v.strip() for v in head.values(b"content-length")}
-        if head.status in (204, 304) or 100 <= head.status < 200:
-            self.done = True
-        elif codings:
-            if codings[-1] == b"chunked":
-                self._state = "size"
-            else:
-                self._state = "close"
-        elif lengths:
-            if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
-                raise MalformedAnswer("bad Content-Length")
-            self._remaining = int(lengths.pop())
-            self._state = "length"
-            self.done = self._remaining == 0
-        else:
-            self._state = "close"
+        self.done = head.status in (204, 304) or head.status < 200
+        if not self.done:
+            self._read()
 
     def _keep(self, data):
         room = self._limit - len(self.body)
@@ -161,58 +151,30 @@ class BodyReader:
             data = data[:room]
         self.body += data
 
+    def _read(self):
+        try:
+            while not self.done:
+                event = self._reader.next_event()
+                if type(event) is h11.Data:
+                    self._keep(bytes(event.data))
+                elif type(event) is h11.EndOfMessage:
+                    self.done = True
+                else:
+                    break
+        except h11.RemoteProtocolError as e:
+            raise MalformedAnswer(f"body: {e}") from None
+
     def feed(self, data):
         """
         More bytes of the body.
 
         @return: True once the body is complete.
-        @raise MalformedAnswer: for a bad chunked framing.
+        @raise MalformedAnswer: for a bad framing.
         """
-        if self.done:
-            return True
-        if self._state == "close":
-            self._keep(data)
-        elif self._state == "length":
-            self._keep(data[: self._remaining])
-            self._remaining -= min(len(data), self._remaining)
-            self.done = self._remaining == 0
-        else:
-            self._chunked(data)
+        if data and not self.done:  # (b"" would tell h11 the connection ended)
+            self._reader.receive_data(data)
+            self._read()
         return self.done
-
-    def _chunked(self, data):
-        buffer = self._buffer + data
-        while not self.done:
-            if self._state == "data":
-                taken = buffer[: self._remaining]
-                self._keep(taken)
-                self._remaining -= len(taken)
-                buffer = buffer[len(taken) :]
-                if self._remaining:
-                    break
-                self._state = "crlf"
-                continue
-            end = buffer.find(b"\r\n")
-            if end < 0:
-                if len(buffer) > 4096:
-                    raise MalformedAnswer("chunked body: line too long")
-                break
-            line, buffer = buffer[:end], buffer[end + 2 :]
-            if self._state == "size":
-                size = _CHUNK_SIZE.fullmatch(line)
-                if size is None:
-                    raise MalformedAnswer("chunked body: bad chunk size")
-                self._remaining = int(size.group(1), 16)
-                self._state = "data" if self._remaining else "trailer"
-            elif self._state == "crlf":
-                if line:
-                    raise MalformedAnswer("chunked body: no CRLF after a chunk")
-                self._state = "size"
-            elif not line:  # the empty line after the trailers
-                self.done = True
-            elif _FIELD.fullmatch(line) is None:
-                raise MalformedAnswer("chunked body: bad trailer line")
-        self._buffer = buffer
 
     def end(self):
         """
@@ -221,8 +183,12 @@ class BodyReader:
         @return: True if that completes the body (it is framed by the end
             of the connection).
         """
-        if self._state == "close":
-            self.done = True
+        if not self.done:
+            self._reader.receive_data(b"")
+            try:
+                self._read()
+            except MalformedAnswer:
+                return False
         return self.done
 
 

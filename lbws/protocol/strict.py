@@ -55,6 +55,13 @@ _RULED_LINE = re.compile(
 )
 
 
+# A backend's answer head (L{lbws.protocol.answers}): status line and
+# fields, CRLF line ends only (lbws rewrites it for the client).
+_ANSWER = re.compile(
+    rb"HTTP/1\.[01] [0-9]{3}(?: [\t\x20-\x7e\x80-\xff]*)?\r\n(?:" + _FIELD_LINE + rb"\r\n)*\r\n"
+)
+
+
 def headEnd(data):
     """
     The length of the request head at the start of C{data} (up to and
@@ -96,6 +103,22 @@ def headProblem(head):
     if len(framings) > 1:
         return "both Content-Length and Transfer-Encoding"
     return _hostProblem(line, hosts)
+
+
+def answerProblem(head):
+    """
+    Why lbws refuses a backend's answer head to a WebSocket handshake as
+    malformed, or None: the first line that breaks the syntax, escaped.
+    """
+    if _ANSWER.fullmatch(head) is not None:
+        return None
+    lines = head.split(b"\r\n")
+    if _ANSWER.fullmatch(lines[0] + b"\r\n\r\n") is None:
+        return f"bad status line {_shown(lines[0])}"
+    for line in lines[1:-2]:
+        if re.fullmatch(_FIELD_LINE, line) is None:
+            return f"bad header line {_shown(line)}"
+    return "bad line end"
 
 
 def withCrlf(head):
