@@ -417,17 +417,21 @@ class Exchange:
         if self._pumping:
             return
         self._pumping = True
+        front = self.front
+        corked = front.cork()
         try:
-            while self.state != DONE and self.backend is not None and self.front.writable:
+            while self.state != DONE and self.backend is not None and front.writable:
                 if not self._nextEvent():
                     break
         except Exception:
             # A bug must cost this exchange only, never leave the client
             # waiting.
-            _log.failure("plain HTTP exchange for {peer} failed", peer=self.front.peer)
+            _log.failure("plain HTTP exchange for {peer} failed", peer=front.peer)
             self.finish(abort=True)
         finally:
             self._pumping = False
+            if corked:
+                front.flush()
 
     def _nextEvent(self):
         backend = self.backend
