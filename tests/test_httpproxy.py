@@ -8,11 +8,13 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads, utils
+from twisted.logger import formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -283,6 +285,16 @@ async def test_requests_counted_in_metrics_and_access_log(harness):
     assert [(e["method"], e["target"], e["status"], e["backend"]) for e in access] == [
         ("GET", "/echo", 200, "a")
     ] * 3
+    # The text line, whose braces a client's target may hold too.
+    await exchange(_hostPort(lbws.url), [("GET", "/echo?q={peer}{0}", None, None)])
+    access = [e for e in events if e.get("log_format_access") and "method" in e]
+    assert access[-1]["target"] == "/echo?q={peer}{0}"
+    for event in access[-2:]:
+        assert re.fullmatch(
+            r'127\.0\.0\.1 "GET (/echo|/echo\?q=\{peer\}\{0\})" 200 via default/a:'
+            r" [0-9]+\.[0-9]{3}s, 0 B in, [0-9]+ B out",
+            formatEvent(event),
+        ), formatEvent(event)
 
 
 def _download(address, path, total, slowFor, sample):

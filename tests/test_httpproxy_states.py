@@ -94,6 +94,25 @@ def test_request_and_response_relayed_then_connection_kept():
     assert proxy.pool["a"].active == 0 and proxy.pool["a"].total == 1
 
 
+def test_one_write_to_the_client_per_backend_read():
+    proxy = Proxy()
+    writes = []
+    proxy.client.write = lambda data: writes.append(data)
+    proxy.send(GET)
+    _, backend = proxy.backend()
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    # Head, body and end, read at once, leave in one write.
+    assert writes == [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"]
+    # Read by read (over the pooled connection), the response leaves as it
+    # comes, nothing held back.
+    proxy.send(GET)
+    del writes[:]
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
+    assert writes == [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok"]
+    backend.dataReceived(b"!!")
+    assert writes[1:] == [b"!!"] and proxy.front.exchange is None
+
+
 def test_states_in_order_for_an_upload():
     proxy = Proxy()
     proxy.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")

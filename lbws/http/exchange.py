@@ -129,13 +129,27 @@ def codeClass(status):
 
 
 def logAccess(front, request, status, backend, duration, bytesIn, bytesOut, route="-"):
+    """
+    The request's access-log event: one line of text, every value also a
+    field of its own (for C{--log-format json}).
+
+    The line is rendered here with one f-string and given as the event's
+    format (its braces doubled): from a template of ten fields the text
+    observer would render it with C{string.Formatter} for every request
+    (8% of a request's CPU under cProfile, bench/README.md "H1").
+    """
+    method = request.method if request is not None else "-"
+    target = request.target if request is not None else "-"
+    line = (
+        f'{front.peer} "{method} {target}" {status} via {route}/{backend}: {duration:.3f}s,'
+        f" {bytesIn} B in, {bytesOut} B out"
+    )
     _log.info(
-        '{peer} "{method} {target}" {status} via {route}/{backend}: {duration:.3f}s,'
-        " {bytesIn} B in, {bytesOut} B out",
+        line.replace("{", "{{").replace("}", "}}"),
         log_format_access=True,
         peer=front.peer,
-        method=request.method if request is not None else "-",
-        target=request.target if request is not None else "-",
+        method=method,
+        target=target,
         status=status,
         backend=backend,
         duration=duration,
@@ -417,17 +431,21 @@ class Exchange:
         if self._pumping:
             return
         self._pumping = True
+        front = self.front
+        corked = front.cork()
         try:
-            while self.state != DONE and self.backend is not None and self.front.writable:
+            while self.state != DONE and self.backend is not None and front.writable:
                 if not self._nextEvent():
                     break
         except Exception:
             # A bug must cost this exchange only, never leave the client
             # waiting.
-            _log.failure("plain HTTP exchange for {peer} failed", peer=self.front.peer)
+            _log.failure("plain HTTP exchange for {peer} failed", peer=front.peer)
             self.finish(abort=True)
         finally:
             self._pumping = False
+            if corked:
+                front.flush()
 
     def _nextEvent(self):
         backend = self.backend

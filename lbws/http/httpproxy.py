@@ -95,6 +95,7 @@ class HttpFront:
         self._sendTimer = None
         self._next = None  # the reactor turn that reads the next request
         self._pumping = False
+        self._out = None  # response bytes held for one write (L{cork})
         self.transport.registerProducer(self, True)
         relay.httpStarted(self)
 
@@ -294,11 +295,35 @@ class HttpFront:
 
     def send(self, event):
         """
-        Write an h11 event of the response to the client.
+        Write an h11 event of the response to the client (held while
+        corked).
         """
         data = self.conn.send(event)
         if data:
-            self.write(data)
+            if self._out is not None:
+                self._out.append(data)
+            else:
+                self.write(data)
+
+    def cork(self):
+        """
+        Hold what L{send} writes until L{flush}, so that a response's head,
+        body and end read from one backend read leave in one socket write.
+
+        @return: whether this call corked (and its caller must flush).
+        """
+        if self._out is not None:
+            return False
+        self._out = []
+        return True
+
+    def flush(self):
+        """
+        Write what L{send} held, and stop holding.
+        """
+        out, self._out = self._out, None
+        if out:
+            self.write(out[0] if len(out) == 1 else b"".join(out))
 
     def answer(self, status, text, headers=(), close=False):
         """
@@ -318,6 +343,7 @@ class HttpFront:
         else:
             lines = [f"HTTP/1.1 {status} {REASONS[status]}"]
             lines += [f"{name}: {value}" for name, value in headers]
+            self.flush()
             self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         if close:
             self.close()
@@ -337,6 +363,7 @@ class HttpFront:
         connection goes on, in a later reactor turn when this one read it.
         """
         self.exchange = None
+        self.flush()
         self._stopBodyTimer()
         if self.state >= CLOSING:
             return
@@ -429,6 +456,7 @@ class HttpFront:
         self.closing = True
         if self.state >= CLOSING:
             return
+        self.flush()
         self.state = CLOSING
         self._stopTimer()
         self._stopBodyTimer()
