@@ -9,8 +9,9 @@ of Twisted or Autobahn changes what it relies on. Where lbws works around a
 bug of theirs, C{docs/upstream.md} has the report to send and a reproduction,
 so that the workaround can go once they fix it.
 
-Nothing here runs at import time: L{lazyAutobahnDebugFormatting} is
-installed by the service as it starts (L{lbws.service}).
+Nothing here runs at import time: L{lazyAutobahnDebugFormatting} and
+L{plainIoDispatch} are installed by the service and each worker as they
+start (L{lbws.service}, L{lbws.worker}).
 """
 
 import functools
@@ -178,6 +179,39 @@ def lazyAutobahnDebugFormatting():
     for module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
         module.hltype = lazyType
         module.hlval = lazyValue
+
+
+def plainIoDispatch():
+    """
+    Twisted's reactors run every read and write event through
+    C{twisted.python.log.callWithLogger}, which asks the transport for its
+    log prefix and pushes it as the legacy log context around the call:
+    about 15% of lbws's CPU per relayed small message (bench/README.md,
+    "Relaying a message"; docs/upstream.md). Call the handler directly
+    instead, and log what escapes it with that prefix as before. The one
+    thing given up: a legacy C{twisted.python.log.msg} line emitted inside
+    an I/O event no longer carries the transport's prefix as its system;
+    lbws's own lines (twisted.logger) never did. Safe to call more than
+    once.
+    """
+    from twisted.python import log
+
+    log.callWithLogger = _plainCallWithLogger
+
+
+def _plainCallWithLogger(logger, func, *args, **kw):
+    try:
+        return func(*args, **kw)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        from twisted.python import log
+
+        try:
+            prefix = logger.logPrefix()
+        except BaseException:
+            prefix = "(buggy logPrefix method)"
+        log.err(system=prefix)
 
 
 def handOver(protocol, successor):

@@ -242,6 +242,7 @@ class LbwsService(MultiService):
 
     def startService(self):
         compat.lazyAutobahnDebugFormatting()
+        compat.plainIoDispatch()
         _logNotes(self.settings)
         warnUnverified(self.settings)
         super().startService()

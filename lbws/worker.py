@@ -195,6 +195,7 @@ def main(argv):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     family = socket.AF_INET6 if family == "6" else socket.AF_INET
     compat.lazyAutobahnDebugFormatting()
+    compat.plainIoDispatch()
     worker = Worker(reactor, path, int(fd), family, int(index), int(generation))
     StandardIO(ParentChannel(worker), reactor=reactor)
     _log.info("worker {index} relaying", index=index)

@@ -206,6 +206,42 @@ async def test_hasQueuedWrites():
 # Autobahn
 
 
+def test_plainIoDispatch():
+    from twisted.internet import epollreactor
+    from twisted.python import log
+
+    # The reactor looks the function up on twisted.python.log at each
+    # event, so replacing it there reaches every read and write.
+    assert "log.callWithLogger(selectable, _drdw, selectable, fd, event)" in inspect.getsource(
+        epollreactor.EPollReactor.doPoll
+    )
+    saved = log.callWithLogger
+    events = []
+    log.addObserver(events.append)
+    try:
+        compat.plainIoDispatch()
+        assert log.callWithLogger is not saved
+
+        class Selectable:
+            def logPrefix(self):
+                return "Leg,7,127.0.0.1"
+
+        assert log.callWithLogger(Selectable(), lambda a, b=0: a + b, 1, b=2) == 3
+
+        def broken():
+            raise ValueError("bad read")
+
+        # What escapes a handler is logged, with the transport's prefix,
+        # and goes no further (the reactor goes on).
+        assert log.callWithLogger(Selectable(), broken) is None
+        [event] = [e for e in events if e.get("isError")]
+        assert event["system"] == "Leg,7,127.0.0.1"
+        assert event["failure"].check(ValueError)
+    finally:
+        log.removeObserver(events.append)
+        log.callWithLogger = saved
+
+
 def test_lazyAutobahnDebugFormatting():
     import autobahn.twisted.websocket as adapter
     import autobahn.util
