@@ -124,6 +124,16 @@ def _giveUpText(giveUp):
     return "the backend failed"
 
 
+def stopCall(call):
+    """
+    Cancel the delayed C{call} if it is still pending; None, for the
+    attribute that held it.
+    """
+    if call is not None and call.active():
+        call.cancel()
+    return None
+
+
 def codeClass(status):
     return f"{status // 100}xx"
 
@@ -134,9 +144,10 @@ def logAccess(front, request, status, backend, duration, bytesIn, bytesOut, rout
     field of its own (for C{--log-format json}).
 
     The line is rendered here with one f-string and given as the event's
-    format (its braces doubled): from a template of ten fields the text
-    observer would render it with C{string.Formatter} for every request
-    (8% of a request's CPU under cProfile, bench/README.md "H1").
+    only formatted field (C{"{line}"}, as the WebSocket side's refusal lines
+    are): from a template of ten fields the text observer would render it
+    with C{string.Formatter} for every request (8% of a request's CPU under
+    cProfile, bench/README.md "H1").
     """
     method = request.method if request is not None else "-"
     target = request.target if request is not None else "-"
@@ -145,7 +156,8 @@ def logAccess(front, request, status, backend, duration, bytesIn, bytesOut, rout
         f" {bytesIn} B in, {bytesOut} B out"
     )
     _log.info(
-        line.replace("{", "{{").replace("}", "}}"),
+        "{line}",
+        line=line,
         log_format_access=True,
         peer=front.peer,
         method=method,
@@ -718,10 +730,7 @@ class Exchange:
             self.relay.pool.leaveIfIdle(self.member)
 
     def _stopTimer(self):
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self._timer = stopCall(self._timer)
 
 
 class BackendConnection(Protocol):

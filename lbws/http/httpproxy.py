@@ -24,7 +24,7 @@ import h11
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 
-from lbws.http.exchange import REASONS, Exchange, codeClass, logAccess
+from lbws.http.exchange import REASONS, Exchange, codeClass, logAccess, stopCall
 from lbws.protocol.http1 import Head, isWebSocketUpgrade
 from lbws.protocol.request import BadTarget, checkEscapes, normaliseTarget, takeAuthority
 from lbws.protocol.strict import headEnd, headProblem
@@ -403,9 +403,7 @@ class HttpFront:
 
     def resumeProducing(self):
         self.writable = True
-        if self._sendTimer is not None:
-            self._sendTimer.cancel()
-            self._sendTimer = None
+        self._sendTimer = stopCall(self._sendTimer)
         if self.exchange is not None:
             self.exchange.clientReady()
         if self.state == HEAD:
@@ -484,12 +482,8 @@ class HttpFront:
         self.relay.httpEnded(self)
         self._stopTimer()
         self._stopBodyTimer()
-        for name in ("_sendTimer", "_next"):
-            call = getattr(self, name)
-            if call is not None:
-                if call.active():
-                    call.cancel()
-                setattr(self, name, None)
+        self._sendTimer = stopCall(self._sendTimer)
+        self._next = stopCall(self._next)
 
     def connectionLost(self, reason):
         if self.state == GONE:
@@ -499,13 +493,7 @@ class HttpFront:
             self.exchange.clientLost()
 
     def _stopTimer(self):
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self._timer = stopCall(self._timer)
 
     def _stopBodyTimer(self):
-        if self._bodyTimer is not None:
-            if self._bodyTimer.active():
-                self._bodyTimer.cancel()
-            self._bodyTimer = None
+        self._bodyTimer = stopCall(self._bodyTimer)
