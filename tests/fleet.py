@@ -22,7 +22,7 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from lbws.protocol.frames import OP_TEXT
-from tests.support import connect, eventually, handshakeRequest, listeningSocket
+from tests.support import connect, eventually, handshakeRequest, listeningSocket, stopProcess
 from tests.wire import RawWebSocket
 
 
@@ -127,13 +127,7 @@ class HAProxy:
             assert "error" not in answer.lower() and "unknown" not in answer.lower(), answer
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stopProcess(self.process)
         self.frontend.close()
         self.dir.cleanup()
 

@@ -394,13 +394,21 @@ class Nginx:
         return self
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.wait(10)
+        stopProcess(self.process)
+
+
+def stopProcess(process, timeout=10):
+    """
+    Stop a test's subprocess: SIGTERM, then SIGKILL if it is still there
+    after C{timeout} seconds; return once it has exited.
+    """
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # lbws

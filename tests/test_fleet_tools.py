@@ -21,7 +21,7 @@ import yaml
 from twisted.internet import threads
 
 from lbws.config import closeWindow
-from tests.support import ROOT, TWISTD, deferLater
+from tests.support import ROOT, TWISTD, deferLater, stopProcess
 
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
@@ -219,13 +219,7 @@ class Prometheus:
             return json.load(response)["data"]["result"]
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stopProcess(self.process, timeout=20)
         self.process.stderr.close()
         self.dir.cleanup()
 

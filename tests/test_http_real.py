@@ -47,13 +47,7 @@ class Gunicorn:
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.wait(10)
+        support.stopProcess(self.process)
 
 
 def _gunicornAnswers(address):
